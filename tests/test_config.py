@@ -1,0 +1,80 @@
+"""The config convention: YAML + --key value overrides into dataclasses, with errors that name file, line, key."""
+
+from dataclasses import dataclass, field
+
+import pytest
+from trl import ModelConfig, SFTConfig
+
+from align.config import ConfigError, parse
+
+
+@dataclass
+class Args:
+    dataset_name: str = field(default="world", metadata={"help": "data"})
+    max_length: int = 128
+    ratio: float = 0.5
+    tags: list[str] | None = None
+
+    def __post_init__(self):
+        if self.max_length <= 0:
+            raise ValueError(f"max_length must be > 0, got {self.max_length}")
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_yaml_and_overrides_fill_trl_and_own_dataclasses(tmp_path):
+    path = write(tmp_path, "output_dir: out\nmax_steps: 7\nlearning_rate: 1e-4\nlora_r: 4\nmax_length: 64\n"
+                 "lora_target_modules: [q_proj, v_proj]\n")
+    args, model_args, train_args = parse([Args, ModelConfig, SFTConfig],
+                                         [path, "--max_steps", "9", "--use_peft", "--ratio=0.25"])
+    assert train_args.max_steps == 9 and train_args.learning_rate == pytest.approx(1e-4)
+    assert train_args.output_dir == "out"
+    assert model_args.use_peft is True and model_args.lora_r == 4
+    assert model_args.lora_target_modules == ["q_proj", "v_proj"]
+    assert args.max_length == 64 and args.ratio == 0.25
+    assert train_args.max_length == 64  # a key shared by two dataclasses reaches both
+
+
+def test_unknown_key_names_file_line_and_suggests(tmp_path):
+    path = write(tmp_path, "output_dir: out\n\nmax_step: 7\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:3: unknown key 'max_step' \(did you mean 'max_steps'\?\)"):
+        parse([Args, SFTConfig], [path])
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    path = write(tmp_path, "max_length: lots\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:1: key 'max_length' expects int, got 'lots'"):
+        parse([Args], [path])
+    with pytest.raises(ConfigError, match=r"command line: key 'ratio'"):
+        parse([Args], [write(tmp_path, ""), "--ratio", "[1]"])
+
+
+def test_bad_yaml_names_line(tmp_path):
+    path = write(tmp_path, "a: 1\nb: [unclosed\nc: 2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:\d+: invalid YAML"):
+        parse([Args], [path])
+
+
+def test_post_init_errors_name_the_file(tmp_path):
+    path = write(tmp_path, "max_length: -1\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: invalid Args: max_length must be > 0, got -1"):
+        parse([Args], [path])
+
+
+def test_every_shipped_config_parses():
+    """Each configs/X.yaml parses with its command's dataclasses (catches drift between configs and code)."""
+    import importlib
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
+    assert configs
+    for path in configs:
+        mod = importlib.import_module(f"align.{path.stem}") if path.stem != "app" else importlib.import_module("app.main")
+        types_ = getattr(mod, "CONFIG_TYPES", None)
+        if types_ is None:
+            continue
+        parse(types_, [str(path)])
