@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from transformers import PretrainedConfig
 
 # RoPE variants the rotary embedding implements (see align/model/rope.py)
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
 class DecoderConfig(PretrainedConfig):
@@ -35,7 +35,7 @@ class DecoderConfig(PretrainedConfig):
     head_dim: int | None = None  # derived: hidden_size // num_attention_heads (kept for HF parity)
     max_position_embeddings: int = 2048  # context the model is trained for (LLaMA-1)
     # --- positions --------------------------------------------------------------------------------
-    # {"rope_type": "default"|"linear"|"dynamic"|"yarn", "rope_theta": 10000.0, "factor": ...,
+    # {"rope_type": "default"|"linear"|"dynamic"|"yarn"|"llama3", "rope_theta": 10000.0, "factor": ...,
     #  "original_max_position_embeddings": ..., yarn: "beta_fast", "beta_slow", "attention_factor"}
     rope_parameters: dict | None = None  # None -> {"rope_type": "default", "rope_theta": 10000.0}
     # --- numerics / regularisation ----------------------------------------------------------------
@@ -83,6 +83,8 @@ class DecoderConfig(PretrainedConfig):
             # LLaMA: 2/3 of the 4x GPT MLP (SwiGLU has 3 matrices), rounded up to multiple_of
             hidden = int(2 * 4 * self.hidden_size / 3)
             self.intermediate_size = self.multiple_of * math.ceil(hidden / self.multiple_of)
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
         if self.num_experts < 0:
             raise ValueError(f"num_experts must be >= 0 (0 = dense), got {self.num_experts}")
         if self.num_experts:

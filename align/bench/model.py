@@ -1,0 +1,163 @@
+"""Throughput of align's decoder vs HF LlamaForCausalLM with the same config and weights.
+
+    python -m align.bench model [--device cuda] [--dtype bf16] [--steps N] [--size small|medium]
+
+Throughput is reported per wall second and, on CPU, per CPU second of this process (stable when other
+jobs share the cores). Training: tokens/s of forward + backward + AdamW step on random tokens (batch x seq).
+Generation: new tokens/s of greedy `generate` with the KV cache, a batch of prompts, no early stop.
+Both models are warmed up untimed, then runs alternate (ours, HF, HF, ours, ...) and the best of
+`--repeats` is reported, so start-up costs and background load hit both alike. The ratio column is ours / HF (> 1 = ours faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import time
+
+import torch
+
+from align.convert import to_llama
+from align.model import DecoderConfig, DecoderForCausalLM
+
+SIZES = {  # few-M parameter configs that run in about a minute on 2 CPU cores
+    "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=4),
+    "medium": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                   num_attention_heads=12, num_key_value_heads=4),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _clock() -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds). On a shared CPU box the CPU-time rate is the stable one:
+    wall time also counts the time other processes hold the cores."""
+    return time.perf_counter(), time.process_time()
+
+
+def _rates(n: int, t0: tuple[float, float]) -> tuple[float, float]:
+    wall, cpu = _clock()
+    return n / (wall - t0[0]), n / max(cpu - t0[1], 1e-9)
+
+
+def train_tokens_per_s(model, batch: torch.Tensor, steps: int, warmup: int = 2) -> tuple[float, float]:
+    """(tokens per wall second, tokens per CPU second) of forward+backward+AdamW."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    device = batch.device
+
+    def step():
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = _clock()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return _rates(batch.numel() * steps, t0)
+
+
+@torch.no_grad()
+def generate_tokens_per_s(model, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(new tokens per wall second, per CPU second) of greedy generate with the KV cache."""
+    model.eval()
+    kw = dict(attention_mask=torch.ones_like(prompts), do_sample=False, use_cache=True,
+              max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    model.generate(prompts, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+    _sync(prompts.device)
+    t0 = _clock()
+    out = model.generate(prompts, **kw)
+    _sync(prompts.device)
+    assert out.shape[1] == prompts.shape[1] + new_tokens
+    return _rates(prompts.shape[0] * new_tokens, t0)
+
+
+def run(size="small", device="cpu", dtype="fp32", steps=4, batch=8, seq=128, gen_batch=8, prompt_len=32,
+        new_tokens=64, repeats=3, seed=0) -> dict:
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    config = DecoderConfig(**SIZES[size], max_position_embeddings=max(seq, prompt_len + new_tokens), eos_token_id=None)
+    ours = DecoderForCausalLM(config)
+    hf = to_llama(ours)
+    ours, hf = ours.to(device, DTYPES[dtype]), hf.to(device, DTYPES[dtype])
+    params = sum(p.numel() for p in ours.parameters())
+    train_batch = torch.randint(3, config.vocab_size, (batch, seq), device=device)
+    prompts = torch.randint(3, config.vocab_size, (gen_batch, prompt_len), device=device)
+
+    # untimed warm-up of both (thread pools, allocator, kernel selection): the first model run pays it otherwise
+    for model in (ours, hf):
+        m = copy.deepcopy(model)
+        train_tokens_per_s(m, train_batch, steps=1, warmup=1)
+        generate_tokens_per_s(m, prompts, 4)
+    results = {name: {"train": (0.0, 0.0), "generate": (0.0, 0.0)} for name in ("ours", "hf")}
+    best = lambda a, b: (max(a[0], b[0]), max(a[1], b[1]))  # noqa: E731 best wall, best CPU
+    order = [("ours", ours), ("hf", hf)]
+    for i in range(repeats):
+        for name, model in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
+            # a fresh copy per repeat: both start from the same weights and optimizer state
+            m = copy.deepcopy(model)
+            results[name]["train"] = best(results[name]["train"], train_tokens_per_s(m, train_batch, steps))
+            results[name]["generate"] = best(results[name]["generate"], generate_tokens_per_s(m, prompts, new_tokens))
+    return {
+        "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
+        "size": size, "params": params, "device": str(device), "dtype": dtype, "threads": torch.get_num_threads(),
+        "train_shape": (batch, seq), "steps": steps, "repeats": repeats, "gen_shape": (gen_batch, prompt_len, new_tokens),
+        "results": results,
+    }
+
+
+def format_table(r: dict) -> str:
+    cpu = r["device"] == "cpu"
+    rows = [
+        "| metric | align decoder | HF Llama | ours / HF |"
+        + (" ours (CPU-time) | HF (CPU-time) | ours / HF (CPU-time) |" if cpu else ""),
+        "|---|---:|---:|---:|" + ("---:|---:|---:|" if cpu else ""),
+    ]
+    for key, label in (("train", "train tokens/s (fwd+bwd+AdamW)"), ("generate", "generate tokens/s (greedy, KV cache)")):
+        (ours, ours_cpu), (hf, hf_cpu) = r["results"]["ours"][key], r["results"]["hf"][key]
+        row = f"| {label} | {ours:,.0f} | {hf:,.0f} | {ours / hf:.2f} |"
+        if cpu:
+            row += f" {ours_cpu:,.0f} | {hf_cpu:,.0f} | {ours_cpu / hf_cpu:.2f} |"
+        rows.append(row)
+    b, t = r["train_shape"]
+    gb, pl, nt = r["gen_shape"]
+    head = (
+        f"model: {r['size']} ({r['params'] / 1e6:.1f}M params), device {r['device']}, dtype {r['dtype']}, "
+        f"torch threads {r['threads']}, torch {torch.__version__}, {platform.processor() or platform.machine()}\n"
+        f"train: batch {b} x seq {t}, {r['steps']} timed steps; generate: {gb} prompts x {pl} tokens + {nt} new; "
+        f"best of {r['repeats']} alternating repeats; 1-min load average at the end {r['load']:.1f}"
+    )
+    return head + "\n\n" + "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m align.bench model", description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--steps", type=int, default=4, help="timed training steps per repeat")
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best is reported")
+    args = p.parse_args(argv)
+    r = run(size=args.size, device=args.device, dtype=args.dtype, steps=args.steps, batch=args.batch, seq=args.seq,
+            gen_batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats)
+    print(format_table(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

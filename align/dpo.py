@@ -1,0 +1,634 @@
+"""Preference optimisation: ``python -m align.dpo configs/dpo.yaml [--key value ...]``.
+
+TRL's ``DPOTrainer`` (every ``loss_type`` it has, mixed with ``loss_weights``), and through the same
+command ``KTOTrainer`` (``trainer: kto``, unpaired data; ``configs/kto.yaml``), SimPO/CPO and ORPO
+(``trainer: simpo | cpo | orpo``, from ``trl.experimental``; reference-free).
+
+Policy: an SFT run's ``final/`` or any HF causal LM dir / hub id. LoRA by default (``use_peft: true``):
+the reference is the same weights with the adapter disabled (``ref_model=None`` + ``peft_config``), so
+there is no second copy in memory; ``use_peft: false`` trains every weight against a frozen copy
+(TRL loads it from ``model_name_or_path``, or from ``ref_model_name_or_path``).
+
+Data (``dataset_name``):
+- ``store`` (default): the labelled comparisons of the preference store at ``store_url``, aggregated over
+  annotators (``store_min_labels``, ``store_min_agreement``, ``store_kinds``, ``store_annotators``,
+  ``store_sources``). Comparisons whose majority is a tie, or "both bad", are dropped (no pair to learn
+  from); with ``trainer: kto`` and ``store_both_bad: negatives`` both responses become undesirable examples.
+- a preference file in any format the store imports (``align.data.formats``) or a ``datasets`` dir;
+- ``world``: the built-in world's rule-labelled pairs.
+The test split is deterministic: a ``test_fraction`` share of *prompts*, chosen by a hash of the prompt.
+
+Every run writes ``output_dir/``: ``config.yaml``, ``metrics.jsonl`` + ``metrics.png``, checkpoints (a
+killed run resumes from the last one when re-run), ``adapter/`` (LoRA), ``final/`` (a standalone model,
+adapter merged), ``eval.json`` + ``compare.png``: TRL's reward accuracy and margin on the test split, the
+win rate against the starting policy judged by a reward model, and on the built-in world exact match
+and preferred rate before and after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, ModelConfig, get_peft_config
+
+from align.config import ConfigError, parse
+from align.runs import MetricsCallback, resume_checkpoint, setup_logging, write_config, write_json
+
+logger = logging.getLogger("align.dpo")
+
+TRAINERS = ("dpo", "kto", "simpo", "cpo", "orpo")
+# Every loss TRL 1.16's DPOTrainer implements (trl/trainer/dpo_trainer.py, `_compute_loss`).
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+@dataclass
+class DPOArguments:
+    trainer: str = field(
+        default="dpo",
+        metadata={"help": "dpo (DPOTrainer, any loss_type) | kto (KTOTrainer, unpaired) | simpo | cpo | orpo "
+                          "(trl.experimental, reference-free)."},
+    )
+    dataset_name: str = field(
+        default="store",
+        metadata={"help": "'store' (the preference store at store_url), 'world' (built-in pairs), a preference "
+                          "file in any format the store imports, or a datasets dir."},
+    )
+    store_url: str = field(default="sqlite:///data/preferences.db", metadata={"help": "Preference store URL."})
+    store_min_labels: int = field(default=1, metadata={"help": "Store export: drop comparisons with fewer votes."})
+    store_min_agreement: float = field(
+        default=0.0, metadata={"help": "Store export: drop comparisons whose majority share is below this."}
+    )
+    store_kinds: list[str] | None = field(
+        default=None, metadata={"help": "Store export: only labels by these annotator kinds (e.g. [human])."}
+    )
+    store_annotators: list[str] | None = field(
+        default=None, metadata={"help": "Store export: only labels by these annotators."}
+    )
+    store_sources: list[str] | None = field(
+        default=None, metadata={"help": "Store export: only comparisons from these sources."}
+    )
+    store_both_bad: str = field(
+        default="drop",
+        metadata={"help": "'both bad' majorities: 'drop' (default), or 'negatives' (KTO only: both responses "
+                          "become undesirable examples). Ties are always dropped."},
+    )
+    test_fraction: float = field(
+        default=0.05, metadata={"help": "Share of prompts held out for TRL's eval metrics (by prompt hash)."}
+    )
+    split_seed: str = field(default="", metadata={"help": "Salt of the prompt-hash split."})
+    max_train_samples: int = field(default=0, metadata={"help": "Use at most this many training rows (0 = all)."})
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer dir; defaults to model_name_or_path's."}
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "An explicit reference model (full fine-tuning). Default: LoRA -> the adapter-disabled "
+                          "policy; use_peft false -> a frozen copy of model_name_or_path."},
+    )
+    merge_adapter: bool = field(
+        default=True, metadata={"help": "LoRA: write the merged standalone model to final/ (adapter in adapter/)."}
+    )
+    reward_model_path: str | None = field(
+        default="runs/quickstart/reward/final",
+        metadata={"help": "Reward model judging win_rate_vs_sft (empty / missing dir: skipped)."},
+    )
+    win_rate_num_prompts: int = field(
+        default=200, metadata={"help": "Held-out world prompts for win_rate_vs_sft (0 skips it)."}
+    )
+    world_seed: int = field(default=0, metadata={"help": "Seed of the built-in world (data and held-out prompts)."})
+    eval_num_prompts: int = field(
+        default=300, metadata={"help": "Held-out world prompts for exact match / preferred rate (0 skips it)."}
+    )
+    eval_max_new_tokens: int = field(default=32, metadata={"help": "Generation length in the evaluations."})
+    warn_logps_drop: float = field(
+        default=5.0,
+        metadata={"help": "Warn when logps/chosen falls more than max(this many nats, 25% of its first value) "
+                          "below its first logged value: the policy is un-learning the preferred answers."},
+    )
+
+    def __post_init__(self):
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"trainer must be one of {TRAINERS}, got {self.trainer!r}")
+        if self.store_both_bad not in ("drop", "negatives"):
+            raise ValueError(f"store_both_bad must be 'drop' or 'negatives', got {self.store_both_bad!r}")
+        if self.store_both_bad == "negatives" and self.trainer != "kto":
+            raise ValueError("store_both_bad: 'negatives' needs unpaired data, i.e. trainer: kto")
+        if not 0 <= self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
+        for name in ("store_min_labels", "max_train_samples", "win_rate_num_prompts", "eval_num_prompts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.store_min_labels < 1:
+            raise ValueError(f"store_min_labels must be >= 1, got {self.store_min_labels}")
+
+
+CONFIG_TYPES = (DPOArguments, ModelConfig, DPOConfig)
+
+
+def trainer_config_class(trainer: str) -> type:
+    if trainer == "dpo":
+        return DPOConfig
+    if trainer == "kto":
+        return KTOConfig
+    if trainer in ("simpo", "cpo"):
+        from trl.experimental.cpo import CPOConfig
+
+        return CPOConfig
+    from trl.experimental.orpo import ORPOConfig
+
+    return ORPOConfig
+
+
+def config_types(trainer: str) -> tuple[type, ...]:
+    """The dataclasses a run parses into. For trainers other than DPO the DPOConfig is parsed too, so that
+    configs/dpo.yaml (whose loss_type is a list) also runs with ``--trainer simpo`` etc."""
+    if trainer == "dpo":
+        return CONFIG_TYPES
+    return (DPOArguments, ModelConfig, DPOConfig, trainer_config_class(trainer))
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def _prompt_hash(prompt: Any) -> str:
+    return hashlib.sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def split_rows(rows: list[dict], test_fraction: float, seed: str = "") -> dict[str, list[dict]]:
+    """Deterministic train/test split by a hash of the prompt (a prompt never lands in both)."""
+    from align.store.exporting import split_of
+
+    out: dict[str, list[dict]] = {"train": [], "test": []}
+    for r in rows:
+        out[split_of(_prompt_hash(r["prompt"]), test_fraction, seed)].append(r)
+    return out
+
+
+def to_unpaired(rows: list[dict]) -> list[dict]:
+    """Paired rows -> KTO rows: the chosen response desirable, the rejected one undesirable."""
+    out = []
+    for r in rows:
+        out.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
+        out.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
+    return out
+
+
+def load_preference_rows(args: DPOArguments) -> tuple[dict[str, list[dict]], dict[str, Any]]:
+    """``({"train": rows, "test": rows}, info)``; rows are conversational: prompt/chosen/rejected message
+    lists, or prompt/completion/label for KTO."""
+    unpaired = args.trainer == "kto"
+    info: dict[str, Any] = {"source": args.dataset_name}
+    if args.dataset_name == "store":
+        from align.store import Store
+
+        store = Store(args.store_url)
+        try:
+            splits, report = store.export_rows(
+                format="conversational", unpaired=unpaired, min_labels=args.store_min_labels,
+                min_agreement=args.store_min_agreement, test_fraction=args.test_fraction, seed=args.split_seed,
+                kinds=args.store_kinds, annotators=args.store_annotators, sources=args.store_sources,
+                both_bad=args.store_both_bad,
+            )
+        finally:
+            store.close()
+        info.update(store_url=args.store_url, store_report=report["report"])
+        if not splits["train"]:
+            raise ValueError(
+                f"store {args.store_url}: no labelled pairs to train on after aggregation "
+                f"(export report: {report['report']}); label comparisons in the app, import a file with "
+                "`python -m align.store import FILE`, or set dataset_name to a file or 'world'"
+            )
+        keep = ("prompt", "completion", "label") if unpaired else ("prompt", "chosen", "rejected")
+        splits = {k: [{c: r[c] for c in keep} for r in v] for k, v in splits.items()}
+    else:
+        if args.dataset_name == "world":
+            from align.data.world import World
+
+            rows = [
+                {"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
+                for p in World(seed=args.world_seed).preference_pairs()
+            ]
+        else:
+            rows = read_preference_file(args.dataset_name)
+        splits = split_rows(rows, args.test_fraction, args.split_seed)
+        if unpaired:
+            splits = {k: to_unpaired(v) for k, v in splits.items()}
+    if args.max_train_samples:
+        splits["train"] = splits["train"][: args.max_train_samples]
+    info.update(train_rows=len(splits["train"]), test_rows=len(splits["test"]))
+    return splits, info
+
+
+def read_preference_file(path: str) -> list[dict]:
+    """Any preference file the store imports, as conversational prompt/chosen/rejected rows.
+    A bad record raises ``DataError`` naming the file, line and field."""
+    from align.data.formats import location, read_records, to_preference
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"dataset_name: no such file or directory: {path!r} (or use 'store' / 'world')")
+    rows = []
+    for key, rec in read_records(path):
+        p = to_preference(rec, location(path, key))
+        rows.append({"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]})
+    if not rows:
+        raise ValueError(f"{path}: no preference records")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Callbacks
+
+
+class LogpsDropWarning(TrainerCallback):
+    """Warns when the chosen responses' log-probability falls steeply from its first logged value.
+
+    The classic DPO failure on small models: the loss only needs chosen - rejected to grow, and it can do
+    so by pushing *both* down; measured on a 4.2M-parameter Llama, sigmoid DPO took logps/chosen from -4 to
+    -28 and wrecked the model. An SFT term (``loss_type: [sigmoid, sft]``, RPO) or a lower learning rate
+    or higher beta prevents it."""
+
+    def __init__(self, threshold: float = 5.0, fraction: float = 0.25, key: str = "logps/chosen"):
+        self.threshold, self.fraction, self.key = threshold, fraction, key
+        self.first: float | None = None
+        self.warned_at: float | None = None
+        self.warnings: list[dict[str, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        v = (logs or {}).get(self.key)
+        if v is None or not math.isfinite(v):
+            return
+        if self.first is None:
+            self.first = v
+            return
+        limit = max(self.threshold, self.fraction * abs(self.first))
+        drop = self.first - v
+        if drop > limit and (self.warned_at is None or v < self.warned_at - limit):
+            self.warned_at = v
+            self.warnings.append({"step": state.global_step, "first": self.first, "now": v})
+            logger.warning(
+                "%s fell from %.2f to %.2f (-%.1f nats) by step %d: the policy is lowering the probability of "
+                "the preferred responses (the DPO collapse). Add an SFT term (loss_type: [sigmoid, sft]), lower "
+                "learning_rate or raise beta.", self.key, self.first, v, drop, state.global_step,
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+
+
+def load_policy(path: str, dtype: str | None = None) -> PreTrainedModel:
+    """The starting policy: a run's final/, any HF causal LM dir / hub id, or a LoRA adapter dir (merged)."""
+    import align.model  # noqa: F401  (registers our decoder with the Auto classes)
+
+    torch_dtype = None if dtype in (None, "auto") else getattr(torch, dtype)
+    if Path(path).is_dir() and (Path(path) / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype).merge_and_unload()
+    if not Path(path).exists() and "/" not in path:
+        raise FileNotFoundError(
+            f"model_name_or_path: '{path}' not found: give an SFT run's final/ dir, an HF model dir or a hub id"
+        )
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+
+
+def _scorer(path: str):
+    """The project's RewardScorer (align.score); a minimal stand-in while that module is missing."""
+    try:
+        from align.score import RewardScorer
+    except ImportError:
+        logger.warning("align.score is not available: scoring with a minimal sequence-classification scorer")
+        return _MinimalScorer(path)
+    return RewardScorer(path)
+
+
+class _MinimalScorer:
+    def __init__(self, path: str):
+        import align.model  # noqa: F401
+        from transformers import AutoModelForSequenceClassification
+
+        from align.generate import load_tokenizer
+
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        self.tokenizer = load_tokenizer(path)
+
+    @torch.inference_mode()
+    def score(self, prompts: Sequence[Any], responses: Sequence[str], batch_size: int = 64) -> list[float]:
+        from align.generate import as_messages
+
+        texts = [
+            self.tokenizer.apply_chat_template(as_messages(p) + [{"role": "assistant", "content": r}], tokenize=False)
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+        out: list[float] = []
+        self.tokenizer.padding_side = "right"
+        for i in range(0, len(texts), batch_size):
+            enc = self.tokenizer(texts[i : i + batch_size], add_special_tokens=False, padding=True, return_tensors="pt")
+            out += self.model(**enc).logits[:, 0].float().tolist()
+        return out
+
+
+def win_rate(rewards_new: Sequence[float], rewards_old: Sequence[float]) -> float:
+    """Share of prompts where the new policy's reply scores higher; ties count half."""
+    pairs = list(zip(rewards_new, rewards_old, strict=True))
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / max(len(pairs), 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def build_trainer(
+    args: DPOArguments,
+    model_args: ModelConfig,
+    training_args: Any,
+    model: PreTrainedModel,
+    tokenizer,
+    splits: dict[str, list[dict]],
+    callbacks: list[TrainerCallback] | None = None,
+    ref_model: PreTrainedModel | None = None,
+):
+    """The TRL trainer for ``args.trainer`` on conversational rows; ``training_args`` is the config that
+    trainer takes (see ``trainer_args``). LoRA when ``model_args.use_peft`` (reference = adapter disabled)."""
+    from datasets import Dataset
+
+    train_ds = Dataset.from_list(splits["train"])
+    eval_ds = Dataset.from_list(splits["test"]) if splits["test"] else None
+    peft_config = get_peft_config(model_args)
+    common = dict(
+        model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+        processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
+    )
+    if args.trainer == "dpo":
+        return DPOTrainer(ref_model=ref_model, **common)
+    if args.trainer == "kto":
+        return KTOTrainer(ref_model=ref_model, **common)
+    if args.trainer in ("simpo", "cpo"):
+        from trl.experimental.cpo import CPOTrainer
+
+        return CPOTrainer(**common)
+    from trl.experimental.orpo import ORPOTrainer
+
+    return ORPOTrainer(**common)
+
+
+def trainer_args(args: DPOArguments, dpo_args: DPOConfig, extra: Any | None = None):
+    """The config the chosen trainer takes; loss_type translated for SimPO/CPO."""
+    if args.trainer == "dpo":
+        bad = [t for t in dpo_args.loss_type if t not in DPO_LOSS_TYPES]
+        if bad:
+            raise ConfigError(f"loss_type: unknown {bad}; DPOTrainer supports {list(DPO_LOSS_TYPES)}")
+        return dpo_args
+    if extra is None or isinstance(extra, DPOConfig):
+        raise ValueError(f"trainer {args.trainer!r} needs its own config ({trainer_config_class(args.trainer).__name__})")
+    cfg = extra
+    lt = cfg.loss_type if isinstance(cfg.loss_type, str) else list(cfg.loss_type)
+    if args.trainer == "simpo":
+        cfg.loss_type, cfg.cpo_alpha = "simpo", 0.0  # SimPO (arXiv:2405.14734): length-normalised, no NLL term
+    elif args.trainer == "cpo":
+        if isinstance(lt, list):
+            if set(lt) <= {"sigmoid", "sft"}:
+                lt = "sigmoid"  # CPO = sigmoid + cpo_alpha * NLL, the reference-free analogue of [sigmoid, sft]
+            elif len(lt) == 1 and lt[0] in CPO_LOSS_TYPES:
+                lt = lt[0]
+            else:
+                raise ConfigError(f"loss_type {lt}: CPO takes one of {list(CPO_LOSS_TYPES)}")
+        if lt not in CPO_LOSS_TYPES:
+            raise ConfigError(f"loss_type {lt!r}: CPO takes one of {list(CPO_LOSS_TYPES)}")
+        cfg.loss_type = lt
+    elif args.trainer == "kto":
+        if isinstance(lt, list):  # a DPO list from configs/dpo.yaml: KTO's own loss
+            lt = lt[0] if len(lt) == 1 and lt[0] in KTO_LOSS_TYPES else "kto"
+        if lt not in KTO_LOSS_TYPES:
+            raise ConfigError(f"loss_type {lt!r}: KTO takes one of {list(KTO_LOSS_TYPES)}")
+        cfg.loss_type = lt
+    return cfg
+
+
+def _world_eval(model, tokenizer, args: DPOArguments, seed: int) -> dict[str, Any]:
+    from align.data.world import World
+    from align.evaluate import evaluate
+
+    examples = World(seed=args.world_seed).eval_prompts(args.eval_num_prompts)
+    return evaluate(model, tokenizer, examples, max_new_tokens=args.eval_max_new_tokens, seed=seed)
+
+
+def _reusable_before(model_path: str, args: DPOArguments, seed: int) -> dict[str, Any] | None:
+    """``<model_dir>/../eval.json`` (the SFT run's own evaluation) if it is on the same held-out prompts."""
+    from align.data.world import World
+
+    path = Path(model_path).parent / "eval.json"
+    if not Path(model_path).is_dir() or not path.exists():
+        return None
+    try:
+        ev = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    examples = World(seed=args.world_seed).eval_prompts(args.eval_num_prompts)
+    samples = ev.get("samples") or []
+    same = (
+        ev.get("num_prompts") == len(examples)
+        and samples
+        and all(s.get("prompt") == ex.prompt for s, ex in zip(samples, examples))
+        and all(k in ev for k in ("exact_match", "exact_match_sampled", "preferred_rate"))
+    )
+    if not same:
+        logger.info("%s is on other prompts: evaluating the start policy again", path)
+        return None
+    logger.info("start policy's figures reused from %s", path)
+    return ev | {"source": str(path)}
+
+
+def _sample(model, tokenizer, prompts: list[str], args: DPOArguments, seed: int) -> list[str]:
+    from align.generate import generate
+
+    was = model.training
+    model.eval()
+    out = generate(
+        model, tokenizer, prompts, max_new_tokens=args.eval_max_new_tokens, do_sample=True, temperature=1.0,
+        seed=seed,
+    )
+    model.train(was)
+    return [r[0] for r in out]
+
+
+def train(
+    args: DPOArguments,
+    model_args: ModelConfig,
+    training_args: DPOConfig,
+    trainer_config: Any | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+) -> dict[str, Any]:
+    """Run DPO (or KTO/SimPO/CPO/ORPO); returns the summary (``summary["eval"]``: the after-eval figures,
+    ``win_rate_vs_sft``, ``before``, TRL's ``reward_accuracy`` / ``reward_margin``)."""
+    from align.evaluate import compare_plot
+    from align.generate import load_tokenizer
+
+    t0 = time.time()
+    if not model_args.model_name_or_path:
+        raise ValueError("dpo needs model_name_or_path: an SFT run's final/ dir or any HF causal LM")
+    targs = trainer_args(args, training_args, trainer_config)
+    out = Path(targs.output_dir)
+    write_config(out, args, model_args, targs)
+    seed = targs.seed
+    start = model_args.model_name_or_path
+
+    splits, data_info = load_preference_rows(args)
+    logger.info("data: %s", data_info)
+    tokenizer = load_tokenizer(args.tokenizer_name_or_path or start)
+    torch.manual_seed(seed)
+    model = load_policy(start, model_args.dtype)
+    ref_model = load_policy(args.ref_model_name_or_path, model_args.dtype) if args.ref_model_name_or_path else None
+    if ref_model is not None and model_args.use_peft:
+        logger.warning("ref_model_name_or_path with use_peft: the explicit reference is used, not the base weights")
+
+    # The start policy's figures and replies, before any update (cached for a resumed run).
+    before_path = out / "before.json"
+    before: dict[str, Any] = json.loads(before_path.read_text()) if before_path.exists() else {}
+    if before.get("start") != start:
+        before = {"start": start}
+    if args.eval_num_prompts and "eval" not in before:
+        before["eval"] = _reusable_before(start, args, seed) or _world_eval(model, tokenizer, args, seed)
+    wr_prompts: list[str] = []
+    rm_path = args.reward_model_path
+    if args.win_rate_num_prompts and rm_path and not Path(rm_path).exists():
+        logger.warning("reward_model_path %s does not exist: win_rate_vs_sft skipped", rm_path)
+        rm_path = None
+    if args.win_rate_num_prompts and rm_path:
+        from align.data.world import World
+
+        wr_prompts = [e.prompt for e in World(seed=args.world_seed).eval_prompts(args.win_rate_num_prompts)]
+        if before.get("win_rate_prompts") != wr_prompts:
+            before["win_rate_prompts"] = wr_prompts
+            before["start_replies"] = _sample(model, tokenizer, wr_prompts, args, seed)
+    write_json(before_path, before)
+
+    drop_cb = LogpsDropWarning(args.warn_logps_drop)
+    cbs = [MetricsCallback(out, title=f"{args.trainer} {out.name}"), drop_cb, *(callbacks or [])]
+    trainer = build_trainer(args, model_args, targs, model, tokenizer, splits, cbs, ref_model)
+    t_train = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, targs.resume_from_checkpoint))
+    train_seconds = time.time() - t_train
+
+    trl_eval: dict[str, Any] = {}
+    if trainer.eval_dataset is not None and len(trainer.eval_dataset):
+        trl_eval = trainer.evaluate()
+
+    # Save: the adapter (LoRA) and a standalone model in final/.
+    policy = trainer.model
+    final = out / "final"
+    from peft import PeftModel
+
+    if isinstance(policy, PeftModel):
+        policy.save_pretrained(str(out / "adapter"))
+        tokenizer.save_pretrained(str(out / "adapter"))
+        if args.merge_adapter:
+            policy = policy.merge_and_unload()
+    policy.save_pretrained(str(final))
+    tokenizer.save_pretrained(str(final))
+    policy.eval()
+
+    ev: dict[str, Any] = {}
+    if args.eval_num_prompts:
+        ev = _world_eval(policy, tokenizer, args, seed)
+    if wr_prompts:
+        replies = _sample(policy, tokenizer, wr_prompts, args, seed)
+        scorer = _scorer(rm_path)
+        r_new = scorer.score(wr_prompts, replies)
+        r_old = scorer.score(wr_prompts, before["start_replies"])
+        ev["win_rate_vs_sft"] = win_rate(r_new, r_old)
+        ev["win_rate_num_prompts"] = len(wr_prompts)
+        ev["mean_reward"] = sum(r_new) / len(r_new)
+        ev["mean_reward_sft"] = sum(r_old) / len(r_old)
+        ev["win_rate_samples"] = [
+            {"prompt": p, "sft": a, "dpo": b, "reward_sft": ra, "reward_dpo": rb}
+            for p, a, b, ra, rb in list(zip(wr_prompts, before["start_replies"], replies, r_old, r_new))[:8]
+        ]
+    else:
+        ev["win_rate_vs_sft"] = None
+    if trl_eval:
+        ev["reward_accuracy"] = trl_eval.get("eval_rewards/accuracies")
+        ev["reward_margin"] = trl_eval.get("eval_rewards/margins")
+        ev["trl_eval"] = trl_eval
+    if "eval" in before:
+        ev["before"] = {k: v for k, v in before["eval"].items() if k != "samples"}
+    write_json(out / "eval.json", ev)
+    if "eval" in before and "preferred_rate" in ev:
+        compare_plot({"start": before["eval"], args.trainer: ev}, out / "compare.png",
+                     title=f"{args.trainer}: held-out world prompts")
+
+    summary: dict[str, Any] = {
+        "train_loss": result.training_loss,
+        "train_seconds": round(train_seconds, 1),
+        "wall_seconds": round(time.time() - t0, 1),
+        "steps": trainer.state.global_step,
+        "data": data_info,
+        "logps_warnings": drop_cb.warnings,
+        "eval": ev,
+    }
+    write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "eval"})
+    _log_summary(summary)
+    return summary
+
+
+def _log_summary(summary: dict[str, Any]) -> None:
+    ev = summary["eval"]
+    parts = []
+    if "preferred_rate" in ev and "before" in ev:
+        b = ev["before"]
+        parts.append(
+            f"preferred rate {b['preferred_rate']:.3f} -> {ev['preferred_rate']:.3f}, exact match "
+            f"{b['exact_match']:.3f} -> {ev['exact_match']:.3f} (sampled {b['exact_match_sampled']:.3f} -> "
+            f"{ev['exact_match_sampled']:.3f})"
+        )
+    if ev.get("win_rate_vs_sft") is not None:
+        parts.append(f"win rate vs start {ev['win_rate_vs_sft']:.3f}")
+    if ev.get("reward_accuracy") is not None:
+        parts.append(f"test reward accuracy {ev['reward_accuracy']:.3f}, margin {ev['reward_margin']:.3f}")
+    logger.info("done in %.0fs (%d steps): %s", summary["wall_seconds"], summary["steps"], "; ".join(parts))
+
+
+def _peek_trainer(argv: Sequence[str]) -> str:
+    """The ``trainer`` key (command line over YAML) before full parsing: it picks the config classes."""
+    trainer = "dpo"
+    if argv and not argv[0].startswith("--"):
+        try:
+            data = yaml.safe_load(Path(argv[0]).read_text()) or {}
+            if isinstance(data, dict) and isinstance(data.get("trainer"), str):
+                trainer = data["trainer"]
+        except (OSError, yaml.YAMLError):
+            pass  # parse() reports it with file and line
+    for i, a in enumerate(argv):
+        if a == "--trainer" and i + 1 < len(argv):
+            trainer = argv[i + 1]
+        elif a.startswith("--trainer="):
+            trainer = a.split("=", 1)[1]
+    return trainer if trainer in TRAINERS else "dpo"  # an unknown value: DPOArguments names it
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parsed = parse(config_types(_peek_trainer(argv)), argv)
+    return train(*parsed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,443 @@
+"""align's base decoder: the LLaMA blueprint as a Hugging Face model, in one readable file.
+
+References:
+1) LLaMA: https://arxiv.org/abs/2302.13971 (pre-norm RMSNorm, SwiGLU, RoPE, no biases)
+2) GQA: https://arxiv.org/abs/2305.13245 (k/v heads shared by groups of query heads)
+3) nanoGPT (https://github.com/karpathy/nanoGPT) for the style, HF `modeling_llama.py` for the API.
+
+Module names are Llama's (model.embed_tokens, model.layers.N.self_attn.q_proj, ...mlp.down_proj,
+model.norm, lm_head) so PEFT target lists and align.convert work unchanged. Shapes: B batch, T query
+length, S key length (past + T), C hidden, nh query heads, nkv kv heads, hs head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    MoeCausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.utils import can_return_tuple, logging
+
+from .config import DecoderConfig
+from .moe import MoEFeedForward, SwiGLU
+from .rope import RotaryEmbedding, apply_rotary_pos_emb
+
+logger = logging.get_logger(__name__)
+
+
+# --------------------------------------------------------------------------------------- outputs
+
+
+@dataclass
+class DecoderModelOutput(BaseModelOutputWithPast):
+    """BaseModelOutputWithPast (last_hidden_state, cache, hidden_states) + MoE statistics."""
+
+    aux_loss: torch.Tensor | None = None  # () mean load-balancing loss over MoE layers (None if dense)
+    dropped_tokens: torch.Tensor | None = None  # () token->expert assignments over capacity, all layers
+
+
+@dataclass
+class DecoderCausalLMOutput(MoeCausalLMOutputWithPast):
+    """loss (LM loss + router_aux_loss_coef * aux_loss), aux_loss, logits, cache, ... + dropped_tokens."""
+
+    dropped_tokens: torch.Tensor | None = None
+
+
+@dataclass
+class DecoderSequenceClassifierOutput(SequenceClassifierOutputWithPast):
+    aux_loss: torch.Tensor | None = None
+    dropped_tokens: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------- blocks
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 (https://arxiv.org/abs/1910.07467)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, nkv, S, hs) -> (B, nkv * n_rep, S, hs): each kv head serves n_rep query heads (GQA)."""
+    if n_rep == 1:
+        return x
+    B, nkv, S, hs = x.shape
+    return x[:, :, None, :, :].expand(B, nkv, n_rep, S, hs).reshape(B, nkv * n_rep, S, hs)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with RoPE, GQA and a KV cache, on torch's scaled_dot_product_attention."""
+
+    def __init__(self, config: DecoderConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads  # n_rep
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        C, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(C, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(C, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(C, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, C, bias=bias)
+        self.o_proj.scaled_init = True  # residual projection: init std / sqrt(2 * n_layer)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin (B, T, hs)
+        attention_mask: torch.Tensor | None,  # (B, 1, T, S) bool/float, or None = plain causal
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hs) past + new
+
+        is_causal = attention_mask is None and T > 1
+        if is_causal and k.shape[2] > T:  # empty static-cache slots after the prompt (sdpa is top-left aligned)
+            k, v = k[:, :, :T], v[:, :, :T]
+        k = repeat_kv(k, self.num_key_value_groups)  # (B, nh, S, hs)
+        v = repeat_kv(v, self.num_key_value_groups)  # (B, nh, S, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attention_mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            is_causal=is_causal,
+            scale=self.scaling,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hs) re-assemble heads
+        return self.o_proj(y)
+
+
+class DecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)); mlp is SwiGLU or an MoE."""
+
+    def __init__(self, config: DecoderConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = (
+            MoEFeedForward(config) if self.is_moe
+            else SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias)
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, T, C) positional: needed by reentrant gradient checkpointing
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        token_mask: torch.Tensor | None = None,  # (B, T) bool, MoE routing skips padding
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        x = hidden_states
+        x = x + self.self_attn(self.input_layernorm(x), position_embeddings, attention_mask, cache)
+        if not self.is_moe:
+            return x + self.mlp(self.post_attention_layernorm(x)), None, None
+        y, aux_loss, dropped = self.mlp(self.post_attention_layernorm(x), token_mask)
+        return x + y, aux_loss, dropped
+
+
+# --------------------------------------------------------------------------------------- models
+
+
+class DecoderPreTrainedModel(PreTrainedModel):
+    config_class = DecoderConfig
+    config: DecoderConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """normal(0, initializer_range) for Linear/Embedding, ones for RMSNorm (PreTrainedModel's default),
+        and the residual projections (o_proj, down_proj, experts' down_proj) at std / sqrt(2 * n_layer)
+        (GPT-2, https://cdn.openai.com/better-language-models/language_models_are_unsupervised_multitask_learners.pdf)."""
+        super()._init_weights(module)
+        if isinstance(module, nn.Linear) and getattr(module, "scaled_init", False):
+            std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
+            init.normal_(module.weight, mean=0.0, std=std)
+
+
+def _as_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    # transformers 5.x renamed `past_key_values` to `cache` (old name removed in 5.40): accept both
+    return cache if cache is not None else past_key_values
+
+
+class DecoderModel(DecoderPreTrainedModel):
+    """Embeddings -> N decoder layers -> final RMSNorm. Returns DecoderModelOutput (last_hidden_state, cache)."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, S) 1 = token, 0 = padding; or a 4D mask
+        position_ids: torch.LongTensor | None = None,  # (B, T); None -> from attention_mask
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,  # (B, T, C)
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,  # trainer extras (num_items_in_batch, ...) are ignored here
+    ) -> DecoderModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
+        B, T, _ = inputs_embeds.shape
+        cache = _as_cache(cache, past_key_values)
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False  # the backward recompute would write the cache twice
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        elif not use_cache:
+            cache = None
+        past = cache.get_seq_length() if cache is not None else 0
+
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 2:
+                # left padding: positions count real tokens only, so a padded row equals the unpadded one
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
+            else:
+                position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None]  # (1, T)
+
+        # (B, 1, T, S) mask from padding + causality + cache offset; None when plain causal suffices (sdpa is_causal)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        token_mask = None
+        if self.config.num_experts and attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -T:].bool()  # (B, T) MoE routes real tokens only
+
+        x = inputs_embeds
+        position_embeddings = self.rotary_emb(x, position_ids)  # cos, sin (B, T, hs)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        all_hidden = [] if output_hidden_states else None
+        aux_losses, dropped = [], []
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(x)
+            x, aux, drop = layer(
+                x,
+                position_embeddings=position_embeddings,
+                attention_mask=mask,
+                cache=cache,
+                token_mask=token_mask,
+            )
+            if aux is not None:
+                aux_losses.append(aux)
+                dropped.append(drop)
+        x = self.norm(x)
+        if all_hidden is not None:
+            all_hidden.append(x)
+
+        return DecoderModelOutput(
+            last_hidden_state=x,
+            cache=cache,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
+            dropped_tokens=torch.stack(dropped).sum() if dropped else None,
+        )
+
+
+class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
+    """DecoderModel + lm_head (tied to embed_tokens when config.tie_word_embeddings)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__(config)
+        self.model = DecoderModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,  # (B, T) next-token targets (shifted inside), -100 ignored
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,  # 0 = all; generate() asks for the last position only
+        output_hidden_states: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,  # num_items_in_batch (Trainer gradient accumulation) goes to the loss
+    ) -> DecoderCausalLMOutput:
+        out: DecoderModelOutput = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=_as_cache(cache, past_key_values),
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        h = slice_logits_to_keep(out.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(h)  # (B, T', V)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if out.aux_loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * out.aux_loss.to(loss.device)
+        return DecoderCausalLMOutput(
+            loss=loss,
+            aux_loss=out.aux_loss,
+            logits=logits,
+            cache=out.cache,
+            hidden_states=out.hidden_states,
+            dropped_tokens=out.dropped_tokens,
+        )
+
+
+class DecoderForSequenceClassification(DecoderPreTrainedModel):
+    """DecoderModel + `score` head read at the last non-pad token (reward / value models).
+
+    Pooling is LlamaForSequenceClassification's (transformers' GenericForSequenceClassification): the
+    rightmost token != pad_token_id (works for left and right padding); without pad_token_id only
+    batch size 1 is allowed and the last position is used; with inputs_embeds, the last position.
+    """
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = DecoderModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> DecoderSequenceClassifierOutput:
+        out: DecoderModelOutput = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=_as_cache(cache, past_key_values),
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
+        batch_size = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
+        pad_token_id = self.config.pad_token_id
+        if pad_token_id is None and batch_size != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined (config.pad_token_id).")
+        if pad_token_id is None:
+            last_non_pad_token = -1
+        elif input_ids is not None:
+            # rightmost token that is not padding: handles both left and right padding
+            non_pad_mask = (input_ids != pad_token_id).to(logits.device, torch.int32)
+            token_indices = torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32)
+            last_non_pad_token = (token_indices * non_pad_mask).argmax(-1)
+        else:
+            last_non_pad_token = -1
+            logger.warning_once(
+                f"{self.__class__.__name__} will not detect padding tokens in `inputs_embeds`. Results may be "
+                "unexpected if using padding tokens in conjunction with `inputs_embeds.`"
+            )
+        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last_non_pad_token]  # (B, num_labels)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+            if out.aux_loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * out.aux_loss.to(loss.device)
+        return DecoderSequenceClassifierOutput(
+            loss=loss,
+            logits=pooled_logits,
+            cache=out.cache,
+            hidden_states=out.hidden_states,
+            aux_loss=out.aux_loss,
+            dropped_tokens=out.dropped_tokens,
+        )

@@ -1,0 +1,65 @@
+"""Rotary position embeddings (RoPE, https://arxiv.org/abs/2104.09864) and their context-extension variants.
+
+The inverse-frequency math of the scaled variants is transformers' own (`ROPE_INIT_FUNCTIONS`), so a
+converted model matches HF Llama bit for bit:
+  - default: inv_freq_i = 1 / theta^(2i/d)
+  - linear (position interpolation, https://arxiv.org/abs/2306.15595): inv_freq / factor
+  - dynamic NTK-aware (https://www.reddit.com/r/LocalLLaMA/comments/14mrgpr): once the sequence grows past
+    max_position_embeddings, theta is rescaled to theta * ((factor*L/max) - (factor-1))^(d/(d-2)) and the
+    frequencies are recomputed on the fly (transformers' `dynamic_rope_update`, same state machine as Llama)
+  - yarn (https://arxiv.org/abs/2309.00071): per-dimension blend of interpolation/extrapolation plus an
+    attention temperature folded into cos/sin (`attention_scaling`)
+  - llama3: Llama-3.1's wavelength-banded scaling
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+
+
+class RotaryEmbedding(nn.Module):
+    """Produces (cos, sin) of shape (B, T, head_dim) for the given position ids."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        # state read by `dynamic_rope_update` (dynamic NTK grows/resets inv_freq with the sequence length)
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = init_fn(config)  # (hs/2,), float
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config, device=None, seq_len=None, **kwargs) -> tuple[torch.Tensor, float]:
+        """Plain RoPE: inv_freq_i = 1 / theta^(2i/d) for i < d/2; no attention scaling."""
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+        return 1.0 / (base**exponent), 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update  # no-op unless rope_type == "dynamic"
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids (B, T) -> angles (B, T, hs/2), computed in fp32 whatever the model dtype
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs): rotate_half pairs dim i with i + hs/2
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dim (the GPT-NeoX/Llama layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """Rotate q (B, nh, T, hs) and k (B, nkv, T, hs) by the angles in cos/sin (B, T, hs)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hs) broadcasts over heads
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)

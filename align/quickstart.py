@@ -1,0 +1,209 @@
+"""The main job: ``python -m align.quickstart configs/quickstart.yaml`` (``make quickstart``).
+
+Runs the whole loop on the built-in default, each stage being the ordinary command with its own
+config file and the quickstart's paths filled in:
+
+    tokenizer -> pretrain -> sft -> store (rule-labelled pairs) -> reward -> dpo -> grpo [-> ppo]
+
+into ``runs/quickstart/<stage>/``, and writes ``runs/quickstart/report.json`` with each stage's
+held-out figures and the wall time. A stage whose ``final/`` already exists is skipped unless
+``--overwrite true``, so a killed quickstart carries on where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from align.config import parse
+from align.runs import setup_logging, write_config, write_json
+
+logger = logging.getLogger("align.quickstart")
+
+STAGES = ("tokenizer", "pretrain", "sft", "store", "reward", "dpo", "grpo", "ppo")
+
+
+@dataclass
+class QuickstartArguments:
+    output_dir: str = field(default="runs/quickstart", metadata={"help": "Where every stage writes its run."})
+    stages: list[str] = field(
+        default_factory=lambda: ["tokenizer", "pretrain", "sft", "store", "reward", "dpo", "grpo"],
+        metadata={"help": f"Stages to run, in order; any of {STAGES}."},
+    )
+    configs_dir: str = field(default="configs", metadata={"help": "Where each stage's <stage>.yaml lives."})
+    store_url: str = field(
+        default="sqlite:///data/preferences.db", metadata={"help": "The preference store the loop fills and reads."}
+    )
+    grpo_from: str = field(default="dpo", metadata={"help": "Policy GRPO/PPO start from: 'dpo' or 'sft'."})
+    overwrite: bool = field(default=False, metadata={"help": "Re-run stages whose final/ already exists."})
+    seed: int = field(default=0, metadata={"help": "Seed passed to every stage."})
+
+    def __post_init__(self):
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
+            raise ValueError(f"stages: unknown {bad}; choose from {list(STAGES)}")
+        if self.grpo_from not in ("dpo", "sft"):
+            raise ValueError(f"grpo_from must be 'dpo' or 'sft', got {self.grpo_from!r}")
+
+
+CONFIG_TYPES = (QuickstartArguments,)
+
+
+def _stage_argv(q: QuickstartArguments, stage: str, **overrides: Any) -> list[str]:
+    argv = [str(Path(q.configs_dir) / f"{stage}.yaml"), "--output_dir", str(Path(q.output_dir) / stage)]
+    for k, v in overrides.items():
+        argv += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    return argv
+
+
+def run(q: QuickstartArguments) -> dict[str, Any]:
+    t0 = time.time()
+    root = Path(q.output_dir)
+    write_config(root, q)
+    d = {s: root / s for s in STAGES}
+    report_path = root / "report.json"
+    report: dict[str, Any] = json.loads(report_path.read_text()) if report_path.exists() and not q.overwrite else {}
+    seed = {"seed": q.seed}
+
+    def stage(name: str, fn: Callable[[], Any], done: Path) -> None:
+        if name not in q.stages:
+            return
+        if done.exists() and not q.overwrite:
+            logger.info("== %s: already done (%s), skipping", name, done)
+            return
+        if q.overwrite and d[name].exists():
+            shutil.rmtree(d[name])
+        logger.info("== %s", name)
+        s = time.time()
+        fn()
+        report.setdefault("stage_seconds", {})[name] = round(time.time() - s, 1)
+        write_json(report_path, report)
+
+    def run_tokenizer():
+        from align import tokenizer
+
+        tokenizer.main(_stage_argv(q, "tokenizer"))
+
+    def run_pretrain():
+        from align import pretrain
+
+        pretrain.main(_stage_argv(q, "pretrain", tokenizer_name_or_path=str(d["tokenizer"]), **seed))
+
+    def run_sft():
+        from align import sft
+
+        summary = sft.main(_stage_argv(q, "sft", model_name_or_path=str(d["pretrain"] / "final"), **seed))
+        report["sft"] = _figures(summary["eval"])
+        report["pretrain"] = _figures(_eval_pretrained(d["pretrain"] / "final", q.seed))
+
+    def run_store():
+        report["store"] = fill_store(q, d["sft"] / "final", d["store"])
+
+    def run_reward():
+        from align import reward
+
+        summary = reward.main(
+            _stage_argv(q, "reward", model_name_or_path=str(d["sft"] / "final"), store_url=q.store_url, **seed)
+        )
+        report["reward"] = {k: v for k, v in summary["eval"].items() if k.startswith("accuracy") or k == "mean_margin"}
+
+    def run_dpo():
+        from align import dpo
+
+        summary = dpo.main(
+            _stage_argv(
+                q, "dpo", model_name_or_path=str(d["sft"] / "final"), store_url=q.store_url,
+                reward_model_path=str(d["reward"] / "final"), **seed,
+            )
+        )
+        report["dpo"] = _figures(summary["eval"]) | {"win_rate_vs_sft": summary["eval"].get("win_rate_vs_sft")}
+
+    def run_rl(name: str):
+        from importlib import import_module
+
+        policy = d["dpo" if q.grpo_from == "dpo" and (d["dpo"] / "final").exists() else "sft"] / "final"
+        summary = import_module(f"align.{name}").main(
+            _stage_argv(q, name, model_name_or_path=str(policy), reward_model_path=str(d["reward"] / "final"), **seed)
+        )
+        report[name] = _figures(summary["eval"]) | {"start": str(policy)}
+
+    stage("tokenizer", run_tokenizer, d["tokenizer"] / "tokenizer_config.json")
+    stage("pretrain", run_pretrain, d["pretrain"] / "final")
+    stage("sft", run_sft, d["sft"] / "final")
+    stage("store", run_store, d["store"] / "done.json")
+    stage("reward", run_reward, d["reward"] / "final")
+    stage("dpo", run_dpo, d["dpo"] / "final")
+    stage("grpo", lambda: run_rl("grpo"), d["grpo"] / "final")
+    stage("ppo", lambda: run_rl("ppo"), d["ppo"] / "final")
+
+    report["wall_seconds"] = round(time.time() - t0, 1)
+    write_json(report_path, report)
+    logger.info("report: %s\n%s", report_path, json.dumps(report, indent=2))
+    if "store" in q.stages:
+        print(
+            f"\nThe store {q.store_url} holds the loop's pairs. Label them in the app:\n"
+            f"  .venv/bin/python -m align.store annotators add alice --role admin   # once; asks for a password\n"
+            f"  .venv/bin/python -m app configs/app.yaml --db {q.store_url}\n"
+            f"then open http://127.0.0.1:7860 and log in."
+        )
+    return report
+
+
+def fill_store(q: QuickstartArguments, policy: Path, out: Path, n_candidates: int = 40) -> dict[str, Any]:
+    """Put the world's rule-labelled pairs in the store (the labels the RM and DPO train on), and
+    pairs of SFT candidates for the annotators to label in the app."""
+    from align.data import world
+    from align.generate import generate, load_causal_lm
+    from align.store import Store
+
+    store = Store(q.store_url)
+    store.init()
+    pairs = world.preference_pairs(seed=q.seed)
+    imported = store.import_pairs(pairs, source="world", labeller="world-rule")
+    model, tok = load_causal_lm(policy)
+    prompts = [ex.prompt for ex in world.candidate_examples(n=n_candidates, seed=q.seed)]
+    replies = generate(model, tok, prompts, do_sample=True, temperature=1.0, num_return_sequences=2, seed=q.seed)
+    settings = {"do_sample": True, "temperature": 1.0, "max_new_tokens": 32}
+    queued = 0
+    for prompt, (a, b) in zip(prompts, replies):
+        if a == b:
+            continue
+        pid = store.add_prompt(prompt, source="quickstart")
+        ra = store.add_response(pid, a, model=str(policy), settings=settings)
+        rb = store.add_response(pid, b, model=str(policy), settings=settings)
+        store.add_comparison(pid, ra, rb)
+        queued += 1
+    summary = {"pairs_imported": imported, "comparisons_queued": queued, "url": q.store_url}
+    write_json(out / "done.json", summary)
+    return summary
+
+
+def _figures(ev: dict[str, Any]) -> dict[str, Any]:
+    keys = ("exact_match", "exact_match_sampled", "preferred_rate", "mean_length")
+    return {k: ev[k] for k in keys if k in ev}
+
+
+def _eval_pretrained(path: Path, seed: int) -> dict[str, Any]:
+    """The pretrained-only model on the same held-out prompts, to show what SFT added."""
+    from align.evaluate import evaluate
+    from align.generate import load_causal_lm
+
+    model, tok = load_causal_lm(path)
+    ev = evaluate(model, tok, seed=seed)
+    write_json(path.parent / "eval.json", ev)
+    return ev
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    setup_logging()
+    (q,) = parse(CONFIG_TYPES, argv)
+    return run(q)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""Scoring responses with a reward model: filtering, best-of-n reranking, and the reward of PPO/GRPO.
+
+    from align.score import RewardScorer
+    rm = RewardScorer("runs/quickstart/reward/final")          # CPU or GPU (default: cuda if available)
+    rm.score(["What is 3 + 4?"], ["The answer is 7."])       # -> [1.93]
+    rm.rank("What is 3 + 4?", ["7", "The answer is 7.", "Ugh, 7."])   # -> [(text, reward), ...] best first
+    rm(prompts, completions)                                  # a TRL reward function (GRPO's reward_funcs)
+
+    python -m align.score --model DIR --input in.jsonl --output out.jsonl   # adds "reward" to each record
+    python -m align.score --model DIR --prompt "What is 3 + 4?" --response "The answer is 7."
+    python -m align.score rank --model DIR --input f.jsonl [--output out.jsonl]   # best-of-n
+
+A reward model is a sequence-classification model with one label (``num_labels=1``, a ``score``
+head), made by ``python -m align.reward``. Each (prompt, response) is rendered exactly as in
+training: ``prompt messages + [assistant response]`` through the tokenizer's chat template
+(``apply_chat_template(tokenize=True)``, no generation prompt), and the reward is the score head's
+output at the last non-pad token. Batches are sorted by length and right-padded per batch, as TRL's
+collator does; sequences longer than ``max_length`` keep their last ``max_length`` tokens (the end of
+the response is where the reward is read) and are counted in ``scorer.truncated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+
+import align.model  # noqa: F401  (registers the Auto classes for our decoder)
+from align.generate import as_messages, default_device, load_tokenizer
+
+logger = logging.getLogger("align.score")
+
+Messages = list[dict[str, str]]
+HOW_TO_MAKE = (
+    "train one with `python -m align.reward configs/reward.yaml --model_name_or_path {path} "
+    "--output_dir runs/reward` and pass its final/ dir"
+)
+
+
+class NotARewardModel(ValueError):
+    """A model dir that has no reward (score) head; the message says how to make one."""
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _weight_keys(path: Path) -> set[str] | None:
+    """Parameter names stored in a model / adapter dir (safetensors or torch .bin), None if unknown."""
+    keys: set[str] = set()
+    found = False
+    for f in sorted(path.glob("*.safetensors")):
+        from safetensors import safe_open
+
+        with safe_open(str(f), "pt") as sf:
+            keys.update(sf.keys())
+        found = True
+    for f in sorted(path.glob("*.bin")):
+        keys.update(torch.load(str(f), map_location="cpu", weights_only=True).keys())
+        found = True
+    for index in path.glob("*.index.json"):
+        keys.update(json.loads(index.read_text()).get("weight_map", {}))
+        found = True
+    return keys if found else None
+
+
+def check_reward_model(path: str | os.PathLike) -> None:
+    """Raise ``NotARewardModel`` (saying how to make one) unless ``path`` holds a reward model:
+    a sequence-classification model with one label and a trained score head, or a SEQ_CLS LoRA
+    adapter that saved its score head (``modules_to_save``)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"reward model '{path}' not found: give a reward run's final/ dir")
+    adapter = p / "adapter_config.json"
+    if adapter.exists():
+        cfg = json.loads(adapter.read_text())
+        keys = _weight_keys(p) or set()
+        if cfg.get("task_type") != "SEQ_CLS" or not any(".score." in k or k.startswith("score.") for k in keys):
+            raise NotARewardModel(
+                f"{path}: a LoRA adapter without a trained score head (task_type={cfg.get('task_type')!r}; "
+                "a reward adapter needs task_type SEQ_CLS and modules_to_save=['score']); "
+                + HOW_TO_MAKE.format(path=cfg.get("base_model_name_or_path") or path)
+            )
+        return
+    if not (p / "config.json").exists():
+        raise NotARewardModel(f"{path}: no config.json, not a model dir; " + HOW_TO_MAKE.format(path="MODEL_DIR"))
+    config = AutoConfig.from_pretrained(str(p))
+    archs = list(getattr(config, "architectures", None) or [])
+    keys = _weight_keys(p)
+    has_head = keys is None or any(k == "score.weight" or k.endswith(".score.weight") for k in keys)
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or not has_head:
+        raise NotARewardModel(
+            f"{path}: not a reward model (architectures {archs or 'unknown'}, "
+            f"{'a' if has_head else 'no'} score head): it looks like a "
+            f"{'causal LM' if any(a.endswith('ForCausalLM') for a in archs) else 'model without a reward head'}; "
+            + HOW_TO_MAKE.format(path=path)
+        )
+    if getattr(config, "num_labels", 1) != 1:
+        raise NotARewardModel(
+            f"{path}: a classifier with num_labels={config.num_labels}, a reward model has one output; "
+            + HOW_TO_MAKE.format(path=path)
+        )
+
+
+def load_reward_model(
+    path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A reward model (merged if a LoRA adapter dir) in eval mode and its tokenizer."""
+    check_reward_model(path)
+    p = Path(path)
+    if (p / "adapter_config.json").exists():
+        from peft import AutoPeftModelForSequenceClassification
+
+        model = AutoPeftModelForSequenceClassification.from_pretrained(str(p), num_labels=1, dtype=dtype)
+        model = model.merge_and_unload()
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(str(p), dtype=dtype)
+    tokenizer = load_tokenizer(p)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(device or default_device()).eval()
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------ encoding
+def conversation(prompt: str | Messages, response: str | Messages) -> Messages:
+    """prompt (text or messages) + the response (text = one assistant message, or messages)."""
+    resp = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
+    return as_messages(prompt) + resp
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages, response: str | Messages) -> list[int]:
+    """Token ids exactly as TRL's RewardTrainer makes them for a conversational pair."""
+    out = tokenizer.apply_chat_template(conversation(prompt, response), tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+@torch.inference_mode()
+def score_ids(
+    model: PreTrainedModel, ids: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = 32
+) -> list[float]:
+    """Rewards of token-id sequences: sorted by length, right-padded per batch, the score head's output."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = [0.0] * len(ids)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(ids[i]) for i in idx)
+        input_ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            input_ids[row, : len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
+            mask[row, : len(ids[i])] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        for row, r in zip(idx, logits[:, 0].float().cpu().tolist()):
+            out[row] = r
+    return out
+
+
+# ------------------------------------------------------------------------------------------ scorer
+class RewardScorer:
+    """Batched reward-model scoring of (prompt, response) pairs; see the module docstring."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        model: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ):
+        if model is None:
+            if path is None:
+                raise ValueError("RewardScorer needs a reward model dir (or model= and tokenizer=)")
+            model, tokenizer = load_reward_model(path, device=device, dtype=dtype)
+        elif tokenizer is None:
+            raise ValueError("RewardScorer(model=...) needs tokenizer= too")
+        if getattr(model.config, "num_labels", 1) != 1:
+            raise NotARewardModel(f"model has num_labels={model.config.num_labels}; a reward model has one output")
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size = batch_size
+        self.pad_token_id = model.config.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = tokenizer.pad_token_id
+            model.config.pad_token_id = self.pad_token_id
+        limits = [getattr(model.config, "max_position_embeddings", None), max_length]
+        self.max_length = min(x for x in limits if x) if any(limits) else None
+        self.truncated = 0  # sequences cut to their last max_length tokens so far
+        self.__name__ = "reward_model"  # TRL logs reward functions by __name__
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, prompt: str | Messages, response: str | Messages) -> list[int]:
+        ids = encode(self.tokenizer, prompt, response)
+        if self.max_length and len(ids) > self.max_length:
+            self.truncated += 1
+            logger.warning("a sequence of %d tokens is cut to its last %d (max_length)", len(ids), self.max_length)
+            ids = ids[-self.max_length :]
+        return ids
+
+    def score(self, prompts: str | Messages | Sequence[str | Messages], responses: str | Sequence[str | Messages]) -> list[float]:
+        """One reward per (prompt, response); a single prompt is broadcast over the responses."""
+        if isinstance(responses, str):
+            responses = [responses]
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts] * len(responses)
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            ids = [self.encode(p, r) for p, r in zip(prompts, responses)]
+            return score_ids(self.model, ids, self.pad_token_id, self.batch_size)
+        finally:
+            self.model.train(was_training)
+
+    def score_one(self, prompt: str | Messages, response: str | Messages) -> float:
+        return self.score([prompt], [response])[0]
+
+    def rank(self, prompt: str | Messages, responses: Sequence[str]) -> list[tuple[str, float]]:
+        """(response, reward) pairs, best first (stable for equal rewards)."""
+        rewards = self.score([prompt] * len(responses), list(responses))
+        return sorted(zip(responses, rewards), key=lambda t: -t[1])
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
+        """TRL reward-function signature (GRPO ``reward_funcs``): completions as text or message lists."""
+        return self.score(list(prompts), list(completions))
+
+
+# ------------------------------------------------------------------------------------------ command
+def _records(path: str) -> Iterable[tuple[str, dict]]:
+    from align.data.formats import location, read_records
+
+    for key, rec in read_records(path):
+        yield location(path, key), rec
+
+
+def _pair_of(rec: dict, where: str) -> tuple[Any, Any]:
+    """(prompt, response) of a record: prompt + response | completion, or messages ending in an assistant turn."""
+    from align.data.formats import DataError, normalize_messages
+
+    if "prompt" in rec:
+        key = "response" if "response" in rec else "completion" if "completion" in rec else None
+        if key is None:
+            raise DataError(f"{where}: a record needs 'response' or 'completion' beside 'prompt'; has {sorted(rec)}")
+        prompt, resp = rec["prompt"], rec[key]
+        for name, v in (("prompt", prompt), (key, resp)):
+            if not isinstance(v, (str, list)):
+                raise DataError(f"{where}: field {name!r}: expected a string or a list of messages, got {v!r:.80}")
+        if isinstance(prompt, list):
+            prompt = normalize_messages(prompt, where, "prompt", allow_empty_list=True)
+        if isinstance(resp, list):
+            resp = normalize_messages(resp, where, key)
+        return prompt, resp
+    if "messages" in rec:
+        msgs = normalize_messages(rec["messages"], where, "messages")
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field 'messages': the last message must be the assistant's response")
+        return msgs[:-1], msgs[-1]["content"]
+    raise DataError(f"{where}: need 'prompt' + 'response'/'completion' (or 'messages'); record has {sorted(rec)}")
+
+
+def _write(rows: list[dict], output: str | None) -> None:
+    fh = open(output, "w", encoding="utf-8") if output else sys.stdout
+    try:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    finally:
+        if output:
+            fh.close()
+
+
+def main(argv: list[str] | None = None) -> Any:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    mode = "score"
+    if argv and argv[0] in ("rank", "score"):
+        mode = argv.pop(0)
+    ap = argparse.ArgumentParser(
+        prog=f"python -m align.score{' rank' if mode == 'rank' else ''}",
+        description="Score (prompt, response) pairs with a reward model"
+        if mode == "score" else "Best-of-n: sort each record's responses by reward",
+    )
+    ap.add_argument("--model", required=True, help="reward model dir (a reward run's final/)")
+    ap.add_argument("--input", help="JSONL/JSON file: prompt + response|completion (or messages); "
+                    "for rank: prompt + responses (a list)")
+    ap.add_argument("--output", help="output JSONL (default: stdout)")
+    if mode == "score":
+        ap.add_argument("--prompt", help="score one pair: the prompt text")
+        ap.add_argument("--response", help="score one pair: the response text")
+    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    ap.add_argument("--batch-size", "--batch_size", type=int, default=32)
+    ap.add_argument("--max-length", "--max_length", type=int, default=None)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    if mode == "score" and a.input is None and (a.prompt is None or a.response is None):
+        ap.error("give --input FILE, or --prompt and --response")
+    if mode == "rank" and a.input is None:
+        ap.error("rank needs --input FILE")
+    try:
+        scorer = RewardScorer(a.model, device=a.device, batch_size=a.batch_size, max_length=a.max_length)
+    except (NotARewardModel, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    if mode == "score" and a.input is None:
+        r = scorer.score_one(a.prompt, a.response)
+        print(f"{r:.6f}")
+        return r
+    from align.data.formats import DataError
+
+    rows: list[dict] = []
+    try:
+        if mode == "score":
+            recs = list(_records(a.input))
+            pairs = [_pair_of(rec, where) for where, rec in recs]
+            rewards = scorer.score([p for p, _ in pairs], [r for _, r in pairs])
+            rows = [{**rec, "reward": r} for (_, rec), r in zip(recs, rewards)]
+            n = len(rows)
+        else:
+            flat_p, flat_r, spans = [], [], []
+            recs = list(_records(a.input))
+            for where, rec in recs:
+                resps = rec.get("responses")
+                if "prompt" not in rec or not isinstance(resps, list) or not resps:
+                    raise DataError(f"{where}: rank needs 'prompt' and a non-empty 'responses' list; has {sorted(rec)}")
+                for i, resp in enumerate(resps):
+                    if not isinstance(resp, (str, list)):
+                        raise DataError(f"{where}: field 'responses[{i}]': expected a string, got {resp!r:.80}")
+                spans.append((len(flat_r), len(resps)))
+                flat_p += [rec["prompt"]] * len(resps)
+                flat_r += resps
+            rewards = scorer.score(flat_p, flat_r)
+            for (where, rec), (s, k) in zip(recs, spans):
+                ranked = sorted(zip(rec["responses"], rewards[s : s + k]), key=lambda t: -t[1])
+                out = {key: v for key, v in rec.items() if key != "responses"}
+                out["responses"] = [{"response": t, "reward": r} for t, r in ranked]
+                out["best"] = ranked[0][0]
+                rows.append(out)
+            n = len(flat_r)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _write(rows, a.output)
+    dt = time.perf_counter() - t0
+    logger.info("scored %d responses in %.2fs (%.1f/s) on %s%s", n, dt, n / max(dt, 1e-9), scorer.device,
+                f"; {scorer.truncated} truncated to {scorer.max_length} tokens" if scorer.truncated else "")
+    return rows
+
+
+if __name__ == "__main__":
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)

@@ -1,0 +1,130 @@
+"""Supervised fine-tuning: ``python -m align.sft configs/sft.yaml [--key value ...]``.
+
+TRL's ``SFTTrainer`` on conversations with assistant-only loss: the chat template wraps each assistant
+turn (with its end token) in ``{% generation %}`` markers, and every other token gets label -100.
+Works on our decoder or any HF causal LM dir, with LoRA through ``use_peft``. Data: the built-in
+world, or JSON/JSONL files in ``messages``, prompt/completion or Alpaca form, or a ``datasets`` dir.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
+
+from align.config import parse
+from align.data.formats import location, read_records, to_conversation
+from align.data.world import World
+from align.evaluate import evaluate
+from align.generate import load_tokenizer
+from align.runs import MetricsCallback, resume_checkpoint, setup_logging, write_config, write_json
+
+logger = logging.getLogger("align.sft")
+
+
+@dataclass
+class SFTArguments:
+    dataset_name: str = field(
+        default="world",
+        metadata={"help": "'world' (built-in conversations), a JSON/JSONL(.gz) file or a datasets dir."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer dir; defaults to model_name_or_path's."}
+    )
+    world_seed: int = field(default=0, metadata={"help": "Seed of the built-in world."})
+    eval_num_prompts: int = field(
+        default=300, metadata={"help": "Held-out world prompts for eval.json (0 skips the world evaluation)."}
+    )
+    eval_max_new_tokens: int = field(default=32, metadata={"help": "Generation length in the evaluation."})
+
+    def __post_init__(self):
+        if self.eval_num_prompts < 0:
+            raise ValueError(f"eval_num_prompts must be >= 0, got {self.eval_num_prompts}")
+
+
+CONFIG_TYPES = (SFTArguments, ModelConfig, SFTConfig)
+
+
+def load_dataset(args: SFTArguments) -> Dataset:
+    if args.dataset_name == "world":
+        convs = [c["messages"] for c in World(seed=args.world_seed).sft_conversations()]
+    else:
+        path = args.dataset_name
+        convs = [to_conversation(r, location(path, key)) for key, r in read_records(path)]
+    return Dataset.from_list([{"messages": m} for m in convs])
+
+
+def count_truncated(dataset: Dataset, tokenizer, max_length: int | None) -> int:
+    """How many conversations are longer than max_length (TRL truncates them; we say so)."""
+    if not max_length:
+        return 0
+    n = 0
+    for m in dataset["messages"]:
+        n += len(tokenizer.apply_chat_template(m, tokenize=True)) > max_length
+    return n
+
+
+def train(args: SFTArguments, model_args: ModelConfig, training_args: SFTConfig) -> dict[str, Any]:
+    if not model_args.model_name_or_path:
+        raise ValueError("sft needs model_name_or_path: a pretrain run's final/ dir or any HF causal LM")
+    tokenizer = load_tokenizer(args.tokenizer_name_or_path or model_args.model_name_or_path)
+    torch.manual_seed(training_args.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=model_args.dtype)
+    out = Path(training_args.output_dir)
+    write_config(out, args, model_args, training_args)
+
+    dataset = load_dataset(args)
+    truncated = count_truncated(dataset, tokenizer, training_args.max_length)
+    if truncated:
+        logger.warning(
+            "%d of %d conversations are longer than max_length=%d and are truncated",
+            truncated, len(dataset), training_args.max_length,
+        )
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=[MetricsCallback(out, title=f"sft {out.name}")],
+    )
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, training_args.resume_from_checkpoint))
+    final = out / "final"
+    model = trainer.model
+    if model_args.use_peft:  # a standalone model in final/ (the adapter itself stays in the checkpoints)
+        model = model.merge_and_unload()
+    model.save_pretrained(str(final))
+    tokenizer.save_pretrained(str(final))
+
+    summary: dict[str, Any] = {
+        "train_loss": result.training_loss,
+        "examples": len(dataset),
+        "truncated": truncated,
+    }
+    if args.eval_num_prompts:
+        summary["eval"] = evaluate(
+            model, tokenizer, num_prompts=args.eval_num_prompts, max_new_tokens=args.eval_max_new_tokens,
+            seed=training_args.seed,
+        )
+        write_json(out / "eval.json", summary["eval"])
+        logger.info(
+            "held-out exact match %.3f (sampled %.3f), preferred rate %.3f",
+            summary["eval"]["exact_match"], summary["eval"]["exact_match_sampled"], summary["eval"]["preferred_rate"],
+        )
+    write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "eval"})
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    setup_logging()
+    return train(*parse(CONFIG_TYPES, argv))
+
+
+if __name__ == "__main__":
+    main()

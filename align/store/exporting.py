@@ -1,0 +1,124 @@
+"""Export labelled comparisons as TRL preference data (paired or unpaired/KTO)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from typing import Sequence
+
+import sqlalchemy as sa
+
+from align.store import schema as S
+
+FORMATS = ("conversational", "standard")
+_ROLE_TAG = {"user": "Human", "assistant": "Assistant", "system": "System"}
+
+
+def render(msgs: list[dict], *, open_assistant: bool = False) -> str:
+    """Messages -> one string for TRL's *standard* format. A single user message is its text;
+    anything else is an HH-style transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...")."""
+    if len(msgs) == 1 and msgs[0]["role"] in ("user", "assistant") and not open_assistant:
+        return msgs[0]["content"]
+    s = "".join(f"\n\n{_ROLE_TAG[m['role']]}: {m['content']}" for m in msgs)
+    return s + "\n\nAssistant:" if open_assistant else s
+
+
+def _completion(text: str, messages) -> list[dict]:
+    return messages if messages else [{"role": "assistant", "content": text}]
+
+
+def split_of(prompt_hash: str, test_fraction: float, seed: str = "") -> str:
+    """'test' for a ``test_fraction`` share of prompts, by a hash of the prompt content."""
+    if test_fraction <= 0:
+        return "train"
+    h = int(hashlib.sha256(f"{seed}{prompt_hash}".encode()).hexdigest()[:12], 16) / 16 ** 12
+    return "test" if h < test_fraction else "train"
+
+
+def aggregate(votes: Counter, min_labels: int, min_agreement: float) -> tuple[str | None, str]:
+    """Majority vote over non-skip votes -> (winner, reason-if-dropped)."""
+    n = sum(votes.values())
+    if n == 0 or n < min_labels:
+        return None, "too_few_labels"
+    (top, k), *rest = votes.most_common()
+    if rest and rest[0][1] == k:
+        return None, "no_majority"
+    if k / n < min_agreement:
+        return None, "low_agreement"
+    return top, ""
+
+
+def export_rows(store, *, format: str = "conversational", unpaired: bool = False,
+                min_labels: int = 1, min_agreement: float = 0.0, test_fraction: float = 0.0,
+                seed: str = "", kinds: Sequence[str] | None = None,
+                annotators: Sequence[str] | None = None, sources: Sequence[str] | None = None,
+                both_bad: str = "drop", with_meta: bool = False) -> tuple[dict, dict]:
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if both_bad not in ("drop", "negatives"):
+        raise ValueError(f"both_bad must be 'drop' or 'negatives', got {both_bad!r}")
+    if not 0 <= test_fraction < 1:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    if min_labels < 1:
+        raise ValueError(f"min_labels must be >= 1, got {min_labels}")
+    L, A, C, P = S.labels, S.annotators, S.comparisons, S.prompts
+    ra, rb = S.responses.alias("ra"), S.responses.alias("rb")
+    report: Counter = Counter()
+    with store.engine.connect() as conn, conn.begin():  # one consistent snapshot
+        q = (sa.select(L.c.comparison_id, L.c.choice, sa.func.count().label("n"))
+             .join(A, A.c.id == L.c.annotator_id).where(L.c.choice != "skip")
+             .group_by(L.c.comparison_id, L.c.choice))
+        if kinds:
+            q = q.where(A.c.kind.in_(list(kinds)))
+        if annotators:
+            q = q.where(A.c.name.in_(list(annotators)))
+        votes: dict[int, Counter] = defaultdict(Counter)
+        for cid, choice, n in conn.execute(q):
+            votes[cid][choice] += n
+        winners: dict[int, tuple[str, float, int]] = {}
+        for cid, v in votes.items():
+            win, why = aggregate(v, min_labels, min_agreement)
+            if win is None:
+                report[why] += 1
+            elif win == "tie" or (win == "both_bad" and not (unpaired and both_bad == "negatives")):
+                report[win] += 1
+            else:
+                n = sum(v.values())
+                winners[cid] = (win, v[win] / n, n)
+        q = (sa.select(C.c.id, P.c.content_hash, P.c.messages, ra.c.text.label("ta"),
+                       ra.c.messages.label("ma"), rb.c.text.label("tb"), rb.c.messages.label("mb"),
+                       C.c.source, ra.c.model.label("model_a"), rb.c.model.label("model_b"))
+             .join(P, P.c.id == C.c.prompt_id).join(ra, ra.c.id == C.c.response_a_id)
+             .join(rb, rb.c.id == C.c.response_b_id).order_by(C.c.id))
+        if sources:
+            q = q.where(C.c.source.in_(list(sources)))
+        splits: dict[str, list] = {"train": [], "test": []}
+        for r in conn.execution_options(yield_per=2000).execute(q):
+            w = winners.get(r.id)
+            if w is None:
+                continue
+            choice, agreement, n = w
+            prompt = r.messages
+            a, b = _completion(r.ta, r.ma), _completion(r.tb, r.mb)
+            if format == "standard":
+                multi = not (len(prompt) == 1 and prompt[0]["role"] == "user")
+                prompt = render(prompt, open_assistant=multi)
+                a, b = (render(x) if not multi else " " + render(x).removeprefix(
+                    "\n\nAssistant: ") for x in (a, b))
+            meta = ({"comparison_id": r.id, "agreement": agreement, "n_labels": n,
+                     "source": r.source} if with_meta else {})
+            split = split_of(r.content_hash, test_fraction, seed)
+            out = splits[split]
+            if not unpaired:
+                chosen, rejected = (a, b) if choice == "a" else (b, a)
+                out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, **meta})
+            elif choice == "both_bad":
+                out.append({"prompt": prompt, "completion": a, "label": False, **meta})
+                out.append({"prompt": prompt, "completion": b, "label": False, **meta})
+            else:
+                chosen, rejected = (a, b) if choice == "a" else (b, a)
+                out.append({"prompt": prompt, "completion": chosen, "label": True, **meta})
+                out.append({"prompt": prompt, "completion": rejected, "label": False, **meta})
+            report["exported_pairs"] += 1
+    report["train_rows"], report["test_rows"] = len(splits["train"]), len(splits["test"])
+    return splits, {"report": dict(report)}

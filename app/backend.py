@@ -1,0 +1,407 @@
+"""What the app does, without Gradio: sessions, the label path, admin actions.
+
+The UI (``app.ui``) is a thin layer over ``Backend``; tests drive it directly too.
+
+The label path is short and never generates: ``submit`` writes the label (one committed store
+transaction) *then* fetches the next pre-generated comparison. Every displayed pair gets a fresh
+``request_id`` that the page sends back with the click, so a double click, a key held down or a
+retried request stores one label, and a stale click can never land on the next pair.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from align.data.formats import DataError, location, normalize_messages, read_records
+
+try:  # the store package exports Store; fall back to the module while it is being written
+    from align.store import Store  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover
+    from align.store.store import Store
+from align.store.store import LabelExists, NotFound, StoreError
+
+# What the annotator clicks -> the store's choice. 'A'/'B' are the *displayed* sides.
+DISPLAY_CHOICES = ("A", "B", "tie", "both_bad", "skip")
+CHOICE_TEXT = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both bad",
+               "skip": "Skipped"}
+
+
+class AppError(Exception):
+    """A problem to show the user (a warning box); nothing stored is lost."""
+
+
+@dataclass
+class Shown:
+    """The pair on an annotator's screen."""
+
+    request_id: str
+    comparison_id: int
+    left: str  # 'a' | 'b': which of the comparison's responses is on the left (card "A")
+    shown_at: float  # time.monotonic() when it was sent
+
+
+@dataclass
+class Session:
+    """Per-browser-session state (a ``gr.State``): who is logged in and what they see."""
+
+    user: str | None = None
+    role: str | None = None
+    shown: Shown | None = None
+    handled: dict[str, int] = field(default_factory=dict)  # request_id -> comparison id, recent
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+@dataclass
+class View:
+    """Everything the annotator screen shows for one pair (or the empty queue)."""
+
+    prompt: list[dict]
+    left_text: str
+    right_text: str
+    left_messages: list[dict] | None
+    right_messages: list[dict] | None
+    request_id: str
+    comparison_id: int | None
+    done: int
+    assigned: int
+    remaining: int
+
+    @property
+    def empty(self) -> bool:
+        return self.comparison_id is None
+
+
+def _store_call(what: str, fn: Callable, *a, **kw):
+    """Run a store call; turn database failures into an ``AppError`` the UI can show."""
+    try:
+        return fn(*a, **kw)
+    except (AppError, LabelExists, NotFound, DataError, ValueError):
+        raise
+    except StoreError as e:
+        raise AppError(f"{what}: {e}") from e
+    except Exception as e:  # sqlalchemy OperationalError etc.: store unreachable / locked / broken
+        msg = str(e).splitlines()[0][:300]
+        raise AppError(f"{what}: the preference store is not reachable ({type(e).__name__}: {msg}). "
+                       "Nothing was lost; try again in a moment.") from e
+
+
+class Backend:
+    """One per app process: owns the ``Store`` and the candidate-generation models."""
+
+    def __init__(self, store: Store, *, overlap: int = 1, rng: random.Random | None = None):
+        self.store = store
+        self.overlap = overlap
+        self.rng = rng or random.Random(secrets.randbits(64))
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._models: dict[str, Any] = {}
+        self._models_lock = threading.Lock()
+
+    def _lock(self, user: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(user, threading.Lock())
+
+    # ------------------------------------------------------------------------- accounts
+    def login(self, session: Session, name: str, password: str) -> Session:
+        name = (name or "").strip()
+        if not name or not password:
+            raise AppError("Enter your name and password.")
+        who = _store_call("Login failed", self.store.verify_annotator, name, password)
+        if who is None:
+            raise AppError("Wrong name or password.")
+        return Session(user=who.name, role=who.role)
+
+    def has_accounts(self) -> bool:
+        try:
+            return any(a.get("has_password") for a in self.store.list_annotators())
+        except Exception:
+            return True  # don't claim "no accounts" when the store is down
+
+    def add_annotator(self, session: Session, name: str, password: str, role: str) -> str:
+        self._require_admin(session)
+        name = (name or "").strip()
+        if not name or not password:
+            raise AppError("An account needs a name and a password.")
+        if len(password) < 4:
+            raise AppError("Use a password of at least 4 characters.")
+        _store_call("Could not add the account", self.store.add_annotator, name, password, role)
+        return f"Added {role} **{name}**."
+
+    # ---------------------------------------------------------------------- label path
+    def _progress(self, user: str) -> dict:
+        return _store_call("Could not read progress", self.store.progress, user, self.overlap)
+
+    def next_view(self, session: Session, *, comparison_id: int | None = None,
+                  left: str | None = None) -> View:
+        """Show the next queued pair (or ``comparison_id``, e.g. after undo) with a random left side."""
+        self._require_user(session)
+        if comparison_id is not None:
+            try:
+                comp = _store_call("Could not load the pair", self.store.get_comparison, comparison_id)
+            except NotFound:
+                comp = None
+        else:
+            comp = _store_call("Could not fetch the next pair", self.store.next_comparison,
+                               session.user, self.overlap)
+        if comp is None and comparison_id is not None:
+            comp = _store_call("Could not fetch the next pair", self.store.next_comparison,
+                               session.user, self.overlap)
+        prog = self._progress(session.user)
+        if comp is None:
+            session.shown = None
+            return View([], "", "", None, None, "", None, prog["done"], prog["assigned"], prog["remaining"])
+        left = left if left in ("a", "b") else self.rng.choice("ab")
+        session.shown = Shown(secrets.token_hex(12), comp.id, left, time.monotonic())
+        a, b = comp.response_a, comp.response_b
+        lm, rm = (a, b) if left == "a" else (b, a)
+        return View(comp.prompt, _text(lm), _text(rm), lm, rm, session.shown.request_id, comp.id,
+                    prog["done"], prog["assigned"], prog["remaining"])
+
+    def submit(self, session: Session, choice: str, request_id: str, rationale: str | None = None,
+               confidence: float | None = None) -> tuple[View | None, str]:
+        """Store the label for the pair on screen, then return the next pair.
+
+        Returns ``(view, message)``; ``view`` is None when the click was a duplicate of one
+        already handled (the screen already moved on) — the UI then leaves the page as it is.
+        """
+        self._require_user(session)
+        if choice not in DISPLAY_CHOICES:
+            raise AppError(f"Unknown choice {choice!r}.")
+        with self._lock(session.user):
+            shown = session.shown
+            if shown is None or request_id != shown.request_id:
+                return None, ""  # a stale or repeated click: that pair was handled already
+            store_choice = {"A": shown.left, "B": "b" if shown.left == "a" else "a"}.get(choice, choice)
+            seconds = round(time.monotonic() - shown.shown_at, 3)
+            rationale = (rationale or "").strip() or None
+            try:
+                _store_call("Could not save your label", self.store.submit_label, shown.comparison_id,
+                            session.user, store_choice, left=shown.left, rationale=rationale,
+                            confidence=confidence, seconds=seconds, request_id=request_id)
+                msg = f"Saved: {CHOICE_TEXT[choice]}"
+            except LabelExists:  # labelled in another tab meanwhile: keep that one
+                msg = "You had already labelled this pair (kept your earlier label)"
+            except NotFound:
+                msg = "That pair was removed from the store; skipped it"
+            session.handled[request_id] = shown.comparison_id
+            if len(session.handled) > 50:
+                session.handled.pop(next(iter(session.handled)))
+            return self.next_view(session), msg
+
+    def undo(self, session: Session) -> tuple[View, str]:
+        """Delete the annotator's last label and show that pair again, same sides as before."""
+        self._require_user(session)
+        with self._lock(session.user):
+            last = _store_call("Could not undo", self.store.undo_last, session.user)
+            if last is None:
+                return self.next_view(session) if session.shown is None else self.current_view(session), \
+                    "Nothing to undo"
+            view = self.next_view(session, comparison_id=last.comparison_id, left=last.left)
+            what = {"a": "A", "b": "B"}.get(last.choice, last.choice)
+            if last.choice in ("a", "b") and last.left in ("a", "b"):  # say it in displayed sides
+                what = "A" if last.choice == last.left else "B"
+            return view, f"Undid your last label ({CHOICE_TEXT.get(what, what)})"
+
+    def current_view(self, session: Session) -> View:
+        """The pair already on screen, re-sent (same request id), or the next one."""
+        self._require_user(session)
+        if session.shown is None:
+            return self.next_view(session)
+        s = session.shown
+        rid, shown_at = s.request_id, s.shown_at
+        view = self.next_view(session, comparison_id=s.comparison_id, left=s.left)
+        if session.shown is not None and session.shown.comparison_id == s.comparison_id:
+            session.shown.request_id, session.shown.shown_at = rid, shown_at
+            view.request_id = rid
+        return view
+
+    # ----------------------------------------------------------------------- admin
+    def _require_user(self, session: Session) -> None:
+        if session is None or not session.user:
+            raise AppError("Please log in first.")
+
+    def _require_admin(self, session: Session) -> None:
+        self._require_user(session)
+        if not session.is_admin:
+            raise AppError("Only admins can do this.")
+
+    def add_prompts(self, session: Session, text: str | None, file: str | None,
+                    source: str = "app") -> list[int]:
+        """Store prompts from pasted text (one per line) and/or a JSON/JSONL file; their ids."""
+        self._require_admin(session)
+        prompts = parse_prompts(text, file)
+        if not prompts:
+            raise AppError("No prompts: paste one per line or upload a .jsonl file.")
+        ids = []
+        for p in prompts:
+            ids.append(_store_call("Could not store the prompts", self.store.add_prompt, p, source=source))
+        return list(dict.fromkeys(ids))
+
+    def load_model(self, path: str):
+        """A cached ``(model, tokenizer)``; imports torch/transformers only now."""
+        path = (path or "").strip()
+        if not path:
+            raise AppError("Give a model directory (a run's final/ or any Hugging Face causal LM).")
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise AppError(f"Model directory not found: {path}")
+        if p.is_dir() and not ((p / "config.json").exists() or (p / "adapter_config.json").exists()):
+            raise AppError(f"{path} is not a model directory (no config.json; a run's model is in final/)")
+        key = str(p.resolve())
+        with self._models_lock:
+            if key not in self._models:
+                from align.generate import load_causal_lm  # lazy: torch is heavy
+
+                try:
+                    self._models[key] = load_causal_lm(str(p))
+                except Exception as e:
+                    raise AppError(f"Could not load the model in {path}: {type(e).__name__}: {e}") from e
+            return self._models[key]
+
+    def generate_pairs(self, session: Session, prompt_ids: Sequence[int], model_a: str,
+                       model_b: str | None = None, *, temperature: float = 0.8, top_p: float = 0.95,
+                       max_new_tokens: int = 64, priority: float = 0.0, seed: int | None = None,
+                       progress: Callable[[float, str], None] | None = None) -> dict:
+        """Two candidates per prompt (two samples of one model, or one from each of two), stored as
+        responses with model id and settings, then one queued comparison per prompt."""
+        self._require_admin(session)
+        if not prompt_ids:
+            raise AppError("No prompts to generate for.")
+        if max_new_tokens < 1 or not 0 <= temperature <= 5 or not 0 < top_p <= 1:
+            raise AppError("Sampling settings out of range: max_new_tokens ≥ 1, 0 ≤ temperature ≤ 5, "
+                           "0 < top_p ≤ 1.")
+        model_b = (model_b or "").strip() or None
+        models = [model_a.strip()] + ([model_b] if model_b else [])
+        loaded = [self.load_model(m) for m in models]  # fail fast, before any work
+        from align.generate import generate
+
+        do_sample = temperature > 0
+        settings = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+                    "do_sample": do_sample, "seed": seed}
+        prompts = [self.store.get_prompt(i)["messages"] for i in prompt_ids]
+        outs: list[list[tuple[str, str]]] = [[] for _ in prompts]  # (model id, text) x2 per prompt
+        n_each = 2 if len(models) == 1 else 1
+        batch = 16
+        total = len(models) * len(prompts)
+        done = 0
+        for name, (model, tok) in zip(models, loaded):
+            for start in range(0, len(prompts), batch):
+                chunk = prompts[start : start + batch]
+                try:
+                    texts = generate(model, tok, chunk, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                     temperature=temperature or 1.0, top_p=top_p,
+                                     num_return_sequences=n_each, seed=seed)
+                except Exception as e:
+                    raise AppError(f"Generation with {name} failed: {type(e).__name__}: {e}") from e
+                for j, replies in enumerate(texts):
+                    outs[start + j].extend((name, _storable(t)) for t in replies)
+                done += len(chunk)
+                if progress:
+                    progress(done / total, f"{name}: {done}/{total}")
+        made, same = 0, 0
+        for pid, pair in zip(prompt_ids, outs):
+            (ma, ta), (mb, tb) = pair[0], pair[1]
+            if ma == mb and ta.strip() == tb.strip():
+                same += 1
+                continue
+            ra = _store_call("Could not store a response", self.store.add_response, pid, ta, model=ma,
+                             settings=settings)
+            rb = _store_call("Could not store a response", self.store.add_response, pid, tb, model=mb,
+                             settings=settings)
+            _store_call("Could not store a comparison", self.store.add_comparison, pid, ra, rb,
+                        priority=priority, source="app:generate")
+            made += 1
+        return {"prompts": len(prompt_ids), "comparisons": made, "identical": same}
+
+    def import_pairs(self, session: Session, file: str | None, queue: bool, priority: float = 0.0) -> str:
+        self._require_admin(session)
+        if not file:
+            raise AppError("Upload a preference file (.jsonl / .json) first.")
+        try:
+            report = self.store.import_file(file, source=Path(file).name,
+                                            priority=priority if queue else None)
+        except DataError as e:
+            raise AppError(f"Nothing imported — {_short_path(str(e), file)}") from e
+        except Exception as e:
+            _store_call("Import failed", _raise, e)
+        return report.summary().replace(str(file), Path(file).name)
+
+    def export(self, session: Session, out_dir: str | Path, *, format: str = "conversational",
+               min_labels: int = 1, min_agreement: float = 0.0, kinds: Sequence[str] | None = None
+               ) -> tuple[Path, str]:
+        self._require_admin(session)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"preferences-{format}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        res = _store_call("Export failed", self.store.export, path, format=format, min_labels=min_labels,
+                          min_agreement=min_agreement, kinds=list(kinds) if kinds else None)
+        n = sum(res.get("files", {}).values()) if isinstance(res, dict) else "?"
+        return path, f"Exported **{n}** pairs in TRL {format} format → `{path.name}`"
+
+
+def _raise(e: Exception):
+    raise e
+
+
+def _short_path(msg: str, path: str) -> str:
+    return msg.replace(str(path), Path(path).name)
+
+
+def _storable(text: str) -> str:
+    """Generated text the store accepts: no NUL, no lone surrogates (a byte-level model can emit both)."""
+    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
+def _text(messages: list[dict]) -> str:
+    return "\n\n".join(m.get("content", "") for m in messages)
+
+
+# ----------------------------------------------------------------------------- parsing helpers
+PROMPT_KEYS = ("prompt", "messages", "conversations", "instruction", "question", "text")
+
+
+def parse_prompts(text: str | None, file: str | None) -> list:
+    """Prompts from pasted lines and/or a JSON/JSONL file (``prompt``: string or messages;
+    ``messages``; ``instruction`` (+ ``input``); ``question``; ``text``). Errors name the line."""
+    out: list = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if file:
+        try:
+            for key, rec in read_records(file):
+                out.append(_prompt_of(rec, location(Path(file).name, key)))
+        except DataError as e:
+            raise AppError(f"Nothing added — {_short_path(str(e), file)}") from e
+    return out
+
+
+def _prompt_of(rec: dict, where: str):
+    for k in PROMPT_KEYS:
+        if k in rec and rec[k] is not None:
+            v = rec[k]
+            if isinstance(v, str):
+                if not v.strip():
+                    raise DataError(f"{where}: field {k!r} is empty")
+                if k == "instruction" and rec.get("input"):
+                    v = f"{v}\n\n{rec['input']}"
+                return v
+            msgs = normalize_messages(v, where, k)
+            if msgs and msgs[-1]["role"] == "assistant":  # a whole chat: the prompt is all but the reply
+                msgs = msgs[:-1]
+            if not msgs:
+                raise DataError(f"{where}: field {k!r} has no user turn")
+            return msgs
+    raise DataError(f"{where}: no prompt field (expected one of {', '.join(PROMPT_KEYS)}; "
+                    f"record has {sorted(rec)})")
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, default=str)

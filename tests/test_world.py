@@ -1,0 +1,147 @@
+import random
+import re
+
+import pytest
+
+from align.data import world as W
+from align.data.world import STYLES, TASKS, VOCAB, World, check, parse_reply, render
+
+N = dict(n_pretrain=2000, n_sft=800, n_preference=600, n_rl=200, n_heldout=220)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World(seed=0, **N)
+
+
+def _train_texts(w):
+    texts = list(w.pretrain_corpus())
+    for c in w.sft_conversations():
+        texts += [m["content"] for m in c["messages"]]
+    for p in w.preference_pairs():
+        texts += [m["content"] for k in ("prompt", "chosen", "rejected") for m in p[k]]
+    texts += [e.prompt for e in w.rl_prompts()]
+    return texts
+
+
+def test_vocab_split_disjoint():
+    tr, ho = VOCAB["train"], VOCAB["heldout"]
+    for attr in ("words", "names", "objects"):
+        a, b = set(getattr(tr, attr)), set(getattr(ho, attr))
+        assert a and b and not a & b, attr
+    assert len(tr.words) + len(ho.words) >= 300
+
+
+def test_deterministic(world, tmp_path):
+    other = World(seed=0, **N)
+    assert other.pretrain_corpus() == world.pretrain_corpus()
+    assert other.sft_conversations() == world.sft_conversations()
+    assert other.preference_pairs() == world.preference_pairs()
+    assert [e.to_dict() for e in other.eval_prompts()] == [e.to_dict() for e in world.eval_prompts()]
+    assert World(seed=1, **N).sft_conversations() != world.sft_conversations()
+    a, b = tmp_path / "a", tmp_path / "b"
+    World(seed=3, **N).write(a)
+    World(seed=3, **N).write(b)
+    for f in sorted(a.iterdir()):
+        assert f.read_bytes() == (b / f.name).read_bytes(), f.name
+
+
+def test_every_task_has_examples(world):
+    ev = world.eval_prompts()
+    for name in TASKS:
+        assert sum(e.task == name for e in ev) >= 10, name
+        assert any(e.task == name for e in world.rl_prompts())
+    assert {t for c in world.sft_conversations() for t in c["tasks"]} == set(TASKS)
+    assert {p["task"] for p in world.preference_pairs()} == set(TASKS)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_checker_accepts_correct_rejects_incorrect(task):
+    rng = random.Random(task)
+    for split in ("train", "heldout"):
+        for i in range(40):
+            prompt, answer, meta = TASKS[task].generate(rng, VOCAB[split])
+            ex = W.Example(f"{task}-{i}", task, prompt, answer, split, meta)
+            for style in STYLES:
+                for t in range(len(W.STYLE_TEMPLATES[style])):
+                    good = render(ex, style, True, rng, template=t)
+                    bad = render(ex, style, False, rng, template=t)
+                    for suffix in ("", "<|eos|>", "  \n", "<|eos|><|pad|><|pad|>"):
+                        r = check(ex, good + suffix)
+                        assert r == {"correct": True, "style": style, "preferred": style == "helpful"}, (good, r)
+                        assert parse_reply(good + suffix) == (answer, style)
+                    r = check(ex, bad)
+                    assert r["style"] == style and not r["correct"] and not r["preferred"], (ex, bad)
+                    assert parse_reply(bad)[0] != answer
+
+
+def test_parse_reply_edge_cases():
+    assert parse_reply("") == (None, None)
+    assert parse_reply("<|eos|>") == (None, None)
+    assert parse_reply("The answer is") == (None, "helpful")
+    assert parse_reply("Ugh whatever") == (None, "rude")
+    assert parse_reply("7 ") == ("7", "terse")
+
+
+def test_styles_decided_by_first_word():
+    firsts = {style: {p.split(" ")[0] for p, _ in ts} for style, ts in W.STYLE_TEMPLATES.items() if style != "terse"}
+    assert firsts == {"helpful": {"The"}, "rude": {"Ugh,"}}
+
+
+def test_heldout_never_in_training(world):
+    ev = world.eval_prompts()
+    assert len({e.prompt for e in ev}) == len(ev) and all(e.split == "heldout" for e in ev)
+    texts = _train_texts(world)
+    joined = "\n".join(texts)
+    for e in ev:
+        assert e.prompt not in joined
+    train_tokens = set(re.findall(r"[A-Za-z]+", joined))
+    ho = VOCAB["heldout"]
+    assert not train_tokens & (set(ho.words) | set(ho.names) | set(ho.objects))
+    # every held-out prompt uses held-out vocabulary or a held-out digit triple
+    for e in ev:
+        words = set(re.findall(r"[A-Za-z]+", e.prompt))
+        assert words & (set(ho.words) | set(ho.names) | set(ho.objects)) or e.task == "sort_digits", e.prompt
+        if e.task == "sort_digits":
+            assert W._triple_heldout(tuple(e.meta["digits"]))
+
+
+def test_preference_pairs(world):
+    pairs = world.preference_pairs()
+    kinds = {p["kind"] for p in pairs}
+    assert kinds == {"style", "correctness"}
+    sft_prompts = {m["content"] for c in world.sft_conversations() for m in c["messages"] if m["role"] == "user"}
+    for p in pairs:
+        ex = W.Example(p["id"], p["task"], p["prompt"][-1]["content"], p["answer"], "train")
+        assert ex.prompt not in sft_prompts
+        c, r = check(ex, p["chosen"][-1]["content"]), check(ex, p["rejected"][-1]["content"])
+        if p["kind"] == "style":
+            assert c["correct"] and r["correct"]
+            assert c["style"] == "helpful" and r["style"] in ("terse", "rude")
+        else:
+            assert c["correct"] and not r["correct"]
+            assert c["style"] == r["style"]
+        assert c["preferred"] and not r["preferred"] or p["kind"] == "correctness"
+
+
+def test_sft_mix(world):
+    convs = world.sft_conversations()
+    styles = [check_style for c in convs for m in c["messages"] if m["role"] == "assistant"
+              for check_style in [parse_reply(m["content"])[1]]]
+    for s in STYLES:
+        assert 0.25 < styles.count(s) / len(styles) < 0.42
+    assert any(c["messages"][0]["role"] == "system" for c in convs)
+    assert any(sum(m["role"] == "assistant" for m in c["messages"]) == 2 for c in convs)
+
+
+def test_reward():
+    ex = W.Example("x", "add", "What is 3 + 4?", "7", "train", {"a": 3, "b": 4})
+    assert W.reward(ex, "The answer is 7.") == 1.0
+    assert W.reward(ex, "7") == 0.5
+    assert W.reward(ex, "Ugh, 8. Stop wasting my time.") == 0.0
+
+
+def test_cli(tmp_path):
+    W.main(["--out", str(tmp_path / "w"), "--seed", "1"])
+    names = {p.name for p in (tmp_path / "w").iterdir()}
+    assert {"pretrain.jsonl", "sft.jsonl", "preference.jsonl", "eval.jsonl", "rl_prompts.jsonl", "world.json"} <= names
