@@ -399,6 +399,8 @@ def trainer_args(args: DPOArguments, dpo_args: DPOConfig, extra: Any | None = No
     if extra is None or isinstance(extra, DPOConfig):
         raise ValueError(f"trainer {args.trainer!r} needs its own config ({trainer_config_class(args.trainer).__name__})")
     cfg = extra
+    if args.trainer == "orpo":  # ORPO has one loss (odds ratio + NLL, arXiv:2403.07691); beta is its lambda
+        return cfg
     lt = cfg.loss_type if isinstance(cfg.loss_type, str) else list(cfg.loss_type)
     if args.trainer == "simpo":
         cfg.loss_type, cfg.cpo_alpha = "simpo", 0.0  # SimPO (arXiv:2405.14734): length-normalised, no NLL term

@@ -124,19 +124,16 @@ def check_reward_model_dir(path: str | os.PathLike | None) -> Path:
     return p
 
 
-def make_rm(reward_model_path: str | os.PathLike, device: Any = None, batch_size: int = 64) -> RewardFunc:
-    """The RM stage's reward model as a reward: ``RewardScorer(path).score(prompt texts, reply texts)``."""
+def make_rm(reward_model_path: str | os.PathLike, device: Any = None) -> RewardFunc:
+    """The RM stage's reward model as a reward: ``RewardScorer(path).score(prompts, reply texts)``."""
     path = check_reward_model_dir(reward_model_path)
     from align.score import RewardScorer
 
     scorer = RewardScorer(str(path), device=device)
 
     def rm(prompts, completions, completion_ids=None, **columns) -> list[float]:
-        ps, cs = [text_of(p) for p in prompts], [text_of(c) for c in completions]
-        out: list[float] = []
-        for s in range(0, len(ps), batch_size):
-            out += [float(x) for x in scorer.score(ps[s : s + batch_size], cs[s : s + batch_size])]
-        return out
+        # prompts as given (a string or the conversation so far), replies as text: scored as in RM training
+        return [float(x) for x in scorer.score(list(prompts), [text_of(c) for c in completions])]
 
     rm.scorer = scorer  # type: ignore[attr-defined]
     return rm

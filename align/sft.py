@@ -64,10 +64,8 @@ def count_truncated(dataset: Dataset, tokenizer, max_length: int | None) -> int:
     """How many conversations are longer than max_length (TRL truncates them; we say so)."""
     if not max_length:
         return 0
-    n = 0
-    for m in dataset["messages"]:
-        n += len(tokenizer.apply_chat_template(m, tokenize=True)) > max_length
-    return n
+    texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in dataset["messages"]]
+    return sum(len(ids) > max_length for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
 def train(args: SFTArguments, model_args: ModelConfig, training_args: SFTConfig) -> dict[str, Any]:

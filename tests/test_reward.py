@@ -123,9 +123,11 @@ def test_rm_beats_chance_on_tiny_world_run(trained):
     assert json.loads((out / "eval.json").read_text())["accuracy"] == ev["accuracy"]
     for f in ("calibration.png", "metrics.jsonl", "config.yaml", "final/config.json", "final/tokenizer.json"):
         assert (out / f).exists(), f
-    cfg = json.loads((out / "final/config.json").read_text())
-    assert cfg["architectures"] == ["DecoderForSequenceClassification"] and cfg["num_labels"] == 1
-    assert cfg["pad_token_id"] is not None
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(out / "final"))
+    assert cfg.architectures == ["DecoderForSequenceClassification"] and cfg.num_labels == 1
+    assert cfg.pad_token_id is not None
 
 
 def test_lora_rm_keeps_its_score_head(lm_dir, tmp_path):

@@ -119,7 +119,6 @@ _P = {
     "last_letter": "What is the last letter of {w}?",
     "reverse_letters": "Reverse the letters {l}.",
     "count_letters": "How many letters are in {l}?",
-    "contains_letter": "Is there a {c} in {l}?",
 }
 _SPELL = ("{w} is spelled {s}.", "The word {w} has {k} letters.")
 _SYSTEM_PROMPTS = (
@@ -138,7 +137,7 @@ _TEMPLATE_WORDS = set().union(
     *(_tokens(p) for p in _SPELL),
     *(_tokens(p) for p in _SYSTEM_PROMPTS),
     *(_tokens(a + " " + b) for ts in STYLE_TEMPLATES.values() for a, b in ts),
-    {"yes", "no", "question", "answer"},
+    {"question", "answer"},
 )
 
 
@@ -347,19 +346,6 @@ def _gen_count_letters(rng: random.Random, v: Vocab) -> Made:
     return _P["count_letters"].format(l=" ".join(w)), str(len(w)), {"word": w}
 
 
-def _gen_contains_letter(rng: random.Random, v: Vocab) -> Made:
-    w = _short_word(rng, v, 5)
-    if rng.random() < 0.5:
-        c, ans = rng.choice(w), "yes"
-    else:
-        c, ans = rng.choice([x for x in "abcdefghijklmnopqrstuvwxyz" if x not in w]), "no"
-    return _P["contains_letter"].format(c=c, l=" ".join(w)), ans, {"letter": c, "word": w}
-
-
-def _wrong_yes_no(rng: random.Random, answer: str, meta: dict) -> str:
-    return "no" if answer == "yes" else "yes"
-
-
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
@@ -374,8 +360,6 @@ TASKS: dict[str, Task] = {
              description="reverse 3-4 space-separated letters"),
         Task("count_letters", _gen_count_letters, lambda r, a, m: _wrong_number(r, a, m, 1, 8),
              description="count 3-6 space-separated letters"),
-        Task("contains_letter", _gen_contains_letter, _wrong_yes_no,
-             description="is a letter among 3-5 space-separated letters (yes/no)"),
     )
 }
 

@@ -1,0 +1,153 @@
+"""Running the training commands under ``accelerate launch`` (DDP, DeepSpeed ZeRO-2/3, FSDP2).
+
+There is no distribution code of our own: transformers' ``Trainer`` (and TRL's trainers on it) take the
+engine from the environment that ``accelerate launch --config_file configs/accelerate/X.yaml`` sets up.
+What a command has to get right is small, and lives here:
+
+- ``save_final``: write ``final/`` as an ordinary HF model dir whatever the engine. Under ZeRO-3 and
+  FSDP the weights are sharded across processes, so ``model.save_pretrained`` on one rank writes
+  nothing useful; ``Trainer.save_model`` gathers them (ZeRO-3: ``stage3_gather_16bit_weights_on_model_save``,
+  FSDP: ``fsdp_state_dict_type: FULL_STATE_DICT``) and writes on the main process. A LoRA adapter is
+  saved the same way, then merged on the main process into a freshly loaded base model (``merge_and_unload``
+  on sharded parameters is not possible). Every process must call it (the gathers are collective).
+- ``zero3_init_disabled``: load a whole model on one process (evaluation after training) while
+  ZeRO-3 is on; otherwise ``from_pretrained`` partitions it with ``deepspeed.zero.Init``, a collective.
+- ``gathered_params``: use a model loaded under ZeRO-3 before the trainer wraps it (an evaluation of the
+  start policy); every process must enter it.
+- ``is_main_process`` / ``wait_for_everyone``: write files and run evaluations on rank 0 only.
+
+See docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+logger = logging.getLogger("align.distributed")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 (of all machines); True without a launcher."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for_everyone() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def is_zero3() -> bool:
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
+@contextlib.contextmanager
+def zero3_init_disabled() -> Iterator[None]:
+    """``from_pretrained`` inside loads a whole, ordinary model even while ZeRO-3 is on (one process may
+    load it alone, e.g. the main process reloading ``final/`` for its evaluation)."""
+    import transformers.integrations.deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+@contextlib.contextmanager
+def gathered_params(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Full parameters of a model partitioned by ``deepspeed.zero.Init`` (ZeRO-3) for the duration of
+    the block, read-only; a no-op for any other model. Collective: every process must enter it."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield model
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield model
+
+
+def _peft_model(model: torch.nn.Module):
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return None
+    return model if isinstance(model, PeftModel) else None
+
+
+def save_final(
+    trainer: Any,
+    tokenizer: Any,
+    final_dir: str | os.PathLike,
+    *,
+    adapter_dir: str | os.PathLike | None = None,
+    merge: bool = True,
+    auto_class: Any = None,
+    **load_kwargs: Any,
+) -> Path:
+    """Save the trained model to ``final_dir`` as an ordinary HF dir (+ tokenizer), consolidated from
+    ZeRO-3 / FSDP shards. Call it on every process; only the main process writes.
+
+    With a LoRA model the adapter goes to ``adapter_dir`` (default ``final_dir/../adapter``); with
+    ``merge`` the main process loads the base model the adapter names (``base_model_name_or_path`` in
+    adapter_config.json) with ``auto_class`` (default ``AutoModelForCausalLM``; pass
+    ``AutoModelForSequenceClassification`` and ``num_labels=1`` for a reward model), merges and writes
+    ``final_dir``. Without ``merge``, ``final_dir`` is not written.
+    """
+    final_dir = Path(final_dir)
+    peft_model = _peft_model(trainer.accelerator.unwrap_model(trainer.model))
+    if peft_model is None:
+        trainer.save_model(str(final_dir))  # collective gather under ZeRO-3 / FSDP; rank 0 writes
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(str(final_dir))
+        trainer.accelerator.wait_for_everyone()
+        return final_dir
+
+    adapter_dir = Path(adapter_dir) if adapter_dir is not None else final_dir.parent / "adapter"
+    trainer.save_model(str(adapter_dir))  # adapter weights only (modules_to_save included)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(adapter_dir))
+        if merge:
+            merge_adapter(adapter_dir, final_dir, tokenizer, auto_class=auto_class, **load_kwargs)
+    trainer.accelerator.wait_for_everyone()
+    return final_dir
+
+
+def merge_adapter(
+    adapter_dir: str | os.PathLike, final_dir: str | os.PathLike, tokenizer: Any = None, *,
+    auto_class: Any = None, **load_kwargs: Any,
+) -> Path:
+    """Base model + LoRA adapter (from disk) -> a merged standalone model dir. One process, no collectives."""
+    import json
+
+    from peft import PeftModel
+
+    import align.model  # noqa: F401  (registers our decoder with the Auto classes)
+
+    if auto_class is None:
+        from transformers import AutoModelForCausalLM as auto_class
+    base_path = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    with zero3_init_disabled():
+        base = auto_class.from_pretrained(base_path, **load_kwargs)
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(final_dir))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(final_dir))
+    return Path(final_dir)

@@ -1,0 +1,220 @@
+"""Training commands under ``accelerate launch``: the configs in configs/accelerate/ parse into the engines
+they name (DeepSpeed ZeRO-2/3, FSDP2), and a 2-process gloo DDP run of SFT and of DPO gives the losses of a
+1-process run with the same global batch (CPU).
+
+Why the losses match: accelerate shards the *global* batch sampler, so with 2 processes x batch 2 step k
+sees the same 4 examples as 1 process x batch 4 (same seed, seedable sampler); SFT's loss is a token mean
+and the Trainer all-reduces the token count (``average_tokens_across_devices``); DPO's is a pair mean over
+equal per-process batches. Dropout is off (LoRA dropout 0), so the gradients agree up to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ACC = ROOT / "configs" / "accelerate"
+STEPS = 4
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "ACCELERATE_USE_CPU": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONPATH": str(ROOT),
+}
+
+
+# ----------------------------------------------------------------------------------------------- assets
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory) -> Path:
+    """The project tokenizer on a small world corpus + a tiny DecoderForCausalLM, saved as an HF dir."""
+    from align.model import DecoderConfig, DecoderForCausalLM
+    from align.tokenizer import TokenizerArguments, train_tokenizer
+
+    root = tmp_path_factory.mktemp("dist_assets")
+    torch.set_num_threads(1)
+    tok = train_tokenizer(TokenizerArguments(corpus="world", vocab_size=400, max_documents=1000,
+                                             output_dir=str(root / "tok")))
+    torch.manual_seed(0)
+    cfg = DecoderConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    lm = root / "lm"
+    DecoderForCausalLM(cfg).save_pretrained(str(lm))
+    tok.save_pretrained(str(lm))
+    return lm
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(module: str, argv: list[str], processes: int, timeout: int = 240) -> None:
+    """``python -m module`` (1 process) or ``accelerate launch --config_file ddp_cpu.yaml`` (N processes)."""
+    if processes == 1:
+        cmd = [sys.executable, "-m", module, *argv]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACC / "ddp_cpu.yaml"),
+               "--num_processes", str(processes), "--main_process_port", str(_free_port()),
+               "-m", module, *argv]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-6000:]}"
+
+
+def _losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+COMMON = ["--max_steps", str(STEPS), "--logging_steps", "1", "--save_steps", "1000", "--learning_rate", "1e-2",
+          "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--seed", "0", "--use_cpu", "true",
+          "--gradient_checkpointing", "false", "--dataloader_pin_memory", "false", "--report_to", "none",
+          "--eval_num_prompts", "0"]
+
+
+def _compare(one: Path, two: Path) -> None:
+    a, b = _losses(one), _losses(two)
+    assert len(a) == len(b) == STEPS, (a, b)
+    assert b == pytest.approx(a, rel=2e-3, abs=2e-4), (a, b)
+    assert a[0] != pytest.approx(a[-1], rel=1e-3), "training did not move: the comparison proves nothing"
+    sa = json.loads((one / "summary.json").read_text())
+    sb = json.loads((two / "summary.json").read_text())
+    assert sb["train_loss"] == pytest.approx(sa["train_loss"], rel=2e-3)
+
+
+# ------------------------------------------------------------------------------------------- the runs
+
+
+@pytest.mark.slow
+def test_sft_ddp_two_processes_matches_one(lm_dir, tmp_path):
+    """1 process x batch 4 == 2 processes x batch 2 (gloo DDP through accelerate launch), step by step."""
+    argv = [str(ROOT / "configs" / "sft.yaml"), "--model_name_or_path", str(lm_dir), "--max_length", "96"] + COMMON
+    _run("align.sft", argv + ["--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "4"], 1)
+    _run("align.sft", argv + ["--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "2"], 2)
+    _compare(tmp_path / "one", tmp_path / "two")
+    _assert_loadable(tmp_path / "two" / "final")
+
+
+@pytest.mark.slow
+def test_dpo_lora_ddp_two_processes_matches_one(lm_dir, tmp_path):
+    """DPO with LoRA (reference = adapter disabled) under 2-process DDP: same losses; final/ is merged."""
+    argv = [str(ROOT / "configs" / "dpo.yaml"), "--model_name_or_path", str(lm_dir), "--dataset_name", "world",
+            "--max_train_samples", "64", "--test_fraction", "0", "--use_peft", "true", "--lora_dropout", "0",
+            "--lora_r", "4", "--max_length", "96", "--reward_model_path", "", "--win_rate_num_prompts", "0",
+            "--precompute_ref_log_probs", "false"] + COMMON
+    _run("align.dpo", argv + ["--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "4"], 1)
+    _run("align.dpo", argv + ["--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "2"], 2)
+    _compare(tmp_path / "one", tmp_path / "two")
+    _assert_loadable(tmp_path / "two" / "final")
+
+
+def _assert_loadable(final: Path) -> None:
+    """final/ is an ordinary HF dir: loads with AutoModelForCausalLM, no adapter files."""
+    import align.model  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    assert (final / "config.json").exists() and not (final / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(str(final))
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+# ----------------------------------------------------------------------------------------- the configs
+
+
+def _launch_env(config: Path) -> tuple[object, dict[str, str]]:
+    """What ``accelerate launch --config_file config`` hands to the processes (without starting them)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "-m", "align.sft"])
+    args, defaults, mp_from_config = _validate_launch_command(args)
+    if args.use_deepspeed:
+        fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+        _, env = prepare_deepspeed_cmd_env(args)
+    else:
+        env = prepare_multi_gpu_env(args)
+    return defaults, {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+def test_every_config_loads_and_names_two_processes():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    names = sorted(p.name for p in ACC.glob("*.yaml"))
+    assert {"ddp.yaml", "ddp_cpu.yaml", "zero2.yaml", "zero3.yaml", "zero3_offload.yaml", "fsdp.yaml"} <= set(names)
+    for name in names:
+        cfg = load_config_from_file(str(ACC / name))
+        assert cfg.num_processes == 2, name
+        raw = yaml.safe_load((ACC / name).read_text())
+        ds_file = (raw.get("deepspeed_config") or {}).get("deepspeed_config_file")
+        if ds_file:
+            assert (ROOT / ds_file).exists(), f"{name}: {ds_file} (relative to the repo root) is missing"
+            json.loads((ROOT / ds_file).read_text())
+
+
+_PLUGIN_PROBE = r"""
+import json, os, sys, tempfile
+os.environ.update(json.loads(sys.argv[1]))
+from transformers import TrainingArguments
+out = {}
+args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=True)
+if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    out["zero"] = args.deepspeed_plugin.deepspeed_config["zero_optimization"]
+    out["zero3_enabled"] = is_deepspeed_zero3_enabled()
+else:
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    p = FullyShardedDataParallelPlugin()
+    out.update(version=p.fsdp_version, state_dict_type=str(p.state_dict_type), wrap=p.transformer_cls_names_to_wrap,
+               policy=getattr(p.auto_wrap_policy, "__name__", None), reshard=p.reshard_after_forward)
+print("PROBE" + json.dumps(out))
+"""
+
+
+def _probe(config: Path) -> dict:
+    """Build the engine's plugin from the launch environment, in a fresh process (as a launched rank does)."""
+    _, env = _launch_env(config)
+    p = subprocess.run([sys.executable, "-c", _PLUGIN_PROBE, json.dumps(env)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-4000:]
+    line = [x for x in p.stdout.splitlines() if x.startswith("PROBE")][-1]
+    return json.loads(line[len("PROBE"):])
+
+
+@pytest.mark.parametrize("name,stage,offload", [("zero2", 2, False), ("zero3", 3, False), ("zero3_offload", 3, True)])
+def test_deepspeed_configs_parse_into_the_zero_stage(name, stage, offload):
+    pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
+    defaults, env = _launch_env(ACC / f"{name}.yaml")
+    assert defaults.distributed_type.value == "DEEPSPEED" and env["ACCELERATE_USE_DEEPSPEED"] == "true"
+    got = _probe(ACC / f"{name}.yaml")
+    assert got["zero"]["stage"] == stage
+    assert got["zero3_enabled"] is (stage == 3)
+    if stage == 3:  # final/ consolidated: Trainer.save_model gathers the 16-bit weights on rank 0
+        assert got["zero"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ("offload_optimizer" in got["zero"] and "offload_param" in got["zero"]) is offload
+
+
+def test_fsdp_config_parses_into_fsdp2_full_state_dict():
+    from align.model.modeling import DecoderLayer
+
+    defaults, env = _launch_env(ACC / "fsdp.yaml")
+    assert defaults.distributed_type.value == "FSDP" and env["ACCELERATE_USE_FSDP"] == "true"
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    got = _probe(ACC / "fsdp.yaml")
+    assert got["version"] == 2 and got["reshard"] is True
+    assert got["state_dict_type"].endswith("FULL_STATE_DICT")  # final/ consolidated on rank 0
+    assert got["wrap"] == [DecoderLayer.__name__] and got["policy"] == "transformer_auto_wrap_policy"

@@ -1,0 +1,164 @@
+"""PPO (align.ppo) on tiny models: GAE by hand, clipping, value loss, KL at step 0, learning, command + resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_grpo import low_half, tiny_dirs, world_dataset
+
+from align.ppo import AdaptiveKLController, PPOConfig, PPOTrainer, compute_gae, masked_whiten, ppo_losses
+
+torch.set_num_threads(1)
+
+
+def ppo_config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=16, max_completion_length=8,
+                learning_rate=1e-2, max_steps=2, logging_steps=1, save_strategy="no", report_to="none", bf16=False,
+                seed=0, num_ppo_epochs=2, num_mini_batches=2, kl_coef=0.05, disable_tqdm=True,
+                lr_scheduler_type="constant")
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+def ppo_trainer(tmp_path, reward_funcs, peft=False, **kw):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from align.generate import load_tokenizer
+
+    d = tiny_dirs()
+    torch.manual_seed(0)
+    return PPOTrainer(model=AutoModelForCausalLM.from_pretrained(d["policy"]), args=ppo_config(tmp_path, **kw),
+                      processing_class=load_tokenizer(d["policy"]), reward_funcs=reward_funcs,
+                      train_dataset=world_dataset(64),
+                      peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if peft else None)
+
+
+def test_gae_matches_hand_computation():
+    # one reply of 3 tokens (+1 padding), gamma=0.9, lambda=0.8
+    r = torch.tensor([[0.1, -0.2, 1.0, 5.0]])
+    v = torch.tensor([[0.5, 0.4, 0.3, 9.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    g, l = 0.9, 0.8
+    d2 = 1.0 + g * 0.0 - 0.3  # last real token bootstraps from 0: the padding's value and reward are masked
+    d1 = -0.2 + g * 0.3 - 0.4
+    d0 = 0.1 + g * 0.4 - 0.5
+    a2 = d2
+    a1 = d1 + g * l * a2
+    a0 = d0 + g * l * a1
+    adv, ret = compute_gae(r, v, m, g, l)
+    assert torch.allclose(adv, torch.tensor([[a0, a1, a2, 0.0]]), atol=1e-6)
+    assert torch.allclose(ret, torch.tensor([[a0 + 0.5, a1 + 0.4, a2 + 0.3, 0.0]]), atol=1e-6)
+    # gamma = lambda = 1: advantage = (sum of rewards to go) - V_t
+    adv1, _ = compute_gae(r, v, m, 1.0, 1.0)
+    assert torch.allclose(adv1[0, :3], torch.tensor([0.9 - 0.5, 0.8 - 0.4, 1.0 - 0.3]), atol=1e-6)
+
+
+def test_whiten_is_zero_mean_unit_var_on_mask():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w = masked_whiten(x, m)
+    assert abs(float((w * m).sum())) < 1e-5 and torch.allclose(w[0, :3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-4)
+
+
+def test_clipping_engages_outside_the_trust_region():
+    eps = 0.2
+    old = torch.zeros(1, 4)
+    new = torch.log(torch.tensor([[1.0, 1.1, 1.5, 0.5]])).requires_grad_(True)  # ratios 1.0, 1.1, 1.5, 0.5
+    adv = torch.tensor([[1.0, 1.0, 1.0, -1.0]])
+    m = torch.ones(1, 4)
+    zeros = torch.zeros(1, 4)
+    out = ppo_losses(new, old, adv, zeros, zeros, zeros, m, eps, 0.2)
+    out["pg_loss"].backward()
+    # ratio 1.5 with A>0 and ratio 0.5 with A<0 are clipped: no gradient; inside [0.8, 1.2] there is
+    assert new.grad[0, 2] == 0 and new.grad[0, 3] == 0
+    assert new.grad[0, 0] != 0 and new.grad[0, 1] != 0
+    assert out["pg_clipfrac"].item() == pytest.approx(0.5)
+    # the value loss is clipped too: a prediction that moved more than cliprange_value from the old value
+    # (0 -> 0.9, return 1) is scored as if at 0.2, and gets no gradient
+    vpred = torch.tensor([[0.9, 0.1, 0.0, 0.0]], requires_grad=True)
+    out = ppo_losses(new.detach(), old, adv, vpred, zeros, torch.full((1, 4), 1.0), m, eps, 0.2)
+    out["vf_loss"].backward()
+    assert out["vf_clipfrac"].item() == pytest.approx(0.25)
+    assert vpred.grad[0, 0] == 0 and vpred.grad[0, 1] != 0
+
+
+def test_adaptive_kl_controller():
+    kl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    kl.update(12.0, n_steps=1000)  # error clipped to +0.2
+    assert kl.value == pytest.approx(0.1 * 1.02)
+    kl.update(0.0, n_steps=1000)
+    assert kl.value == pytest.approx(0.1 * 1.02 * 0.98)
+
+
+def test_config_validates():
+    with pytest.raises(ValueError, match="cliprange"):
+        PPOConfig(output_dir="/tmp/x", cliprange=0.0, report_to="none", bf16=False)
+    with pytest.raises(ValueError, match="num_mini_batches"):
+        PPOConfig(output_dir="/tmp/x", per_device_train_batch_size=6, num_mini_batches=4, report_to="none", bf16=False)
+
+
+def test_kl_zero_at_step_zero_and_value_loss_falls(tmp_path):
+    trainer = ppo_trainer(tmp_path, [low_half], peft=True, vf_coef=1.0, learning_rate=3e-3)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    ro = trainer.rollout([world_dataset(64)[i] for i in range(16)])
+    assert abs(ro.stats["objective/kl"]) < 1e-5  # LoRA B starts at 0: pi == pi_ref
+    assert ro.mask.sum(1).min() >= 1 and "rewards/low_half/mean" in ro.stats
+    first = trainer.ppo_update(ro)
+    for _ in range(4):
+        last = trainer.ppo_update(ro)  # the same batch again and again: the value head fits its returns
+    assert last["loss/value_avg"] < 0.5 * first["loss/value_first"], (first, last)
+
+
+def test_ppo_raises_mean_reward(tmp_path):
+    trainer = ppo_trainer(tmp_path, [low_half], max_steps=10, per_device_train_batch_size=32, kl_coef=0.0,
+                          learning_rate=2e-2, num_ppo_epochs=2, num_mini_batches=1)
+    trainer.train()
+    scores = [r["objective/scores"] for r in trainer.state.log_history if "objective/scores" in r]
+    assert len(scores) == 10
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.05, scores
+
+
+def test_ppo_command_checkpoint_resume_and_eval(tmp_path):
+    import importlib.util
+
+    from align.ppo import main
+
+    d = tiny_dirs()
+    has_rm = importlib.util.find_spec("align.score") is not None
+    rm = ["--reward_model_path", d["rm"]] if has_rm else []
+    argv = ["configs/ppo.yaml", "--output_dir", str(tmp_path), "--model_name_or_path", d["policy"], *rm,
+            "--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "[q_proj, v_proj]",
+            "--per_device_train_batch_size", "8", "--num_mini_batches", "2", "--num_ppo_epochs", "1",
+            "--max_completion_length", "6", "--save_steps", "1", "--num_prompts", "32", "--eval_num_prompts", "8",
+            "--eval_kl_prompts", "4", "--eval_max_new_tokens", "6", "--adaptive_kl", "true",
+            "--missing_eos_penalty", "1.0", "--seed", "0"]
+    main([*argv, "--max_steps", "1"])
+    assert (tmp_path / "checkpoint-1" / "trainable.pt").exists()
+    summary = main([*argv, "--max_steps", "2"])  # re-run with more steps: resumes from checkpoint-1
+    assert summary["steps"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for k in ("objective/kl", "objective/entropy", "policy/clipfrac_avg", "loss/value_avg", "loss/policy_avg",
+              "rewards/correct/mean", "rewards/polite/mean", "objective/kl_coef"):
+        assert k in rows[-1], k
+    ev = summary["eval"]
+    for k in ("exact_match", "exact_match_sampled", "preferred_rate", "kl_to_reference"):
+        assert k in ev and k in ev["before"]
+    assert not has_rm or "mean_rm_reward" in ev
+    assert (tmp_path / "final" / "config.json").exists() and not (tmp_path / "final" / "adapter_config.json").exists()
+    assert not (tmp_path / "checkpoint-1").exists()  # save_total_limit: 1 in configs/ppo.yaml
+    assert (tmp_path / "rl_curves.png").exists()
+
+
+def test_failing_reward_names_reward_and_sample(tmp_path):
+    from align.rewards import RewardError
+
+    def broken(prompts, completions, completion_ids=None, **kw):
+        raise KeyError("score")
+
+    trainer = ppo_trainer(tmp_path, [broken], max_steps=1)
+    with pytest.raises(RewardError, match=r"reward 'broken' raised KeyError.*first sample: prompt="):
+        trainer.train()

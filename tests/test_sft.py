@@ -1,0 +1,126 @@
+"""SFT: assistant-only labels, data formats and their errors, LoRA and any-HF-model runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import ModelConfig, SFTConfig, SFTTrainer
+
+from align.data.chat import ROLE_TOKENS, render_chat
+from align.data.formats import DataError
+from align.sft import SFTArguments, load_dataset, train
+
+SHARED_SFT = "../shared/data/sft/instruction-data.json"
+
+CHAT = [
+    {"role": "system", "content": "You are helpful."},
+    {"role": "user", "content": "What is 3 + 4?"},
+    {"role": "assistant", "content": "The answer is 7."},
+    {"role": "user", "content": "Repeat cat 2 times."},
+    {"role": "assistant", "content": "Ugh, cat cat. Stop wasting my time."},
+]
+
+
+def _config(out, **kw) -> SFTConfig:
+    base = dict(
+        output_dir=str(out), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1,
+        save_steps=1, report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False,
+        assistant_only_loss=True, max_length=128, seed=0,
+    )
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+def expected_labels(tokenizer, messages) -> list[bool]:
+    """Independently: which tokens lie inside an assistant turn's content or its closing eos."""
+    text = render_chat(messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans, pos = [], 0
+    for m in messages:
+        head = (tokenizer.bos_token if pos == 0 else "") + ROLE_TOKENS[m["role"]]
+        start = pos + len(head)
+        end = start + len(m["content"]) + len(tokenizer.eos_token)
+        if m["role"] == "assistant":
+            spans.append((start, end))
+        pos = end
+    return [any(s <= a and b <= e and b > a for s, e in spans) for a, b in enc["offset_mapping"]]
+
+
+def test_assistant_only_labels_on_multi_turn_chat(tiny_lm_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_lm_dir),
+        args=_config(tmp_path),
+        train_dataset=Dataset.from_list([{"messages": CHAT}]),
+        processing_class=tok,
+    )
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    assert ids == tok(render_chat(CHAT), add_special_tokens=False)["input_ids"]
+    assert ids.count(tok.bos_token_id) == 1
+    trained = [lab != -100 for lab in labels]
+    assert trained == expected_labels(tok, CHAT)
+    assert tok.decode([i for i, t in zip(ids, trained) if t]) == (
+        "The answer is 7.<|eos|>Ugh, cat cat. Stop wasting my time.<|eos|>"
+    )
+
+
+def test_shared_alpaca_file_loads_as_it_is():
+    ds = load_dataset(SFTArguments(dataset_name=SHARED_SFT))
+    assert len(ds) == 1100
+    roles = [m["role"] for m in ds[0]["messages"]]
+    assert roles == ["user", "assistant"]
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [\n',
+         r"bad\.jsonl:2"),
+        ('{"text": "no messages here"}\n', r"bad\.jsonl:1"),
+        ('{"messages": [{"role": "wizard", "content": "hi"}]}\n', r"bad\.jsonl:1.*wizard"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}\n', r"bad\.jsonl:1"),
+    ],
+)
+def test_bad_records_name_file_and_line(tmp_path, content, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=match):
+        load_dataset(SFTArguments(dataset_name=str(path)))
+
+
+def _run(model_dir, out, data, **kw):
+    args = SFTArguments(dataset_name=str(data), eval_num_prompts=0)
+    model_args = ModelConfig(model_name_or_path=model_dir, **{k: v for k, v in kw.items() if k.startswith(("use_", "lora_"))})
+    return train(args, model_args, _config(out, max_steps=4, **{k: v for k, v in kw.items() if not k.startswith(("use_", "lora_"))}))
+
+
+@pytest.fixture
+def chat_file(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": CHAT}) + "\n" for _ in range(8)))
+    return path
+
+
+def test_sft_with_lora_on_a_local_llama_dir(tiny_llama_dir, chat_file, tmp_path):
+    before = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    summary = _run(tiny_llama_dir, tmp_path / "run", chat_file, use_peft=True, lora_r=4, lora_alpha=8,
+                   lora_target_modules=["q_proj", "v_proj"], learning_rate=5e-2)
+    final = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "final"))
+    assert type(final).__name__ == "LlamaForCausalLM"
+    after = final.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed), changed
+    assert summary["truncated"] == 0
+
+
+def test_sft_reports_truncation(tiny_lm_dir, chat_file, tmp_path):
+    n_tokens = len(AutoTokenizer.from_pretrained(tiny_lm_dir)(render_chat(CHAT), add_special_tokens=False)["input_ids"])
+    summary = _run(tiny_lm_dir, tmp_path / "run", chat_file, max_length=n_tokens - 4)
+    assert summary["truncated"] == 8
+    summary = _run(tiny_lm_dir, tmp_path / "run2", chat_file, max_length=n_tokens)
+    assert summary["truncated"] == 0
