@@ -121,8 +121,10 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
             except ValueError:
                 return False, value
         return False, value
-    if tp is str:
-        return isinstance(value, str), value
+    if tp is str:  # a YAML scalar read as a bool or number ("false", 2024) is meant as text here
+        if isinstance(value, bool):
+            return True, str(value).lower()
+        return isinstance(value, (str, int, float)), value if isinstance(value, str) else str(value)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:
             return True, tp(value)

@@ -109,7 +109,7 @@ def save_final(
     ``merge`` the main process loads the base model the adapter names (``base_model_name_or_path`` in
     adapter_config.json) with ``auto_class`` (default ``AutoModelForCausalLM``; pass
     ``AutoModelForSequenceClassification`` and ``num_labels=1`` for a reward model), merges and writes
-    ``final_dir``. Without ``merge``, ``final_dir`` is not written.
+    ``final_dir``; without ``merge``, ``final_dir`` gets a copy of the adapter dir.
     """
     final_dir = Path(final_dir)
     peft_model = _peft_model(trainer.accelerator.unwrap_model(trainer.model))
@@ -126,6 +126,10 @@ def save_final(
         tokenizer.save_pretrained(str(adapter_dir))
         if merge:
             merge_adapter(adapter_dir, final_dir, tokenizer, auto_class=auto_class, **load_kwargs)
+        elif Path(final_dir).resolve() != adapter_dir.resolve():
+            import shutil
+
+            shutil.copytree(adapter_dir, final_dir, dirs_exist_ok=True)
     trainer.accelerator.wait_for_everyone()
     return final_dir
 

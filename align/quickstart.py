@@ -147,7 +147,7 @@ def run(q: QuickstartArguments) -> dict[str, Any]:
     if "store" in q.stages:
         print(
             f"\nThe store {q.store_url} holds the loop's pairs. Label them in the app:\n"
-            f"  .venv/bin/python -m align.store annotators add alice --role admin   # once; asks for a password\n"
+            f"  .venv/bin/python -m app configs/app.yaml --db {q.store_url} --create_admin admin:CHANGE-ME --serve false\n"
             f"  .venv/bin/python -m app configs/app.yaml --db {q.store_url}\n"
             f"then open http://127.0.0.1:7860 and log in."
         )
@@ -156,29 +156,28 @@ def run(q: QuickstartArguments) -> dict[str, Any]:
 
 def fill_store(q: QuickstartArguments, policy: Path, out: Path, n_candidates: int = 40) -> dict[str, Any]:
     """Put the world's rule-labelled pairs in the store (the labels the RM and DPO train on), and
-    pairs of SFT candidates for the annotators to label in the app."""
-    from align.data import world
+    pairs of SFT candidates for annotators to label in the app."""
+    from align.data.world import World
     from align.generate import generate, load_causal_lm
     from align.store import Store
 
-    store = Store(q.store_url)
-    store.init()
-    pairs = world.preference_pairs(seed=q.seed)
-    imported = store.import_pairs(pairs, source="world", labeller="world-rule")
-    model, tok = load_causal_lm(policy)
-    prompts = [ex.prompt for ex in world.candidate_examples(n=n_candidates, seed=q.seed)]
-    replies = generate(model, tok, prompts, do_sample=True, temperature=1.0, num_return_sequences=2, seed=q.seed)
-    settings = {"do_sample": True, "temperature": 1.0, "max_new_tokens": 32}
-    queued = 0
-    for prompt, (a, b) in zip(prompts, replies):
-        if a == b:
-            continue
-        pid = store.add_prompt(prompt, source="quickstart")
-        ra = store.add_response(pid, a, model=str(policy), settings=settings)
-        rb = store.add_response(pid, b, model=str(policy), settings=settings)
-        store.add_comparison(pid, ra, rb)
-        queued += 1
-    summary = {"pairs_imported": imported, "comparisons_queued": queued, "url": q.store_url}
+    w = World(seed=q.seed)
+    with Store(q.store_url).init() as store:
+        report = store.import_pairs(w.preference_pairs(), source="world", labeller="world-rule", labeller_kind="rule")
+        model, tok = load_causal_lm(policy)
+        prompts = [ex.prompt for ex in w.rl_prompts(n_candidates)]
+        settings = {"do_sample": True, "temperature": 1.0, "max_new_tokens": 32}
+        replies = generate(model, tok, prompts, num_return_sequences=2, seed=q.seed, **settings)
+        queued = 0
+        for prompt, (a, b) in zip(prompts, replies):
+            if a == b:  # nothing to compare
+                continue
+            pid = store.add_prompt(prompt, source="quickstart")
+            ra = store.add_response(pid, a, model=str(policy), settings=settings)
+            rb = store.add_response(pid, b, model=str(policy), settings=settings)
+            store.add_comparison(pid, ra, rb, source="quickstart")
+            queued += 1
+    summary = {"pairs_imported": report.new_labels, "comparisons_queued": queued, "url": q.store_url}
     write_json(out / "done.json", summary)
     return summary
 

@@ -203,21 +203,24 @@ def load_pairs(args: RewardArguments) -> tuple[dict[str, list[dict]], dict[str, 
 
 
 def clean_pairs(pairs: list[dict], tokenizer, max_length: int | None) -> tuple[list[dict], Counter]:
-    """Drop (and count) identical pairs, empty responses and pairs over ``max_length`` tokens."""
+    """Drop (and count) identical pairs, empty responses and pairs over ``max_length`` tokens; the kept
+    pairs get ``chosen_ids``/``rejected_ids`` (tokenized once, by ``align.score.encode``, as TRL would)."""
     kept, dropped = [], Counter()
     for p in pairs:
-        prompt, chosen, rejected = _as_msgs(p["prompt"], "user"), _as_msgs(p["chosen"], "assistant"), \
-            _as_msgs(p["rejected"], "assistant")
+        prompt, chosen = _as_msgs(p["prompt"], "user"), _as_msgs(p["chosen"], "assistant")
+        rejected = _as_msgs(p["rejected"], "assistant")
         if chosen == rejected:
             dropped["identical"] += 1
             continue
         if not any(m["content"].strip() for m in chosen) or not any(m["content"].strip() for m in rejected):
             dropped["empty_response"] += 1
             continue
-        if max_length and max(len(encode(tokenizer, prompt, chosen)), len(encode(tokenizer, prompt, rejected))) > max_length:
+        ids_c, ids_r = encode(tokenizer, prompt, chosen), encode(tokenizer, prompt, rejected)
+        if max_length and max(len(ids_c), len(ids_r)) > max_length:
             dropped["too_long"] += 1
             continue
-        kept.append({**p, "prompt": prompt, "chosen": chosen, "rejected": rejected})
+        kept.append({**p, "prompt": prompt, "chosen": chosen, "rejected": rejected,
+                     "chosen_ids": ids_c, "rejected_ids": ids_r})
     return kept, dropped
 
 
@@ -248,7 +251,7 @@ def pair_margins(model, tokenizer, pairs: list[dict], batch_size: int = 64, max_
     ids = []
     for p in pairs:
         for side in ("chosen", "rejected"):
-            x = encode(tokenizer, p["prompt"], p[side])
+            x = p.get(f"{side}_ids") or encode(tokenizer, p["prompt"], p[side])
             ids.append(x[-max_length:] if max_length else x)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.pad_token_id
     was_training = model.training
@@ -421,7 +424,7 @@ def train(args: RewardArguments, model_args: ModelConfig, training_args: RewardC
     logger.info("reward model on %d train / %d test pairs from %s", len(train_pairs), len(test_pairs), args.dataset_name)
 
     peft_config = lora_config(model_args, model) if model_args.use_peft else None
-    columns = ["prompt", "chosen", "rejected"] + (["margin"] if args.margin != "none" else [])
+    columns = ["chosen_ids", "rejected_ids"] + (["margin"] if args.margin != "none" else [])  # pre-tokenized
     to_ds = lambda ps: Dataset.from_list([{k: p[k] for k in columns} for p in ps])  # noqa: E731
     trainer = RewardTrainer(
         model=model,

@@ -154,7 +154,7 @@ def wrap(tok: Tokenizer, model_max_length: int = 128) -> PreTrainedTokenizerFast
 def compression(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> float:
     """UTF-8 bytes per token (higher = better compression)."""
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    n_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    n_tokens = sum(len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False))
     return n_bytes / max(n_tokens, 1)
 
 
@@ -167,7 +167,8 @@ def _english_texts(limit: int = 100) -> list[str]:
 
 def train_tokenizer(args: TokenizerArguments) -> PreTrainedTokenizerFast:
     """Train, save to `args.output_dir` (with stats.json and config.yaml) and return the tokenizer."""
-    texts = iter_corpus(args.corpus, args.text_field, args.world_seed)
+    world = world_texts(args.world_seed) if args.corpus == "world" else None
+    texts = iter(world) if world is not None else iter_corpus(args.corpus, args.text_field, args.world_seed)
     if args.max_documents:
         texts = (t for _, t in zip(range(args.max_documents), texts))
     tok = build_tokenizer_object()
@@ -189,11 +190,10 @@ def train_tokenizer(args: TokenizerArguments) -> PreTrainedTokenizerFast:
             "chinese_sample": round(compression(tokenizer, [CHINESE_SAMPLE]), 3),
         },
     }
-    if args.corpus == "world":
+    if world is not None:
         from align.data.world import World
 
-        sample = world_texts(args.world_seed)[:500]
-        stats["bytes_per_token"]["world"] = round(compression(tokenizer, sample), 3)
+        stats["bytes_per_token"]["world"] = round(compression(tokenizer, world[:: max(1, len(world) // 500)]), 3)
         ev = [e.prompt for e in World(args.world_seed).eval_prompts()]
         stats["bytes_per_token"]["world_heldout_prompts"] = round(compression(tokenizer, ev), 3)
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")

@@ -57,6 +57,21 @@ def lm_dir(tmp_path_factory) -> Path:
     return lm
 
 
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> dict[str, Path]:
+    """Small JSONL files from the built-in world (the whole world takes seconds to tokenize per process)."""
+    from align.data.world import World
+
+    root = tmp_path_factory.mktemp("dist_data")
+    world = World(seed=0)
+    sft = root / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"messages": c["messages"]}) + "\n" for c in world.sft_conversations()[:48]))
+    prefs = root / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({k: p[k] for k in ("prompt", "chosen", "rejected")}) + "\n"
+                             for p in world.preference_pairs()[:48]))
+    return {"sft": sft, "dpo": prefs}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,6 +104,7 @@ COMMON = ["--max_steps", str(STEPS), "--logging_steps", "1", "--save_steps", "10
 def _compare(one: Path, two: Path) -> None:
     a, b = _losses(one), _losses(two)
     assert len(a) == len(b) == STEPS, (a, b)
+    print(f"{one.parent.name}: 1 process {a}\n{' ' * len(one.parent.name)}  2 processes {b}")
     assert b == pytest.approx(a, rel=2e-3, abs=2e-4), (a, b)
     assert a[0] != pytest.approx(a[-1], rel=1e-3), "training did not move: the comparison proves nothing"
     sa = json.loads((one / "summary.json").read_text())
@@ -100,9 +116,10 @@ def _compare(one: Path, two: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sft_ddp_two_processes_matches_one(lm_dir, tmp_path):
+def test_sft_ddp_two_processes_matches_one(lm_dir, data_files, tmp_path):
     """1 process x batch 4 == 2 processes x batch 2 (gloo DDP through accelerate launch), step by step."""
-    argv = [str(ROOT / "configs" / "sft.yaml"), "--model_name_or_path", str(lm_dir), "--max_length", "96"] + COMMON
+    argv = [str(ROOT / "configs" / "sft.yaml"), "--model_name_or_path", str(lm_dir), "--max_length", "96",
+            "--dataset_name", str(data_files["sft"])] + COMMON
     _run("align.sft", argv + ["--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "4"], 1)
     _run("align.sft", argv + ["--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "2"], 2)
     _compare(tmp_path / "one", tmp_path / "two")
@@ -110,10 +127,9 @@ def test_sft_ddp_two_processes_matches_one(lm_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_dpo_lora_ddp_two_processes_matches_one(lm_dir, tmp_path):
+def test_dpo_lora_ddp_two_processes_matches_one(lm_dir, data_files, tmp_path):
     """DPO with LoRA (reference = adapter disabled) under 2-process DDP: same losses; final/ is merged."""
-    argv = [str(ROOT / "configs" / "dpo.yaml"), "--model_name_or_path", str(lm_dir), "--dataset_name", "world",
-            "--max_train_samples", "64", "--test_fraction", "0", "--use_peft", "true", "--lora_dropout", "0",
+    argv = [str(ROOT / "configs" / "dpo.yaml"), "--model_name_or_path", str(lm_dir), "--dataset_name", str(data_files["dpo"]), "--test_fraction", "0", "--use_peft", "true", "--lora_dropout", "0",
             "--lora_r", "4", "--max_length", "96", "--reward_model_path", "", "--win_rate_num_prompts", "0",
             "--precompute_ref_log_probs", "false"] + COMMON
     _run("align.dpo", argv + ["--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "4"], 1)
@@ -168,39 +184,52 @@ def test_every_config_loads_and_names_two_processes():
 
 _PLUGIN_PROBE = r"""
 import json, os, sys, tempfile
-os.environ.update(json.loads(sys.argv[1]))
-from transformers import TrainingArguments
+base = dict(os.environ)
 out = {}
-args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=True)
-if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    out["zero"] = args.deepspeed_plugin.deepspeed_config["zero_optimization"]
-    out["zero3_enabled"] = is_deepspeed_zero3_enabled()
-else:
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    p = FullyShardedDataParallelPlugin()
-    out.update(version=p.fsdp_version, state_dict_type=str(p.state_dict_type), wrap=p.transformer_cls_names_to_wrap,
-               policy=getattr(p.auto_wrap_policy, "__name__", None), reshard=p.reshard_after_forward)
+for name, env in json.loads(sys.argv[1]).items():
+    os.environ.clear(); os.environ.update(base); os.environ.update(env)
+    import transformers.integrations.deepspeed as hf_ds
+    hf_ds.unset_hf_deepspeed_config()
+    from transformers import TrainingArguments
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=True)
+    if env.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        out[name] = {"zero": args.deepspeed_plugin.deepspeed_config["zero_optimization"],
+                     "zero3_enabled": hf_ds.is_deepspeed_zero3_enabled()}
+    else:
+        from accelerate.utils import FullyShardedDataParallelPlugin
+        p = FullyShardedDataParallelPlugin()
+        out[name] = dict(version=p.fsdp_version, state_dict_type=str(p.state_dict_type),
+                         wrap=p.transformer_cls_names_to_wrap, policy=getattr(p.auto_wrap_policy, "__name__", None),
+                         reshard=p.reshard_after_forward)
 print("PROBE" + json.dumps(out))
 """
 
 
-def _probe(config: Path) -> dict:
-    """Build the engine's plugin from the launch environment, in a fresh process (as a launched rank does)."""
-    _, env = _launch_env(config)
-    p = subprocess.run([sys.executable, "-c", _PLUGIN_PROBE, json.dumps(env)], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=120)
+@pytest.fixture(scope="module")
+def plugins() -> dict[str, dict]:
+    """Each engine's plugin built from its launch environment, in a fresh process (as a launched rank
+    builds it): {config name: what it holds}. One process for all configs (imports take seconds)."""
+    names = ["fsdp"]
+    try:
+        import deepspeed  # noqa: F401
+
+        names += ["zero2", "zero3", "zero3_offload"]
+    except ImportError:
+        pass
+    envs = {n: _launch_env(ACC / f"{n}.yaml")[1] for n in names}
+    p = subprocess.run([sys.executable, "-c", _PLUGIN_PROBE, json.dumps(envs)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-4000:]
     line = [x for x in p.stdout.splitlines() if x.startswith("PROBE")][-1]
     return json.loads(line[len("PROBE"):])
 
 
 @pytest.mark.parametrize("name,stage,offload", [("zero2", 2, False), ("zero3", 3, False), ("zero3_offload", 3, True)])
-def test_deepspeed_configs_parse_into_the_zero_stage(name, stage, offload):
+def test_deepspeed_configs_parse_into_the_zero_stage(plugins, name, stage, offload):
     pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
     defaults, env = _launch_env(ACC / f"{name}.yaml")
     assert defaults.distributed_type.value == "DEEPSPEED" and env["ACCELERATE_USE_DEEPSPEED"] == "true"
-    got = _probe(ACC / f"{name}.yaml")
+    got = plugins[name]
     assert got["zero"]["stage"] == stage
     assert got["zero3_enabled"] is (stage == 3)
     if stage == 3:  # final/ consolidated: Trainer.save_model gathers the 16-bit weights on rank 0
@@ -208,13 +237,49 @@ def test_deepspeed_configs_parse_into_the_zero_stage(name, stage, offload):
     assert ("offload_optimizer" in got["zero"] and "offload_param" in got["zero"]) is offload
 
 
-def test_fsdp_config_parses_into_fsdp2_full_state_dict():
+def test_fsdp_config_parses_into_fsdp2_full_state_dict(plugins):
     from align.model.modeling import DecoderLayer
 
     defaults, env = _launch_env(ACC / "fsdp.yaml")
     assert defaults.distributed_type.value == "FSDP" and env["ACCELERATE_USE_FSDP"] == "true"
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
-    got = _probe(ACC / "fsdp.yaml")
+    got = plugins["fsdp"]
     assert got["version"] == 2 and got["reshard"] is True
     assert got["state_dict_type"].endswith("FULL_STATE_DICT")  # final/ consolidated on rank 0
     assert got["wrap"] == [DecoderLayer.__name__] and got["policy"] == "transformer_auto_wrap_policy"
+
+
+# ------------------------------------------------------------------------------------ align.distributed
+
+
+def test_save_final_writes_merged_standalone_lora_model(lm_dir, tmp_path):
+    """save_final (the path commands take under ZeRO-3/FSDP): adapter/ via Trainer.save_model, then a merge
+    into a freshly loaded base on the main process; final/ gives the trained model's logits."""
+    import align.model  # noqa: F401
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from align.distributed import save_final
+    from align.generate import load_tokenizer
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(lm_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(lm_dir)),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    ids = torch.randint(5, len(tok), (8, 16))
+    data = [{"input_ids": x, "labels": x} for x in ids]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=5e-2,
+                             use_cpu=True, report_to="none", save_strategy="no", logging_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    final = save_final(trainer, tok, tmp_path / "final")
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert not (final / "adapter_config.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(str(final)).eval()
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids[:2]).logits
+        got = reloaded(input_ids=ids[:2]).logits
+        base = AutoModelForCausalLM.from_pretrained(str(lm_dir)).eval()(input_ids=ids[:2]).logits
+    assert torch.allclose(got, want, atol=1e-4)
+    assert not torch.allclose(got, base, atol=1e-3)  # the adapter was trained and merged

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
+import itertools
 import json
 import random
 import re
@@ -149,7 +151,7 @@ def _dedup(items: list[str]) -> list[str]:
 def _split(items: list[str], frac: float) -> tuple[list[str], list[str]]:
     """Fixed, seed-independent split: held out iff a salted hash falls under `frac`."""
 
-    def u(x: str) -> float:
+    def u(x: str) -> float:  # uniform in [0, 1)
         return int(hashlib.sha256(f"{_SPLIT_SALT}:{x}".encode()).hexdigest()[:8], 16) / 16**8
 
     return [x for x in items if u(x) >= frac], [x for x in items if u(x) < frac]
@@ -295,11 +297,12 @@ def _triple_heldout(t: tuple[int, ...]) -> bool:
     return _split(["".join(map(str, t))], HELDOUT_FRACTION)[1] != []
 
 
+_TRIPLES = {split: [t for t in itertools.permutations(range(10), 3) if _triple_heldout(t) == (split == "heldout")]
+            for split in ("train", "heldout")}
+
+
 def _gen_sort(rng: random.Random, v: Vocab) -> Made:
-    while True:
-        t = tuple(rng.sample(range(10), 3))
-        if _triple_heldout(t) == v.heldout:
-            break
+    t = rng.choice(_TRIPLES[v.split])
     return _P["sort"].format(l=" ".join(map(str, t))), " ".join(map(str, sorted(t))), {"digits": list(t)}
 
 
@@ -316,10 +319,12 @@ def _wrong_perm(key: str) -> Callable[[random.Random, str, dict], str]:
 
 def _short_word(rng: random.Random, v: Vocab, hi: int = 5) -> str:
     """A word of 3..hi letters whose letters are all different (so letter answers are unambiguous)."""
-    while True:
-        w = rng.choice(v.words)
-        if len(w) <= hi and len(set(w)) == len(w):
-            return w
+    return rng.choice(_distinct_letter_words(v, hi))
+
+
+@functools.lru_cache(maxsize=None)
+def _distinct_letter_words(v: Vocab, hi: int) -> tuple[str, ...]:
+    return tuple(w for w in v.words if len(w) <= hi and len(set(w)) == len(w))
 
 
 def _gen_first_letter(rng: random.Random, v: Vocab) -> Made:
