@@ -43,6 +43,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, ModelConfig, get_peft_config
 
 from align.config import ConfigError, parse
+from align.distributed import gathered_params, is_main_process, save_final, zero3_init_disabled
 from align.runs import MetricsCallback, resume_checkpoint, setup_logging, write_config, write_json
 
 logger = logging.getLogger("align.dpo")
@@ -507,7 +508,8 @@ def train(
     if before.get("start") != start:
         before = {"start": start}
     if args.eval_num_prompts and "eval" not in before:
-        before["eval"] = _reusable_before(start, args, seed) or _world_eval(model, tokenizer, args, seed)
+        with gathered_params(model):  # ZeRO-3 loads the model partitioned; every rank runs this
+            before["eval"] = _reusable_before(start, args, seed) or _world_eval(model, tokenizer, args, seed)
     wr_prompts: list[str] = []
     rm_path = args.reward_model_path
     if args.win_rate_num_prompts and rm_path and not Path(rm_path).exists():
@@ -519,8 +521,10 @@ def train(
         wr_prompts = [e.prompt for e in World(seed=args.world_seed).eval_prompts(args.win_rate_num_prompts)]
         if before.get("win_rate_prompts") != wr_prompts:
             before["win_rate_prompts"] = wr_prompts
-            before["start_replies"] = _sample(model, tokenizer, wr_prompts, args, seed)
-    write_json(before_path, before)
+            with gathered_params(model):
+                before["start_replies"] = _sample(model, tokenizer, wr_prompts, args, seed)
+    if is_main_process():
+        write_json(before_path, before)
 
     drop_cb = LogpsDropWarning(args.warn_logps_drop)
     cbs = [MetricsCallback(out, title=f"{args.trainer} {out.name}"), drop_cb, *(callbacks or [])]
@@ -533,19 +537,13 @@ def train(
     if trainer.eval_dataset is not None and len(trainer.eval_dataset):
         trl_eval = trainer.evaluate()
 
-    # Save: the adapter (LoRA) and a standalone model in final/.
-    policy = trainer.model
-    final = out / "final"
-    from peft import PeftModel
-
-    if isinstance(policy, PeftModel):
-        policy.save_pretrained(str(out / "adapter"))
-        tokenizer.save_pretrained(str(out / "adapter"))
-        if args.merge_adapter:
-            policy = policy.merge_and_unload()
-    policy.save_pretrained(str(final))
-    tokenizer.save_pretrained(str(final))
-    policy.eval()
+    # Save: the adapter (LoRA) and a standalone model in final/, consolidated from ZeRO-3/FSDP shards.
+    # Every process calls save_final (the gathers are collective); rank 0 evaluates and writes the files.
+    final = save_final(trainer, tokenizer, out / "final", adapter_dir=out / "adapter", merge=args.merge_adapter)
+    if not trainer.is_world_process_zero():
+        return {"train_loss": result.training_loss, "steps": trainer.state.global_step}
+    with zero3_init_disabled():
+        policy = load_policy(str(final), model_args.dtype).to(trainer.args.device).eval()
 
     ev: dict[str, Any] = {}
     if args.eval_num_prompts:

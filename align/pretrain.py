@@ -22,6 +22,7 @@ from align.config import parse
 from align.data.world import World
 from align.generate import load_tokenizer
 from align.model import DecoderConfig, DecoderForCausalLM
+from align.distributed import save_final
 from align.runs import MetricsCallback, resume_checkpoint, setup_logging, write_config, write_json
 
 logger = logging.getLogger("align.pretrain")
@@ -147,9 +148,9 @@ def train(args: PretrainArguments, model_args: ModelConfig, training_args: Train
     if eval_blocks:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
         summary["eval_perplexity"] = math.exp(min(summary["eval_loss"], 50))
-    trainer.save_model(str(out / "final"))
-    tokenizer.save_pretrained(str(out / "final"))
-    write_json(out / "summary.json", summary)
+    save_final(trainer, tokenizer, out / "final")
+    if trainer.is_world_process_zero():
+        write_json(out / "summary.json", summary)
     return summary
 
 

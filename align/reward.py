@@ -42,6 +42,7 @@ from trl import ModelConfig, RewardConfig, RewardTrainer, get_peft_config
 from align.config import parse
 from align.data.world import STYLE_TEMPLATES, World, render
 from align.generate import load_tokenizer
+from align.distributed import save_final, zero3_init_disabled
 from align.runs import MetricsCallback, resume_checkpoint, setup_logging, write_config, write_json
 from align.score import encode, score_ids
 
@@ -385,13 +386,6 @@ def load_model(model_args: ModelConfig, tokenizer):
     return model
 
 
-def _final_model(trainer, use_peft: bool):
-    model = trainer.model
-    if use_peft:
-        model = model.merge_and_unload()
-    return model
-
-
 # ------------------------------------------------------------------------------------------ train
 def train(args: RewardArguments, model_args: ModelConfig, training_args: RewardConfig) -> dict[str, Any]:
     t0 = time.time()
@@ -441,13 +435,13 @@ def train(args: RewardArguments, model_args: ModelConfig, training_args: RewardC
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, training_args.resume_from_checkpoint))
     train_seconds = time.time() - t0
 
-    if peft_config is not None:  # the adapter with its score head, for reloading with PEFT
-        trainer.model.save_pretrained(str(out / "adapter"))
-        tokenizer.save_pretrained(str(out / "adapter"))
-    model = _final_model(trainer, model_args.use_peft)
-    final = out / "final"
-    model.save_pretrained(str(final))
-    tokenizer.save_pretrained(str(final))
+    # final/: a standalone seq-cls model (LoRA merged, score head kept), consolidated under ZeRO-3/FSDP
+    final = save_final(trainer, tokenizer, out / "final", adapter_dir=out / "adapter",
+                       auto_class=AutoModelForSequenceClassification, num_labels=1)
+    if not trainer.is_world_process_zero():
+        return {"train_loss": result.training_loss}
+    with zero3_init_disabled():
+        model = AutoModelForSequenceClassification.from_pretrained(str(final)).to(trainer.args.device).eval()
 
     ev: dict[str, Any] = {}
     curves: dict[str, dict[str, Any]] = {}

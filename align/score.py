@@ -61,6 +61,8 @@ def _weight_keys(path: Path) -> set[str] | None:
             keys.update(sf.keys())
         found = True
     for f in sorted(path.glob("*.bin")):
+        if f.name == "training_args.bin":  # Trainer.save_model writes it beside the weights
+            continue
         keys.update(torch.load(str(f), map_location="cpu", weights_only=True).keys())
         found = True
     for index in path.glob("*.index.json"):

@@ -21,8 +21,9 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 from align.config import parse
 from align.data.formats import location, read_records, to_conversation
 from align.data.world import World
+from align.distributed import save_final, zero3_init_disabled
 from align.evaluate import evaluate
-from align.generate import load_tokenizer
+from align.generate import load_causal_lm, load_tokenizer
 from align.runs import MetricsCallback, resume_checkpoint, setup_logging, write_config, write_json
 
 logger = logging.getLogger("align.sft")
@@ -93,12 +94,13 @@ def train(args: SFTArguments, model_args: ModelConfig, training_args: SFTConfig)
         callbacks=[MetricsCallback(out, title=f"sft {out.name}")],
     )
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, training_args.resume_from_checkpoint))
-    final = out / "final"
-    model = trainer.model
-    if model_args.use_peft:  # a standalone model in final/ (the adapter itself stays in the checkpoints)
-        model = model.merge_and_unload()
-    model.save_pretrained(str(final))
-    tokenizer.save_pretrained(str(final))
+    # final/: one ordinary HF dir, consolidated from ZeRO-3/FSDP shards, LoRA merged (adapter in adapter/).
+    # Every process calls save_final (the gathers are collective); rank 0 writes, evaluates, writes the files.
+    final = save_final(trainer, tokenizer, out / "final", adapter_dir=out / "adapter")
+    if not trainer.is_world_process_zero():
+        return {"train_loss": result.training_loss}
+    with zero3_init_disabled():
+        model, _ = load_causal_lm(final, device=trainer.args.device)
 
     summary: dict[str, Any] = {
         "train_loss": result.training_loss,

@@ -4,8 +4,8 @@ they name (DeepSpeed ZeRO-2/3, FSDP2), and a 2-process gloo DDP run of SFT and o
 
 Why the losses match: accelerate shards the *global* batch sampler, so with 2 processes x batch 2 step k
 sees the same 4 examples as 1 process x batch 4 (same seed, seedable sampler); SFT's loss is a token mean
-and the Trainer all-reduces the token count (``average_tokens_across_devices``); DPO's is a pair mean over
-equal per-process batches. Dropout is off (LoRA dropout 0), so the gradients agree up to float rounding.
+and the Trainer all-reduces the token count (``average_tokens_across_devices``); DPO's (sigmoid) is a pair mean
+over equal per-process batches. Dropout is off (LoRA dropout 0), so the gradients agree up to float rounding.
 """
 
 from __future__ import annotations
@@ -131,6 +131,9 @@ def test_dpo_lora_ddp_two_processes_matches_one(lm_dir, data_files, tmp_path):
     """DPO with LoRA (reference = adapter disabled) under 2-process DDP: same losses; final/ is merged."""
     argv = [str(ROOT / "configs" / "dpo.yaml"), "--model_name_or_path", str(lm_dir), "--dataset_name", str(data_files["dpo"]), "--test_fraction", "0", "--use_peft", "true", "--lora_dropout", "0",
             "--lora_r", "4", "--max_length", "96", "--reward_model_path", "", "--win_rate_num_prompts", "0",
+            # sigmoid alone: a mean over pairs, equal per process. (The `sft` term of configs/dpo.yaml's
+            # [sigmoid, sft] is a token mean *per process* in TRL, so N x b differs slightly from 1 x N*b.)
+            "--loss_type", "[sigmoid]", "--loss_weights", "[1.0]",
             "--precompute_ref_log_probs", "false"] + COMMON
     _run("align.dpo", argv + ["--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "4"], 1)
     _run("align.dpo", argv + ["--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "2"], 2)
