@@ -110,7 +110,12 @@ class DPOArguments:
         metadata={"help": "Reward model judging win_rate_vs_sft (empty / missing dir: skipped)."},
     )
     win_rate_num_prompts: int = field(
-        default=200, metadata={"help": "Held-out world prompts for win_rate_vs_sft (0 skips it)."}
+        default=200, metadata={"help": "Prompts for win_rate_vs_sft (0 skips it)."}
+    )
+    win_rate_prompts: str = field(
+        default="world",
+        metadata={"help": "Where the win-rate prompts come from: 'world' (held-out built-in prompts) or 'test' "
+                          "(the prompts of the data's test split, e.g. for a real preference file)."},
     )
     world_seed: int = field(default=0, metadata={"help": "Seed of the built-in world (data and held-out prompts)."})
     eval_num_prompts: int = field(
@@ -135,6 +140,8 @@ class DPOArguments:
         for name in ("store_min_labels", "max_train_samples", "win_rate_num_prompts", "eval_num_prompts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.win_rate_prompts not in ("world", "test"):
+            raise ValueError(f"win_rate_prompts must be 'world' or 'test', got {self.win_rate_prompts!r}")
         if self.store_min_labels < 1:
             raise ValueError(f"store_min_labels must be >= 1, got {self.store_min_labels}")
 
@@ -459,7 +466,26 @@ def _reusable_before(model_path: str, args: DPOArguments, seed: int) -> dict[str
     return ev | {"source": str(path)}
 
 
-def _sample(model, tokenizer, prompts: list[str], args: DPOArguments, seed: int) -> list[str]:
+def win_rate_prompts(args: DPOArguments, splits: dict[str, list[dict]]) -> list[Any]:
+    """Held-out world prompts (strings), or the distinct prompts of the test split (a string when the
+    prompt is one user message, else the message list)."""
+    if args.win_rate_prompts == "world":
+        from align.data.world import World
+
+        return [e.prompt for e in World(seed=args.world_seed).eval_prompts(args.win_rate_num_prompts)]
+    out, seen = [], set()
+    for r in splits["test"]:
+        key = json.dumps(r["prompt"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            p = r["prompt"]
+            out.append(p[0]["content"] if len(p) == 1 and p[0]["role"] == "user" else p)
+    if not out:
+        logger.warning("win_rate_prompts: test needs a test split (test_fraction > 0): win rate skipped")
+    return out[: args.win_rate_num_prompts]
+
+
+def _sample(model, tokenizer, prompts: list[Any], args: DPOArguments, seed: int) -> list[str]:
     from align.generate import generate
 
     was = model.training
@@ -510,15 +536,13 @@ def train(
     if args.eval_num_prompts and "eval" not in before:
         with gathered_params(model):  # ZeRO-3 loads the model partitioned; every rank runs this
             before["eval"] = _reusable_before(start, args, seed) or _world_eval(model, tokenizer, args, seed)
-    wr_prompts: list[str] = []
+    wr_prompts: list[Any] = []
     rm_path = args.reward_model_path
     if args.win_rate_num_prompts and rm_path and not Path(rm_path).exists():
         logger.warning("reward_model_path %s does not exist: win_rate_vs_sft skipped", rm_path)
         rm_path = None
     if args.win_rate_num_prompts and rm_path:
-        from align.data.world import World
-
-        wr_prompts = [e.prompt for e in World(seed=args.world_seed).eval_prompts(args.win_rate_num_prompts)]
+        wr_prompts = win_rate_prompts(args, splits)
         if before.get("win_rate_prompts") != wr_prompts:
             before["win_rate_prompts"] = wr_prompts
             with gathered_params(model):

@@ -264,12 +264,6 @@ def train(args: GRPOArguments, model_args: ModelConfig, training_args: GRPOConfi
     tokenizer = load_tokenizer(args.tokenizer_name_or_path or model_args.model_name_or_path)
     torch.manual_seed(training_args.seed)
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=model_args.dtype)
-    text_config = model.config.get_text_config()
-    if (training_args.router_aux_loss_coef is None and hasattr(text_config, "output_router_logits")
-            and getattr(text_config, "num_experts", None) == 0):
-        # A dense align decoder whose config.json got `output_router_logits` (SFTTrainer writes it): TRL would
-        # then ask the model for router logits it does not have. No router, no auxiliary loss.
-        training_args.router_aux_loss_coef = 0.0
     write_config(out, args, model_args, training_args)
 
     reward_funcs = R.build_reward_funcs(args.reward_funcs, args.reward_model_path, length_target=args.length_target)

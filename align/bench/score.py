@@ -55,13 +55,14 @@ def build_default(size: str, device: str) -> RewardScorer:
 def pairs(n: int) -> tuple[list, list]:
     from align.reward import world_heldout_pairs
 
-    ps = world_heldout_pairs(0, (n + 3) // 4)
+    ps = world_heldout_pairs(0, min((n + 3) // 4, 300))  # the world has ~300 distinct held-out prompts
     prompts, responses = [], []
     for p in ps:
         for side in ("chosen", "rejected"):
             prompts.append(p["prompt"])
             responses.append(p[side][0]["content"])
-    return prompts[:n], responses[:n]
+    reps = -(-n // len(prompts))  # repeat them for larger n: the speed does not depend on the text
+    return (prompts * reps)[:n], (responses * reps)[:n]
 
 
 def sync(device: torch.device) -> None:

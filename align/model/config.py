@@ -55,7 +55,7 @@ class DecoderConfig(PretrainedConfig):
     expert_capacity_factor: float | None = 1.25  # training capacity (Switch); None = no dropping
     eval_capacity_factor: float | None = None  # capacity in eval/generation; None = no dropping
     router_noise: float = 0.0  # std of Gaussian noise on router logits in training (noisy top-k)
-    router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss added to the LM loss
+    router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss added to the LM loss (0 if dense)
     # --- special tokens ---------------------------------------------------------------------------
     pad_token_id: int | None = None  # needed for batched sequence classification pooling
     bos_token_id: int | None = 1  # LLaMA convention
@@ -101,6 +101,11 @@ class DecoderConfig(PretrainedConfig):
                 raise ValueError(f"router_noise must be >= 0, got {self.router_noise}")
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
+        if not self.num_experts:
+            # A dense model has no load-balancing loss. TRL decides "this is an MoE model" from a non-zero
+            # router_aux_loss_coef next to the `output_router_logits` that its SFTTrainer writes into the
+            # config, and would then ask a dense model for router logits.
+            self.router_aux_loss_coef = 0.0
 
         # RoPE: legacy rope_theta= / rope_scaling= kwargs are folded into rope_parameters by the base
         # class (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict) -- same code path as Llama.
