@@ -119,7 +119,7 @@ class DPOArguments:
     )
     world_seed: int = field(default=0, metadata={"help": "Seed of the built-in world (data and held-out prompts)."})
     eval_num_prompts: int = field(
-        default=300, metadata={"help": "Held-out world prompts for exact match / preferred rate (0 skips it)."}
+        default=200, metadata={"help": "Held-out world prompts for exact match / preferred rate (0 skips it)."}
     )
     eval_max_new_tokens: int = field(default=32, metadata={"help": "Generation length in the evaluations."})
     warn_logps_drop: float = field(
@@ -318,39 +318,9 @@ def load_policy(path: str, dtype: str | None = None) -> PreTrainedModel:
 
 
 def _scorer(path: str):
-    """The project's RewardScorer (align.score); a minimal stand-in while that module is missing."""
-    try:
-        from align.score import RewardScorer
-    except ImportError:
-        logger.warning("align.score is not available: scoring with a minimal sequence-classification scorer")
-        return _MinimalScorer(path)
+    from align.score import RewardScorer
+
     return RewardScorer(path)
-
-
-class _MinimalScorer:
-    def __init__(self, path: str):
-        import align.model  # noqa: F401
-        from transformers import AutoModelForSequenceClassification
-
-        from align.generate import load_tokenizer
-
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-        self.tokenizer = load_tokenizer(path)
-
-    @torch.inference_mode()
-    def score(self, prompts: Sequence[Any], responses: Sequence[str], batch_size: int = 64) -> list[float]:
-        from align.generate import as_messages
-
-        texts = [
-            self.tokenizer.apply_chat_template(as_messages(p) + [{"role": "assistant", "content": r}], tokenize=False)
-            for p, r in zip(prompts, responses, strict=True)
-        ]
-        out: list[float] = []
-        self.tokenizer.padding_side = "right"
-        for i in range(0, len(texts), batch_size):
-            enc = self.tokenizer(texts[i : i + batch_size], add_special_tokens=False, padding=True, return_tensors="pt")
-            out += self.model(**enc).logits[:, 0].float().tolist()
-        return out
 
 
 def win_rate(rewards_new: Sequence[float], rewards_old: Sequence[float]) -> float:

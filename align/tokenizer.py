@@ -212,10 +212,13 @@ def _write_config(out: Path, args: TokenizerArguments) -> None:
         write_config(out, args)
 
 
+CONFIG_TYPES = (TokenizerArguments,)
+
+
 def main(argv: list[str] | None = None) -> PreTrainedTokenizerFast:
     from align.config import parse
 
-    (args,) = parse([TokenizerArguments], argv)
+    (args,) = parse(CONFIG_TYPES, argv)
     tokenizer = train_tokenizer(args)
     stats = json.loads((Path(args.output_dir) / "stats.json").read_text())
     print(f"saved tokenizer ({stats['vocab_size']} tokens) to {args.output_dir}")

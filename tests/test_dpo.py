@@ -417,3 +417,13 @@ def test_resume_after_kill(tmp_path, policy_dir, rm_dir, pairs_file, caplog):
     assert summary["steps"] == 4
     steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps == [1, 2, 3, 4]  # the killed run logged 1, 2 (step 3 died before its log); the resumed 3, 4
+
+
+def test_win_rate_prompts_from_test_split(pairs):
+    splits = dpo.split_rows(pairs, 0.3)
+    args = dpo.DPOArguments(win_rate_prompts="test", win_rate_num_prompts=5)
+    prompts = dpo.win_rate_prompts(args, splits)
+    assert 0 < len(prompts) <= 5
+    assert all(isinstance(p, str) or p[0]["role"] == "system" for p in prompts)
+    world_prompts = dpo.win_rate_prompts(dpo.DPOArguments(win_rate_num_prompts=3), splits)
+    assert world_prompts == [e.prompt for e in World(seed=0).eval_prompts(3)]
