@@ -310,9 +310,9 @@ def load_policy(path: str, dtype: str | None = None) -> PreTrainedModel:
         from peft import AutoPeftModelForCausalLM
 
         return AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype).merge_and_unload()
-    if not Path(path).exists() and "/" not in path:
+    if not Path(path).exists() and (path.count("/") != 1 or path.startswith((".", "/", "~"))):  # not a hub id
         raise FileNotFoundError(
-            f"model_name_or_path: '{path}' not found: give an SFT run's final/ dir, an HF model dir or a hub id"
+            f"model '{path}' not found: give an SFT run's final/ dir (python -m align.sft), an HF model dir or a hub id"
         )
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
 

@@ -37,6 +37,7 @@ from align.config import parse
 from align.data import world
 from align.evaluate import compare_plot, evaluate
 from align.generate import as_messages, load_tokenizer
+from align.distributed import save_final, zero3_init_disabled
 from align.runs import MetricsCallback, plot_metrics, resume_checkpoint, setup_logging, write_config, write_json
 
 logger = logging.getLogger("align.grpo")
@@ -229,13 +230,18 @@ def eval_reward_funcs(names: Sequence[str], reward_model_path: str | None, lengt
     return R.build_reward_funcs(names, reward_model_path, length_target=length_target)
 
 
-def finish_run(out: Path, before: dict | None, after: dict | None, title: str) -> None:
-    """eval.json (after + before), before/after bars and the reward/KL/entropy curves."""
+def finish_run(name: str, out: Path, before: dict | None, after: dict | None, summary: dict[str, Any]) -> dict[str, Any]:
+    """eval.json (after + before), before/after bars, the reward/KL/entropy curves, summary.json."""
+    title = f"{name} {out.name}"
     if after is not None:
         write_json(out / "eval.json", {**after, "before": before})
         if before is not None:
             compare_plot({"before": before, "after": after}, out / "eval.png", title=title)
+        log_eval(name, before, after)
+        summary["eval"] = {**after, "before": before}
     plot_metrics(out / "metrics.jsonl", out / "rl_curves.png", keys=CURVES, title=f"{title}: reward, KL, entropy")
+    write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "eval"})
+    return summary
 
 
 def log_eval(name: str, before: dict | None, after: dict) -> None:
@@ -296,30 +302,23 @@ def train(args: GRPOArguments, model_args: ModelConfig, training_args: GRPOConfi
     result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.time() - t_train
 
-    policy = trainer.model
+    final = save_final(trainer, tokenizer, out / "final", adapter_dir=out / "adapter")  # merged if LoRA
+    if not trainer.is_world_process_zero():
+        return {"train_loss": result.training_loss}
     after = None
     if examples:
+        with zero3_init_disabled():
+            policy = AutoModelForCausalLM.from_pretrained(str(final)).to(trainer.args.device)
         after = rl_evaluate(policy, tokenizer, examples, eval_funcs, ref_path, kl_prompts=args.eval_kl_prompts,
                             max_new_tokens=args.eval_max_new_tokens, seed=training_args.seed)
-    if hasattr(policy, "merge_and_unload"):  # a standalone model in final/ (the adapter stays in the checkpoints)
-        policy = policy.merge_and_unload()
-    policy.save_pretrained(str(out / "final"))
-    tokenizer.save_pretrained(str(out / "final"))
-
-    finish_run(out, before, after, f"grpo {out.name}")
-    summary: dict[str, Any] = {
+    return finish_run("grpo", out, before, after, {
         "train_loss": result.training_loss,
         "steps": trainer.state.global_step,
         "prompts": len(dataset),
         "train_seconds": round(train_seconds, 1),
         "wall_seconds": round(time.time() - t0, 1),
-        "final": str(out / "final"),
-    }
-    if after is not None:
-        summary["eval"] = {**after, "before": before}
-        log_eval("grpo", before, after)
-    write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "eval"})
-    return summary
+        "final": str(final),
+    })
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -76,7 +76,6 @@ from align.grpo import (
     eval_reward_funcs,
     finish_run,
     heldout_examples,
-    log_eval,
     prompt_dataset,
     response_mask,
     rl_evaluate,
@@ -632,21 +631,14 @@ def train(args: PPOArguments, model_args: ModelConfig, training_args: PPOConfig)
         policy = policy.merge_and_unload()
     policy.save_pretrained(str(out / "final"))
     tokenizer.save_pretrained(str(out / "final"))
-
-    finish_run(out, before, after, f"ppo {out.name}")
-    summary: dict[str, Any] = {
+    return finish_run("ppo", out, before, after, {
         "train_loss": result.training_loss,
         "steps": trainer.state.global_step,
         "prompts": len(dataset),
         "train_seconds": round(train_seconds, 1),
         "wall_seconds": round(time.time() - t0, 1),
         "final": str(out / "final"),
-    }
-    if after is not None:
-        summary["eval"] = {**after, "before": before}
-        log_eval("ppo", before, after)
-    write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "eval"})
-    return summary
+    })
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -427,3 +427,8 @@ def test_win_rate_prompts_from_test_split(pairs):
     assert all(isinstance(p, str) or p[0]["role"] == "system" for p in prompts)
     world_prompts = dpo.win_rate_prompts(dpo.DPOArguments(win_rate_num_prompts=3), splits)
     assert world_prompts == [e.prompt for e in World(seed=0).eval_prompts(3)]
+
+
+def test_missing_model_dir_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="runs/nope/sft/final"):
+        dpo.load_policy("runs/nope/sft/final")
