@@ -57,6 +57,9 @@ def test_scalars_for_text_fields_are_text(tmp_path):
     (_, _, train_args) = parse([Args, ModelConfig, SFTConfig], [write(tmp_path, "output_dir: 2024\n"),
                                                                  "--resume_from_checkpoint", "false"])
     assert train_args.output_dir == "2024" and train_args.resume_from_checkpoint == "false"
+    (_, _, train_args) = parse([Args, ModelConfig, SFTConfig], [write(tmp_path, "save_strategy: no\n"),
+                                                                 "--eval_strategy", "no"])
+    assert train_args.save_strategy == "no" and train_args.eval_strategy == "no"  # YAML 1.1 would say False
 
 
 def test_bad_yaml_names_line(tmp_path):
