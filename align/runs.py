@@ -13,7 +13,6 @@ from typing import Any, Iterable
 
 import yaml
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from align.config import to_dict
 
@@ -63,10 +62,15 @@ def resume_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: str
         return None
     if not Path(output_dir).is_dir():
         return None
-    last = get_last_checkpoint(str(output_dir))
-    if last:
-        logger.info("resuming from %s", last)
-    return last
+    # Trainer writes trainer_state.json last: a checkpoint without it was cut short by the kill.
+    checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
+                         if p.name.split("-")[-1].isdigit() else -1, reverse=True)
+    for ckpt in checkpoints:
+        if (ckpt / "trainer_state.json").exists():
+            logger.info("resuming from %s", ckpt)
+            return str(ckpt)
+        logger.warning("skipping %s: incomplete (killed while saving)", ckpt)
+    return None
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
