@@ -255,9 +255,27 @@ def log_eval(name: str, before: dict | None, after: dict) -> None:
 # ----------------------------------------------------------------------------------------------- training
 
 
-def train(args: GRPOArguments, model_args: ModelConfig, training_args: GRPOConfig) -> dict[str, Any]:
+@dataclass
+class RunSetup:
+    """What GRPO and PPO prepare alike before their trainer: the start policy, rewards, data, evaluation."""
+
+    out: Path
+    tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel
+    reward_funcs: list
+    dataset: Dataset
+    examples: list
+    eval_funcs: list
+    resume: str | None
+    before: dict | None
+    t0: float
+
+
+def prepare_run(name: str, args: GRPOArguments, model_args: ModelConfig, training_args: Any) -> RunSetup:
+    """Check inputs, load the start policy, build rewards and prompts, and evaluate the start policy
+    (a resumed run keeps the figures it wrote first, in eval_before.json)."""
     if not model_args.model_name_or_path:
-        raise ValueError("grpo needs model_name_or_path: an SFT/DPO run's final/ dir or any HF causal LM dir")
+        raise ValueError(f"{name} needs model_name_or_path: an SFT/DPO run's final/ dir or any HF causal LM dir")
     if not Path(model_args.model_name_or_path).exists():
         raise FileNotFoundError(
             f"model '{model_args.model_name_or_path}' not found: make it with `python -m align.sft configs/sft.yaml`"
@@ -276,7 +294,6 @@ def train(args: GRPOArguments, model_args: ModelConfig, training_args: GRPOConfi
     dataset = prompt_dataset(args.dataset_name, args.num_prompts, args.world_seed)
     examples = heldout_examples(args.world_seed, args.eval_num_prompts) if args.eval_num_prompts else []
     eval_funcs = eval_reward_funcs(args.reward_funcs, args.reward_model_path, args.length_target) if examples else []
-    ref_path = model_args.model_name_or_path
 
     before = None
     resume = resume_checkpoint(out, training_args.resume_from_checkpoint)
@@ -288,6 +305,14 @@ def train(args: GRPOArguments, model_args: ModelConfig, training_args: GRPOConfi
             before = rl_evaluate(model, tokenizer, examples, eval_funcs, None, kl_prompts=args.eval_kl_prompts,
                                  max_new_tokens=args.eval_max_new_tokens, seed=training_args.seed)
             write_json(before_path, before)
+    return RunSetup(out, tokenizer, model, reward_funcs, dataset, examples, eval_funcs, resume, before, t0)
+
+
+def train(args: GRPOArguments, model_args: ModelConfig, training_args: GRPOConfig) -> dict[str, Any]:
+    run = prepare_run("grpo", args, model_args, training_args)
+    out, tokenizer, model, reward_funcs, dataset = run.out, run.tokenizer, run.model, run.reward_funcs, run.dataset
+    examples, eval_funcs, resume, before, t0 = run.examples, run.eval_funcs, run.resume, run.before, run.t0
+    ref_path = model_args.model_name_or_path
 
     trainer = GRPOTrainer(
         model=model,

@@ -63,24 +63,22 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, Trainer, TrainerState, TrainingArguments
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerState, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 from trl import ModelConfig, get_peft_config
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
 
 from align import rewards as R
 from align.config import parse
-from align.generate import as_messages, load_tokenizer
+from align.generate import as_messages
 from align.grpo import (
     GRPOArguments,
-    eval_reward_funcs,
     finish_run,
-    heldout_examples,
-    prompt_dataset,
+    prepare_run,
     response_mask,
     rl_evaluate,
 )
-from align.runs import MetricsCallback, resume_checkpoint, setup_logging, write_config, write_json
+from align.runs import MetricsCallback, setup_logging
 
 logger = logging.getLogger("align.ppo")
 
@@ -145,7 +143,7 @@ class PPOConfig(TrainingArguments):
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"invalid PPO setting(s): " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
+            raise ValueError("invalid PPO setting(s): " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
         if self.batch_size_total % self.num_mini_batches:
             raise ValueError(
                 f"the rollout batch (per_device_train_batch_size * gradient_accumulation_steps = "
@@ -580,37 +578,9 @@ class PPOTrainer(Trainer):
 
 
 def train(args: PPOArguments, model_args: ModelConfig, training_args: PPOConfig) -> dict[str, Any]:
-    if not model_args.model_name_or_path:
-        raise ValueError("ppo needs model_name_or_path: an SFT/DPO run's final/ dir or any HF causal LM dir")
-    if not Path(model_args.model_name_or_path).exists():
-        raise FileNotFoundError(
-            f"model '{model_args.model_name_or_path}' not found: make it with `python -m align.sft configs/sft.yaml`"
-        )
-    if "rm" in args.reward_funcs or args.reward_model_path:
-        R.check_reward_model_dir(args.reward_model_path)
-    R.validate_weights(args.reward_funcs, training_args.reward_weights)
-    t0 = time.time()
-    out = Path(training_args.output_dir)
-    tokenizer = load_tokenizer(args.tokenizer_name_or_path or model_args.model_name_or_path)
-    torch.manual_seed(training_args.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=model_args.dtype)
-    write_config(out, args, model_args, training_args)
-
-    reward_funcs = R.build_reward_funcs(args.reward_funcs, args.reward_model_path, length_target=args.length_target)
-    dataset = prompt_dataset(args.dataset_name, args.num_prompts, args.world_seed)
-    examples = heldout_examples(args.world_seed, args.eval_num_prompts) if args.eval_num_prompts else []
-    eval_funcs = eval_reward_funcs(args.reward_funcs, args.reward_model_path, args.length_target) if examples else []
-
-    resume = resume_checkpoint(out, training_args.resume_from_checkpoint)
-    before = None
-    if examples and args.eval_before:
-        before_path = out / "eval_before.json"
-        if resume and before_path.exists():
-            before = json.loads(before_path.read_text())
-        else:
-            before = rl_evaluate(model, tokenizer, examples, eval_funcs, None, kl_prompts=args.eval_kl_prompts,
-                                 max_new_tokens=args.eval_max_new_tokens, seed=training_args.seed)
-            write_json(before_path, before)
+    run = prepare_run("ppo", args, model_args, training_args)
+    out, tokenizer, model, reward_funcs, dataset = run.out, run.tokenizer, run.model, run.reward_funcs, run.dataset
+    examples, eval_funcs, resume, before, t0 = run.examples, run.eval_funcs, run.resume, run.before, run.t0
 
     trainer = PPOTrainer(
         model=model, args=training_args, processing_class=tokenizer, reward_funcs=reward_funcs,
