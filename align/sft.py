@@ -17,6 +17,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from align.config import parse
 from align.data.formats import location, read_records, to_conversation
@@ -69,6 +70,30 @@ def count_truncated(dataset: Dataset, tokenizer, max_length: int | None) -> int:
     return sum(len(ids) > max_length for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
+@dataclass
+class PackedRowsCollator(DataCollatorForLanguageModeling):
+    """Batches of packed rows (B, max_length) whose conversations cannot see each other.
+
+    With ``packing: true`` (bfd) TRL flattens the whole batch into one row and relies on flash-attention's
+    varlen kernels to keep sequences apart; under SDPA or eager attention that one row costs
+    (B * max_length)^2 attention. Here the rows stay rows: position_ids restart at every conversation and
+    there is no attention_mask, so transformers builds a block-diagonal causal mask per row
+    (``masking_utils.find_packed_sequence_indices``). Same loss as unpacked, no padding waste. Holds for
+    models whose masks come from ``create_causal_mask`` (ours, Llama, Qwen2, Mistral, ... in transformers 5).
+    """
+
+    return_position_ids: bool = True
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().torch_call(examples)
+        del batch["attention_mask"]  # a 2D mask would switch off the packed-sequence detection
+        return batch
+
+
+def uses_varlen_attention(model) -> bool:
+    return "flash" in str(getattr(model.config, "_attn_implementation", ""))
+
+
 def train(args: SFTArguments, model_args: ModelConfig, training_args: SFTConfig) -> dict[str, Any]:
     if not model_args.model_name_or_path:
         raise ValueError("sft needs model_name_or_path: a pretrain run's final/ dir or any HF causal LM")
@@ -93,6 +118,10 @@ def train(args: SFTArguments, model_args: ModelConfig, training_args: SFTConfig)
         peft_config=get_peft_config(model_args),
         callbacks=[MetricsCallback(out, title=f"sft {out.name}")],
     )
+    if trainer.padding_free and training_args.packing and not uses_varlen_attention(trainer.model):
+        trainer.data_collator = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id)
+        logger.info("packing: %d conversations in %d rows of <= %d tokens, no attention across conversations",
+                    len(dataset), len(trainer.train_dataset), training_args.max_length)
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, training_args.resume_from_checkpoint))
     # final/: one ordinary HF dir, consolidated from ZeRO-3/FSDP shards, LoRA merged (adapter in adapter/).
     # Every process calls save_final (the gathers are collective); rank 0 writes, evaluates, writes the files.

@@ -124,3 +124,46 @@ def test_sft_reports_truncation(tiny_lm_dir, chat_file, tmp_path):
     assert summary["truncated"] == 8
     summary = _run(tiny_lm_dir, tmp_path / "run2", chat_file, max_length=n_tokens)
     assert summary["truncated"] == 0
+
+
+def _nll_sum(model, batch) -> torch.Tensor:
+    """Summed next-token NLL over the trained (label != -100) tokens of a batch."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100, reduction="sum")
+
+
+def test_packed_rows_give_the_unpacked_loss(tiny_lm_dir, tmp_path):
+    """packing: several conversations per row, none attending to another -> the loss of the unpacked batch."""
+    from align.sft import PackedRowsCollator
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    convs = [[{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": f"The answer is {a + b}."}]
+             for a, b in [(1, 2), (3, 4), (5, 6), (2, 9), (7, 7), (0, 8)]] + [CHAT[1:3], CHAT[3:]]
+    data = Dataset.from_list([{"messages": m} for m in convs])
+
+    def batch(**kw):
+        t = SFTTrainer(model=model, args=_config(tmp_path, **kw), train_dataset=data, processing_class=tok)
+        return t, list(t.train_dataset)
+
+    plain, rows = batch()
+    packed, prow = batch(packing=True, packing_strategy="bfd", max_length=96)
+    assert len(prow) < len(rows), "conversations were not packed several to a row"
+    collate = PackedRowsCollator(pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        want = _nll_sum(model, plain.data_collator(rows))
+        got = _nll_sum(model, collate(prow))
+        # the same rows with a plain mask let conversations see each other: the loss changes
+        leaky = _nll_sum(model, {**collate(prow), "attention_mask": torch.ones_like(collate(prow)["input_ids"])})
+    n = sum((torch.tensor(r["labels"][1:]) != -100).sum() for r in rows)
+    assert n == sum((torch.tensor(r["labels"][1:]) != -100).sum() for r in prow)
+    assert (got - want).abs() < 1e-3, (got.item(), want.item())
+    assert (leaky - want).abs() > 0.05, (leaky.item(), want.item())
+
+
+def test_sft_with_packing_trains(tiny_lm_dir, chat_file, tmp_path):
+    summary = _run(tiny_lm_dir, tmp_path / "run", chat_file, packing=True, max_length=128)
+    assert summary["train_loss"] > 0
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
