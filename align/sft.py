@@ -90,10 +90,6 @@ class PackedRowsCollator(DataCollatorForLanguageModeling):
         return batch
 
 
-def uses_varlen_attention(model) -> bool:
-    return "flash" in str(getattr(model.config, "_attn_implementation", ""))
-
-
 def train(args: SFTArguments, model_args: ModelConfig, training_args: SFTConfig) -> dict[str, Any]:
     if not model_args.model_name_or_path:
         raise ValueError("sft needs model_name_or_path: a pretrain run's final/ dir or any HF causal LM")
@@ -118,7 +114,7 @@ def train(args: SFTArguments, model_args: ModelConfig, training_args: SFTConfig)
         peft_config=get_peft_config(model_args),
         callbacks=[MetricsCallback(out, title=f"sft {out.name}")],
     )
-    if trainer.padding_free and training_args.packing and not uses_varlen_attention(trainer.model):
+    if training_args.packing and trainer.padding_free and "flash" not in str(trainer.model.config._attn_implementation):
         trainer.data_collator = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id)
         logger.info("packing: %d conversations in %d rows of <= %d tokens, no attention across conversations",
                     len(dataset), len(trainer.train_dataset), training_args.max_length)

@@ -149,21 +149,24 @@ def test_packed_rows_give_the_unpacked_loss(tiny_lm_dir, tmp_path):
         return t, list(t.train_dataset)
 
     plain, rows = batch()
-    packed, prow = batch(packing=True, packing_strategy="bfd", max_length=96)
+    _, prow = batch(packing=True, packing_strategy="bfd", max_length=96)
     assert len(prow) < len(rows), "conversations were not packed several to a row"
-    collate = PackedRowsCollator(pad_token_id=tok.pad_token_id)
+    packed = PackedRowsCollator(pad_token_id=tok.pad_token_id)(prow)
     with torch.no_grad():
         want = _nll_sum(model, plain.data_collator(rows))
-        got = _nll_sum(model, collate(prow))
+        got = _nll_sum(model, packed)
         # the same rows with a plain mask let conversations see each other: the loss changes
-        leaky = _nll_sum(model, {**collate(prow), "attention_mask": torch.ones_like(collate(prow)["input_ids"])})
+        leaky = _nll_sum(model, {**packed, "attention_mask": torch.ones_like(packed["input_ids"])})
     n = sum((torch.tensor(r["labels"][1:]) != -100).sum() for r in rows)
     assert n == sum((torch.tensor(r["labels"][1:]) != -100).sum() for r in prow)
     assert (got - want).abs() < 1e-3, (got.item(), want.item())
     assert (leaky - want).abs() > 0.05, (leaky.item(), want.item())
 
 
-def test_sft_with_packing_trains(tiny_lm_dir, chat_file, tmp_path):
-    summary = _run(tiny_lm_dir, tmp_path / "run", chat_file, packing=True, max_length=128)
-    assert summary["train_loss"] > 0
-    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+def test_sft_with_packing_trains_on_packed_rows(tiny_lm_dir, chat_file, tmp_path, caplog):
+    n_tokens = len(AutoTokenizer.from_pretrained(tiny_lm_dir)(render_chat(CHAT), add_special_tokens=False)["input_ids"])
+    with caplog.at_level("INFO", logger="align.sft"):
+        _run(tiny_lm_dir, tmp_path / "run", chat_file, packing=True, max_length=2 * n_tokens)
+    msg = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("packing:"))
+    n_conv, n_rows = (int(x) for x in msg.split()[1:5:3])  # "packing: 8 conversations in N rows ..."
+    assert n_conv == 8 and n_rows < n_conv, msg
