@@ -74,6 +74,9 @@ def to_llama(model: DecoderForCausalLM | DecoderForSequenceClassification) -> Pr
             f"to_llama: MoE models have no Llama equivalent (config.num_experts={config.num_experts}); "
             "only dense models (num_experts=0) convert"
         )
+    if getattr(config, "score_loglik", False):
+        raise ValueError("to_llama: a reward model with score_loglik (the response log-likelihood term) has no Llama "
+                         "equivalent; LlamaForSequenceClassification has only the linear score head")
     llama_cls = PAIRS.get(type(model))
     if llama_cls is None:
         raise ValueError(f"to_llama: expected one of {[c.__name__ for c in PAIRS]}, got {type(model).__name__}")

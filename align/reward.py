@@ -44,7 +44,7 @@ from align.data.world import STYLE_TEMPLATES, World, render
 from align.generate import load_tokenizer
 from align.distributed import save_final, zero3_init_disabled
 from align.runs import MetricsCallback, resume_checkpoint, setup_logging, write_config, write_json
-from align.score import encode, score_ids
+from align.score import HEAD_FILE, encode, score_ids
 
 logger = logging.getLogger("align.reward")
 
@@ -97,6 +97,11 @@ class RewardArguments:
     eval_world_prompts: int = field(default=300, metadata={"help": "Held-out world prompts (a style and a "
                                                                    "correctness pair each)."})
     eval_batch_size: int = field(default=64, metadata={"help": "Batch size of the held-out scoring."})
+    score_loglik: bool = field(
+        default=False,
+        metadata={"help": "align decoder only: add a learned multiple of the response's mean token log-likelihood "
+                          "(the backbone's LM head) to the score head's output (docs/reward.md, 'The likelihood term')."},
+    )
 
     def __post_init__(self):
         if not 0 <= self.test_size < 1:
@@ -376,11 +381,37 @@ def lora_config(model_args: ModelConfig, model):
     return get_peft_config(model_args)
 
 
-def load_model(model_args: ModelConfig, tokenizer):
+def response_token_id(tokenizer) -> int:
+    """The special token the chat template puts right before a response (``<|assistant|>`` here)."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True, return_dict=True,
+                                        add_generation_prompt=True)["input_ids"]
+    if not ids or ids[-1] not in tokenizer.all_special_ids:
+        raise ValueError(
+            f"score_loglik: the chat template's generation prompt does not end in a special token (it ends in "
+            f"{tokenizer.convert_ids_to_tokens(ids[-1:])}), so the response start cannot be found; use score_loglik: false"
+        )
+    return ids[-1]
+
+
+def head_kwargs(path: str, tokenizer, score_loglik: bool = False) -> dict[str, Any]:
+    """Config keys of the reward head: one output, the tokenizer's pad id and, with ``score_loglik``, the
+    response log-likelihood term of align's decoder (DecoderConfig.score_loglik)."""
+    from transformers import AutoConfig
+
+    kw: dict[str, Any] = {"num_labels": 1, "pad_token_id": tokenizer.pad_token_id}
+    if score_loglik:
+        model_type = AutoConfig.from_pretrained(path).model_type
+        if model_type != "align_decoder":
+            raise ValueError(f"score_loglik: needs align's decoder (model_type align_decoder), {path} is {model_type!r}")
+        kw |= {"score_loglik": True, "response_token_id": response_token_id(tokenizer)}
+    return kw
+
+
+def load_model(model_args: ModelConfig, tokenizer, score_loglik: bool = False):
     """A one-output sequence-classification model; from a causal LM dir, the ``score`` head is new."""
     path = model_args.model_name_or_path
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=model_args.dtype or "float32",
+        path, dtype=model_args.dtype or "float32", **head_kwargs(path, tokenizer, score_loglik)
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -393,7 +424,7 @@ def train(args: RewardArguments, model_args: ModelConfig, training_args: RewardC
         raise ValueError("reward needs model_name_or_path: an SFT/pretrain run's final/ dir or any HF model dir")
     tokenizer = load_tokenizer(args.tokenizer_name_or_path or model_args.model_name_or_path)
     torch.manual_seed(training_args.seed)
-    model = load_model(model_args, tokenizer)
+    model = load_model(model_args, tokenizer, args.score_loglik)
     out = Path(training_args.output_dir)
     write_config(out, args, model_args, training_args)
 
@@ -436,8 +467,11 @@ def train(args: RewardArguments, model_args: ModelConfig, training_args: RewardC
     train_seconds = time.time() - t0
 
     # final/: a standalone seq-cls model (LoRA merged, score head kept), consolidated under ZeRO-3/FSDP
+    head = head_kwargs(model_args.model_name_or_path, tokenizer, args.score_loglik)
     final = save_final(trainer, tokenizer, out / "final", adapter_dir=out / "adapter",
-                       auto_class=AutoModelForSequenceClassification, num_labels=1)
+                       auto_class=AutoModelForSequenceClassification, **head)
+    if peft_config is not None and trainer.is_world_process_zero():
+        write_json(out / "adapter" / HEAD_FILE, head)  # what the adapter's base needs to take its score head
     if not trainer.is_world_process_zero():
         return {"train_loss": result.training_loss}
     with zero3_init_disabled():

@@ -45,6 +45,9 @@ HOW_TO_MAKE = (
 )
 
 
+HEAD_FILE = "reward_head.json"  # beside a LoRA reward adapter (align.reward writes it): its base's head config keys
+
+
 class NotARewardModel(ValueError):
     """A model dir that has no reward (score) head; the message says how to make one."""
 
@@ -118,7 +121,9 @@ def load_reward_model(
     if (p / "adapter_config.json").exists():
         from peft import AutoPeftModelForSequenceClassification
 
-        model = AutoPeftModelForSequenceClassification.from_pretrained(str(p), num_labels=1, dtype=dtype)
+        head = json.loads((p / HEAD_FILE).read_text()) if (p / HEAD_FILE).exists() else {}
+        head.setdefault("num_labels", 1)
+        model = AutoPeftModelForSequenceClassification.from_pretrained(str(p), dtype=dtype, **head)
         model = model.merge_and_unload()
     else:
         model = AutoModelForSequenceClassification.from_pretrained(str(p), dtype=dtype)

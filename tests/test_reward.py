@@ -57,7 +57,7 @@ def trained(lm_dir, tmp_path_factory):
     """A full fine-tune on 600 world pairs for 40 steps (a few seconds)."""
     out = tmp_path_factory.mktemp("rm_full")
     summary = train(*run_args(lm_dir, out, max_steps=40, max_train_pairs=600, learning_rate=3e-3,
-                              per_device_train_batch_size=16, test_size=0.1))
+                              per_device_train_batch_size=16, test_size=0.1, use_peft=False))
     return out, summary
 
 
@@ -130,13 +130,14 @@ def test_rm_beats_chance_on_tiny_world_run(trained):
     assert cfg.pad_token_id is not None
 
 
-def test_lora_rm_keeps_its_score_head(lm_dir, tmp_path):
+@pytest.mark.parametrize("score_loglik", [False, True])
+def test_lora_rm_keeps_its_score_head(lm_dir, tmp_path, score_loglik):
     """The score head is trained and saved with the adapter (trl#1379): the in-memory model, the reloaded
     adapter and the merged final/ give the same rewards, and the head moved from its random init."""
     out = tmp_path / "rm_lora"
     summary = train(*run_args(lm_dir, out, max_steps=15, max_train_pairs=240, learning_rate=1e-2, use_peft=True,
                               lora_r=4, lora_alpha=8, per_device_train_batch_size=16, test_size=0.1,
-                              eval_world=False))
+                              eval_world=False, score_loglik=score_loglik))
     ev = summary["eval"]
     assert summary["trained_params"] < summary["params"]
     keys = _weight_keys(out / "adapter")
@@ -157,8 +158,57 @@ def test_lora_rm_keeps_its_score_head(lm_dir, tmp_path):
     assert a.mean().item() == pytest.approx(ev["mean_margin"], abs=1e-5)  # == the in-memory model before saving
 
     torch.manual_seed(0)  # train() seeds, then loads: the same random head
-    init = load_model(ModelConfig(model_name_or_path=str(lm_dir)), merged.tokenizer).score.weight
-    assert not torch.allclose(init, merged.model.score.weight.cpu())
+    init = load_model(ModelConfig(model_name_or_path=str(lm_dir)), merged.tokenizer, score_loglik).score
+    assert not torch.allclose(init.weight, merged.model.score.weight.cpu())
+    assert merged.model.config.score_loglik is score_loglik
+    if score_loglik:  # the learned scale of the likelihood term is saved with the adapter, merged and reloaded
+        assert any("loglik_scale" in k for k in keys), keys
+        scale = merged.model.score.loglik_scale.item()
+        assert scale == pytest.approx(reloaded.model.score.loglik_scale.item()) and scale != init.loglik_scale.item()
+
+
+def test_loglik_score_is_head_plus_scaled_response_loglik(lm_dir):
+    """score_loglik: score = head(h_last) + scale * mean log p(response tokens), the log-probs being the causal
+    LM's own (tied embeddings), the response what follows <|assistant|>; right- and left-padded batches agree."""
+    from transformers import AutoModelForCausalLM
+
+    from align.generate import load_tokenizer
+    from align.score import encode, score_ids
+
+    tok = load_tokenizer(lm_dir)
+    torch.manual_seed(0)
+    rm = load_model(ModelConfig(model_name_or_path=str(lm_dir)), tok, score_loglik=True).eval()
+    with torch.no_grad():
+        rm.score.loglik_scale.fill_(0.7)
+    lm = AutoModelForCausalLM.from_pretrained(str(lm_dir)).eval()
+    assert rm.config.response_token_id == tok.convert_tokens_to_ids("<|assistant|>")
+    pairs = world_heldout_pairs(0, 3)
+    seqs = [encode(tok, p["prompt"], p[side]) for p in pairs for side in ("chosen", "rejected")]
+    expected = []
+    with torch.no_grad():
+        for ids in seqs:
+            x = torch.tensor([ids])
+            start = max(i for i, t in enumerate(ids) if t == rm.config.response_token_id) + 1
+            logp = lm(x).logits[0, :-1].log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0]
+            head = rm.score.weight @ rm.model(x).last_hidden_state[0, -1]
+            expected.append(head.item() + 0.7 * logp[start - 1:].mean().item())
+    assert score_ids(rm, seqs, tok.pad_token_id, batch_size=4) == pytest.approx(expected, abs=1e-4)  # right-padded
+    width = max(map(len, seqs))  # left padding: the same scores
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(s)) + s for s in seqs])
+    with torch.no_grad():
+        left = rm(input_ids=ids, attention_mask=(torch.arange(width)[None] >= width - torch.tensor([len(s) for s in seqs])[:, None]).long()).logits[:, 0]
+    assert left.tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_loglik_head_needs_align_decoder_and_has_no_llama_form(lm_dir, tiny_llama_dir):
+    from align.convert import to_llama
+    from align.generate import load_tokenizer
+
+    with pytest.raises(ValueError, match="align_decoder"):
+        load_model(ModelConfig(model_name_or_path=tiny_llama_dir), load_tokenizer(tiny_llama_dir), score_loglik=True)
+    rm = load_model(ModelConfig(model_name_or_path=str(lm_dir)), load_tokenizer(lm_dir), score_loglik=True)
+    with pytest.raises(ValueError, match="score_loglik"):
+        to_llama(rm)
 
 
 def test_bad_pairs_are_counted_and_dropped(lm_dir, tmp_path):

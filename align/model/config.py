@@ -56,6 +56,13 @@ class DecoderConfig(PretrainedConfig):
     eval_capacity_factor: float | None = None  # capacity in eval/generation; None = no dropping
     router_noise: float = 0.0  # std of Gaussian noise on router logits in training (noisy top-k)
     router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss added to the LM loss (0 if dense)
+    # --- sequence classification (reward models) --------------------------------------------------
+    # Add a learned multiple of the response's mean token log-likelihood under the model's own (tied) LM
+    # head to the score: a small backbone ranks a right answer above a wrong one by likelihood long before a
+    # fresh linear head on the last token learns to (docs/reward.md, "The likelihood term").
+    score_loglik: bool = False
+    score_loglik_init: float = 1.0  # initial scale of that term (learned with the head)
+    response_token_id: int | None = None  # the response is what follows its last occurrence (<|assistant|>)
     # --- special tokens ---------------------------------------------------------------------------
     pad_token_id: int | None = None  # needed for batched sequence classification pooling
     bos_token_id: int | None = 1  # LLaMA convention
@@ -99,6 +106,9 @@ class DecoderConfig(PretrainedConfig):
                     raise ValueError(f"{name} must be > 0 or None (no capacity limit), got {value}")
             if self.router_noise < 0:
                 raise ValueError(f"router_noise must be >= 0, got {self.router_noise}")
+        if self.score_loglik and not self.tie_word_embeddings:
+            raise ValueError("score_loglik reads the LM head through the tied embeddings: it needs "
+                             f"tie_word_embeddings=True, got {self.tie_word_embeddings}")
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
         if not self.num_experts:

@@ -364,26 +364,63 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         )
 
 
+class ScoreHead(nn.Linear):
+    """The score head: linear on the pooled hidden state; with config.score_loglik, plus `loglik_scale` times
+    the response's mean token log-likelihood (one learned scale per label, saved with the head)."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__(config.hidden_size, config.num_labels, bias=False)
+        scale = torch.full((config.num_labels,), float(config.score_loglik_init)) if config.score_loglik else None
+        self.loglik_scale = nn.Parameter(scale) if scale is not None else None
+
+    def forward(self, h: torch.Tensor, loglik: torch.Tensor | None = None) -> torch.Tensor:  # (B, C), (B,)
+        out = super().forward(h)  # (B, num_labels)
+        if self.loglik_scale is not None and loglik is not None:
+            out = out + self.loglik_scale * loglik[:, None]
+        return out
+
+
 class DecoderForSequenceClassification(DecoderPreTrainedModel):
     """DecoderModel + `score` head read at the last non-pad token (reward / value models).
 
     Pooling is LlamaForSequenceClassification's (transformers' GenericForSequenceClassification): the
     rightmost token != pad_token_id (works for left and right padding); without pad_token_id only
     batch size 1 is allowed and the last position is used; with inputs_embeds, the last position.
+
+    With ``config.score_loglik`` the score also gets ``loglik_scale * mean log p(response token)`` under
+    the tied LM head (the embeddings), the response being the tokens after the last
+    ``config.response_token_id`` (the whole sequence when a row has none). Like SimPO's reward
+    (https://arxiv.org/abs/2405.14734) it is length-normalised; unlike it, a linear head sits beside it.
     """
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
         self.model = DecoderModel(config)
-        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.score = ScoreHead(config)
         self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, ScoreHead) and module.loglik_scale is not None:
+            init.constant_(module.loglik_scale, float(self.config.score_loglik_init))
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
+
+    def response_loglik(self, h: torch.Tensor, input_ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Mean log p(x_t | x_<t) over the response tokens of each row. h (B, T, C), input_ids/real (B, T)."""
+        logp = F.log_softmax(F.linear(h[:, :-1], self.model.embed_tokens.weight).float(), dim=-1)  # (B, T-1, V)
+        logp = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1): log p of each next token
+        T = input_ids.shape[1]
+        pos = torch.arange(T, device=input_ids.device)
+        marker = input_ids == self.config.response_token_id if self.config.response_token_id is not None else None
+        start = (pos * marker).argmax(-1) if marker is not None else torch.zeros_like(input_ids[:, 0])  # (B,)
+        resp = (pos[None, 1:] > start[:, None]) & real[:, 1:].bool()  # (B, T-1) targets inside the response
+        return (logp * resp).sum(-1) / resp.sum(-1).clamp(min=1)
 
     @can_return_tuple
     def forward(
@@ -408,7 +445,7 @@ class DecoderForSequenceClassification(DecoderPreTrainedModel):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
-        logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
+        h = out.last_hidden_state  # (B, T, C)
         batch_size = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
         pad_token_id = self.config.pad_token_id
         if pad_token_id is None and batch_size != 1:
@@ -417,8 +454,8 @@ class DecoderForSequenceClassification(DecoderPreTrainedModel):
             last_non_pad_token = -1
         elif input_ids is not None:
             # rightmost token that is not padding: handles both left and right padding
-            non_pad_mask = (input_ids != pad_token_id).to(logits.device, torch.int32)
-            token_indices = torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32)
+            non_pad_mask = (input_ids != pad_token_id).to(h.device, torch.int32)
+            token_indices = torch.arange(input_ids.shape[-1], device=h.device, dtype=torch.int32)
             last_non_pad_token = (token_indices * non_pad_mask).argmax(-1)
         else:
             last_non_pad_token = -1
@@ -426,11 +463,19 @@ class DecoderForSequenceClassification(DecoderPreTrainedModel):
                 f"{self.__class__.__name__} will not detect padding tokens in `inputs_embeds`. Results may be "
                 "unexpected if using padding tokens in conjunction with `inputs_embeds.`"
             )
-        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last_non_pad_token]  # (B, num_labels)
+        loglik = None
+        if self.config.score_loglik:
+            if input_ids is None:
+                raise ValueError("score_loglik needs input_ids (the response tokens), got inputs_embeds only")
+            real = attention_mask if attention_mask is not None else (
+                input_ids != pad_token_id if pad_token_id is not None else torch.ones_like(input_ids))
+            loglik = self.response_loglik(h, input_ids, real)
+        pooled = h[torch.arange(batch_size, device=h.device), last_non_pad_token]  # (B, C)
+        pooled_logits = self.score(pooled, loglik)  # (B, num_labels)
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+            loss = self.loss_function(logits=pooled_logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
             if out.aux_loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * out.aux_loss.to(loss.device)
         return DecoderSequenceClassifierOutput(
