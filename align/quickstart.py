@@ -3,7 +3,7 @@
 Runs the whole loop on the built-in default, each stage being the ordinary command with its own
 config file and the quickstart's paths filled in:
 
-    tokenizer -> pretrain -> sft -> store (rule-labelled pairs) -> reward -> dpo -> grpo [-> ppo]
+    tokenizer -> pretrain -> sft -> store (rule-labelled pairs) -> reward -> dpo -> grpo -> ppo
 
 into ``runs/quickstart/<stage>/``, and writes ``runs/quickstart/report.json`` with each stage's
 held-out figures and the wall time. A stage whose ``final/`` already exists is skipped unless
@@ -32,7 +32,7 @@ STAGES = ("tokenizer", "pretrain", "sft", "store", "reward", "dpo", "grpo", "ppo
 class QuickstartArguments:
     output_dir: str = field(default="runs/quickstart", metadata={"help": "Where every stage writes its run."})
     stages: list[str] = field(
-        default_factory=lambda: ["tokenizer", "pretrain", "sft", "store", "reward", "dpo", "grpo"],
+        default_factory=lambda: list(STAGES),
         metadata={"help": f"Stages to run, in order; any of {STAGES}."},
     )
     configs_dir: str = field(default="configs", metadata={"help": "Where each stage's <stage>.yaml lives."})

@@ -99,8 +99,9 @@ class RewardArguments:
     eval_batch_size: int = field(default=64, metadata={"help": "Batch size of the held-out scoring."})
     score_loglik: bool = field(
         default=False,
-        metadata={"help": "align decoder only: add a learned multiple of the response's mean token log-likelihood "
-                          "(the backbone's LM head) to the score head's output (docs/reward.md, 'The likelihood term')."},
+        metadata={"help": "Add a learned multiple of the response's mean token log-likelihood (the backbone's LM "
+                          "head) to the score head's output (docs/reward.md, 'The likelihood term'). align's decoder "
+                          "only; other models keep the linear head, with a warning."},
     )
 
     def __post_init__(self):
@@ -401,8 +402,9 @@ def head_kwargs(path: str, tokenizer, score_loglik: bool = False) -> dict[str, A
     kw: dict[str, Any] = {"num_labels": 1, "pad_token_id": tokenizer.pad_token_id}
     if score_loglik:
         model_type = AutoConfig.from_pretrained(path).model_type
-        if model_type != "align_decoder":
-            raise ValueError(f"score_loglik: needs align's decoder (model_type align_decoder), {path} is {model_type!r}")
+        if model_type != "align_decoder":  # the shipped config turns it on; other models keep the linear head
+            logger.warning("score_loglik applies to align's decoder only; %s is %r: linear score head", path, model_type)
+            return kw
         kw |= {"score_loglik": True, "response_token_id": response_token_id(tokenizer)}
     return kw
 

@@ -200,12 +200,13 @@ def test_loglik_score_is_head_plus_scaled_response_loglik(lm_dir):
     assert left.tolist() == pytest.approx(expected, abs=1e-4)
 
 
-def test_loglik_head_needs_align_decoder_and_has_no_llama_form(lm_dir, tiny_llama_dir):
+def test_loglik_head_is_align_only_and_has_no_llama_form(lm_dir, tiny_llama_dir, caplog):
     from align.convert import to_llama
     from align.generate import load_tokenizer
 
-    with pytest.raises(ValueError, match="align_decoder"):
-        load_model(ModelConfig(model_name_or_path=tiny_llama_dir), load_tokenizer(tiny_llama_dir), score_loglik=True)
+    with caplog.at_level("WARNING", logger="align.reward"):  # any HF model: the linear head, said in the log
+        llama = load_model(ModelConfig(model_name_or_path=tiny_llama_dir), load_tokenizer(tiny_llama_dir), True)
+    assert type(llama).__name__ == "LlamaForSequenceClassification" and "align's decoder only" in caplog.text
     rm = load_model(ModelConfig(model_name_or_path=str(lm_dir)), load_tokenizer(lm_dir), score_loglik=True)
     with pytest.raises(ValueError, match="score_loglik"):
         to_llama(rm)

@@ -370,8 +370,9 @@ class ScoreHead(nn.Linear):
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__(config.hidden_size, config.num_labels, bias=False)
-        scale = torch.full((config.num_labels,), float(config.score_loglik_init)) if config.score_loglik else None
-        self.loglik_scale = nn.Parameter(scale) if scale is not None else None
+        self.loglik_scale = (
+            nn.Parameter(torch.full((config.num_labels,), float(config.score_loglik_init))) if config.score_loglik else None
+        )
 
     def forward(self, h: torch.Tensor, loglik: torch.Tensor | None = None) -> torch.Tensor:  # (B, C), (B,)
         out = super().forward(h)  # (B, num_labels)
@@ -415,10 +416,10 @@ class DecoderForSequenceClassification(DecoderPreTrainedModel):
         """Mean log p(x_t | x_<t) over the response tokens of each row. h (B, T, C), input_ids/real (B, T)."""
         logp = F.log_softmax(F.linear(h[:, :-1], self.model.embed_tokens.weight).float(), dim=-1)  # (B, T-1, V)
         logp = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1): log p of each next token
-        T = input_ids.shape[1]
-        pos = torch.arange(T, device=input_ids.device)
-        marker = input_ids == self.config.response_token_id if self.config.response_token_id is not None else None
-        start = (pos * marker).argmax(-1) if marker is not None else torch.zeros_like(input_ids[:, 0])  # (B,)
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        start = torch.zeros_like(input_ids[:, 0])  # (B,) the last response marker, else position 0
+        if self.config.response_token_id is not None:
+            start = (pos * (input_ids == self.config.response_token_id)).argmax(-1)
         resp = (pos[None, 1:] > start[:, None]) & real[:, 1:].bool()  # (B, T-1) targets inside the response
         return (logp * resp).sum(-1) / resp.sum(-1).clamp(min=1)
 
