@@ -409,14 +409,12 @@ def head_kwargs(path: str, tokenizer, score_loglik: bool = False) -> dict[str, A
     return kw
 
 
-def load_model(model_args: ModelConfig, tokenizer, score_loglik: bool = False):
-    """A one-output sequence-classification model; from a causal LM dir, the ``score`` head is new."""
-    path = model_args.model_name_or_path
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, dtype=model_args.dtype or "float32", **head_kwargs(path, tokenizer, score_loglik)
+def load_model(model_args: ModelConfig, head: dict[str, Any]):
+    """A sequence-classification model with the head config ``head`` (``head_kwargs``); from a causal LM
+    dir, the ``score`` head is new."""
+    return AutoModelForSequenceClassification.from_pretrained(
+        model_args.model_name_or_path, dtype=model_args.dtype or "float32", **head
     )
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -426,7 +424,8 @@ def train(args: RewardArguments, model_args: ModelConfig, training_args: RewardC
         raise ValueError("reward needs model_name_or_path: an SFT/pretrain run's final/ dir or any HF model dir")
     tokenizer = load_tokenizer(args.tokenizer_name_or_path or model_args.model_name_or_path)
     torch.manual_seed(training_args.seed)
-    model = load_model(model_args, tokenizer, args.score_loglik)
+    head = head_kwargs(model_args.model_name_or_path, tokenizer, args.score_loglik)
+    model = load_model(model_args, head)
     out = Path(training_args.output_dir)
     write_config(out, args, model_args, training_args)
 
@@ -469,7 +468,6 @@ def train(args: RewardArguments, model_args: ModelConfig, training_args: RewardC
     train_seconds = time.time() - t0
 
     # final/: a standalone seq-cls model (LoRA merged, score head kept), consolidated under ZeRO-3/FSDP
-    head = head_kwargs(model_args.model_name_or_path, tokenizer, args.score_loglik)
     final = save_final(trainer, tokenizer, out / "final", adapter_dir=out / "adapter",
                        auto_class=AutoModelForSequenceClassification, **head)
     if peft_config is not None and trainer.is_world_process_zero():

@@ -10,8 +10,8 @@ import torch
 from datasets import Dataset
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
-from align.reward import (CONFIG_TYPES, RewardArguments, load_model, margin_metrics, split_of, train,
-                          world_heldout_pairs)
+from align.reward import (CONFIG_TYPES, RewardArguments, head_kwargs, load_model, margin_metrics, split_of,
+                          train, world_heldout_pairs)
 from align.config import parse
 from align.score import RewardScorer, _weight_keys, load_reward_model
 
@@ -71,7 +71,7 @@ def test_loss_matches_independent_bradley_terry(lm_dir, tmp_path):
 
     tok = load_tokenizer(lm_dir)
     torch.manual_seed(0)
-    model = load_model(ModelConfig(model_name_or_path=str(lm_dir)), tok)
+    model = load_model(ModelConfig(model_name_or_path=str(lm_dir)), head_kwargs(str(lm_dir), tok))
     pairs = world_heldout_pairs(0, 4)[:6]
     margins = [0.0, 0.5, -0.3, 1.0, 0.2, 0.0]
     ds = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"], "margin": m}
@@ -158,7 +158,8 @@ def test_lora_rm_keeps_its_score_head(lm_dir, tmp_path, score_loglik):
     assert a.mean().item() == pytest.approx(ev["mean_margin"], abs=1e-5)  # == the in-memory model before saving
 
     torch.manual_seed(0)  # train() seeds, then loads: the same random head
-    init = load_model(ModelConfig(model_name_or_path=str(lm_dir)), merged.tokenizer, score_loglik).score
+    head = head_kwargs(str(lm_dir), merged.tokenizer, score_loglik)
+    init = load_model(ModelConfig(model_name_or_path=str(lm_dir)), head).score
     assert not torch.allclose(init.weight, merged.model.score.weight.cpu())
     assert merged.model.config.score_loglik is score_loglik
     if score_loglik:  # the learned scale of the likelihood term is saved with the adapter, merged and reloaded
@@ -177,7 +178,7 @@ def test_loglik_score_is_head_plus_scaled_response_loglik(lm_dir):
 
     tok = load_tokenizer(lm_dir)
     torch.manual_seed(0)
-    rm = load_model(ModelConfig(model_name_or_path=str(lm_dir)), tok, score_loglik=True).eval()
+    rm = load_model(ModelConfig(model_name_or_path=str(lm_dir)), head_kwargs(str(lm_dir), tok, True)).eval()
     with torch.no_grad():
         rm.score.loglik_scale.fill_(0.7)
     lm = AutoModelForCausalLM.from_pretrained(str(lm_dir)).eval()
@@ -195,8 +196,9 @@ def test_loglik_score_is_head_plus_scaled_response_loglik(lm_dir):
     assert score_ids(rm, seqs, tok.pad_token_id, batch_size=4) == pytest.approx(expected, abs=1e-4)  # right-padded
     width = max(map(len, seqs))  # left padding: the same scores
     ids = torch.tensor([[tok.pad_token_id] * (width - len(s)) + s for s in seqs])
+    mask = (torch.arange(width)[None] >= width - torch.tensor([len(s) for s in seqs])[:, None]).long()
     with torch.no_grad():
-        left = rm(input_ids=ids, attention_mask=(torch.arange(width)[None] >= width - torch.tensor([len(s) for s in seqs])[:, None]).long()).logits[:, 0]
+        left = rm(input_ids=ids, attention_mask=mask).logits[:, 0]
     assert left.tolist() == pytest.approx(expected, abs=1e-4)
 
 
@@ -205,9 +207,10 @@ def test_loglik_head_is_align_only_and_has_no_llama_form(lm_dir, tiny_llama_dir,
     from align.generate import load_tokenizer
 
     with caplog.at_level("WARNING", logger="align.reward"):  # any HF model: the linear head, said in the log
-        llama = load_model(ModelConfig(model_name_or_path=tiny_llama_dir), load_tokenizer(tiny_llama_dir), True)
+        head = head_kwargs(tiny_llama_dir, load_tokenizer(tiny_llama_dir), True)
+    llama = load_model(ModelConfig(model_name_or_path=tiny_llama_dir), head)
     assert type(llama).__name__ == "LlamaForSequenceClassification" and "align's decoder only" in caplog.text
-    rm = load_model(ModelConfig(model_name_or_path=str(lm_dir)), load_tokenizer(lm_dir), score_loglik=True)
+    rm = load_model(ModelConfig(model_name_or_path=str(lm_dir)), head_kwargs(str(lm_dir), load_tokenizer(lm_dir), True))
     with pytest.raises(ValueError, match="score_loglik"):
         to_llama(rm)
 

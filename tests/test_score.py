@@ -27,12 +27,12 @@ def lm_dir(tmp_path_factory) -> Path:
 def rm_dir(lm_dir, tmp_path_factory) -> Path:
     """A reward-model dir as align.reward writes it (score head with a non-trivial weight)."""
     from align.generate import load_tokenizer
-    from align.reward import load_model
+    from align.reward import head_kwargs, load_model
     from trl import ModelConfig
 
     tok = load_tokenizer(lm_dir)
     torch.manual_seed(0)
-    model = load_model(ModelConfig(model_name_or_path=str(lm_dir)), tok)
+    model = load_model(ModelConfig(model_name_or_path=str(lm_dir)), head_kwargs(str(lm_dir), tok))
     with torch.no_grad():
         model.score.weight.normal_(0, 1.0)
     out = tmp_path_factory.mktemp("rm") / "final"
