@@ -468,15 +468,16 @@ class DecoderForSequenceClassification(DecoderPreTrainedModel):
         if self.config.score_loglik:
             if input_ids is None:
                 raise ValueError("score_loglik needs input_ids (the response tokens), got inputs_embeds only")
-            real = attention_mask if attention_mask is not None else (
-                input_ids != pad_token_id if pad_token_id is not None else torch.ones_like(input_ids))
+            real = attention_mask  # (B, T) 1 = a real token
+            if real is None:
+                real = input_ids != pad_token_id if pad_token_id is not None else torch.ones_like(input_ids)
             loglik = self.response_loglik(h, input_ids, real)
         pooled = h[torch.arange(batch_size, device=h.device), last_non_pad_token]  # (B, C)
         pooled_logits = self.score(pooled, loglik)  # (B, num_labels)
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=pooled_logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+            loss = self.loss_function(labels=labels, pooled_logits=pooled_logits, config=self.config)
             if out.aux_loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * out.aux_loss.to(loss.device)
         return DecoderSequenceClassifierOutput(
