@@ -413,6 +413,7 @@ def _world_eval(model, tokenizer, args: DPOArguments, seed: int) -> dict[str, An
 def _reusable_before(model_path: str, args: DPOArguments, seed: int) -> dict[str, Any] | None:
     """``<model_dir>/../eval.json`` (the SFT run's own evaluation) if it is on the same held-out prompts."""
     from align.data.world import World
+    from align.evaluate import SAMPLES_PER_PROMPT
 
     path = Path(model_path).parent / "eval.json"
     if not Path(model_path).is_dir() or not path.exists():
@@ -428,9 +429,10 @@ def _reusable_before(model_path: str, args: DPOArguments, seed: int) -> dict[str
         and samples
         and all(s.get("prompt") == ex.prompt for s, ex in zip(samples, examples))
         and all(k in ev for k in ("exact_match", "exact_match_sampled", "preferred_rate"))
+        and ev.get("samples_per_prompt") == SAMPLES_PER_PROMPT
     )
     if not same:
-        logger.info("%s is on other prompts: evaluating the start policy again", path)
+        logger.info("%s is on other prompts or sampling: evaluating the start policy again", path)
         return None
     logger.info("start policy's figures reused from %s", path)
     return ev | {"source": str(path)}

@@ -3,7 +3,11 @@
 For each model: greedy and sampled (T=1) replies to the same held-out prompts, checked by the world's
 rule checker. Reported:
 - ``exact_match``: share of greedy replies with the right answer (any style), also per task;
-- ``exact_match_sampled``: the same for replies sampled at T=1;
+- ``exact_match_sampled``: the same for replies sampled at T=1, averaged over ``samples_per_prompt``
+  samples per prompt (one sample on 200 prompts has a standard error of ~3 points; eight have ~1.5);
+- ``pass_at_k`` / ``maj_at_k``: share of prompts with at least one right sample / whose most frequent
+  sampled answer is right (k = ``samples_per_prompt``): what RL can at most sharpen the policy towards
+  without teaching it anything new (Wang et al. 2022, https://arxiv.org/abs/2203.11171);
 - ``preferred_rate``: share of *sampled* replies that are correct and in the preferred (helpful) style.
   Greedy style is all-or-nothing (the first token picks it), so the sampled rate is the one that moves;
   ``preferred_rate_greedy`` is reported too;
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +26,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from align.data import world
 from align.generate import generate
+
+
+SAMPLES_PER_PROMPT = 8  # sampled replies per held-out prompt: the sampled figures are means over them
 
 
 def score_replies(examples: Sequence["world.Example"], replies: Sequence[str]) -> dict[str, Any]:
@@ -44,6 +51,19 @@ def score_replies(examples: Sequence["world.Example"], replies: Sequence[str]) -
     }
 
 
+def sample_agreement(examples: Sequence["world.Example"], samples: Sequence[Sequence[str]]) -> dict[str, float]:
+    """pass@k and maj@k of k sampled replies per example (k = len(samples[i]))."""
+    passed = majority = 0
+    for ex, replies in zip(examples, samples, strict=True):
+        passed += any(world.check(ex, r)["correct"] for r in replies)
+        answers = Counter(a for a, _ in map(world.parse_reply, replies) if a is not None)
+        if answers:
+            top = answers.most_common(1)[0][0]
+            majority += world.TASKS[ex.task].checker(top, ex.answer)
+    n = max(len(examples), 1)
+    return {"pass_at_k": passed / n, "maj_at_k": majority / n}
+
+
 def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -54,6 +74,7 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 100,
     num_samples: int = 8,
+    samples_per_prompt: int = SAMPLES_PER_PROMPT,
 ) -> dict[str, Any]:
     """Greedy and sampled generation on held-out prompts, checked by rule. Returns a JSON-ready dict."""
     if examples is None:
@@ -63,15 +84,15 @@ def evaluate(
     model.eval()
     prompts = [ex.prompt for ex in examples]
     greedy = [r[0] for r in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)]
-    sampled = [
-        r[0]
-        for r in generate(
-            model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0,
-            batch_size=batch_size, seed=seed,
-        )
-    ]
+    k = samples_per_prompt
+    sampled_k = generate(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0,
+        num_return_sequences=k, batch_size=batch_size, seed=seed,  # batch_size prompts: k x as many rows
+    )
     model.train(was_training)
-    g, s = score_replies(examples, greedy), score_replies(examples, sampled)
+    g = score_replies(examples, greedy)
+    s = score_replies([ex for ex in examples for _ in range(k)], [r for rs in sampled_k for r in rs])
+    sampled = [rs[0] for rs in sampled_k]
     lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in sampled]
     return {
         "num_prompts": len(examples),
@@ -79,6 +100,8 @@ def evaluate(
         "exact_match_sampled": s["exact_match"],
         "preferred_rate": s["preferred_rate"],
         "preferred_rate_greedy": g["preferred_rate"],
+        "samples_per_prompt": k,
+        **sample_agreement(examples, sampled_k),
         "exact_match_per_task": g["per_task"],
         "exact_match_sampled_per_task": s["per_task"],
         "styles_sampled": s["styles"],

@@ -248,7 +248,8 @@ def log_eval(name: str, before: dict | None, after: dict) -> None:
     def f(d, k):
         return f"{d[k]:.3f}" if d and isinstance(d.get(k), (int, float)) else "-"
 
-    for k in ("exact_match", "exact_match_sampled", "preferred_rate", "kl_to_reference", "mean_rm_reward"):
+    for k in ("exact_match", "exact_match_sampled", "maj_at_k", "pass_at_k", "preferred_rate", "kl_to_reference",
+              "mean_rm_reward"):
         logger.info("%s %-20s before %s  after %s", name, k, f(before, k), f(after, k))
 
 

@@ -183,7 +183,7 @@ def fill_store(q: QuickstartArguments, policy: Path, out: Path, n_candidates: in
 
 
 def _figures(ev: dict[str, Any]) -> dict[str, Any]:
-    keys = ("exact_match", "exact_match_sampled", "preferred_rate", "mean_length")
+    keys = ("exact_match", "exact_match_sampled", "maj_at_k", "pass_at_k", "preferred_rate", "mean_length")
     return {k: ev[k] for k in keys if k in ev}
 
 
