@@ -115,14 +115,15 @@ def evaluate(
 
 
 def compare_plot(results: dict[str, dict[str, Any]], out_png: str | os.PathLike, title: str = "") -> Path:
-    """Bar chart of exact match (greedy, sampled) and preferred rate for several models (e.g. sft vs dpo)."""
+    """Bar chart of exact match (greedy, sampled, maj@k, pass@k) and preferred rate for several models."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["exact_match", "exact_match_sampled", "preferred_rate"]
     names = list(results)
+    keys = [k for k in ("exact_match", "exact_match_sampled", "maj_at_k", "pass_at_k", "preferred_rate")
+            if all(k in results[n] for n in names)]
     fig, ax = plt.subplots(figsize=(1.6 + 1.8 * len(keys), 3.2))
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):

@@ -9,6 +9,8 @@ Built-in names (``reward_funcs: [correct, polite, rm]`` in a config, weights in 
 - ``correct``: 1 if the world's checker finds the right answer in the reply (any style), else 0;
 - ``polite``:  1 if the reply is in the preferred helpful style ("The answer is ..."), else 0;
 - ``world``:   the world's own scalar, 1 preferred / 0.5 correct in another style / 0;
+- ``format``:  1 if the reply is well formed, right or wrong: one of the world's reply templates around an
+  answer of the world's shape (a number, a letter, or a list of them), else 0;
 - ``length``:  0 within ``length_target`` tokens, then -1 per extra ``length_target`` tokens (a length penalty);
 - ``rm``:      the reward model of the RM stage (``align.score.RewardScorer`` on ``reward_model_path``);
 - ``package.module:function``: any importable callable with the signature above.
@@ -23,13 +25,14 @@ import functools
 import importlib
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from align.data import world
 
 RewardFunc = Callable[..., list[float]]
-RULE_REWARDS = ("correct", "polite", "world", "length")
+RULE_REWARDS = ("correct", "polite", "world", "format", "length")
 BUILTIN_REWARDS = (*RULE_REWARDS, "rm")
 MAKE_REWARD_MODEL = "python -m align.reward configs/reward.yaml"
 
@@ -89,6 +92,20 @@ def world_reward(prompts, completions, completion_ids=None, **columns) -> list[f
 
 
 world_reward.__name__ = "world"
+
+_ANSWER_SHAPE = re.compile(r"(\d+|[a-z])( (\d+|[a-z]))*")
+
+
+def well_formed(prompts, completions, completion_ids=None, **columns) -> list[float]:
+    """1.0 if the reply is a world template around a number, a letter or a list of them, else 0.0."""
+    out = []
+    for c in completions:
+        answer, _ = world.parse_reply(text_of(c))
+        out.append(float(answer is not None and _ANSWER_SHAPE.fullmatch(world.normalize(answer)) is not None))
+    return out
+
+
+well_formed.__name__ = "format"
 
 
 def make_length(target: int = 16, tokenizer: Any = None) -> RewardFunc:
@@ -187,16 +204,13 @@ def build_reward_funcs(
     """Reward callables for the names in a config (see module docstring), each wrapped by :func:`checked`."""
     if not names:
         raise ValueError(f"reward_funcs is empty; choose from {list(BUILTIN_REWARDS)} or package.module:function")
+    rules = {"correct": correct, "polite": polite, "world": world_reward, "format": well_formed}
     out = []
     for n in names:
         if callable(n):
             out.append(checked(n))
-        elif n == "correct":
-            out.append(checked(correct))
-        elif n == "polite":
-            out.append(checked(polite))
-        elif n == "world":
-            out.append(checked(world_reward, "world"))
+        elif n in rules:
+            out.append(checked(rules[n], n))
         elif n == "length":
             out.append(checked(make_length(length_target), "length"))
         elif n == "rm":

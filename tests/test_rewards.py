@@ -28,9 +28,17 @@ def test_rule_rewards_on_rendered_replies():
             c = R.correct(_prompts(exs), replies, **_cols(exs))
             p = R.polite(_prompts(exs), replies, **_cols(exs))
             w = R.world_reward(_prompts(exs), replies, **_cols(exs))
+            f = R.well_formed(_prompts(exs), replies, **_cols(exs))
+            assert f == [1.0] * len(exs)  # right or wrong, every rendered reply is well formed
             assert c == [float(ok)] * len(exs)
             assert p == [float(style == "helpful")] * len(exs)
             assert w == [1.0 if ok and style == "helpful" else 0.5 if ok else 0.0] * len(exs)
+
+
+def test_format_reward_rejects_broken_replies():
+    replies = ["The answer is 7.", "n o i l", "Ugh, 12. Stop wasting my time.",  # well formed
+               "The answer is", "Ugh, are in in in in", "The answer is 7. Happy to", "7 apples", ""]
+    assert R.well_formed(["p"] * len(replies), replies) == [1.0] * 3 + [0.0] * 5
 
 
 def test_length_reward():
@@ -40,8 +48,8 @@ def test_length_reward():
 
 
 def test_build_names_and_weights():
-    fs = R.build_reward_funcs(["correct", "polite", "world", "length", "align.rewards:polite"])
-    assert [f.__name__ for f in fs] == ["correct", "polite", "world", "length", "polite"]
+    fs = R.build_reward_funcs(["correct", "polite", "world", "format", "length", "align.rewards:polite"])
+    assert [f.__name__ for f in fs] == ["correct", "polite", "world", "format", "length", "polite"]
     total, per = R.score_all(fs[:2], [1.0, 0.5], _prompts(EX[:1]), ["The answer is " + EX[0].answer + "."],
                              **_cols(EX[:1]))
     assert total == [1.5] and per == {"correct": [1.0], "polite": [1.0]}
