@@ -284,6 +284,12 @@ def prepare_run(name: str, args: GRPOArguments, model_args: ModelConfig, trainin
     if "rm" in args.reward_funcs or args.reward_model_path:
         R.check_reward_model_dir(args.reward_model_path)
     R.validate_weights(args.reward_funcs, training_args.reward_weights)
+    if torch.cuda.is_available() and torch.backends.cuda.cudnn_sdp_enabled():
+        # Left-padded prompts give query rows that see no key; cuDNN's SDPA backward returns NaN for them
+        # (bf16, T % 128 == 64: https://github.com/pytorch/pytorch/issues/196678, seen with HF Llama on an H200).
+        # The align decoder avoids such rows itself; other models need the other SDPA kernels.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        logger.info("cuDNN attention off for %s (pytorch#196678): flash/memory-efficient SDPA instead", name)
     t0 = time.time()
     out = Path(training_args.output_dir)
     tokenizer = load_tokenizer(args.tokenizer_name_or_path or model_args.model_name_or_path)

@@ -218,6 +218,29 @@ def test_left_padded_batch_generation_equals_one_by_one():
     torch.testing.assert_close(full[0, T - 3:], alone[0], atol=1e-5, rtol=1e-5)
 
 
+def test_no_query_row_is_fully_masked():
+    """Left-pad queries see every key, not none: cuDNN's SDPA backward returns NaN for a row that sees nothing
+    (found with bf16 GRPO on an H200). Real rows keep their mask, and their logits and gradients are those of
+    the unpadded sequence."""
+    m = lm().train()
+    seen = []
+    m.model.layers[0].self_attn.register_forward_pre_hook(lambda mod, args: seen.append(args[2]))
+    x = ids(B=2, T=6)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    out = m(x, attention_mask=mask).logits
+    attn = seen[0]  # (B, 1, T, S) bool
+    assert attn.any(-1).all(), "a query row with no key to attend to"
+    assert attn[0, 0, 0].all() and not attn[0, 0, 3, :3].any()  # pad row: all keys; real row: no pads
+    out[0, 3:].sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    alone = m(x[:1, 3:]).logits
+    torch.testing.assert_close(out[0, 3:], alone[0], atol=1e-5, rtol=1e-5)
+    alone.sum().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_sampling_and_stop_ids():
     m = lm(eos_token_id=None)
     x = ids(B=2, T=4)

@@ -261,6 +261,11 @@ class DecoderModel(DecoderPreTrainedModel):
             cache=cache,
             position_ids=position_ids,
         )
+        if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+            # A left-pad query sees no key at all; cuDNN's SDPA backward (bf16 on GPU) returns NaN for such rows,
+            # and one NaN poisons every weight. Let those rows see every key: real rows are unchanged, and pad
+            # outputs are never read.
+            mask = mask | ~mask.any(dim=-1, keepdim=True)  # (B, 1, T, S)
         token_mask = None
         if self.config.num_experts and attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -T:].bool()  # (B, T) MoE routes real tokens only
