@@ -56,7 +56,7 @@ def sample_agreement(examples: Sequence["world.Example"], samples: Sequence[Sequ
     passed = majority = 0
     for ex, replies in zip(examples, samples, strict=True):
         passed += any(world.check(ex, r)["correct"] for r in replies)
-        answers = Counter(a for a, _ in map(world.parse_reply, replies) if a is not None)
+        answers = Counter(world.normalize(a) for a, _ in map(world.parse_reply, replies) if a is not None)
         if answers:
             top = answers.most_common(1)[0][0]
             majority += world.TASKS[ex.task].checker(top, ex.answer)
