@@ -1,0 +1,268 @@
+"""The closed loop: ``python -m align.loop configs/loop.yaml`` (after ``make quickstart``).
+
+Each round, with the policy and reward model of the round before:
+
+1. the policy answers fresh world prompts, ``candidates_per_prompt`` samples each at T=1;
+2. the reward model scores every candidate and picks each prompt's pair (``selection``):
+   ``extremes``, its best against its worst candidate (the on-policy pairs of iterative DPO);
+   ``uncertainty``, the pair it is least sure about (smallest |r_a - r_b|: uncertainty sampling, Settles 2009);
+   ``random``. The comparisons go to the store with ``priority = -|margin|``, so the app shows annotators
+   the most uncertain first;
+3. labels: ``labeller: world`` lets the world's rule checker label them as a simulated annotator (``world-oracle``,
+   kind ``rule``): a preferred reply beats a correct one, which beats a wrong one; equal replies are a tie,
+   or "both bad" when both are wrong. ``labeller: human`` stops after step 2 and says how many comparisons
+   wait in the app; run the loop again once they are labelled and it carries on;
+4. a new reward model trains on every label in the store (``configs/reward.yaml``), and the policy trains
+   ``dpo_epochs`` epochs of DPO on this round's labelled pairs (``configs/dpo.yaml``; ties and "both bad" are
+   dropped), i.e. iterative, on-policy DPO (Xiong et al. 2024, https://arxiv.org/abs/2312.11456);
+5. both are evaluated by their commands; ``report.json``, ``metrics.jsonl`` and ``loop.png`` hold every round.
+
+A round whose ``dpo/final`` exists is skipped, so a killed loop carries on where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from align.config import parse
+from align.runs import plot_metrics, setup_logging, write_config, write_json
+
+logger = logging.getLogger("align.loop")
+
+ORACLE = "world-oracle"
+SELECTIONS = ("extremes", "uncertainty", "random")
+
+
+@dataclass
+class LoopArguments:
+    output_dir: str = field(default="runs/loop", metadata={"help": "round_<k>/{reward,dpo} and report.json go here."})
+    store_url: str = field(default="sqlite:///data/preferences.db", metadata={"help": "The preference store."})
+    policy_path: str = field(default="runs/quickstart/dpo/final", metadata={"help": "The policy of round 0."})
+    reward_model_path: str = field(
+        default="runs/quickstart/reward/final", metadata={"help": "The reward model of round 0 (picks the pairs)."}
+    )
+    reward_base_path: str = field(
+        default="runs/quickstart/sft/final", metadata={"help": "What each round's reward model trains from."}
+    )
+    configs_dir: str = field(default="configs", metadata={"help": "Where reward.yaml and dpo.yaml live."})
+    rounds: int = field(default=2, metadata={"help": "Rounds of generate -> select -> label -> train."})
+    prompts_per_round: int = field(default=256, metadata={"help": "Fresh world prompts per round (one pair each)."})
+    candidates_per_prompt: int = field(default=4, metadata={"help": "Samples per prompt to choose the pair from."})
+    selection: str = field(default="extremes", metadata={"help": "'extremes' (RM best vs worst), 'uncertainty' "
+                                                         "(smallest RM margin) or 'random'."})
+    labeller: str = field(default="world", metadata={"help": "'world' (simulated annotator) or 'human' (the app)."})
+    dpo_epochs: float = field(default=2.0, metadata={"help": "DPO epochs per round, over that round's pairs."})
+    dpo_learning_rate: float = field(
+        default=5e-4, metadata={"help": "DPO learning rate per round (configs/dpo.yaml's 2e-3 is for 80 steps)."}
+    )
+    max_new_tokens: int = field(default=32, metadata={"help": "Candidate length limit."})
+    seed: int = field(default=0, metadata={"help": "Seed of the world, sampling and every stage."})
+
+    def __post_init__(self):
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.labeller not in ("world", "human"):
+            raise ValueError(f"labeller must be 'world' or 'human', got {self.labeller!r}")
+        if self.dpo_epochs <= 0:
+            raise ValueError(f"dpo_epochs must be > 0, got {self.dpo_epochs}")
+        for name in ("rounds", "prompts_per_round"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.candidates_per_prompt < 2:
+            raise ValueError(f"candidates_per_prompt must be >= 2 (a pair), got {self.candidates_per_prompt}")
+
+
+CONFIG_TYPES = (LoopArguments,)
+
+
+# ----------------------------------------------------------------------------------------------- selection, labels
+
+
+def pick_pair(scores: Sequence[float], selection: str, rng: random.Random) -> tuple[int, int]:
+    """Indices (i, j) of the two candidates to compare: best vs worst, the closest rewards, or a random pair."""
+    if selection == "extremes":
+        order = sorted(range(len(scores)), key=scores.__getitem__)
+        return order[-1], order[0]
+    pairs = list(itertools.combinations(range(len(scores)), 2))
+    if selection == "random":
+        return rng.choice(pairs)
+    return min(pairs, key=lambda p: abs(scores[p[0]] - scores[p[1]]))
+
+
+def oracle_choice(example: Any, reply_a: str, reply_b: str) -> str:
+    """The simulated annotator: preferred > correct in another style > wrong; 'tie' / 'both_bad' when equal."""
+    from align.data.world import reward
+
+    ra, rb = reward(example, reply_a), reward(example, reply_b)
+    if ra == rb:
+        return "both_bad" if ra == 0 else "tie"
+    return "a" if ra > rb else "b"
+
+
+def distinct(replies: Sequence[str]) -> list[str]:
+    """The different replies, in order; without NUL, which the store refuses (PostgreSQL cannot hold it)."""
+    return [r for r in dict.fromkeys(replies) if "\x00" not in r]
+
+
+# ----------------------------------------------------------------------------------------------- one round
+
+
+def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_model: Path, out: Path) -> dict[str, Any]:
+    """Steps 1-2: candidates from the policy; per prompt, the pair ``selection`` picks goes to the store."""
+    from align.data.world import World
+    from align.generate import generate, load_causal_lm
+    from align.score import RewardScorer
+    from align.store import Store
+
+    n = args.prompts_per_round
+    examples = World(seed=args.seed).rl_prompts(k * n)[(k - 1) * n :]  # fresh prompts each round
+    model, tok = load_causal_lm(policy)
+    settings = {"do_sample": True, "temperature": 1.0, "max_new_tokens": args.max_new_tokens}
+    samples = generate(model, tok, [e.prompt for e in examples], num_return_sequences=args.candidates_per_prompt,
+                       seed=args.seed + k, **settings)
+    del model
+    candidates = [(e, distinct(rs)) for e, rs in zip(examples, samples)]
+    candidates = [(e, rs) for e, rs in candidates if len(rs) >= 2]  # identical samples: nothing to compare
+    scorer = RewardScorer(str(reward_model))
+    flat = scorer.score([e.prompt for e, rs in candidates for _ in rs], [r for _, rs in candidates for r in rs])
+    rng, queued, margins, start = random.Random(f"{args.seed}:{k}"), [], [], 0
+    with Store(args.store_url).init() as store:
+        for e, rs in candidates:
+            scores, start = flat[start : start + len(rs)], start + len(rs)
+            i, j = pick_pair(scores, args.selection, rng)
+            margin = abs(scores[i] - scores[j])
+            pid = store.add_prompt(e.prompt, source=source(k))
+            ra, rb = (store.add_response(pid, rs[x], model=str(policy), settings=settings) for x in (i, j))
+            cid = store.add_comparison(pid, ra, rb, priority=-margin, source=source(k))
+            queued.append({"comparison_id": cid, "example": e.to_dict(), "a": rs[i], "b": rs[j], "margin": margin})
+            margins.append(margin)
+    summary = {"comparisons": len(queued), "mean_abs_margin": sum(margins) / max(len(margins), 1)}
+    write_json(out / "queue.json", summary)
+    write_json(out / "comparisons.json", queued)
+    return summary
+
+
+def label_with_oracle(args: LoopArguments, out: Path) -> dict[str, int]:
+    """Step 3 with ``labeller: world``: the rule checker labels each queued comparison once."""
+    from align.data.world import example_from_dict
+    from align.store import Store
+
+    counts: dict[str, int] = {}
+    with Store(args.store_url).init() as store:
+        store.ensure_annotator(ORACLE, kind="rule")
+        for q in json.loads((out / "comparisons.json").read_text()):
+            if store.labels(q["comparison_id"], annotator=ORACLE):
+                continue  # labelled before a restart
+            choice = oracle_choice(example_from_dict(q["example"]), q["a"], q["b"])
+            store.submit_label(q["comparison_id"], ORACLE, choice)
+            counts[choice] = counts.get(choice, 0) + 1
+    return counts
+
+
+def unlabelled(args: LoopArguments, out: Path) -> int:
+    from align.store import Store
+
+    with Store(args.store_url).init() as store:
+        return sum(not store.labels(q["comparison_id"]) for q in json.loads((out / "comparisons.json").read_text()))
+
+
+def labelled_pairs(args: LoopArguments, k: int) -> int:
+    """Pairs round k gives DPO: its comparisons whose labels have a winner."""
+    from align.store import Store
+
+    with Store(args.store_url).init() as store:
+        splits, _ = store.export_rows(sources=[source(k)])
+    return sum(map(len, splits.values()))
+
+
+def source(k: int) -> str:
+    return f"loop-round-{k}"
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+def run(args: LoopArguments) -> dict[str, Any]:
+    from align import dpo, reward
+
+    root = Path(args.output_dir)
+    write_config(root, args)
+    report_path = root / "report.json"
+    report: dict[str, Any] = json.loads(report_path.read_text()) if report_path.exists() else {"rounds": {}}
+    policy, rm = Path(args.policy_path), Path(args.reward_model_path)
+    for path, make in ((policy, "make quickstart (dpo/final)"), (rm, "make quickstart (reward/final)")):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: make it with `{make}`")
+    t0 = time.time()
+    for k in range(1, args.rounds + 1):
+        out = root / f"round_{k}"
+        if (out / "dpo" / "final").exists():
+            logger.info("== round %d: already done, skipping", k)
+            policy, rm = out / "dpo" / "final", out / "reward" / "final"
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        r: dict[str, Any] = {}
+        if (out / "comparisons.json").exists():  # queued before a stop (e.g. waiting for the app's labels)
+            r["queue"] = json.loads((out / "queue.json").read_text())
+        else:
+            logger.info("== round %d: candidates from %s, pairs picked by %s (%s)", k, policy, rm, args.selection)
+            r["queue"] = queue_comparisons(args, k, policy, rm, out)
+        if args.labeller == "world":
+            r["labels"] = label_with_oracle(args, out)
+        waiting = unlabelled(args, out)
+        if waiting:
+            print(f"\nRound {k}: {waiting} comparisons wait in the store {args.store_url}. Label them in the app:\n"
+                  f"  .venv/bin/python -m app configs/app.yaml --db {args.store_url}\n"
+                  f"then run the loop again; it carries on from here.")
+            return report
+        pairs = labelled_pairs(args, k)
+        if not pairs:
+            raise ValueError(f"round {k}: no comparison has a winner (all ties or both bad); nothing to train on")
+        seed = ["--seed", str(args.seed)]
+        rm_summary = reward.main([
+            str(Path(args.configs_dir) / "reward.yaml"), "--output_dir", str(out / "reward"),
+            "--model_name_or_path", args.reward_base_path, "--store_url", args.store_url, *seed,
+        ])
+        dpo_summary = dpo.main([
+            str(Path(args.configs_dir) / "dpo.yaml"), "--output_dir", str(out / "dpo"),
+            "--model_name_or_path", str(policy), "--store_url", args.store_url,
+            "--store_sources", json.dumps([source(k)]), "--reward_model_path", str(out / "reward" / "final"),
+            "--max_steps", "-1", "--num_train_epochs", str(args.dpo_epochs), "--warmup_steps", "0",
+            "--learning_rate", str(args.dpo_learning_rate), *seed,
+        ])
+        policy, rm = out / "dpo" / "final", out / "reward" / "final"
+        ev, rev = dpo_summary["eval"], rm_summary["eval"]
+        r["pairs"] = pairs
+        r["policy"] = {key: ev.get(key) for key in ("exact_match", "exact_match_sampled", "maj_at_k", "preferred_rate")}
+        r["policy"]["win_rate_vs_previous"] = ev.get("win_rate_vs_sft")  # judged by this round's RM
+        r["reward"] = {key: rev.get(key) for key in ("accuracy", "accuracy_style", "accuracy_correctness")}
+        if k == 1:
+            report["start"] = {key: (ev.get("before") or {}).get(key) for key in list(r["policy"])[:-1]}
+        report["rounds"][str(k)] = r
+        write_json(report_path, report)
+        with open(root / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": k, **{f"policy/{a}": b for a, b in r["policy"].items()},
+                                **{f"reward/{a}": b for a, b in r["reward"].items()}}) + "\n")
+        plot_metrics(root / "metrics.jsonl", root / "loop.png", title=f"align loop ({args.selection} selection)")
+        logger.info("== round %d: %s", k, json.dumps(r))
+    report["wall_seconds"] = round(time.time() - t0, 1)
+    report["policy_path"], report["reward_model_path"] = str(policy), str(rm)
+    write_json(report_path, report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    setup_logging()
+    (args,) = parse(CONFIG_TYPES, argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()
