@@ -221,7 +221,10 @@ def run(args: LoopArguments) -> dict[str, Any]:
             print(f"\nRound {k}: {waiting} comparisons wait in the store {args.store_url}. Label them in the app:\n"
                   f"  .venv/bin/python -m app configs/app.yaml --db {args.store_url}\n"
                   f"then run the loop again; it carries on from here.")
+            report["waiting"] = {"round": k, "comparisons": waiting}
+            write_json(report_path, report)
             return report
+        report.pop("waiting", None)
         pairs = labelled_pairs(args, k)
         if not pairs:
             raise ValueError(f"round {k}: no comparison has a winner (all ties or both bad); nothing to train on")

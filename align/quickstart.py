@@ -3,7 +3,7 @@
 Runs the whole loop on the built-in default, each stage being the ordinary command with its own
 config file and the quickstart's paths filled in:
 
-    tokenizer -> pretrain -> sft -> store (rule-labelled pairs) -> reward -> dpo -> grpo -> ppo
+    tokenizer -> pretrain -> sft -> store (rule-labelled pairs) -> reward -> dpo -> grpo -> ppo -> loop
 
 into ``runs/quickstart/<stage>/``, and writes ``runs/quickstart/report.json`` with each stage's
 held-out figures and the wall time. A stage whose ``final/`` already exists is skipped unless
@@ -25,7 +25,7 @@ from align.runs import setup_logging, write_config, write_json
 
 logger = logging.getLogger("align.quickstart")
 
-STAGES = ("tokenizer", "pretrain", "sft", "store", "reward", "dpo", "grpo", "ppo")
+STAGES = ("tokenizer", "pretrain", "sft", "store", "reward", "dpo", "grpo", "ppo", "loop")
 
 
 @dataclass
@@ -132,6 +132,18 @@ def run(q: QuickstartArguments) -> dict[str, Any]:
         )
         report[name] = _figures(summary["eval"]) | {"start": str(policy)}
 
+    def run_loop():
+        from align import loop
+
+        summary = loop.main(_stage_argv(
+            q, "loop", policy_path=str(d["dpo"] / "final"), reward_model_path=str(d["reward"] / "final"),
+            reward_base_path=str(d["sft"] / "final"), store_url=q.store_url, **seed,
+        ))
+        report["loop"] = {k: r["policy"] | {"rm_correctness": r["reward"]["accuracy_correctness"]}
+                          for k, r in summary["rounds"].items()}
+        if "waiting" not in summary:  # labeller: human stops for the app's labels; the next run goes on
+            write_json(d["loop"] / "done.json", report["loop"])
+
     stage("tokenizer", run_tokenizer, d["tokenizer"] / "tokenizer_config.json")
     stage("pretrain", run_pretrain, d["pretrain"] / "final")
     stage("sft", run_sft, d["sft"] / "final")
@@ -140,6 +152,7 @@ def run(q: QuickstartArguments) -> dict[str, Any]:
     stage("dpo", run_dpo, d["dpo"] / "final")
     stage("grpo", lambda: run_rl("grpo"), d["grpo"] / "final")
     stage("ppo", lambda: run_rl("ppo"), d["ppo"] / "final")
+    stage("loop", run_loop, d["loop"] / "done.json")
 
     report["wall_seconds"] = round(time.time() - t0, 1)
     write_json(report_path, report)

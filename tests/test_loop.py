@@ -76,7 +76,7 @@ def test_rounds_wait_for_human_labels_then_resume(tmp_path, tiny_lm_dir, monkeyp
 
     # round 1, human labeller: candidates are queued (most uncertain first) and the loop waits
     report = loop.main([*argv, "--rounds", "1", "--labeller", "human", "--selection", "uncertainty"])
-    assert report["rounds"] == {}
+    assert report["rounds"] == {} and report["waiting"]["round"] == 1
     queued = json.loads((tmp_path / "loop/round_1/comparisons.json").read_text())
     assert queued and not (tmp_path / "loop/round_1/reward").exists()
     with Store(url) as store:
@@ -89,6 +89,7 @@ def test_rounds_wait_for_human_labels_then_resume(tmp_path, tiny_lm_dir, monkeyp
     # labelled in the app: the same command carries on and trains round 1
     report = loop.main([*argv, "--rounds", "1", "--labeller", "human"])
     r1 = report["rounds"]["1"]
+    assert "waiting" not in report
     assert r1["pairs"] == r1["queue"]["comparisons"] == len(queued)
     assert {"exact_match", "preferred_rate", "win_rate_vs_previous"} <= set(r1["policy"])
     assert (tmp_path / "loop/round_1/dpo/final/config.json").exists()
