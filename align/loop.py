@@ -2,7 +2,8 @@
 
 Each round, with the policy and reward model of the round before:
 
-1. the policy answers fresh world prompts, ``candidates_per_prompt`` samples each at T=1;
+1. the policy answers fresh prompts (the built-in world's, or ``dataset_name``: any prompts file
+   ``align.grpo`` reads), ``candidates_per_prompt`` samples each at T=1;
 2. the reward model scores every candidate and picks each prompt's pair (``selection``):
    ``extremes``, its best against its worst candidate (the on-policy pairs of iterative DPO);
    ``uncertainty``, the pair it is least sure about (smallest |r_a - r_b|: uncertainty sampling, Settles 2009);
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from align.config import parse
+from align.data import world
 from align.runs import plot_metrics, setup_logging, write_config, write_json
 
 logger = logging.getLogger("align.loop")
@@ -52,6 +54,9 @@ class LoopArguments:
         default="runs/quickstart/sft/final", metadata={"help": "What each round's reward model trains from."}
     )
     configs_dir: str = field(default="configs", metadata={"help": "Where reward.yaml and dpo.yaml live."})
+    dataset_name: str = field(
+        default="world", metadata={"help": "Prompts: 'world', or a file / datasets dir with a 'prompt' field."}
+    )
     rounds: int = field(default=2, metadata={"help": "Rounds of generate -> select -> label -> train."})
     prompts_per_round: int = field(default=256, metadata={"help": "Fresh world prompts per round (one pair each)."})
     candidates_per_prompt: int = field(default=4, metadata={"help": "Samples per prompt to choose the pair from."})
@@ -70,6 +75,9 @@ class LoopArguments:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.labeller not in ("world", "human"):
             raise ValueError(f"labeller must be 'world' or 'human', got {self.labeller!r}")
+        if self.labeller == "world" and self.dataset_name != "world":
+            raise ValueError(f"labeller 'world' knows only the world's answers; dataset_name {self.dataset_name!r} "
+                             "needs labeller: human")
         if self.dpo_epochs <= 0:
             raise ValueError(f"dpo_epochs must be > 0, got {self.dpo_epochs}")
         for name in ("rounds", "prompts_per_round"):
@@ -96,11 +104,9 @@ def pick_pair(scores: Sequence[float], selection: str, rng: random.Random) -> tu
     return min(pairs, key=lambda p: abs(scores[p[0]] - scores[p[1]]))
 
 
-def oracle_choice(example: Any, reply_a: str, reply_b: str) -> str:
+def oracle_choice(example: world.Example, reply_a: str, reply_b: str) -> str:
     """The simulated annotator: preferred > correct in another style > wrong; 'tie' / 'both_bad' when equal."""
-    from align.data.world import reward
-
-    ra, rb = reward(example, reply_a), reward(example, reply_b)
+    ra, rb = world.reward(example, reply_a), world.reward(example, reply_b)
     if ra == rb:
         return "both_bad" if ra == 0 else "tie"
     return "a" if ra > rb else "b"
@@ -116,32 +122,34 @@ def distinct(replies: Sequence[str]) -> list[str]:
 
 def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_model: Path, out: Path) -> dict[str, Any]:
     """Steps 1-2: candidates from the policy; per prompt, the pair ``selection`` picks goes to the store."""
-    from align.data.world import World
     from align.generate import generate, load_causal_lm
+    from align.grpo import prompt_dataset
     from align.score import RewardScorer
     from align.store import Store
 
     n = args.prompts_per_round
-    examples = World(seed=args.seed).rl_prompts(k * n)[(k - 1) * n :]  # fresh prompts each round
+    rows = prompt_dataset(args.dataset_name, k * n, args.seed).to_list()[(k - 1) * n :]  # fresh prompts each round
+    if not rows:
+        raise ValueError(f"{args.dataset_name}: no prompts left for round {k} ({n} per round)")
     model, tok = load_causal_lm(policy)
     settings = {"do_sample": True, "temperature": 1.0, "max_new_tokens": args.max_new_tokens}
-    samples = generate(model, tok, [e.prompt for e in examples], num_return_sequences=args.candidates_per_prompt,
+    samples = generate(model, tok, [row["prompt"] for row in rows], num_return_sequences=args.candidates_per_prompt,
                        seed=args.seed + k, **settings)
     del model
-    candidates = [(e, distinct(rs)) for e, rs in zip(examples, samples)]
-    candidates = [(e, rs) for e, rs in candidates if len(rs) >= 2]  # identical samples: nothing to compare
+    candidates = [(row, distinct(rs)) for row, rs in zip(rows, samples)]
+    candidates = [(row, rs) for row, rs in candidates if len(rs) >= 2]  # identical samples: nothing to compare
     scorer = RewardScorer(str(reward_model))
-    flat = scorer.score([e.prompt for e, rs in candidates for _ in rs], [r for _, rs in candidates for r in rs])
+    flat = scorer.score([row["prompt"] for row, rs in candidates for _ in rs], [r for _, rs in candidates for r in rs])
     rng, queued, margins, start = random.Random(f"{args.seed}:{k}"), [], [], 0
     with Store(args.store_url).init() as store:
-        for e, rs in candidates:
+        for row, rs in candidates:
             scores, start = flat[start : start + len(rs)], start + len(rs)
             i, j = pick_pair(scores, args.selection, rng)
             margin = abs(scores[i] - scores[j])
-            pid = store.add_prompt(e.prompt, source=source(k))
+            pid = store.add_prompt(row["prompt"], source=source(k))
             ra, rb = (store.add_response(pid, rs[x], model=str(policy), settings=settings) for x in (i, j))
             cid = store.add_comparison(pid, ra, rb, priority=-margin, source=source(k))
-            queued.append({"comparison_id": cid, "example": e.to_dict(), "a": rs[i], "b": rs[j], "margin": margin})
+            queued.append({"comparison_id": cid, "row": row, "a": rs[i], "b": rs[j], "margin": margin})
             margins.append(margin)
     summary = {"comparisons": len(queued), "mean_abs_margin": sum(margins) / max(len(margins), 1)}
     write_json(out / "queue.json", summary)
@@ -151,7 +159,6 @@ def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_model: P
 
 def label_with_oracle(args: LoopArguments, out: Path) -> dict[str, int]:
     """Step 3 with ``labeller: world``: the rule checker labels each queued comparison once."""
-    from align.data.world import example_from_dict
     from align.store import Store
 
     counts: dict[str, int] = {}
@@ -160,7 +167,9 @@ def label_with_oracle(args: LoopArguments, out: Path) -> dict[str, int]:
         for q in json.loads((out / "comparisons.json").read_text()):
             if store.labels(q["comparison_id"], annotator=ORACLE):
                 continue  # labelled before a restart
-            choice = oracle_choice(example_from_dict(q["example"]), q["a"], q["b"])
+            row = q["row"]
+            ex = world.Example(str(q["comparison_id"]), row["task"], row["prompt"][-1]["content"], row["answer"], "train")
+            choice = oracle_choice(ex, q["a"], q["b"])
             store.submit_label(q["comparison_id"], ORACLE, choice)
             counts[choice] = counts.get(choice, 0) + 1
     return counts

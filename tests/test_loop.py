@@ -38,6 +38,8 @@ def test_bad_arguments_say_which():
         loop.LoopArguments(selection="best")
     with pytest.raises(ValueError, match="candidates_per_prompt"):
         loop.LoopArguments(candidates_per_prompt=1)
+    with pytest.raises(ValueError, match="needs labeller: human"):
+        loop.LoopArguments(dataset_name="prompts.jsonl")
 
 
 def _tiny_configs(tmp_path: Path) -> Path:
@@ -56,19 +58,25 @@ def _tiny_configs(tmp_path: Path) -> Path:
     return d
 
 
-def test_rounds_wait_for_human_labels_then_resume(tmp_path, tiny_lm_dir, monkeypatch):
+@pytest.fixture(scope="module")
+def rm0(tmp_path_factory, tiny_lm_dir) -> Path:
+    """Round 0's reward model: a fresh score head on the tiny LM."""
+    from transformers import AutoTokenizer
+
+    from align.model import DecoderForSequenceClassification
+
+    d = tmp_path_factory.mktemp("rm0")
+    DecoderForSequenceClassification.from_pretrained(tiny_lm_dir, num_labels=1).save_pretrained(d)
+    AutoTokenizer.from_pretrained(tiny_lm_dir).save_pretrained(d)
+    return d
+
+
+def test_rounds_wait_for_human_labels_then_resume(tmp_path, tiny_lm_dir, rm0, monkeypatch):
     from align.store import Store
 
     url = f"sqlite:///{tmp_path / 'prefs.db'}"
     with Store(url).init() as store:  # labels the RM of each round trains on, as the quickstart leaves them
         store.import_pairs(world.World(0).preference_pairs()[:40], source="world", labeller="world-rule")
-    from align.model import DecoderForSequenceClassification
-
-    rm0 = tmp_path / "rm0"
-    DecoderForSequenceClassification.from_pretrained(tiny_lm_dir, num_labels=1).save_pretrained(rm0)
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(tiny_lm_dir).save_pretrained(rm0)
     argv = ["--output_dir", str(tmp_path / "loop"), "--store_url", url, "--policy_path", tiny_lm_dir,
             "--reward_model_path", str(rm0), "--reward_base_path", tiny_lm_dir,
             "--configs_dir", str(_tiny_configs(tmp_path)), "--prompts_per_round", "6",
@@ -103,3 +111,25 @@ def test_rounds_wait_for_human_labels_then_resume(tmp_path, tiny_lm_dir, monkeyp
         assert len(store.labels(annotator=loop.ORACLE)) == report["rounds"]["2"]["pairs"]
     assert (tmp_path / "loop/loop.png").exists()
     assert len((tmp_path / "loop/metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_own_prompts_go_to_the_app(tmp_path, tiny_lm_dir, rm0):
+    """A prompts file and human labels: the loop queues the pairs and waits, and says when prompts run out."""
+    from align.store import Store
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Name a colour, please ({i})."}) + "\n" for i in range(3)))
+    url = f"sqlite:///{tmp_path / 'prefs.db'}"
+    argv = ["--output_dir", str(tmp_path / "loop"), "--store_url", url, "--policy_path", tiny_lm_dir,
+            "--reward_model_path", str(rm0), "--dataset_name", str(prompts), "--labeller", "human",
+            "--prompts_per_round", "3", "--candidates_per_prompt", "2", "--max_new_tokens", "6"]
+    report = loop.main(argv)
+    queued = json.loads((tmp_path / "loop/round_1/comparisons.json").read_text())
+    assert report["waiting"] == {"round": 1, "comparisons": len(queued)} and queued
+    with Store(url) as store:
+        texts = {store.get_prompt(store.get_comparison(q["comparison_id"]).prompt_id)["messages"][-1]["content"]
+                 for q in queued}
+    assert texts <= {f"Name a colour, please ({i})." for i in range(3)}
+    with pytest.raises(ValueError, match="no prompts left for round 2"):
+        args = loop.LoopArguments(dataset_name=str(prompts), labeller="human", prompts_per_round=3, store_url=url)
+        loop.queue_comparisons(args, 2, Path(tiny_lm_dir), rm0, tmp_path)
