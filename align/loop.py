@@ -255,13 +255,18 @@ def run(args: LoopArguments) -> dict[str, Any]:
         r["policy"] = {key: ev.get(key) for key in ("exact_match", "exact_match_sampled", "maj_at_k", "preferred_rate")}
         r["policy"]["win_rate_vs_previous"] = ev.get("win_rate_vs_sft")  # judged by this round's RM
         r["reward"] = {key: rev.get(key) for key in ("accuracy", "accuracy_style", "accuracy_correctness")}
-        if k == 1:
+        rows = []
+        if k == 1:  # round 0 on the plot: the start policy, and the start RM where its run left an eval.json
             report["start"] = {key: (ev.get("before") or {}).get(key) for key in list(r["policy"])[:-1]}
+            rm_eval = Path(args.reward_model_path).parent / "eval.json"
+            rm0 = json.loads(rm_eval.read_text()) if rm_eval.exists() else {}
+            rows.append({"step": 0, "policy": report["start"], "reward": {key: rm0.get(key) for key in r["reward"]}})
         report["rounds"][str(k)] = r
         write_json(report_path, report)
         with open(root / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": k, **{f"policy/{a}": b for a, b in r["policy"].items()},
-                                **{f"reward/{a}": b for a, b in r["reward"].items()}}) + "\n")
+            for row in [*rows, {"step": k, **r}]:
+                f.write(json.dumps({"step": row["step"], **{f"policy/{a}": b for a, b in row["policy"].items()},
+                                    **{f"reward/{a}": b for a, b in row["reward"].items()}}) + "\n")
         plot_metrics(root / "metrics.jsonl", root / "loop.png", title=f"align loop ({args.selection} selection)")
         logger.info("== round %d: %s", k, json.dumps(r))
     report["wall_seconds"] = round(time.time() - t0, 1)

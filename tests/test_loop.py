@@ -110,7 +110,8 @@ def test_rounds_wait_for_human_labels_then_resume(tmp_path, tiny_lm_dir, rm0, mo
     with Store(url) as store:
         assert len(store.labels(annotator=loop.ORACLE)) == report["rounds"]["2"]["pairs"]
     assert (tmp_path / "loop/loop.png").exists()
-    assert len((tmp_path / "loop/metrics.jsonl").read_text().splitlines()) == 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "loop/metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]  # the start, then each round
 
 
 def test_own_prompts_go_to_the_app(tmp_path, tiny_lm_dir, rm0):
