@@ -198,9 +198,44 @@ def source(k: int) -> str:
 # ----------------------------------------------------------------------------------------------- the loop
 
 
-def run(args: LoopArguments) -> dict[str, Any]:
+def train_round(args: LoopArguments, k: int, policy: Path, out: Path) -> dict[str, Any]:
+    """Steps 4-5: a new RM on every label in the store, then DPO on round k's pairs; their figures."""
     from align import dpo, reward
 
+    pairs = labelled_pairs(args, k)
+    if not pairs:
+        raise ValueError(f"round {k}: no comparison has a winner (all ties or both bad); nothing to train on")
+    seed = ["--seed", str(args.seed)]
+    rm_summary = reward.main([
+        str(Path(args.configs_dir) / "reward.yaml"), "--output_dir", str(out / "reward"),
+        "--model_name_or_path", args.reward_base_path, "--store_url", args.store_url, *seed,
+    ])
+    dpo_summary = dpo.main([
+        str(Path(args.configs_dir) / "dpo.yaml"), "--output_dir", str(out / "dpo"),
+        "--model_name_or_path", str(policy), "--store_url", args.store_url,
+        "--store_sources", json.dumps([source(k)]), "--reward_model_path", str(out / "reward" / "final"),
+        "--max_steps", "-1", "--num_train_epochs", str(args.dpo_epochs), "--warmup_steps", "0",
+        "--learning_rate", str(args.dpo_learning_rate), *seed,
+    ])
+    ev, before = dpo_summary["eval"], dpo_summary["eval"].get("before") or {}
+    keys = ("exact_match", "exact_match_sampled", "maj_at_k", "preferred_rate")
+    return {
+        "pairs": pairs,
+        "policy": {key: ev.get(key) for key in keys} | {"win_rate_vs_previous": ev.get("win_rate_vs_sft")},
+        "reward": {key: rm_summary["eval"].get(key) for key in ("accuracy", "accuracy_style", "accuracy_correctness")},
+        "start": {key: before.get(key) for key in keys},
+    }
+
+
+def log_round(root: Path, k: int, r: dict[str, Any], selection: str) -> None:
+    """One metrics.jsonl row per round (0 = the start) and loop.png over them."""
+    with open(root / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": k, **{f"policy/{a}": b for a, b in r["policy"].items()},
+                            **{f"reward/{a}": b for a, b in r["reward"].items()}}) + "\n")
+    plot_metrics(root / "metrics.jsonl", root / "loop.png", title=f"align loop ({selection} selection)")
+
+
+def run(args: LoopArguments) -> dict[str, Any]:
     root = Path(args.output_dir)
     write_config(root, args)
     report_path = root / "report.json"
@@ -234,40 +269,17 @@ def run(args: LoopArguments) -> dict[str, Any]:
             write_json(report_path, report)
             return report
         report.pop("waiting", None)
-        pairs = labelled_pairs(args, k)
-        if not pairs:
-            raise ValueError(f"round {k}: no comparison has a winner (all ties or both bad); nothing to train on")
-        seed = ["--seed", str(args.seed)]
-        rm_summary = reward.main([
-            str(Path(args.configs_dir) / "reward.yaml"), "--output_dir", str(out / "reward"),
-            "--model_name_or_path", args.reward_base_path, "--store_url", args.store_url, *seed,
-        ])
-        dpo_summary = dpo.main([
-            str(Path(args.configs_dir) / "dpo.yaml"), "--output_dir", str(out / "dpo"),
-            "--model_name_or_path", str(policy), "--store_url", args.store_url,
-            "--store_sources", json.dumps([source(k)]), "--reward_model_path", str(out / "reward" / "final"),
-            "--max_steps", "-1", "--num_train_epochs", str(args.dpo_epochs), "--warmup_steps", "0",
-            "--learning_rate", str(args.dpo_learning_rate), *seed,
-        ])
+        r |= train_round(args, k, policy, out)
+        start = r.pop("start")
         policy, rm = out / "dpo" / "final", out / "reward" / "final"
-        ev, rev = dpo_summary["eval"], rm_summary["eval"]
-        r["pairs"] = pairs
-        r["policy"] = {key: ev.get(key) for key in ("exact_match", "exact_match_sampled", "maj_at_k", "preferred_rate")}
-        r["policy"]["win_rate_vs_previous"] = ev.get("win_rate_vs_sft")  # judged by this round's RM
-        r["reward"] = {key: rev.get(key) for key in ("accuracy", "accuracy_style", "accuracy_correctness")}
-        rows = []
-        if k == 1:  # round 0 on the plot: the start policy, and the start RM where its run left an eval.json
-            report["start"] = {key: (ev.get("before") or {}).get(key) for key in list(r["policy"])[:-1]}
+        if k == 1:  # round 0: the start policy, and the start RM where its run left an eval.json
             rm_eval = Path(args.reward_model_path).parent / "eval.json"
             rm0 = json.loads(rm_eval.read_text()) if rm_eval.exists() else {}
-            rows.append({"step": 0, "policy": report["start"], "reward": {key: rm0.get(key) for key in r["reward"]}})
+            report["start"] = {"policy": start, "reward": {key: rm0.get(key) for key in r["reward"]}}
+            log_round(root, 0, report["start"], args.selection)
         report["rounds"][str(k)] = r
         write_json(report_path, report)
-        with open(root / "metrics.jsonl", "a") as f:
-            for row in [*rows, {"step": k, **r}]:
-                f.write(json.dumps({"step": row["step"], **{f"policy/{a}": b for a, b in row["policy"].items()},
-                                    **{f"reward/{a}": b for a, b in row["reward"].items()}}) + "\n")
-        plot_metrics(root / "metrics.jsonl", root / "loop.png", title=f"align loop ({args.selection} selection)")
+        log_round(root, k, r, args.selection)
         logger.info("== round %d: %s", k, json.dumps(r))
     report["wall_seconds"] = round(time.time() - t0, 1)
     report["policy_path"], report["reward_model_path"] = str(policy), str(rm)
