@@ -120,7 +120,7 @@ def distinct(replies: Sequence[str]) -> list[str]:
 # ----------------------------------------------------------------------------------------------- one round
 
 
-def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_model: Path, out: Path) -> dict[str, Any]:
+def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_model: Path, out: Path) -> list[dict]:
     """Steps 1-2: candidates from the policy; per prompt, the pair ``selection`` picks goes to the store."""
     from align.generate import generate, load_causal_lm
     from align.grpo import prompt_dataset
@@ -140,7 +140,7 @@ def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_model: P
     candidates = [(row, rs) for row, rs in candidates if len(rs) >= 2]  # identical samples: nothing to compare
     scorer = RewardScorer(str(reward_model))
     flat = scorer.score([row["prompt"] for row, rs in candidates for _ in rs], [r for _, rs in candidates for r in rs])
-    rng, queued, margins, start = random.Random(f"{args.seed}:{k}"), [], [], 0
+    rng, queued, start = random.Random(f"{args.seed}:{k}"), [], 0
     with Store(args.store_url).init() as store:
         for row, rs in candidates:
             scores, start = flat[start : start + len(rs)], start + len(rs)
@@ -150,36 +150,34 @@ def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_model: P
             ra, rb = (store.add_response(pid, rs[x], model=str(policy), settings=settings) for x in (i, j))
             cid = store.add_comparison(pid, ra, rb, priority=-margin, source=source(k))
             queued.append({"comparison_id": cid, "row": row, "a": rs[i], "b": rs[j], "margin": margin})
-            margins.append(margin)
-    summary = {"comparisons": len(queued), "mean_abs_margin": sum(margins) / max(len(margins), 1)}
-    write_json(out / "queue.json", summary)
     write_json(out / "comparisons.json", queued)
-    return summary
+    return queued
 
 
-def label_with_oracle(args: LoopArguments, out: Path) -> dict[str, int]:
+def label_with_oracle(args: LoopArguments, queued: list[dict]) -> dict[str, int]:
     """Step 3 with ``labeller: world``: the rule checker labels each queued comparison once."""
     from align.store import Store
 
     counts: dict[str, int] = {}
     with Store(args.store_url).init() as store:
         store.ensure_annotator(ORACLE, kind="rule")
-        for q in json.loads((out / "comparisons.json").read_text()):
+        for q in queued:
             if store.labels(q["comparison_id"], annotator=ORACLE):
                 continue  # labelled before a restart
-            row = q["row"]
-            ex = world.Example(str(q["comparison_id"]), row["task"], row["prompt"][-1]["content"], row["answer"], "train")
+            row = q["row"]  # the checker reads only the task and the reference answer
+            ex = world.Example(str(q["comparison_id"]), row["task"], row["prompt"][-1]["content"], row["answer"],
+                               "train")
             choice = oracle_choice(ex, q["a"], q["b"])
             store.submit_label(q["comparison_id"], ORACLE, choice)
             counts[choice] = counts.get(choice, 0) + 1
     return counts
 
 
-def unlabelled(args: LoopArguments, out: Path) -> int:
+def unlabelled(args: LoopArguments, queued: list[dict]) -> int:
     from align.store import Store
 
     with Store(args.store_url).init() as store:
-        return sum(not store.labels(q["comparison_id"]) for q in json.loads((out / "comparisons.json").read_text()))
+        return sum(not store.labels(q["comparison_id"]) for q in queued)
 
 
 def labelled_pairs(args: LoopArguments, k: int) -> int:
@@ -252,15 +250,17 @@ def run(args: LoopArguments) -> dict[str, Any]:
             policy, rm = out / "dpo" / "final", out / "reward" / "final"
             continue
         out.mkdir(parents=True, exist_ok=True)
-        r: dict[str, Any] = {}
         if (out / "comparisons.json").exists():  # queued before a stop (e.g. waiting for the app's labels)
-            r["queue"] = json.loads((out / "queue.json").read_text())
+            queued = json.loads((out / "comparisons.json").read_text())
         else:
             logger.info("== round %d: candidates from %s, pairs picked by %s (%s)", k, policy, rm, args.selection)
-            r["queue"] = queue_comparisons(args, k, policy, rm, out)
+            queued = queue_comparisons(args, k, policy, rm, out)
+        margins = [q["margin"] for q in queued]
+        r: dict[str, Any] = {"queue": {"comparisons": len(queued),
+                                       "mean_abs_margin": sum(margins) / max(len(margins), 1)}}
         if args.labeller == "world":
-            r["labels"] = label_with_oracle(args, out)
-        waiting = unlabelled(args, out)
+            r["labels"] = label_with_oracle(args, queued)
+        waiting = unlabelled(args, queued)
         if waiting:
             print(f"\nRound {k}: {waiting} comparisons wait in the store {args.store_url}. Label them in the app:\n"
                   f"  .venv/bin/python -m app configs/app.yaml --db {args.store_url}\n"
