@@ -287,6 +287,22 @@ def run(args: LoopArguments) -> dict[str, Any]:
     return report
 
 
+def status(args: LoopArguments) -> dict[str, Any]:
+    """Where the loop stands (for the app): ``report.json``, the rounds done, and the round waiting for
+    labels with how many of its comparisons are still unlabelled, counted in the store now."""
+    root = Path(args.output_dir)
+    report_path = root / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {"rounds": {}}
+    done = len(report.get("rounds", {}))
+    out: dict[str, Any] = {"report": report, "rounds_done": done, "rounds": args.rounds,
+                           "plot": str(root / "loop.png") if (root / "loop.png").exists() else None}
+    queued_path = root / f"round_{done + 1}" / "comparisons.json"
+    if done < args.rounds and queued_path.exists():
+        queued = json.loads(queued_path.read_text())
+        out["waiting"] = {"round": done + 1, "comparisons": len(queued), "unlabelled": unlabelled(args, queued)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
     (args,) = parse(CONFIG_TYPES, argv)

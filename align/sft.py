@@ -40,6 +40,11 @@ class SFTArguments:
         default=None, metadata={"help": "Tokenizer dir; defaults to model_name_or_path's."}
     )
     world_seed: int = field(default=0, metadata={"help": "Seed of the built-in world."})
+    world_correct_fraction: float = field(
+        default=1.0,
+        metadata={"help": "Share of the world's demonstrations with the right answer; the rest are plausible "
+                          "mistakes, as in human-written demonstrations. SFT imitates them; RL can remove them."},
+    )
     eval_num_prompts: int = field(
         default=300, metadata={"help": "Held-out world prompts for eval.json (0 skips the world evaluation)."}
     )
@@ -48,6 +53,8 @@ class SFTArguments:
     def __post_init__(self):
         if self.eval_num_prompts < 0:
             raise ValueError(f"eval_num_prompts must be >= 0, got {self.eval_num_prompts}")
+        if not 0.0 <= self.world_correct_fraction <= 1.0:
+            raise ValueError(f"world_correct_fraction must be in [0, 1], got {self.world_correct_fraction}")
 
 
 CONFIG_TYPES = (SFTArguments, ModelConfig, SFTConfig)
@@ -55,7 +62,7 @@ CONFIG_TYPES = (SFTArguments, ModelConfig, SFTConfig)
 
 def load_dataset(args: SFTArguments) -> Dataset:
     if args.dataset_name == "world":
-        convs = [c["messages"] for c in World(seed=args.world_seed).sft_conversations()]
+        convs = [c["messages"] for c in World(seed=args.world_seed).sft_conversations(args.world_correct_fraction)]
     else:
         path = args.dataset_name
         convs = [to_conversation(r, location(path, key)) for key, r in read_records(path)]

@@ -54,6 +54,9 @@ class AppArguments:
                                       metadata={"help": "NAME:PASSWORD of an admin account to create."})
     create_annotator: str | None = field(default=None,
                                           metadata={"help": "NAME:PASSWORD of an annotator account to create."})
+    loop_config: str = field(default="configs/loop.yaml",
+                             metadata={"help": "The loop the admin's Loop tab runs (align.loop), on this db with "
+                                       "labeller human."})
     serve: bool = field(default=True, metadata={"help": "Start the server (false: only create accounts)."})
 
     def __post_init__(self):

@@ -3,7 +3,7 @@
 Named API endpoints (``gradio_client.Client(url).predict(..., api_name=...)``; one client = one
 session, so call ``/login`` first): ``/login``, ``/logout``, ``/next``, ``/submit`` (choice in
 A | B | tie | both_bad | skip, the displayed pair's request id, rationale, confidence), ``/undo``,
-``/generate``, ``/import_pairs``, ``/dashboard``, ``/export``, ``/add_account``.
+``/generate``, ``/import_pairs``, ``/dashboard``, ``/export``, ``/add_account``, ``/loop_run`` (rounds).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import gradio as gr
 
 from app import dashboard as D
 from app.backend import AppError, Backend, Session, Store, View, parse_prompts
+from app.loop_runner import LoopRunner, rounds_table, status_markdown
 from app.render import chat_messages, header_html, response_markdown
 
 log = logging.getLogger("align.app")
@@ -248,6 +249,7 @@ class _Admin:
 def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path) -> _Admin:
     """The admin sub-tabs; every handler re-checks the role on the server."""
     models = list(args.models) + ["", ""]
+    runner = LoopRunner(args.loop_config, args.db)
     admin = _Admin()
     with gr.Tabs():
         with gr.Tab("Prompts → pairs"):
@@ -297,6 +299,25 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path) -> _Ad
                                  label="Agreement (pairs both labelled, skips left out)", interactive=False)
             people = gr.Dataframe(headers=["name", "role", "kind", "labels"], label="Labellers",
                                   interactive=False)
+        with gr.Tab("Loop") as loop_tab:
+            gr.Markdown("The closed loop on this store (`align.loop`, config `" + args.loop_config + "`): the "
+                        "policy writes candidates, the reward model picks the pairs, **annotators label them "
+                        "here**, then a new reward model and a DPO step of the policy train on the labels and "
+                        "the next round's candidates come back to the Label tab. Training runs in its own "
+                        "process; labelling goes on meanwhile.")
+            with gr.Row():
+                loop_md = gr.Markdown("Press refresh.", elem_id="al-loop-status")
+                loop_rounds = gr.Number(label="rounds", value=None, precision=0, minimum=1, scale=0, min_width=90)
+                loop_btn = gr.Button("▶ Run the loop", variant="primary", scale=0, min_width=150, elem_id="al-loop-run")
+                loop_refresh = gr.Button("↻ Refresh", size="sm", scale=0, min_width=100)
+            with gr.Row():
+                loop_plot = gr.Image(show_label=False, type="filepath", height=300, elem_id="al-loop-plot")
+                loop_table = gr.Dataframe(headers=["round", "pairs", "EM greedy", "EM sampled", "maj@k", "preferred",
+                                                   "RM accuracy"], label="Held-out figures per round (0 = start)",
+                                          interactive=False)
+            loop_log = gr.Textbox(label="Log (last lines)", lines=10, max_lines=10, interactive=False,
+                                  elem_id="al-loop-log")
+            loop_timer = gr.Timer(3.0, active=False)
         with gr.Tab("Export"):
             gr.Markdown("Majority vote per comparison over non-skip labels; ties, both-bad and split votes "
                         "are dropped. Rows are TRL preference rows (`prompt`, `chosen`, `rejected`).")
@@ -382,7 +403,29 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path) -> _Ad
         except Exception as e:
             return err(e), gr.skip(), gr.skip(), gr.skip()
 
+    def do_loop_status(session):
+        try:
+            backend._require_admin(session)
+            st = runner.status()
+        except Exception as e:
+            return err(e), *[gr.skip()] * 4, gr.Timer(active=False)
+        return (status_markdown(st), st["plot"], rounds_table(st["report"]) or None, st["log"],
+                st["rounds"],
+                gr.Timer(active=st["running"]))
+
+    def do_loop_run(session, rounds):
+        try:
+            backend._require_admin(session)
+            gr.Info(runner.start(int(rounds) if rounds else None))
+        except Exception as e:
+            err(AppError(str(e)) if isinstance(e, (RuntimeError, FileNotFoundError)) else e)
+        return do_loop_status(session)
+
     def wire():
+        loop_outs = [loop_md, loop_plot, loop_table, loop_log, loop_rounds, loop_timer]
+        loop_btn.click(do_loop_run, [state, loop_rounds], loop_outs, api_name="loop_run", concurrency_limit=1)
+        for ev in (loop_refresh.click, loop_tab.select, loop_timer.tick):
+            ev(do_loop_status, [state], loop_outs, api_visibility="private", concurrency_limit=2)
         gen_btn.click(do_generate, [state, prompts_text, prompts_file, model_a, model_b, temperature, top_p,
                                     max_new, priority], [gen_msg, prompts_text, prompts_file],
                       api_name="generate", concurrency_limit=1, concurrency_id="generate")

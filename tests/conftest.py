@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -61,3 +63,44 @@ def tiny_llama_dir(tokenizer_dir, tmp_path_factory) -> str:
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
     )
     return _save(LlamaForCausalLM(config), tokenizer_dir, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_rm_dir(tiny_lm_dir, tmp_path_factory) -> str:
+    """A fresh score head on the tiny LM: a reward model to rank candidates with."""
+    from transformers import AutoTokenizer
+
+    from align.model import DecoderForSequenceClassification
+
+    d = tmp_path_factory.mktemp("tiny_rm")
+    DecoderForSequenceClassification.from_pretrained(tiny_lm_dir, num_labels=1).save_pretrained(d)
+    AutoTokenizer.from_pretrained(tiny_lm_dir).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture
+def tiny_loop_config(tmp_path, tiny_lm_dir, tiny_rm_dir):
+    """``make(**keys) -> loop.yaml``: the loop on the tiny models, rounds of seconds (reward/dpo configs beside it)."""
+    root = Path(__file__).resolve().parents[1]
+    d = tmp_path / "configs"
+    d.mkdir()
+    small = {
+        "reward": {"max_steps": 2, "per_device_train_batch_size": 8, "eval_world_prompts": 10, "lora_r": 8,
+                   "lora_alpha": 16, "logging_steps": 1, "max_length": 96, "disable_tqdm": True},
+        "dpo": {"per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, "lora_r": 8, "lora_alpha": 16,
+                "logging_steps": 1, "max_length": 96, "test_fraction": 0.0, "eval_num_prompts": 4,
+                "win_rate_num_prompts": 4, "eval_max_new_tokens": 8, "disable_tqdm": True},
+    }
+    for name, over in small.items():
+        cfg = yaml.safe_load((root / "configs" / f"{name}.yaml").read_text()) | over
+        (d / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+
+    def make(**keys) -> Path:
+        cfg = {"output_dir": str(tmp_path / "loop"), "store_url": f"sqlite:///{tmp_path / 'prefs.db'}",
+               "policy_path": tiny_lm_dir, "reward_model_path": tiny_rm_dir, "reward_base_path": tiny_lm_dir,
+               "configs_dir": str(d), "prompts_per_round": 6, "candidates_per_prompt": 3, "max_new_tokens": 8,
+               "dpo_epochs": 1} | keys
+        (d / "loop.yaml").write_text(yaml.safe_dump(cfg))
+        return d / "loop.yaml"
+
+    return make

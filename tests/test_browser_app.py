@@ -202,3 +202,41 @@ def test_admin_dashboard_and_double_click(browser, app, tmp_path):
     page.wait_for_function("() => document.body.innerText.includes('Give a model directory')", timeout=10_000)
     shot(page, tmp_path, "10_admin_generate_error")
     ctx.close()
+
+
+def test_admin_runs_the_loop_on_what_annotators_label(browser, tmp_path, tiny_loop_config):
+    """Admin → Loop → Run queues the policy's pairs; an annotator labels them; Run again trains round 1."""
+    from align.data.world import World
+
+    url = f"sqlite:///{tmp_path / 'loop-app.db'}"
+    seed_store(url, n_pairs=0, xss=False, chat=False)  # accounts only: the loop's pairs are the queue
+    Store(url).import_pairs(World(0).preference_pairs()[:40], source="world", labeller="world-rule")
+    with serve(url, loop_config=str(tiny_loop_config(rounds=1, prompts_per_round=4))) as (demo, address):
+        ctx, admin = open_page(browser, address)
+        log_in(admin, "root", "pw-root", expect_ok=False)  # nothing to label yet
+        admin.get_by_role("tab", name="Admin").click()
+        admin.get_by_role("tab", name="Loop").click()
+        admin.wait_for_function("() => document.body.innerText.includes('0 of 1')", timeout=15_000)
+        admin.click("#al-loop-run")
+        admin.wait_for_function("() => document.body.innerText.includes('still need a label')", timeout=180_000)
+        shot(admin, tmp_path, "11_admin_loop_waiting")
+
+        actx, annotator = open_page(browser, address)
+        log_in(annotator, "alice", "pw-alice")
+        n = 0
+        while annotator.locator("#btn-a").is_visible():
+            annotator.click("#btn-a")
+            n += 1
+            wait_done(annotator, n)
+        assert n >= 2 and len(Store(url).labels(annotator="alice")) == n
+        actx.close()
+
+        admin.click("text=↻ Refresh")
+        admin.wait_for_function(f"() => document.body.innerText.includes('all {n} pairs are labelled')",
+                                timeout=15_000)
+        admin.click("#al-loop-run")
+        admin.wait_for_function("() => document.body.innerText.includes('All rounds are done')", timeout=300_000)
+        admin.wait_for_selector("#al-loop-plot img", timeout=15_000)
+        assert "1 of 1" in admin.inner_text("#al-loop-status")
+        shot(admin, tmp_path, "12_admin_loop_trained")
+        ctx.close()

@@ -7,12 +7,9 @@ import random
 from pathlib import Path
 
 import pytest
-import yaml
 
 from align import loop
 from align.data import world
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pick_pair():
@@ -42,45 +39,20 @@ def test_bad_arguments_say_which():
         loop.LoopArguments(dataset_name="prompts.jsonl")
 
 
-def _tiny_configs(tmp_path: Path) -> Path:
-    d = tmp_path / "configs"
-    d.mkdir()
-    small = {
-        "reward": {"max_steps": 2, "per_device_train_batch_size": 8, "eval_world_prompts": 10, "lora_r": 8,
-                   "lora_alpha": 16, "logging_steps": 1, "max_length": 96, "disable_tqdm": True},
-        "dpo": {"per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, "lora_r": 8, "lora_alpha": 16,
-                "logging_steps": 1, "max_length": 96, "test_fraction": 0.0, "eval_num_prompts": 4,
-                "win_rate_num_prompts": 4, "eval_max_new_tokens": 8, "disable_tqdm": True},
-    }
-    for name, over in small.items():
-        cfg = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text()) | over
-        (d / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-    return d
+def _store_with_world_labels(url: str) -> None:
+    """The labels each round's RM trains on, besides the loop's, as the quickstart leaves the store."""
+    from align.store import Store
+
+    with Store(url).init() as store:
+        store.import_pairs(world.World(0).preference_pairs()[:40], source="world", labeller="world-rule")
 
 
-@pytest.fixture(scope="module")
-def rm0(tmp_path_factory, tiny_lm_dir) -> Path:
-    """Round 0's reward model: a fresh score head on the tiny LM."""
-    from transformers import AutoTokenizer
-
-    from align.model import DecoderForSequenceClassification
-
-    d = tmp_path_factory.mktemp("rm0")
-    DecoderForSequenceClassification.from_pretrained(tiny_lm_dir, num_labels=1).save_pretrained(d)
-    AutoTokenizer.from_pretrained(tiny_lm_dir).save_pretrained(d)
-    return d
-
-
-def test_rounds_wait_for_human_labels_then_resume(tmp_path, tiny_lm_dir, rm0, monkeypatch):
+def test_rounds_wait_for_human_labels_then_resume(tmp_path, tiny_loop_config, monkeypatch):
     from align.store import Store
 
     url = f"sqlite:///{tmp_path / 'prefs.db'}"
-    with Store(url).init() as store:  # labels the RM of each round trains on, as the quickstart leaves them
-        store.import_pairs(world.World(0).preference_pairs()[:40], source="world", labeller="world-rule")
-    argv = ["--output_dir", str(tmp_path / "loop"), "--store_url", url, "--policy_path", tiny_lm_dir,
-            "--reward_model_path", str(rm0), "--reward_base_path", tiny_lm_dir,
-            "--configs_dir", str(_tiny_configs(tmp_path)), "--prompts_per_round", "6",
-            "--candidates_per_prompt", "3", "--max_new_tokens", "8", "--dpo_epochs", "1"]
+    _store_with_world_labels(url)
+    argv = [str(tiny_loop_config())]
 
     # round 1, human labeller: candidates are queued (most uncertain first) and the loop waits
     report = loop.main([*argv, "--rounds", "1", "--labeller", "human", "--selection", "uncertainty"])
@@ -114,7 +86,7 @@ def test_rounds_wait_for_human_labels_then_resume(tmp_path, tiny_lm_dir, rm0, mo
     assert steps == [0, 1, 2]  # the start, then each round
 
 
-def test_own_prompts_go_to_the_app(tmp_path, tiny_lm_dir, rm0):
+def test_own_prompts_go_to_the_app(tmp_path, tiny_lm_dir, tiny_rm_dir):
     """A prompts file and human labels: the loop queues the pairs and waits, and says when prompts run out."""
     from align.store import Store
 
@@ -122,7 +94,7 @@ def test_own_prompts_go_to_the_app(tmp_path, tiny_lm_dir, rm0):
     prompts.write_text("".join(json.dumps({"prompt": f"Name a colour, please ({i})."}) + "\n" for i in range(3)))
     url = f"sqlite:///{tmp_path / 'prefs.db'}"
     argv = ["--output_dir", str(tmp_path / "loop"), "--store_url", url, "--policy_path", tiny_lm_dir,
-            "--reward_model_path", str(rm0), "--dataset_name", str(prompts), "--labeller", "human",
+            "--reward_model_path", tiny_rm_dir, "--dataset_name", str(prompts), "--labeller", "human",
             "--prompts_per_round", "3", "--candidates_per_prompt", "2", "--max_new_tokens", "6"]
     report = loop.main(argv)
     queued = json.loads((tmp_path / "loop/round_1/comparisons.json").read_text())
@@ -133,4 +105,42 @@ def test_own_prompts_go_to_the_app(tmp_path, tiny_lm_dir, rm0):
     assert texts <= {f"Name a colour, please ({i})." for i in range(3)}
     with pytest.raises(ValueError, match="no prompts left for round 2"):
         args = loop.LoopArguments(dataset_name=str(prompts), labeller="human", prompts_per_round=3, store_url=url)
-        loop.queue_comparisons(args, 2, Path(tiny_lm_dir), rm0, tmp_path)
+        loop.queue_comparisons(args, 2, Path(tiny_lm_dir), Path(tiny_rm_dir), tmp_path)
+
+
+def test_app_runs_the_loop_on_its_labels(tmp_path, tiny_loop_config):
+    """Admin → Loop: a run queues round 1 in the app's store and stops; once labelled, the next run trains it."""
+    from align.store import Store
+    from app.loop_runner import LoopRunner, rounds_table, status_markdown
+
+    url = f"sqlite:///{tmp_path / 'app.db'}"  # the app's store, not the config's: the runner passes it on
+    _store_with_world_labels(url)
+    cfg = tiny_loop_config(rounds=1, prompts_per_round=5, labeller="world")  # the runner makes it human
+    runner = LoopRunner(str(cfg), url)
+    st = runner.status()
+    assert st["rounds_done"] == 0 and "waiting" not in st and not st["running"]
+    assert "Run the loop" in status_markdown(st)
+
+    runner.start()
+    with pytest.raises(RuntimeError, match="already running"):
+        runner.start()
+    assert runner.wait(300) == 0
+    st = runner.status()
+    w = st["waiting"]
+    assert w["round"] == 1 and w["unlabelled"] == w["comparisons"] > 1 and st["rounds_done"] == 0
+    queued = json.loads((tmp_path / "loop/round_1/comparisons.json").read_text())
+    with Store(url) as store:
+        store.ensure_annotator("alice", kind="human")
+        store.submit_label(queued[0]["comparison_id"], "alice", "a")
+        assert runner.status()["waiting"]["unlabelled"] == w["comparisons"] - 1  # counted live in the store
+        for q in queued[1:]:
+            store.submit_label(q["comparison_id"], "alice", "b")
+    assert "all" in status_markdown(runner.status())
+
+    runner.start()
+    assert runner.wait(300) == 0, runner.status()["log"]
+    st = runner.status()
+    assert st["rounds_done"] == 1 and "waiting" not in st and Path(st["plot"]).exists()
+    assert [row[0] for row in rounds_table(st["report"])] == [0, 1]
+    assert st["report"]["rounds"]["1"]["pairs"] == len(queued)
+    assert "All rounds are done" in status_markdown(st) and "align.loop" in st["log"]

@@ -170,3 +170,17 @@ def test_sft_with_packing_trains_on_packed_rows(tiny_lm_dir, chat_file, tmp_path
     msg = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("packing:"))
     n_conv, n_rows = (int(x) for x in msg.split()[1:5:3])  # "packing: 8 conversations in N rows ..."
     assert n_conv == 8 and n_rows < n_conv, msg
+
+
+def test_world_demonstrations_with_mistakes():
+    """world_correct_fraction < 1: the same conversations, a matching share of replies with a wrong answer."""
+    from align.data.world import parse_reply
+
+    clean, noisy = (load_dataset(SFTArguments(world_correct_fraction=f))["messages"] for f in (1.0, 0.7))
+    assert [[m["content"] for m in c if m["role"] != "assistant"] for c in clean] == \
+        [[m["content"] for m in c if m["role"] != "assistant"] for c in noisy]
+    pairs = [(a["content"], b["content"]) for c, d in zip(clean, noisy) for a, b in zip(c, d) if a["role"] == "assistant"]
+    wrong = sum(parse_reply(a)[0] != parse_reply(b)[0] for a, b in pairs) / len(pairs)
+    assert 0.25 < wrong < 0.35, wrong
+    with pytest.raises(ValueError, match="world_correct_fraction"):
+        SFTArguments(world_correct_fraction=1.5)

@@ -519,8 +519,11 @@ class World:
         return docs
 
     def sft_conversations(self, correct_fraction: float = 1.0) -> list[dict[str, Any]]:
-        """{"messages": [...]} with styles 1/3 each; ~15% two-turn, ~20% with a system message."""
-        rng = self._rng("sft-mix")
+        """{"messages": [...]} with styles 1/3 each; ~15% two-turn, ~20% with a system message.
+
+        ``correct_fraction`` < 1 gives the rest of the replies a plausible wrong answer, as human demonstrations
+        have mistakes; the conversations themselves stay the same."""
+        rng, mistakes = self._rng("sft-mix"), self._rng("sft-mistakes")
         exs = self.train_examples(self.n_sft, "sft")
         rng.shuffle(exs)
         convs, i = [], 0
@@ -531,7 +534,9 @@ class World:
                 msgs.append({"role": "system", "content": rng.choice(_SYSTEM_PROMPTS)})
             for ex in exs[i:i + turns]:
                 style = rng.choice(STYLES)
-                msgs += [_user(ex.prompt), _assistant(render(ex, style, rng.random() < correct_fraction, rng))]
+                right = rng.random() < correct_fraction  # drawn for every reply: only the answers depend on the fraction
+                template = rng.randrange(len(STYLE_TEMPLATES[style]))
+                msgs += [_user(ex.prompt), _assistant(render(ex, style, right, mistakes, template=template))]
             convs.append({"messages": msgs, "tasks": [e.task for e in exs[i:i + turns]]})
             i += turns
         return convs

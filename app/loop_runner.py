@@ -1,0 +1,124 @@
+"""The admin's Loop tab without Gradio: run ``python -m align.loop`` on this app's store, and say where it is.
+
+The loop runs in a child process, so the server keeps serving labels while a round trains, and with
+``labeller: human``: a round queues its pairs here and stops; once the annotators have labelled them,
+the next run trains the round (a new reward model, a DPO step of the policy) and queues the next one.
+One run at a time; its output goes to ``<output_dir>/app_runs.log``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+
+class LoopRunner:
+    def __init__(self, config: str, store_url: str):
+        self.config, self.store_url = config, store_url
+        self.rounds: int | None = None  # the admin's choice, else the config's
+        self._proc: subprocess.Popen | None = None
+        self._started = 0.0
+        self._lock = threading.Lock()
+
+    def args(self):
+        """The loop's ``LoopArguments``: its config, with this app's store and human labels."""
+        from align.config import parse
+        from align.loop import CONFIG_TYPES
+
+        if not Path(self.config).exists():
+            raise FileNotFoundError(f"loop config {self.config} not found (set loop_config in configs/app.yaml)")
+        (args,) = parse(CONFIG_TYPES, self._argv())
+        return args
+
+    def _argv(self) -> list[str]:
+        argv = [self.config, "--labeller", "human", "--store_url", self.store_url]
+        return argv + (["--rounds", str(self.rounds)] if self.rounds else [])
+
+    def log_path(self) -> Path:
+        return Path(self.args().output_dir) / "app_runs.log"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, rounds: int | None = None) -> str:
+        """Start a run; refused while one runs. Returns what was started."""
+        with self._lock:
+            if self.running:
+                raise RuntimeError(f"the loop is already running (pid {self._proc.pid}); wait for it to finish")
+            self.rounds = rounds or self.rounds
+            log = self.log_path()
+            log.parent.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "align.loop", *self._argv()]
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"\n$ {' '.join(cmd)}   # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+                f.flush()
+                self._proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                              env=os.environ | {"TQDM_DISABLE": "1"})  # log lines, not bars
+            self._started = time.monotonic()
+            return f"started the loop (pid {self._proc.pid}, up to {self.args().rounds} rounds)"
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Exit code of the current run once it ends (None: no run started)."""
+        return None if self._proc is None else self._proc.wait(timeout)
+
+    def status(self, log_lines: int = 30) -> dict[str, Any]:
+        """``align.loop.status`` plus the run: running, its seconds, the last exit code and the log's tail."""
+        from align.loop import status
+
+        out = status(self.args())
+        out["running"] = self.running
+        out["seconds"] = round(time.monotonic() - self._started) if self._proc is not None else None
+        out["exit_code"] = None if self._proc is None or self.running else self._proc.returncode
+        log = self.log_path()
+        if log.exists():
+            with open(log, encoding="utf-8", errors="replace") as f:
+                out["log"] = "".join(deque(f, maxlen=log_lines))
+        else:
+            out["log"] = ""
+        return out
+
+
+def status_markdown(st: dict[str, Any]) -> str:
+    """One paragraph for the tab: what runs, what waits for labels, what to do next."""
+    done, total = st["rounds_done"], st["rounds"]
+    parts = [f"**{done} of {total}** rounds trained."]
+    w = st.get("waiting")
+    if st["running"]:
+        parts.append(f"⏳ The loop is running ({st['seconds']} s).")
+    elif st["exit_code"]:
+        parts.append(f"⚠️ The last run failed (exit code {st['exit_code']}); its log is below.")
+    if w and not st["running"]:
+        left = w["unlabelled"]
+        if left:
+            parts.append(f"Round {w['round']}: **{left} of {w['comparisons']}** pairs still need a label "
+                         "(the Label tab shows them first). Run the loop once they are labelled.")
+        else:
+            parts.append(f"Round {w['round']}: all {w['comparisons']} pairs are labelled — **run the loop** to "
+                         "train on them.")
+    elif not st["running"] and done >= total:
+        parts.append("All rounds are done; raise *rounds* to go on.")
+    elif not st["running"]:
+        parts.append(f"Run the loop: round {done + 1}'s candidates will be queued here for labelling.")
+    return " ".join(parts)
+
+
+def rounds_table(report: dict[str, Any]) -> list[list]:
+    """Rows [round, pairs, EM greedy, EM sampled, maj@k, preferred, RM accuracy]; round 0 is the start."""
+    rows = []
+    rounds = ({"0": report["start"]} if "start" in report else {}) | report.get("rounds", {})
+    for k, r in rounds.items():
+        p, rm = r.get("policy", {}), r.get("reward", {})
+        rows.append([int(k), r.get("pairs"), *(_r(p.get(key)) for key in
+                     ("exact_match", "exact_match_sampled", "maj_at_k", "preferred_rate")), _r(rm.get("accuracy"))])
+    return rows
+
+
+def _r(x: Any) -> Any:
+    return round(x, 3) if isinstance(x, float) else x
