@@ -23,9 +23,12 @@ A round whose ``dpo/final`` exists is skipped, so a killed loop carries on where
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -233,7 +236,39 @@ def log_round(root: Path, k: int, r: dict[str, Any], selection: str) -> None:
     plot_metrics(root / "metrics.jsonl", root / "loop.png", title=f"align loop ({selection} selection)")
 
 
+@contextlib.contextmanager
+def exclusive(root: Path):
+    """One loop at a time per output_dir: a second one fails at once. The lock dies with its process."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RuntimeError(f"another loop is running on {root} (pid {f.read().strip() or '?'})") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
+def running(root: Path) -> bool:
+    """Whether a loop holds ``root``'s lock now."""
+    if not (root / ".lock").exists():
+        return False
+    try:
+        with exclusive(root):
+            return False
+    except RuntimeError:
+        return True
+
+
 def run(args: LoopArguments) -> dict[str, Any]:
+    with exclusive(Path(args.output_dir)):
+        return _run(args)
+
+
+def _run(args: LoopArguments) -> dict[str, Any]:
     root = Path(args.output_dir)
     write_config(root, args)
     report_path = root / "report.json"
@@ -294,7 +329,7 @@ def status(args: LoopArguments) -> dict[str, Any]:
     report_path = root / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {"rounds": {}}
     done = len(report.get("rounds", {}))
-    out: dict[str, Any] = {"report": report, "rounds_done": done, "rounds": args.rounds,
+    out: dict[str, Any] = {"report": report, "rounds_done": done, "rounds": args.rounds, "running": running(root),
                            "plot": str(root / "loop.png") if (root / "loop.png").exists() else None}
     queued_path = root / f"round_{done + 1}" / "comparisons.json"
     if done < args.rounds and queued_path.exists():

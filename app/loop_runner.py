@@ -3,7 +3,7 @@
 The loop runs in a child process, so the server keeps serving labels while a round trains, and with
 ``labeller: human``: a round queues its pairs here and stops; once the annotators have labelled them,
 the next run trains the round (a new reward model, a DPO step of the policy) and queues the next one.
-One run at a time; its output goes to ``<output_dir>/app_runs.log``.
+One run at a time (``align.loop`` locks its output_dir); the runs' output goes to ``<output_dir>/app_runs.log``.
 """
 
 from __future__ import annotations
@@ -45,13 +45,16 @@ class LoopRunner:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        """This app's run, or any other loop on the same output_dir (e.g. started before the app restarted)."""
+        from align.loop import running
+
+        return (self._proc is not None and self._proc.poll() is None) or running(Path(self.args().output_dir))
 
     def start(self, rounds: int | None = None) -> str:
         """Start a run; refused while one runs. Returns what was started."""
         with self._lock:
             if self.running:
-                raise RuntimeError(f"the loop is already running (pid {self._proc.pid}); wait for it to finish")
+                raise RuntimeError(f"the loop is already running on {self.args().output_dir}; wait for it to finish")
             self.rounds = rounds or self.rounds
             log = self.log_path()
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -73,9 +76,10 @@ class LoopRunner:
         from align.loop import status
 
         out = status(self.args())
-        out["running"] = self.running
-        out["seconds"] = round(time.monotonic() - self._started) if self._proc is not None else None
-        out["exit_code"] = None if self._proc is None or self.running else self._proc.returncode
+        mine = self._proc is not None and self._proc.poll() is None
+        out["running"] = out["running"] or mine
+        out["seconds"] = round(time.monotonic() - self._started) if mine else None
+        out["exit_code"] = None if self._proc is None or mine else self._proc.returncode
         log = self.log_path()
         if log.exists():
             with open(log, encoding="utf-8", errors="replace") as f:
@@ -91,7 +95,7 @@ def status_markdown(st: dict[str, Any]) -> str:
     parts = [f"**{done} of {total}** rounds trained."]
     w = st.get("waiting")
     if st["running"]:
-        parts.append(f"⏳ The loop is running ({st['seconds']} s).")
+        parts.append("⏳ The loop is running" + (f" ({st['seconds']} s)." if st["seconds"] is not None else "."))
     elif st["exit_code"]:
         parts.append(f"⚠️ The last run failed (exit code {st['exit_code']}); its log is below.")
     if w and not st["running"]:

@@ -403,14 +403,16 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path) -> _Ad
         except Exception as e:
             return err(e), gr.skip(), gr.skip(), gr.skip()
 
+    def loop_err(e: Exception) -> str:  # a bad config or a run already going: say so, no traceback
+        return err(AppError(str(e)) if isinstance(e, (RuntimeError, OSError, ValueError)) else e)
+
     def do_loop_status(session):
         try:
             backend._require_admin(session)
             st = runner.status()
         except Exception as e:
-            return err(e), *[gr.skip()] * 4, gr.Timer(active=False)
-        return (status_markdown(st), st["plot"], rounds_table(st["report"]) or None, st["log"],
-                st["rounds"],
+            return loop_err(e), *[gr.skip()] * 4, gr.Timer(active=False)
+        return (status_markdown(st), st["plot"], rounds_table(st["report"]) or None, st["log"], st["rounds"],
                 gr.Timer(active=st["running"]))
 
     def do_loop_run(session, rounds):
@@ -418,7 +420,7 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path) -> _Ad
             backend._require_admin(session)
             gr.Info(runner.start(int(rounds) if rounds else None))
         except Exception as e:
-            err(AppError(str(e)) if isinstance(e, (RuntimeError, FileNotFoundError)) else e)
+            loop_err(e)
         return do_loop_status(session)
 
     def wire():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -144,3 +145,25 @@ def test_app_runs_the_loop_on_its_labels(tmp_path, tiny_loop_config):
     assert [row[0] for row in rounds_table(st["report"])] == [0, 1]
     assert st["report"]["rounds"]["1"]["pairs"] == len(queued)
     assert "All rounds are done" in status_markdown(st) and "align.loop" in st["log"]
+
+
+def test_one_loop_per_output_dir(tmp_path, tiny_loop_config):
+    cfg = tiny_loop_config()
+    root = tmp_path / "loop"
+    assert not loop.running(root)
+    with loop.exclusive(root):  # as if another process ran the loop here
+        assert loop.running(root)
+        with pytest.raises(RuntimeError, match=f"another loop is running on {root} \\(pid {os.getpid()}\\)"):
+            loop.main([str(cfg)])
+    assert not loop.running(root)
+
+
+def test_app_says_when_a_loop_run_failed(tmp_path, tiny_loop_config):
+    from app.loop_runner import LoopRunner, status_markdown
+
+    runner = LoopRunner(str(tiny_loop_config(policy_path=str(tmp_path / "no-such-policy"))), f"sqlite:///{tmp_path}/a.db")
+    runner.start()
+    assert runner.wait(120) == 1
+    st = runner.status()
+    assert st["exit_code"] == 1 and not st["running"]
+    assert "failed (exit code 1)" in status_markdown(st) and "no-such-policy not found" in st["log"]
