@@ -71,7 +71,7 @@ class LoopRunner:
         """Exit code of the current run once it ends (None: no run started)."""
         return None if self._proc is None else self._proc.wait(timeout)
 
-    def status(self, log_lines: int = 30) -> dict[str, Any]:
+    def status(self, log_lines: int = 12) -> dict[str, Any]:
         """``align.loop.status`` plus the run: running, its seconds, the last exit code and the log's tail."""
         from align.loop import status
 

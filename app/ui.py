@@ -315,7 +315,7 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path) -> _Ad
                 loop_table = gr.Dataframe(headers=["round", "pairs", "EM greedy", "EM sampled", "maj@k", "preferred",
                                                    "RM accuracy"], label="Held-out figures per round (0 = start)",
                                           interactive=False)
-            loop_log = gr.Textbox(label="Log (last lines)", lines=10, max_lines=10, interactive=False,
+            loop_log = gr.Textbox(label="Log (last lines)", lines=12, max_lines=12, interactive=False,
                                   elem_id="al-loop-log")
             loop_timer = gr.Timer(3.0, active=False)
         with gr.Tab("Export"):
