@@ -102,7 +102,7 @@ def status_markdown(st: dict[str, Any]) -> str:
         left = w["unlabelled"]
         if left:
             parts.append(f"Round {w['round']}: **{left} of {w['comparisons']}** pairs still need a label "
-                         "(the Label tab shows them first). Run the loop once they are labelled.")
+                         "(they are in the Label tab's queue). Run the loop once they are labelled.")
         else:
             parts.append(f"Round {w['round']}: all {w['comparisons']} pairs are labelled — **run the loop** to "
                          "train on them.")
