@@ -14,8 +14,8 @@ Each round, with the policy and reward model of the round before:
    or "both bad" when both are wrong. ``labeller: human`` stops after step 2 and says how many comparisons
    wait in the app; run the loop again once they are labelled and it carries on;
 4. a new reward model trains on every label in the store (``configs/reward.yaml``), and the policy trains
-   ``dpo_epochs`` epochs of DPO on this round's labelled pairs (``configs/dpo.yaml``; ties and "both bad" are
-   dropped), i.e. iterative, on-policy DPO (Xiong et al. 2024, https://arxiv.org/abs/2312.11456);
+   ``dpo_epochs`` epochs of DPO on this round's labelled pairs (exported to ``round_<k>/pairs.jsonl``,
+   ``configs/dpo.yaml``; ties and "both bad" are dropped), i.e. iterative, on-policy DPO (Xiong et al. 2024, https://arxiv.org/abs/2312.11456);
 5. both are evaluated by their commands; ``report.json``, ``metrics.jsonl`` and ``loop.png`` hold every round.
 
 A round whose ``dpo/final`` exists is skipped, so a killed loop carries on where it stopped.
@@ -183,13 +183,15 @@ def unlabelled(args: LoopArguments, queued: list[dict]) -> int:
         return sum(not store.labels(q["comparison_id"]) for q in queued)
 
 
-def labelled_pairs(args: LoopArguments, k: int) -> int:
-    """Pairs round k gives DPO: its comparisons whose labels have a winner."""
+def export_pairs(args: LoopArguments, queued: list[dict], out: Path) -> int:
+    """Round k's comparisons whose labels have a winner -> ``out/pairs.jsonl``, what DPO trains on; how many.
+
+    By id, not by source: a comparison the store already had (the same two replies) keeps its first source."""
     from align.store import Store
 
     with Store(args.store_url).init() as store:
-        splits, _ = store.export_rows(sources=[source(k)])
-    return sum(map(len, splits.values()))
+        done = store.export(out / "pairs.jsonl", comparison_ids=[q["comparison_id"] for q in queued])
+    return done["files"][str(out / "pairs.jsonl")]
 
 
 def source(k: int) -> str:
@@ -199,11 +201,11 @@ def source(k: int) -> str:
 # ----------------------------------------------------------------------------------------------- the loop
 
 
-def train_round(args: LoopArguments, k: int, policy: Path, out: Path) -> dict[str, Any]:
+def train_round(args: LoopArguments, k: int, queued: list[dict], policy: Path, out: Path) -> dict[str, Any]:
     """Steps 4-5: a new RM on every label in the store, then DPO on round k's pairs; their figures."""
     from align import dpo, reward
 
-    pairs = labelled_pairs(args, k)
+    pairs = export_pairs(args, queued, out)
     if not pairs:
         raise ValueError(f"round {k}: no comparison has a winner (all ties or both bad); nothing to train on")
     seed = ["--seed", str(args.seed)]
@@ -213,8 +215,8 @@ def train_round(args: LoopArguments, k: int, policy: Path, out: Path) -> dict[st
     ])
     dpo_summary = dpo.main([
         str(Path(args.configs_dir) / "dpo.yaml"), "--output_dir", str(out / "dpo"),
-        "--model_name_or_path", str(policy), "--store_url", args.store_url,
-        "--store_sources", json.dumps([source(k)]), "--reward_model_path", str(out / "reward" / "final"),
+        "--model_name_or_path", str(policy), "--dataset_name", str(out / "pairs.jsonl"),
+        "--reward_model_path", str(out / "reward" / "final"),
         "--max_steps", "-1", "--num_train_epochs", str(args.dpo_epochs), "--warmup_steps", "0",
         "--learning_rate", str(args.dpo_learning_rate), *seed,
     ])
@@ -304,7 +306,7 @@ def _run(args: LoopArguments) -> dict[str, Any]:
             write_json(report_path, report)
             return report
         report.pop("waiting", None)
-        r |= train_round(args, k, policy, out)
+        r |= train_round(args, k, queued, policy, out)
         start = r.pop("start")
         policy, rm = out / "dpo" / "final", out / "reward" / "final"
         if k == 1:  # round 0: the start policy, and the start RM where its run left an eval.json

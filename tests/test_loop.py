@@ -72,6 +72,7 @@ def test_rounds_wait_for_human_labels_then_resume(tmp_path, tiny_loop_config, mo
     r1 = report["rounds"]["1"]
     assert "waiting" not in report
     assert r1["pairs"] == r1["queue"]["comparisons"] == len(queued)
+    assert len((tmp_path / "loop/round_1/pairs.jsonl").read_text().splitlines()) == len(queued)  # what DPO read
     assert {"exact_match", "preferred_rate", "win_rate_vs_previous"} <= set(r1["policy"])
     assert (tmp_path / "loop/round_1/dpo/final/config.json").exists()
 
@@ -85,6 +86,10 @@ def test_rounds_wait_for_human_labels_then_resume(tmp_path, tiny_loop_config, mo
     assert (tmp_path / "loop/loop.png").exists()
     steps = [json.loads(line)["step"] for line in (tmp_path / "loop/metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2]  # the start, then each round
+
+    # another loop on the same store (its own output_dir and seed; the same source names): its own pairs only
+    other = loop.main([*argv, "--rounds", "1", "--seed", "1", "--output_dir", str(tmp_path / "loop-b")])
+    assert other["rounds"]["1"]["pairs"] == other["rounds"]["1"]["queue"]["comparisons"]
 
 
 def test_own_prompts_go_to_the_app(tmp_path, tiny_lm_dir, tiny_rm_dir):

@@ -221,6 +221,11 @@ def test_add_pair_and_export_policies(store):
         store.submit_label(c2, n, "both_bad", replace=True)
     kto = store.export_rows(kinds=["human"], unpaired=True, both_bad="negatives")[0]["train"]
     assert sum(not r["label"] for r in kto) == 3
+    # by comparison id: the tie (c2 is both bad by now) and c1, not the rule-labelled pair
+    rows, rep = store.export_rows(comparison_ids=[c1, c2])
+    assert [r["chosen"] for r in rows["train"]] == [[a("answer A0")]] and rep["report"] == {
+        "exported_pairs": 1, "both_bad": 1, "train_rows": 1, "test_rows": 0}
+    assert store.export_rows(comparison_ids=[])[0]["train"] == []
     # datasets and JSONL
     ds = store.export(kinds=["human"])
     assert ds.column_names == ["prompt", "chosen", "rejected"] and len(ds) == 1

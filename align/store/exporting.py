@@ -52,7 +52,8 @@ def export_rows(store, *, format: str = "conversational", unpaired: bool = False
                 min_labels: int = 1, min_agreement: float = 0.0, test_fraction: float = 0.0,
                 seed: str = "", kinds: Sequence[str] | None = None,
                 annotators: Sequence[str] | None = None, sources: Sequence[str] | None = None,
-                both_bad: str = "drop", with_meta: bool = False) -> tuple[dict, dict]:
+                comparison_ids: Sequence[int] | None = None, both_bad: str = "drop",
+                with_meta: bool = False) -> tuple[dict, dict]:
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if both_bad not in ("drop", "negatives"):
@@ -72,6 +73,8 @@ def export_rows(store, *, format: str = "conversational", unpaired: bool = False
             q = q.where(A.c.kind.in_(list(kinds)))
         if annotators:
             q = q.where(A.c.name.in_(list(annotators)))
+        if comparison_ids is not None:
+            q = q.where(L.c.comparison_id.in_(set(comparison_ids)))
         votes: dict[int, Counter] = defaultdict(Counter)
         for cid, choice, n in conn.execute(q):
             votes[cid][choice] += n
@@ -92,6 +95,8 @@ def export_rows(store, *, format: str = "conversational", unpaired: bool = False
              .join(rb, rb.c.id == C.c.response_b_id).order_by(C.c.id))
         if sources:
             q = q.where(C.c.source.in_(list(sources)))
+        if comparison_ids is not None:
+            q = q.where(C.c.id.in_(set(comparison_ids)))
         splits: dict[str, list] = {"train": [], "test": []}
         for r in conn.execution_options(yield_per=2000).execute(q):
             w = winners.get(r.id)

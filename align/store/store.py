@@ -725,20 +725,22 @@ class Store:
                     min_labels: int = 1, min_agreement: float = 0.0, test_fraction: float = 0.0,
                     seed: str = "", kinds: Sequence[str] | None = None,
                     annotators: Sequence[str] | None = None, sources: Sequence[str] | None = None,
-                    both_bad: str = "drop", with_meta: bool = False) -> tuple[dict, dict]:
+                    comparison_ids: Sequence[int] | None = None, both_bad: str = "drop",
+                    with_meta: bool = False) -> tuple[dict, dict]:
         """``({"train": rows, "test": rows}, report)``; see ``export``."""
         from align.store.exporting import export_rows
         self._ensure()
         return export_rows(self, format=format, unpaired=unpaired, min_labels=min_labels,
                            min_agreement=min_agreement, test_fraction=test_fraction, seed=seed,
                            kinds=kinds, annotators=annotators, sources=sources,
-                           both_bad=both_bad, with_meta=with_meta)
+                           comparison_ids=comparison_ids, both_bad=both_bad, with_meta=with_meta)
 
     def export(self, path: str | os.PathLike | None = None, **options) -> Any:
         """Export labelled pairs in TRL's preference format.
 
         Aggregation: per comparison, majority vote over the non-skip labels of the selected
-        labellers (``kinds`` e.g. ['human'], ``annotators`` names; default all). Dropped: fewer
+        labellers (``kinds`` e.g. ['human'], ``annotators`` names; default all), of the comparisons
+        from ``sources`` and/or with ids in ``comparison_ids`` (default all). Dropped: fewer
         than ``min_labels`` votes, no strict majority, winner share < ``min_agreement``, and
         winners 'tie' / 'both_bad' (``both_bad='negatives'`` keeps both as KTO negatives when
         ``unpaired``). A label 'a' means response A is better, whichever side was shown left.
