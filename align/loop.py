@@ -15,7 +15,8 @@ Each round, with the policy and reward model of the round before:
    wait in the app; run the loop again once they are labelled and it carries on;
 4. a new reward model trains on every label in the store (``configs/reward.yaml``), and the policy trains
    ``dpo_epochs`` epochs of DPO on this round's labelled pairs (exported to ``round_<k>/pairs.jsonl``,
-   ``configs/dpo.yaml``; ties and "both bad" are dropped), i.e. iterative, on-policy DPO (Xiong et al. 2024, https://arxiv.org/abs/2312.11456);
+   ``configs/dpo.yaml``; ties and "both bad" are dropped), i.e. iterative, on-policy DPO
+   (Xiong et al. 2024, https://arxiv.org/abs/2312.11456);
 5. both are evaluated by their commands; ``report.json``, ``metrics.jsonl`` and ``loop.png`` hold every round.
 
 A round whose ``dpo/final`` exists is skipped, so a killed loop carries on where it stopped.

@@ -95,7 +95,7 @@ def status_markdown(st: dict[str, Any]) -> str:
     parts = [f"**{done} of {total}** rounds trained."]
     w = st.get("waiting")
     if st["running"]:
-        parts.append("⏳ The loop is running" + (f" ({st['seconds']} s)." if st["seconds"] is not None else "."))
+        parts.append("**Running**" + (f" ({st['seconds']} s)." if st["seconds"] is not None else "."))
     elif st["exit_code"]:
         parts.append(f"⚠️ The last run failed (exit code {st['exit_code']}); its log is below.")
     if w and not st["running"]:

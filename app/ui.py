@@ -308,7 +308,8 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path) -> _Ad
             with gr.Row():
                 loop_md = gr.Markdown("Press refresh.", elem_id="al-loop-status")
                 loop_rounds = gr.Number(label="rounds", value=None, precision=0, minimum=1, scale=0, min_width=90)
-                loop_btn = gr.Button("▶ Run the loop", variant="primary", scale=0, min_width=150, elem_id="al-loop-run")
+                loop_btn = gr.Button("▶ Run the loop", variant="primary", scale=0, min_width=150,
+                                     elem_id="al-loop-run")
                 loop_refresh = gr.Button("↻ Refresh", size="sm", scale=0, min_width=100)
             with gr.Row():
                 loop_plot = gr.Image(show_label=False, type="filepath", height=300, elem_id="al-loop-plot")

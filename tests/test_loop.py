@@ -166,7 +166,8 @@ def test_one_loop_per_output_dir(tmp_path, tiny_loop_config):
 def test_app_says_when_a_loop_run_failed(tmp_path, tiny_loop_config):
     from app.loop_runner import LoopRunner, status_markdown
 
-    runner = LoopRunner(str(tiny_loop_config(policy_path=str(tmp_path / "no-such-policy"))), f"sqlite:///{tmp_path}/a.db")
+    cfg = tiny_loop_config(policy_path=str(tmp_path / "no-such-policy"))
+    runner = LoopRunner(str(cfg), f"sqlite:///{tmp_path}/a.db")
     runner.start()
     assert runner.wait(120) == 1
     st = runner.status()
