@@ -12,7 +12,8 @@ Each round, with the policy and reward model of the round before:
 3. labels: ``labeller: world`` lets the world's rule checker label them as a simulated annotator (``world-oracle``,
    kind ``rule``): a preferred reply beats a correct one, which beats a wrong one; equal replies are a tie,
    or "both bad" when both are wrong. ``labeller: human`` stops after step 2 and says how many comparisons
-   wait in the app; run the loop again once they are labelled and it carries on;
+   wait in the app for a human label; run the loop again once they are labelled and it carries on. A round
+   waits for and trains on its labeller's labels only (the oracle's, or those of annotators of kind human);
 4. a new reward model trains on every label in the store (``configs/reward.yaml``), and the policy trains
    ``dpo_epochs`` epochs of DPO on this round's labelled pairs (exported to ``round_<k>/pairs.jsonl``,
    ``configs/dpo.yaml``; ties and "both bad" are dropped), i.e. iterative, on-policy DPO
@@ -177,21 +178,35 @@ def label_with_oracle(args: LoopArguments, queued: list[dict]) -> dict[str, int]
     return counts
 
 
+def labellers(args: LoopArguments, store) -> set[str]:
+    """Whose labels a round waits for and trains on: the simulated annotator's, or every human's."""
+    if args.labeller == "world":
+        return {ORACLE}
+    return {a["name"] for a in store.list_annotators() if a["kind"] == "human"}
+
+
 def unlabelled(args: LoopArguments, queued: list[dict]) -> int:
+    """Queued comparisons that no labeller of this loop has labelled yet (a skip is no label)."""
     from align.store import Store
 
     with Store(args.store_url).init() as store:
-        return sum(not store.labels(q["comparison_id"]) for q in queued)
+        who = labellers(args, store)
+        return sum(not any(lab.annotator in who and lab.choice != "skip" for lab in store.labels(q["comparison_id"]))
+                   for q in queued)
 
 
 def export_pairs(args: LoopArguments, queued: list[dict], out: Path) -> int:
-    """Round k's comparisons whose labels have a winner -> ``out/pairs.jsonl``, what DPO trains on; how many.
-
-    By id, not by source: a comparison the store already had (the same two replies) keeps its first source."""
+    """Round k's comparisons whose labels (by this loop's labellers) have a winner -> ``out/pairs.jsonl``, what
+    DPO trains on; how many. By id, not by source: a comparison the store already had (the same two replies)
+    keeps its first source and its old labels, which count only if they are this loop's labellers'."""
     from align.store import Store
 
     with Store(args.store_url).init() as store:
-        done = store.export(out / "pairs.jsonl", comparison_ids=[q["comparison_id"] for q in queued])
+        who = labellers(args, store)
+        if not who:  # (an empty list would select every annotator)
+            return 0
+        done = store.export(out / "pairs.jsonl", comparison_ids=[q["comparison_id"] for q in queued],
+                            annotators=sorted(who))
     return done["files"][str(out / "pairs.jsonl")]
 
 

@@ -135,7 +135,12 @@ def test_app_runs_the_loop_on_its_labels(tmp_path, tiny_loop_config):
     w = st["waiting"]
     assert w["round"] == 1 and w["unlabelled"] == w["comparisons"] > 1 and st["rounds_done"] == 0
     queued = json.loads((tmp_path / "loop/round_1/comparisons.json").read_text())
-    with Store(url) as store:
+    with Store(url) as store:  # neither a rule's label nor a human's skip is the human label the round waits for
+        store.ensure_annotator(loop.ORACLE, kind="rule")
+        store.submit_label(queued[0]["comparison_id"], loop.ORACLE, "b")
+        store.ensure_annotator("bob", kind="human")
+        store.submit_label(queued[1]["comparison_id"], "bob", "skip")
+        assert runner.status()["waiting"]["unlabelled"] == w["comparisons"]
         store.ensure_annotator("alice", kind="human")
         store.submit_label(queued[0]["comparison_id"], "alice", "a")
         assert runner.status()["waiting"]["unlabelled"] == w["comparisons"] - 1  # counted live in the store
@@ -148,7 +153,9 @@ def test_app_runs_the_loop_on_its_labels(tmp_path, tiny_loop_config):
     st = runner.status()
     assert st["rounds_done"] == 1 and "waiting" not in st and Path(st["plot"]).exists()
     assert [row[0] for row in rounds_table(st["report"])] == [0, 1]
-    assert st["report"]["rounds"]["1"]["pairs"] == len(queued)
+    assert st["report"]["rounds"]["1"]["pairs"] == len(queued)  # alice's labels; the oracle's "b" did not count
+    pairs = [json.loads(line) for line in (tmp_path / "loop/round_1/pairs.jsonl").read_text().splitlines()]
+    assert pairs[0]["chosen"][-1]["content"] == queued[0]["a"]
     assert "All rounds are done" in status_markdown(st) and "align.loop" in st["log"]
 
 
