@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 
+LOG = "app_runs.log"  # in the loop's output_dir
+
+
 class LoopRunner:
     def __init__(self, config: str, store_url: str):
         self.config, self.store_url = config, store_url
@@ -40,23 +43,20 @@ class LoopRunner:
         argv = [self.config, "--labeller", "human", "--store_url", self.store_url]
         return argv + (["--rounds", str(self.rounds)] if self.rounds else [])
 
-    def log_path(self) -> Path:
-        return Path(self.args().output_dir) / "app_runs.log"
-
-    @property
-    def running(self) -> bool:
-        """This app's run, or any other loop on the same output_dir (e.g. started before the app restarted)."""
-        from align.loop import running
-
-        return (self._proc is not None and self._proc.poll() is None) or running(Path(self.args().output_dir))
+    def _mine_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     def start(self, rounds: int | None = None) -> str:
-        """Start a run; refused while one runs. Returns what was started."""
+        """Start a run; refused while one runs (this app's, or any loop on the same output_dir, e.g. one
+        started before the app restarted). Returns what was started."""
+        from align.loop import running
+
         with self._lock:
-            if self.running:
-                raise RuntimeError(f"the loop is already running on {self.args().output_dir}; wait for it to finish")
+            root = Path(self.args().output_dir)
+            if self._mine_running() or running(root):
+                raise RuntimeError(f"the loop is already running on {root}; wait for it to finish")
             self.rounds = rounds or self.rounds
-            log = self.log_path()
+            log = root / LOG
             log.parent.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "align.loop", *self._argv()]
             with open(log, "a", encoding="utf-8") as f:
@@ -75,12 +75,13 @@ class LoopRunner:
         """``align.loop.status`` plus the run: running, its seconds, the last exit code and the log's tail."""
         from align.loop import status
 
-        out = status(self.args())
-        mine = self._proc is not None and self._proc.poll() is None
+        args = self.args()
+        out = status(args)
+        mine = self._mine_running()
         out["running"] = out["running"] or mine
         out["seconds"] = round(time.monotonic() - self._started) if mine else None
         out["exit_code"] = None if self._proc is None or mine else self._proc.returncode
-        log = self.log_path()
+        log = Path(args.output_dir) / LOG
         if log.exists():
             with open(log, encoding="utf-8", errors="replace") as f:
                 out["log"] = "".join(deque(f, maxlen=log_lines))
