@@ -12,7 +12,8 @@ Each round, with the policy and reward model of the round before:
 3. labels: ``labeller: world`` lets the world's rule checker label them as a simulated annotator (``world-oracle``,
    kind ``rule``): a preferred reply beats a correct one, which beats a wrong one; equal replies are a tie,
    or "both bad" when both are wrong. ``labeller: human`` stops after step 2 and says how many comparisons
-   wait in the app for a human label; run the loop again once they are labelled and it carries on. A round
+   wait in the app for a human label; run the loop again once they are labelled and it carries on (or, with
+   ``wait_for_labels``, it keeps running and polls the store until they are). A round
    waits for and trains on its labeller's labels only (the oracle's, or those of annotators of kind human);
 4. a new reward model trains on every label in the store (``configs/reward.yaml``), and the policy trains
    ``dpo_epochs`` epochs of DPO on this round's labelled pairs (exported to ``round_<k>/pairs.jsonl``,
@@ -68,6 +69,11 @@ class LoopArguments:
     selection: str = field(default="extremes", metadata={"help": "'extremes' (RM best vs worst), 'uncertainty' "
                                                          "(smallest RM margin) or 'random'."})
     labeller: str = field(default="world", metadata={"help": "'world' (simulated annotator) or 'human' (the app)."})
+    wait_for_labels: bool = field(
+        default=False, metadata={"help": "labeller human: keep running and train each round as soon as it is "
+                                         "labelled, instead of stopping (polls the store)."})
+    wait_minutes: float = field(default=24 * 60, metadata={"help": "wait_for_labels: stop after this long."})
+    poll_seconds: float = field(default=10.0, metadata={"help": "wait_for_labels: seconds between store polls."})
     dpo_epochs: float = field(default=2.0, metadata={"help": "DPO epochs per round, over that round's pairs."})
     dpo_learning_rate: float = field(
         default=5e-4, metadata={"help": "DPO learning rate per round (configs/dpo.yaml's 2e-3 is for 80 steps)."}
@@ -83,6 +89,11 @@ class LoopArguments:
         if self.labeller == "world" and self.dataset_name != "world":
             raise ValueError(f"labeller 'world' knows only the world's answers; dataset_name {self.dataset_name!r} "
                              "needs labeller: human")
+        if self.wait_for_labels and self.labeller != "human":
+            raise ValueError(f"wait_for_labels needs labeller: human (labeller is {self.labeller!r})")
+        if self.poll_seconds <= 0 or self.wait_minutes < 0:
+            raise ValueError(f"poll_seconds must be > 0 and wait_minutes >= 0, got {self.poll_seconds}, "
+                             f"{self.wait_minutes}")
         if self.dpo_epochs <= 0:
             raise ValueError(f"dpo_epochs must be > 0, got {self.dpo_epochs}")
         for name in ("rounds", "prompts_per_round"):
@@ -193,6 +204,19 @@ def unlabelled(args: LoopArguments, queued: list[dict]) -> int:
         who = labellers(args, store)
         return sum(not any(lab.annotator in who and lab.choice != "skip" for lab in store.labels(q["comparison_id"]))
                    for q in queued)
+
+
+def wait_for_labels(args: LoopArguments, k: int, queued: list[dict], waiting: int) -> int:
+    """``wait_for_labels``: poll the store until round k is labelled (0) or ``wait_minutes`` pass (what is left)."""
+    deadline = time.monotonic() + 60 * args.wait_minutes
+    logger.info("round %d: waiting for %d labels in %s (up to %g min)", k, waiting, args.store_url, args.wait_minutes)
+    while waiting and time.monotonic() < deadline:
+        time.sleep(min(args.poll_seconds, max(deadline - time.monotonic(), 0)))
+        left = unlabelled(args, queued)
+        if left != waiting:
+            logger.info("round %d: %d of %d comparisons still need a label", k, left, len(queued))
+        waiting = left
+    return waiting
 
 
 def export_pairs(args: LoopArguments, queued: list[dict], out: Path) -> int:
@@ -314,6 +338,8 @@ def _run(args: LoopArguments) -> dict[str, Any]:
         if args.labeller == "world":
             r["labels"] = label_with_oracle(args, queued)
         waiting = unlabelled(args, queued)
+        if waiting and args.wait_for_labels:
+            waiting = wait_for_labels(args, k, queued, waiting)
         if waiting:
             print(f"\nRound {k}: {waiting} comparisons wait in the store {args.store_url}. Label them in the app:\n"
                   f"  .venv/bin/python -m app configs/app.yaml --db {args.store_url}\n"

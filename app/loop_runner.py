@@ -27,6 +27,7 @@ class LoopRunner:
         self.rounds: int | None = None  # the admin's choice, else the config's
         self._proc: subprocess.Popen | None = None
         self._started = 0.0
+        self._waits = False  # whether the current run waits for labels
         self._lock = threading.Lock()
 
     def args(self):
@@ -46,19 +47,20 @@ class LoopRunner:
     def _mine_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self, rounds: int | None = None) -> str:
+    def start(self, rounds: int | None = None, wait: bool = False) -> str:
         """Start a run; refused while one runs (this app's, or any loop on the same output_dir, e.g. one
-        started before the app restarted). Returns what was started."""
+        started before the app restarted). ``wait``: the run waits for each round's labels and goes on
+        (``wait_for_labels``) instead of stopping. Returns what was started."""
         from align.loop import running
 
         with self._lock:
             root = Path(self.args().output_dir)
             if self._mine_running() or running(root):
                 raise RuntimeError(f"the loop is already running on {root}; wait for it to finish")
-            self.rounds = rounds or self.rounds
+            self.rounds, self._waits = rounds or self.rounds, wait
             log = root / LOG
             log.parent.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "align.loop", *self._argv()]
+            cmd = [sys.executable, "-m", "align.loop", *self._argv(), *(["--wait_for_labels", "true"] if wait else [])]
             with open(log, "a", encoding="utf-8") as f:
                 f.write(f"\n$ {' '.join(cmd)}   # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
                 f.flush()
@@ -79,6 +81,7 @@ class LoopRunner:
         out = status(args)
         mine = self._mine_running()
         out["running"] = out["running"] or mine
+        out["waits"] = mine and self._waits
         out["seconds"] = round(time.monotonic() - self._started) if mine else None
         out["exit_code"] = None if self._proc is None or mine else self._proc.returncode
         log = Path(args.output_dir) / LOG
@@ -99,7 +102,10 @@ def status_markdown(st: dict[str, Any]) -> str:
         parts.append("**Running**" + (f" ({st['seconds']} s)." if st["seconds"] is not None else "."))
     elif st["exit_code"]:
         parts.append(f"⚠️ The last run failed (exit code {st['exit_code']}); its log is below.")
-    if w and not st["running"]:
+    if w and st.get("waits") and w["unlabelled"]:
+        parts.append(f"Round {w['round']}: **{w['unlabelled']} of {w['comparisons']}** pairs still need a label; the "
+                     "loop trains on them as soon as they have one.")
+    elif w and not st["running"]:
         left = w["unlabelled"]
         if left:
             parts.append(f"Round {w['round']}: **{left} of {w['comparisons']}** pairs still need a label "

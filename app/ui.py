@@ -3,7 +3,7 @@
 Named API endpoints (``gradio_client.Client(url).predict(..., api_name=...)``; one client = one
 session, so call ``/login`` first): ``/login``, ``/logout``, ``/next``, ``/submit`` (choice in
 A | B | tie | both_bad | skip, the displayed pair's request id, rationale, confidence), ``/undo``,
-``/generate``, ``/import_pairs``, ``/dashboard``, ``/export``, ``/add_account``, ``/loop_run`` (rounds).
+``/generate``, ``/import_pairs``, ``/dashboard``, ``/export``, ``/add_account``, ``/loop_run`` (rounds, wait).
 """
 
 from __future__ import annotations
@@ -308,6 +308,8 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path) -> _Ad
             with gr.Row():
                 loop_md = gr.Markdown("Press refresh.", elem_id="al-loop-status")
                 loop_rounds = gr.Number(label="rounds", value=None, precision=0, minimum=1, scale=0, min_width=90)
+                loop_wait = gr.Checkbox(label="keep running: train each round as soon as it is labelled", value=False,
+                                        scale=0, min_width=200, elem_id="al-loop-wait")
                 loop_btn = gr.Button("▶ Run the loop", variant="primary", scale=0, min_width=150,
                                      elem_id="al-loop-run")
                 loop_refresh = gr.Button("↻ Refresh", size="sm", scale=0, min_width=100)
@@ -416,17 +418,18 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path) -> _Ad
         return (status_markdown(st), st["plot"], rounds_table(st["report"]) or None, st["log"], st["rounds"],
                 gr.Timer(active=st["running"]))
 
-    def do_loop_run(session, rounds):
+    def do_loop_run(session, rounds, wait):
         try:
             backend._require_admin(session)
-            gr.Info(runner.start(int(rounds) if rounds else None))
+            gr.Info(runner.start(int(rounds) if rounds else None, wait=bool(wait)))
         except Exception as e:
             loop_err(e)
         return do_loop_status(session)
 
     def wire():
         loop_outs = [loop_md, loop_plot, loop_table, loop_log, loop_rounds, loop_timer]
-        loop_btn.click(do_loop_run, [state, loop_rounds], loop_outs, api_name="loop_run", concurrency_limit=1)
+        loop_btn.click(do_loop_run, [state, loop_rounds, loop_wait], loop_outs, api_name="loop_run",
+                       concurrency_limit=1)
         for ev in (loop_refresh.click, loop_tab.select, loop_timer.tick):
             ev(do_loop_status, [state], loop_outs, api_visibility="private", concurrency_limit=2)
         gen_btn.click(do_generate, [state, prompts_text, prompts_file, model_a, model_b, temperature, top_p,

@@ -205,7 +205,7 @@ def test_admin_dashboard_and_double_click(browser, app, tmp_path):
 
 
 def test_admin_runs_the_loop_on_what_annotators_label(browser, tmp_path, tiny_loop_config):
-    """Admin → Loop → Run queues the policy's pairs; an annotator labels them; Run again trains round 1."""
+    """Admin → Loop → Run (keep running) queues the policy's pairs; an annotator labels them; round 1 trains."""
     from align.data.world import World
 
     url = f"sqlite:///{tmp_path / 'loop-app.db'}"
@@ -217,8 +217,10 @@ def test_admin_runs_the_loop_on_what_annotators_label(browser, tmp_path, tiny_lo
         admin.get_by_role("tab", name="Admin").click()
         admin.get_by_role("tab", name="Loop").click()
         admin.wait_for_function("() => document.body.innerText.includes('0 of 1')", timeout=15_000)
+        admin.check("#al-loop-wait input")
         admin.click("#al-loop-run")
-        admin.wait_for_function("() => document.body.innerText.includes('still need a label')", timeout=180_000)
+        admin.wait_for_function("() => document.body.innerText.includes('still need a label; the loop trains')",
+                                timeout=180_000)
         shot(admin, tmp_path, "11_admin_loop_waiting")
 
         actx, annotator = open_page(browser, address)
@@ -231,10 +233,7 @@ def test_admin_runs_the_loop_on_what_annotators_label(browser, tmp_path, tiny_lo
         assert n >= 2 and len(Store(url).labels(annotator="alice")) == n
         actx.close()
 
-        admin.click("text=↻ Refresh")
-        admin.wait_for_function(f"() => document.body.innerText.includes('all {n} pairs are labelled')",
-                                timeout=15_000)
-        admin.click("#al-loop-run")
+        # the waiting run sees the labels and trains; the tab refreshes itself while it runs
         admin.wait_for_function("() => document.body.innerText.includes('All rounds are done')", timeout=300_000)
         admin.wait_for_selector("#al-loop-plot img", timeout=15_000)
         assert "1 of 1" in admin.inner_text("#al-loop-status")

@@ -38,6 +38,8 @@ def test_bad_arguments_say_which():
         loop.LoopArguments(candidates_per_prompt=1)
     with pytest.raises(ValueError, match="needs labeller: human"):
         loop.LoopArguments(dataset_name="prompts.jsonl")
+    with pytest.raises(ValueError, match="wait_for_labels needs labeller: human"):
+        loop.LoopArguments(wait_for_labels=True)
 
 
 def _store_with_world_labels(url: str) -> None:
@@ -180,3 +182,31 @@ def test_app_says_when_a_loop_run_failed(tmp_path, tiny_loop_config):
     st = runner.status()
     assert st["exit_code"] == 1 and not st["running"]
     assert "failed (exit code 1)" in status_markdown(st) and "no-such-policy not found" in st["log"]
+
+
+def test_waiting_loop_trains_once_humans_label(tmp_path, tiny_loop_config):
+    """wait_for_labels: the loop polls the store and trains round 1 as soon as its pairs are labelled."""
+    import threading
+    import time
+
+    from align.store import Store
+
+    url = f"sqlite:///{tmp_path / 'prefs.db'}"
+    _store_with_world_labels(url)
+    argv = [str(tiny_loop_config(rounds=1, labeller="human", wait_for_labels=True, poll_seconds=0.2))]
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(loop.main(argv)))
+    t.start()
+    queued_path = tmp_path / "loop/round_1/comparisons.json"
+    for _ in range(600):
+        if queued_path.exists() or not t.is_alive():
+            break
+        time.sleep(0.1)
+    queued = json.loads(queued_path.read_text())
+    assert t.is_alive() and loop.running(tmp_path / "loop")  # waiting, not stopped
+    with Store(url) as store:
+        store.ensure_annotator("alice", kind="human")
+        for q in queued:
+            store.submit_label(q["comparison_id"], "alice", "a")
+    t.join(300)
+    assert not t.is_alive() and "waiting" not in result and result["rounds"]["1"]["pairs"] == len(queued)
