@@ -305,6 +305,12 @@ def running(root: Path) -> bool:
         return True
 
 
+def read_report(root: Path) -> dict[str, Any]:
+    """``report.json`` of the rounds so far (``{"rounds": {}}`` before the first)."""
+    path = root / "report.json"
+    return json.loads(path.read_text()) if path.exists() else {"rounds": {}}
+
+
 def run(args: LoopArguments) -> dict[str, Any]:
     with exclusive(Path(args.output_dir)):
         return _run(args)
@@ -314,7 +320,7 @@ def _run(args: LoopArguments) -> dict[str, Any]:
     root = Path(args.output_dir)
     write_config(root, args)
     report_path = root / "report.json"
-    report: dict[str, Any] = json.loads(report_path.read_text()) if report_path.exists() else {"rounds": {}}
+    report = read_report(root)
     policy, rm = Path(args.policy_path), Path(args.reward_model_path)
     for path, make in ((policy, "make quickstart (dpo/final)"), (rm, "make quickstart (reward/final)")):
         if not path.exists():
@@ -370,9 +376,8 @@ def status(args: LoopArguments) -> dict[str, Any]:
     """Where the loop stands (for the app): ``report.json``, the rounds done, and the round waiting for
     labels with how many of its comparisons are still unlabelled, counted in the store now."""
     root = Path(args.output_dir)
-    report_path = root / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.exists() else {"rounds": {}}
-    done = len(report.get("rounds", {}))
+    report = read_report(root)
+    done = len(report["rounds"])
     out: dict[str, Any] = {"report": report, "rounds_done": done, "rounds": args.rounds, "running": running(root),
                            "plot": str(root / "loop.png") if (root / "loop.png").exists() else None}
     queued_path = root / f"round_{done + 1}" / "comparisons.json"

@@ -40,9 +40,10 @@ class LoopRunner:
         (args,) = parse(CONFIG_TYPES, self._argv())
         return args
 
-    def _argv(self) -> list[str]:
+    def _argv(self, wait: bool = False) -> list[str]:
         argv = [self.config, "--labeller", "human", "--store_url", self.store_url]
-        return argv + (["--rounds", str(self.rounds)] if self.rounds else [])
+        return argv + (["--rounds", str(self.rounds)] if self.rounds else []) + (
+            ["--wait_for_labels", "true"] if wait else [])
 
     def _mine_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -58,16 +59,17 @@ class LoopRunner:
             if self._mine_running() or running(root):
                 raise RuntimeError(f"the loop is already running on {root}; wait for it to finish")
             self.rounds, self._waits = rounds or self.rounds, wait
+            total = self.args().rounds
             log = root / LOG
             log.parent.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "align.loop", *self._argv(), *(["--wait_for_labels", "true"] if wait else [])]
+            cmd = [sys.executable, "-m", "align.loop", *self._argv(wait)]
             with open(log, "a", encoding="utf-8") as f:
                 f.write(f"\n$ {' '.join(cmd)}   # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
                 f.flush()
                 self._proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                               env=os.environ | {"TQDM_DISABLE": "1"})  # log lines, not bars
             self._started = time.monotonic()
-            return f"started the loop (pid {self._proc.pid}, up to {self.args().rounds} rounds)"
+            return f"started the loop (pid {self._proc.pid}, up to {total} rounds)"
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Exit code of the current run once it ends (None: no run started)."""
