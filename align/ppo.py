@@ -26,13 +26,14 @@ One PPO iteration (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593; Stienn
    policy loss (``cliprange``) + ``vf_coef`` * clipped value loss (``cliprange_value``), gradient clipping.
 
 Models: the policy (full fine-tuning or LoRA via ``use_peft``); the reference is the policy with adapters
-disabled under LoRA, else a frozen copy; the value model is a linear head on the policy's last hidden states
-(:class:`PolicyWithValueHead`, one forward gives logits and values); dropout is disabled everywhere.
+disabled under LoRA, else a frozen copy; dropout is disabled everywhere. The value model is either
+- a linear head on the policy's last hidden states (:class:`PolicyWithValueHead`, the default: one forward
+  gives logits and values, as OpenAI's lm-human-preferences and TRL's old ``AutoModelForCausalLMWithValueHead``
+  did; under LoRA the value gradient moves the adapters too), or
+- a separate model, ``value_model_path``: a sequence-classification model, usually the RM stage's, fully
+  trained (:class:`PolicyAndValueModel`, as Huang et al. 2024 and TRL 1.12 do; twice the compute).
 
-Departures from the references: (a) the value head shares the policy's trunk (Huang et al. 2024 and TRL
-use a separate value model initialised from the reward model; a shared trunk halves the compute and is what
-OpenAI's lm-human-preferences policy/value heads and TRL's old ``AutoModelForCausalLMWithValueHead`` did;
-with LoRA the value gradient moves the adapters too); (b) the score sits on the reply's last real token (EOS)
+Departures from the references: (a) the default value head shares the policy's trunk (above); (b) the score sits on the reply's last real token (EOS)
 and values are masked after it (TRL 1.12 put it one position later, on the first padding slot); (c) no
 reward-model normalisation from a calibration set (Ziegler et al. normalise RM outputs; rule rewards are in
 [0, 1] already); (d) the learning-rate schedule steps once per PPO iteration, as in TRL; (e) single process
@@ -63,14 +64,20 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase, Trainer, TrainerState, TrainingArguments
+from transformers import (
+    AutoModelForSequenceClassification,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.trainer_utils import TrainOutput
 from trl import ModelConfig, get_peft_config
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
 
 from align import rewards as R
 from align.config import parse
-from align.generate import as_messages
+from align.generate import as_messages, load_tokenizer
 from align.grpo import (
     GRPOArguments,
     finish_run,
@@ -159,7 +166,14 @@ class PPOConfig(TrainingArguments):
 
 @dataclass
 class PPOArguments(GRPOArguments):
-    """The same data / reward / evaluation arguments as GRPO (see ``align.grpo.GRPOArguments``)."""
+    """GRPO's data / reward / evaluation arguments (``align.grpo.GRPOArguments``) plus the value model."""
+
+    value_model_path: str | None = field(
+        default=None,
+        metadata={"help": "None: a linear value head on the policy's trunk. A sequence-classification model dir "
+                          "(the RM stage's final/, as TRL and Huang et al. 2024 do): a separate value model, its "
+                          "score head read at every token. It must share the policy's tokenizer."},
+    )
 
 
 CONFIG_TYPES = (PPOArguments, ModelConfig, PPOConfig)
@@ -250,6 +264,11 @@ def ppo_losses(
 # ----------------------------------------------------------------------------------------------- models
 
 
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) position ids that start at 0 on each row's first real token (left padding), as generate uses."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
 class PolicyWithValueHead(nn.Module):
     """The policy plus a linear value head on its last hidden states: ``forward -> (logits, values)``, (B, S, V), (B, S)."""
 
@@ -263,10 +282,36 @@ class PolicyWithValueHead(nn.Module):
         self.config = policy.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                          use_cache=False)
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                          output_hidden_states=True, use_cache=False)
         h = out.hidden_states[-1]
         return out.logits, self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)
+
+
+class PolicyAndValueModel(nn.Module):
+    """The policy plus a separate value model: ``forward -> (logits, values)``, (B, S, V), (B, S).
+
+    The value model is a sequence-classification model (TRL 1.12's ``PolicyAndValueWrapper``): its backbone's
+    last hidden states go through its ``score`` head at every position, not only at the last token."""
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+        self.config = policy.config
+        prefix, head = getattr(value_model, "base_model_prefix", ""), getattr(value_model, "score", None)
+        if not isinstance(getattr(value_model, prefix, None), nn.Module) or not isinstance(head, nn.Linear):
+            raise ValueError(f"value model {type(value_model).__name__}: need a sequence-classification model with a "
+                             f"backbone at .{prefix or '<base_model_prefix>'} and a linear .score head")
+        if head.out_features != 1:
+            raise ValueError(f"value model {type(value_model).__name__}: score head has {head.out_features} labels, need 1")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = positions(attention_mask)
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).logits
+        backbone = getattr(self.value_model, self.value_model.base_model_prefix)
+        h = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).last_hidden_state
+        score = self.value_model.score  # a plain linear map per position (ScoreHead's loglik term needs a whole reply)
+        return logits, nn.functional.linear(h.to(score.weight.dtype), score.weight, score.bias).squeeze(-1)
 
 
 @dataclass
@@ -303,6 +348,7 @@ class PPOTrainer(Trainer):
         train_dataset,
         peft_config: Any = None,
         ref_model: nn.Module | None = None,
+        value_model: nn.Module | None = None,
         callbacks: list | None = None,
     ):
         if peft_config is not None:
@@ -316,15 +362,16 @@ class PPOTrainer(Trainer):
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
             self.ref_model.requires_grad_(False).eval()
         if args.disable_dropout:
-            disable_dropout_in_model(model)
-            if self.ref_model is not None:
-                disable_dropout_in_model(self.ref_model)
+            for m in (model, self.ref_model, value_model):
+                if m is not None:
+                    disable_dropout_in_model(m)
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.reward_funcs = R.build_reward_funcs(reward_funcs) if reward_funcs and isinstance(reward_funcs[0], str) \
             else [R.checked(f) if not hasattr(f, "__wrapped__") else f for f in reward_funcs]
         self.reward_weights = R.validate_weights([f.__name__ for f in self.reward_funcs], args.reward_weights)
-        wrapper = PolicyWithValueHead(model, init_std=args.value_head_std)
+        wrapper = (PolicyWithValueHead(model, init_std=args.value_head_std) if value_model is None
+                   else PolicyAndValueModel(model, value_model))
         super().__init__(model=wrapper, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          data_collator=lambda rows: rows, callbacks=callbacks)
         self.policy = model
@@ -402,7 +449,9 @@ class PPOTrainer(Trainer):
         entropy = masked_mean(entropy_from_logits(logits.float() / args.temperature), mask.float())
         del logits
         with self.reference() as ref:
-            ref_logprobs = self._logprobs(ref(input_ids=seqs, attention_mask=attn).logits[:, L - 1 : -1], responses)
+            ref_logits = ref(input_ids=seqs, attention_mask=attn, position_ids=positions(attn)).logits
+            ref_logprobs = self._logprobs(ref_logits[:, L - 1 : -1], responses)
+            del ref_logits
 
         completions = [self.processing_class.decode(r[m.bool()], skip_special_tokens=True).strip()
                        for r, m in zip(responses, mask)]
@@ -577,6 +626,18 @@ class PPOTrainer(Trainer):
 # ----------------------------------------------------------------------------------------------- command
 
 
+def load_value_model(path: str | None, tokenizer: PreTrainedTokenizerBase, dtype: Any = None) -> nn.Module | None:
+    """The separate value model at ``path`` (None: the policy gets a value head), checked against the policy's tokenizer."""
+    if not path:
+        return None
+    p = R.check_reward_model_dir(path)
+    value_tok = load_tokenizer(p)
+    if value_tok.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"value model '{p}' has another tokenizer than the policy ({len(value_tok)} vs {len(tokenizer)} "
+                         "tokens): its values are read at the policy's tokens, so it must share the tokenizer")
+    return AutoModelForSequenceClassification.from_pretrained(str(p), num_labels=1, dtype=dtype)
+
+
 def train(args: PPOArguments, model_args: ModelConfig, training_args: PPOConfig) -> dict[str, Any]:
     run = prepare_run("ppo", args, model_args, training_args)
     out, tokenizer, model, reward_funcs, dataset = run.out, run.tokenizer, run.model, run.reward_funcs, run.dataset
@@ -585,6 +646,7 @@ def train(args: PPOArguments, model_args: ModelConfig, training_args: PPOConfig)
     trainer = PPOTrainer(
         model=model, args=training_args, processing_class=tokenizer, reward_funcs=reward_funcs,
         train_dataset=dataset, peft_config=get_peft_config(model_args),
+        value_model=load_value_model(args.value_model_path, tokenizer, model_args.dtype),
         callbacks=[MetricsCallback(out, title=f"ppo {out.name}")],
     )
     t_train = time.time()

@@ -22,9 +22,9 @@ def ppo_config(tmp_path, **kw):
     return PPOConfig(**base)
 
 
-def ppo_trainer(tmp_path, reward_funcs, peft=False, **kw):
+def ppo_trainer(tmp_path, reward_funcs, peft=False, value_model=False, **kw):
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from align.generate import load_tokenizer
 
@@ -33,7 +33,8 @@ def ppo_trainer(tmp_path, reward_funcs, peft=False, **kw):
     return PPOTrainer(model=AutoModelForCausalLM.from_pretrained(d["policy"]), args=ppo_config(tmp_path, **kw),
                       processing_class=load_tokenizer(d["policy"]), reward_funcs=reward_funcs,
                       train_dataset=world_dataset(64),
-                      peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if peft else None)
+                      peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if peft else None,
+                      value_model=AutoModelForSequenceClassification.from_pretrained(d["rm"]) if value_model else None)
 
 
 def test_gae_matches_hand_computation():
@@ -100,8 +101,9 @@ def test_config_validates():
         PPOConfig(output_dir="/tmp/x", per_device_train_batch_size=6, num_mini_batches=4, report_to="none", bf16=False)
 
 
-def test_kl_zero_at_step_zero_and_value_loss_falls(tmp_path):
-    trainer = ppo_trainer(tmp_path, [low_half], peft=True, vf_coef=1.0, learning_rate=3e-3)
+@pytest.mark.parametrize("value_model", [False, True], ids=["value-head", "value-model"])
+def test_kl_zero_at_step_zero_and_value_loss_falls(tmp_path, value_model):
+    trainer = ppo_trainer(tmp_path, [low_half], peft=True, value_model=value_model, vf_coef=1.0, learning_rate=3e-3)
     trainer.create_optimizer_and_scheduler(num_training_steps=10)
     ro = trainer.rollout([world_dataset(64)[i] for i in range(16)])
     assert abs(ro.stats["objective/kl"]) < 1e-5  # LoRA B starts at 0: pi == pi_ref
@@ -162,3 +164,30 @@ def test_failing_reward_names_reward_and_sample(tmp_path):
     trainer = ppo_trainer(tmp_path, [broken], max_steps=1)
     with pytest.raises(RewardError, match=r"reward 'broken' raised KeyError.*first sample: prompt="):
         trainer.train()
+
+
+def test_separate_value_model_resumes_and_must_share_the_tokenizer(tmp_path):
+    import shutil
+
+    from align.generate import load_tokenizer
+    from align.ppo import main
+
+    d = tiny_dirs()
+    argv = ["configs/ppo.yaml", "--output_dir", str(tmp_path / "run"), "--model_name_or_path", d["policy"],
+            "--per_device_train_batch_size", "8", "--num_mini_batches", "1", "--num_ppo_epochs", "1",
+            "--max_completion_length", "6", "--save_steps", "1", "--num_prompts", "16", "--eval_num_prompts", "0"]
+    main([*argv, "--value_model_path", d["rm"], "--max_steps", "1"])
+    state = torch.load(tmp_path / "run" / "checkpoint-1" / "trainable.pt")
+    assert any(k.startswith("value_model.model.") for k in state), sorted(state)[:5]  # the whole value model trains
+    assert not any(k.startswith("value_head") for k in state)
+    assert main([*argv, "--value_model_path", d["rm"], "--max_steps", "2"])["steps"] == 2  # resumes from checkpoint-1
+
+    other = tmp_path / "rm-other-tokenizer"
+    shutil.copytree(d["rm"], other)
+    tok = load_tokenizer(d["rm"])
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(other)
+    with pytest.raises(ValueError, match=r"value model .*rm-other-tokenizer.* another tokenizer"):
+        main([*argv, "--output_dir", str(tmp_path / "bad"), "--value_model_path", str(other), "--max_steps", "1"])
+    with pytest.raises(FileNotFoundError, match=r"does not exist; train one first with `python -m align.reward"):
+        main([*argv, "--output_dir", str(tmp_path / "bad"), "--value_model_path", str(tmp_path / "nope")])
