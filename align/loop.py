@@ -15,13 +15,17 @@ Each round, with the policy and reward model of the round before:
    wait in the app for a human label; run the loop again once they are labelled and it carries on (or, with
    ``wait_for_labels``, it keeps running and polls the store until they are). A round
    waits for and trains on its labeller's labels only (the oracle's, or those of annotators of kind human);
-4. a new reward model trains on every label in the store (``configs/reward.yaml``), and the policy trains
-   ``dpo_epochs`` epochs of DPO on this round's labelled pairs (exported to ``round_<k>/pairs.jsonl``,
+4. a new reward model trains on every label in the store (``configs/reward.yaml``). Then the policy learns
+   (``policy_trainer``):
+   ``dpo``, ``dpo_epochs`` epochs of DPO on this round's labelled pairs (exported to ``round_<k>/pairs.jsonl``,
    ``configs/dpo.yaml``; ties and "both bad" are dropped), i.e. iterative, on-policy DPO
    (Xiong et al. 2024, https://arxiv.org/abs/2312.11456);
+   ``ppo`` or ``grpo``, online RL with the new reward model as the only reward (``configs/ppo.yaml`` /
+   ``configs/grpo.yaml``, on fresh prompts), the RLHF loop of Christiano et al. 2017 and Stiennon et al. 2020
+   (https://arxiv.org/abs/2009.01325): labels -> reward model -> policy -> new candidates to label;
 5. both are evaluated by their commands; ``report.json``, ``metrics.jsonl`` and ``loop.png`` hold every round.
 
-A round whose ``dpo/final`` exists is skipped, so a killed loop carries on where it stopped.
+A round whose ``<policy_trainer>/final`` exists is skipped, so a killed loop carries on where it stopped.
 """
 
 from __future__ import annotations
@@ -46,11 +50,13 @@ logger = logging.getLogger("align.loop")
 
 ORACLE = "world-oracle"
 SELECTIONS = ("extremes", "uncertainty", "random")
+POLICY_TRAINERS = ("dpo", "ppo", "grpo")
 
 
 @dataclass
 class LoopArguments:
-    output_dir: str = field(default="runs/loop", metadata={"help": "round_<k>/{reward,dpo} and report.json go here."})
+    output_dir: str = field(
+        default="runs/loop", metadata={"help": "round_<k>/{reward,<policy_trainer>} and report.json go here."})
     store_url: str = field(default="sqlite:///data/preferences.db", metadata={"help": "The preference store."})
     policy_path: str = field(default="runs/quickstart/dpo/final", metadata={"help": "The policy of round 0."})
     reward_model_path: str = field(
@@ -59,7 +65,8 @@ class LoopArguments:
     reward_base_path: str = field(
         default="runs/quickstart/sft/final", metadata={"help": "What each round's reward model trains from."}
     )
-    configs_dir: str = field(default="configs", metadata={"help": "Where reward.yaml and dpo.yaml live."})
+    configs_dir: str = field(
+        default="configs", metadata={"help": "Where reward.yaml and dpo.yaml (ppo.yaml, grpo.yaml) live."})
     dataset_name: str = field(
         default="world", metadata={"help": "Prompts: 'world', or a file / datasets dir with a 'prompt' field."}
     )
@@ -74,6 +81,9 @@ class LoopArguments:
                                          "labelled, instead of stopping (polls the store)."})
     wait_minutes: float = field(default=24 * 60, metadata={"help": "wait_for_labels: stop after this long."})
     poll_seconds: float = field(default=10.0, metadata={"help": "wait_for_labels: seconds between store polls."})
+    policy_trainer: str = field(
+        default="dpo", metadata={"help": "How the policy learns each round: 'dpo' (on the round's labelled pairs), "
+                                         "or 'ppo' / 'grpo' (online RL against the round's new reward model)."})
     dpo_epochs: float = field(default=2.0, metadata={"help": "DPO epochs per round, over that round's pairs."})
     dpo_learning_rate: float = field(
         default=5e-4, metadata={"help": "DPO learning rate per round (configs/dpo.yaml's 2e-3 is for 80 steps)."}
@@ -84,6 +94,8 @@ class LoopArguments:
     def __post_init__(self):
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.policy_trainer not in POLICY_TRAINERS:
+            raise ValueError(f"policy_trainer must be one of {POLICY_TRAINERS}, got {self.policy_trainer!r}")
         if self.labeller not in ("world", "human"):
             raise ValueError(f"labeller must be 'world' or 'human', got {self.labeller!r}")
         if self.labeller == "world" and self.dataset_name != "world":
@@ -242,25 +254,31 @@ def source(k: int) -> str:
 
 
 def train_round(args: LoopArguments, k: int, queued: list[dict], policy: Path, out: Path) -> dict[str, Any]:
-    """Steps 4-5: a new RM on every label in the store, then DPO on round k's pairs; their figures."""
-    from align import dpo, reward
+    """Steps 4-5: a new RM on every label in the store, then the policy's step (DPO on round k's pairs, or RL
+    against the new RM); their figures."""
+    from align import dpo, grpo, ppo, reward
 
     pairs = export_pairs(args, queued, out)
-    if not pairs:
+    if not pairs and args.policy_trainer == "dpo":
         raise ValueError(f"round {k}: no comparison has a winner (all ties or both bad); nothing to train on")
     seed = ["--seed", str(args.seed)]
     rm_summary = reward.main([
         str(Path(args.configs_dir) / "reward.yaml"), "--output_dir", str(out / "reward"),
         "--model_name_or_path", args.reward_base_path, "--store_url", args.store_url, *seed,
     ])
-    dpo_summary = dpo.main([
-        str(Path(args.configs_dir) / "dpo.yaml"), "--output_dir", str(out / "dpo"),
-        "--model_name_or_path", str(policy), "--dataset_name", str(out / "pairs.jsonl"),
-        "--reward_model_path", str(out / "reward" / "final"),
-        "--max_steps", "-1", "--num_train_epochs", str(args.dpo_epochs), "--warmup_steps", "0",
-        "--learning_rate", str(args.dpo_learning_rate), *seed,
-    ])
-    ev, before = dpo_summary["eval"], dpo_summary["eval"].get("before") or {}
+    common = [str(Path(args.configs_dir) / f"{args.policy_trainer}.yaml"), "--output_dir", str(policy_dir(args, out)),
+              "--model_name_or_path", str(policy), "--reward_model_path", str(out / "reward" / "final"), *seed]
+    if args.policy_trainer == "dpo":
+        summary = dpo.main([
+            *common, "--dataset_name", str(out / "pairs.jsonl"), "--max_steps", "-1",
+            "--num_train_epochs", str(args.dpo_epochs), "--warmup_steps", "0",
+            "--learning_rate", str(args.dpo_learning_rate),
+        ])
+    else:  # RLHF proper: the reward model the labels just made is the only reward
+        rl = {"ppo": ppo, "grpo": grpo}[args.policy_trainer]
+        summary = rl.main([*common, "--reward_funcs", "[rm]", "--reward_weights", "[1.0]",
+                           *(["--dataset_name", args.dataset_name] if args.dataset_name != "world" else [])])
+    ev, before = summary["eval"], summary["eval"].get("before") or {}
     keys = ("exact_match", "exact_match_sampled", "maj_at_k", "preferred_rate")
     return {
         "pairs": pairs,
@@ -268,6 +286,11 @@ def train_round(args: LoopArguments, k: int, queued: list[dict], policy: Path, o
         "reward": {key: rm_summary["eval"].get(key) for key in ("accuracy", "accuracy_style", "accuracy_correctness")},
         "start": {key: before.get(key) for key in keys},
     }
+
+
+def policy_dir(args: LoopArguments, out: Path) -> Path:
+    """Where round ``out``'s policy step writes (its ``final/`` is the next round's policy)."""
+    return out / args.policy_trainer
 
 
 def log_round(root: Path, k: int, r: dict[str, Any], selection: str) -> None:
@@ -328,9 +351,9 @@ def _run(args: LoopArguments) -> dict[str, Any]:
     t0 = time.time()
     for k in range(1, args.rounds + 1):
         out = root / f"round_{k}"
-        if (out / "dpo" / "final").exists():
+        if (policy_dir(args, out) / "final").exists():
             logger.info("== round %d: already done, skipping", k)
-            policy, rm = out / "dpo" / "final", out / "reward" / "final"
+            policy, rm = policy_dir(args, out) / "final", out / "reward" / "final"
             continue
         out.mkdir(parents=True, exist_ok=True)
         if (out / "comparisons.json").exists():  # queued before a stop (e.g. waiting for the app's labels)
@@ -356,7 +379,7 @@ def _run(args: LoopArguments) -> dict[str, Any]:
         report.pop("waiting", None)
         r |= train_round(args, k, queued, policy, out)
         start = r.pop("start")
-        policy, rm = out / "dpo" / "final", out / "reward" / "final"
+        policy, rm = policy_dir(args, out) / "final", out / "reward" / "final"
         if k == 1:  # round 0: the start policy, and the start RM where its run left an eval.json
             rm_eval = Path(args.reward_model_path).parent / "eval.json"
             rm0 = json.loads(rm_eval.read_text()) if rm_eval.exists() else {}

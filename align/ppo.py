@@ -526,7 +526,7 @@ class PPOTrainer(Trainer):
                     with torch.no_grad():
                         out["entropy"] = masked_mean(entropy_from_logits(logits.detach().float() / args.temperature), m)
                     for k in keys:
-                        acc[k].append(float(out[k]))
+                        acc[k].append(float(out[k].detach()))
                 if args.max_grad_norm and args.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 self.optimizer.step()

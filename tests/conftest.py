@@ -80,7 +80,7 @@ def tiny_rm_dir(tiny_lm_dir, tmp_path_factory) -> str:
 
 @pytest.fixture
 def tiny_loop_config(tmp_path, tiny_lm_dir, tiny_rm_dir):
-    """``make(**keys) -> loop.yaml``: the loop on the tiny models, rounds of seconds (reward/dpo configs beside it)."""
+    """``make(**keys) -> loop.yaml``: the loop on the tiny models, rounds of seconds (its stages' configs beside it)."""
     root = Path(__file__).resolve().parents[1]
     d = tmp_path / "configs"
     d.mkdir()
@@ -90,6 +90,12 @@ def tiny_loop_config(tmp_path, tiny_lm_dir, tiny_rm_dir):
         "dpo": {"per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, "lora_r": 8, "lora_alpha": 16,
                 "logging_steps": 1, "max_length": 96, "test_fraction": 0.0, "eval_num_prompts": 4,
                 "win_rate_num_prompts": 4, "eval_max_new_tokens": 8, "disable_tqdm": True},
+        "ppo": {"max_steps": 2, "per_device_train_batch_size": 8, "num_mini_batches": 1, "num_ppo_epochs": 1,
+                "max_completion_length": 6, "num_prompts": 16, "eval_num_prompts": 4, "eval_kl_prompts": 2,
+                "eval_max_new_tokens": 6, "disable_tqdm": True},
+        "grpo": {"max_steps": 2, "per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 6,
+                 "num_prompts": 16, "eval_num_prompts": 4, "eval_kl_prompts": 2, "eval_max_new_tokens": 6,
+                 "disable_tqdm": True},
     }
     for name, over in small.items():
         cfg = yaml.safe_load((root / "configs" / f"{name}.yaml").read_text()) | over

@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import yaml
 
 from align import loop
 from align.data import world
@@ -40,6 +41,8 @@ def test_bad_arguments_say_which():
         loop.LoopArguments(dataset_name="prompts.jsonl")
     with pytest.raises(ValueError, match="wait_for_labels needs labeller: human"):
         loop.LoopArguments(wait_for_labels=True)
+    with pytest.raises(ValueError, match="policy_trainer must be one of .* got 'sft'"):
+        loop.LoopArguments(policy_trainer="sft")
 
 
 def _store_with_world_labels(url: str) -> None:
@@ -92,6 +95,23 @@ def test_rounds_wait_for_human_labels_then_resume(tmp_path, tiny_loop_config, mo
     # another loop on the same store (its own output_dir and seed; the same source names): its own pairs only
     other = loop.main([*argv, "--rounds", "1", "--seed", "1", "--output_dir", str(tmp_path / "loop-b")])
     assert other["rounds"]["1"]["pairs"] == other["rounds"]["1"]["queue"]["comparisons"]
+
+
+@pytest.mark.parametrize("trainer", ["ppo", "grpo"])
+def test_rl_rounds_learn_from_the_new_reward_model(tmp_path, tiny_loop_config, trainer):
+    """policy_trainer ppo/grpo: each round's RL has the RM the round's labels made as its only reward."""
+    _store_with_world_labels(f"sqlite:///{tmp_path / 'prefs.db'}")
+    report = loop.main([str(tiny_loop_config(policy_trainer=trainer)), "--rounds", "2"])
+    assert set(report["rounds"]) == {"1", "2"} and report["policy_path"].endswith(f"round_2/{trainer}/final")
+    for k in (1, 2):
+        run = tmp_path / f"loop/round_{k}/{trainer}"
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert cfg["reward_funcs"] == ["rm"] and cfg["reward_model_path"].endswith(f"round_{k}/reward/final")
+        start = tmp_path / f"loop/round_{k - 1}/{trainer}/final" if k > 1 else None
+        assert start is None or cfg["model_name_or_path"] == str(start)  # round 2 starts from round 1's policy
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert any("rewards/rm/mean" in r for r in rows)
+        assert {"exact_match", "preferred_rate"} <= set(report["rounds"][str(k)]["policy"])
 
 
 def test_own_prompts_go_to_the_app(tmp_path, tiny_lm_dir, tiny_rm_dir):
