@@ -20,6 +20,7 @@ after figures with ``before`` inside. ``final/`` is a standalone model (LoRA mer
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import time
@@ -316,6 +317,9 @@ def prepare_run(name: str, args: GRPOArguments, model_args: ModelConfig, trainin
 
 
 def train(args: GRPOArguments, model_args: ModelConfig, training_args: GRPOConfig) -> dict[str, Any]:
+    if training_args.use_vllm and importlib.util.find_spec("vllm") is None:  # before any work, not at TRL's init
+        raise ImportError("use_vllm: true needs vLLM, which is not installed: pip install 'trl[vllm]' (a CUDA GPU), "
+                          "or set use_vllm: false to generate with model.generate")
     run = prepare_run("grpo", args, model_args, training_args)
     out, tokenizer, model, reward_funcs, dataset = run.out, run.tokenizer, run.model, run.reward_funcs, run.dataset
     examples, eval_funcs, resume, before, t0 = run.examples, run.eval_funcs, run.resume, run.before, run.t0

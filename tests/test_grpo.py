@@ -5,6 +5,7 @@ The tiny model helpers here are shared with test_ppo.py and test_rewards.py (``f
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import tempfile
 from functools import lru_cache
@@ -171,6 +172,16 @@ def test_missing_reward_model_dir_says_which_command(tmp_path):
         main(["configs/grpo.yaml", "--output_dir", str(tmp_path), "--model_name_or_path", d["policy"],
               "--reward_model_path", str(tmp_path / "nope"), "--reward_funcs", "[correct, rm]",
               "--reward_weights", "[1.0, 1.0]"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_use_vllm_without_vllm_fails_before_any_work(tmp_path):
+    from align.grpo import main
+
+    with pytest.raises(ImportError, match=r"use_vllm: true needs vLLM.*use_vllm: false"):
+        main(["configs/grpo.yaml", "--output_dir", str(tmp_path / "run"), "--model_name_or_path", tiny_dirs()["policy"],
+              "--use_vllm", "true"])
+    assert not (tmp_path / "run").exists()
 
 
 def test_failing_reward_names_reward_and_sample(tmp_path):
