@@ -348,6 +348,11 @@ def _run(args: LoopArguments) -> dict[str, Any]:
     for path, make in ((policy, "make quickstart (dpo/final)"), (rm, "make quickstart (reward/final)")):
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: make it with `{make}`")
+    for other in POLICY_TRAINERS:
+        done = sorted(root.glob(f"round_*/{other}/final"))
+        if other != args.policy_trainer and done:
+            raise ValueError(f"{done[0].parent.parent} was trained with policy_trainer {other}, and this run asks for "
+                             f"{args.policy_trainer}: keep {other}, or start in another output_dir")
     t0 = time.time()
     for k in range(1, args.rounds + 1):
         out = root / f"round_{k}"

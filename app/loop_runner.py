@@ -2,7 +2,7 @@
 
 The loop runs in a child process, so the server keeps serving labels while a round trains, and with
 ``labeller: human``: a round queues its pairs here and stops; once the annotators have labelled them,
-the next run trains the round (a new reward model, a DPO step of the policy) and queues the next one.
+the next run trains the round (a new reward model, the policy's DPO or RL step) and queues the next one.
 One run at a time (``align.loop`` locks its output_dir); the runs' output goes to ``<output_dir>/app_runs.log``.
 """
 

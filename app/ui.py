@@ -302,7 +302,8 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path) -> _Ad
         with gr.Tab("Loop") as loop_tab:
             gr.Markdown("The closed loop on this store (`align.loop`, config `" + args.loop_config + "`): the "
                         "policy writes candidates, the reward model picks the pairs, **annotators label them "
-                        "here**, then a new reward model and a DPO step of the policy train on the labels and "
+                        "here**, then a new reward model trains on the labels and the policy learns (the config's "
+                        "`policy_trainer`: DPO on the labelled pairs, or PPO/GRPO against the new reward model), and "
                         "the next round's candidates come back to the Label tab. Training runs in its own "
                         "process; labelling goes on meanwhile.")
             with gr.Row():

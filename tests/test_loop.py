@@ -112,6 +112,8 @@ def test_rl_rounds_learn_from_the_new_reward_model(tmp_path, tiny_loop_config, t
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert any("rewards/rm/mean" in r for r in rows)
         assert {"exact_match", "preferred_rate"} <= set(report["rounds"][str(k)]["policy"])
+    with pytest.raises(ValueError, match=f"round_1 was trained with policy_trainer {trainer}, and this run asks for dpo"):
+        loop.main([str(tiny_loop_config()), "--rounds", "3"])  # a 3rd round with another step: refused
 
 
 def test_own_prompts_go_to_the_app(tmp_path, tiny_lm_dir, tiny_rm_dir):
