@@ -32,6 +32,7 @@ disabled under LoRA, else a frozen copy; dropout is disabled everywhere. The val
   did; under LoRA the value gradient moves the adapters too), or
 - a separate model, ``value_model_path``: a sequence-classification model, usually the RM stage's, fully
   trained (:class:`PolicyAndValueModel`, as Huang et al. 2024 and TRL 1.12 do; twice the compute).
+Either critic can train at its own ``value_learning_rate`` (OpenRLHF's separate critic learning rate).
 
 Departures from the references: (a) the default value head shares the policy's trunk (above); (b) the score sits on the reply's last real token (EOS)
 and values are masked after it (TRL 1.12 put it one position later, on the first padding slot); (c) no
@@ -128,6 +129,10 @@ class PPOConfig(TrainingArguments):
         default=None, metadata={"help": "Replies to roll out in all; used when max_steps <= 0."}
     )
     value_head_std: float = field(default=0.0, metadata={"help": "Init std of the value head (0: zeros)."})
+    value_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the value head or value model (None: learning_rate). "
+                                        "At a policy's small rate a zero-initialised head barely fits the returns."}
+    )
     disable_dropout: bool = field(default=True, metadata={"help": "Turn off dropout in policy and reference."})
 
     def __post_init__(self):
@@ -146,6 +151,7 @@ class PPOConfig(TrainingArguments):
             "kl_target": self.kl_target > 0,
             "kl_horizon": self.kl_horizon > 0,
             "kl_estimator": self.kl_estimator in ("k1", "k3"),
+            "value_learning_rate": self.value_learning_rate is None or self.value_learning_rate > 0,
             "stop_token": self.stop_token in ("eos", None),
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -287,6 +293,9 @@ class PolicyWithValueHead(nn.Module):
         h = out.hidden_states[-1]
         return out.logits, self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)
 
+    def critic(self) -> nn.Module:
+        return self.value_head
+
 
 class PolicyAndValueModel(nn.Module):
     """The policy plus a separate value model: ``forward -> (logits, values)``, (B, S, V), (B, S).
@@ -312,6 +321,9 @@ class PolicyAndValueModel(nn.Module):
         h = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).last_hidden_state
         score = self.value_model.score  # a plain linear map per position (ScoreHead's loglik term needs a whole reply)
         return logits, nn.functional.linear(h.to(score.weight.dtype), score.weight, score.bias).squeeze(-1)
+
+    def critic(self) -> nn.Module:
+        return self.value_model
 
 
 @dataclass
@@ -387,6 +399,18 @@ class PPOTrainer(Trainer):
             self.num_updates = math.ceil(args.total_episodes / B)
         else:
             self.num_updates = math.ceil(args.num_train_epochs * len(train_dataset) / B)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """Trainer's optimizer; with ``value_learning_rate`` the critic's weights get their own group at that rate."""
+        fresh = self.optimizer is None
+        opt = super().create_optimizer(model)
+        if fresh and self.args.value_learning_rate is not None:
+            critic = [p for p in self.model.critic().parameters() if p.requires_grad]
+            ids = {id(p) for p in critic}
+            for group in opt.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            opt.add_param_group({"params": critic, "lr": self.args.value_learning_rate, "weight_decay": 0.0})
+        return opt
 
     # ------------------------------------------------------------------ helpers
 

@@ -114,6 +114,17 @@ def test_kl_zero_at_step_zero_and_value_loss_falls(tmp_path, value_model):
     assert last["loss/value_avg"] < 0.5 * first["loss/value_first"], (first, last)
 
 
+@pytest.mark.parametrize("value_model", [False, True], ids=["value-head", "value-model"])
+def test_value_learning_rate_gives_the_critic_its_own_group(tmp_path, value_model):
+    trainer = ppo_trainer(tmp_path, [low_half], value_model=value_model, learning_rate=1e-5, value_learning_rate=1e-3)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    critic = {id(p) for p in trainer.model.critic().parameters()}
+    groups = [{id(p) for p in g["params"]} for g in trainer.optimizer.param_groups]
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-5, 1e-5, 1e-3]
+    assert groups[2] == critic and not (groups[0] | groups[1]) & critic
+    assert sum(map(len, groups)) == sum(p.requires_grad for p in trainer.model.parameters())  # every weight once
+
+
 def test_ppo_raises_mean_reward(tmp_path):
     trainer = ppo_trainer(tmp_path, [low_half], max_steps=10, per_device_train_batch_size=32, kl_coef=0.0,
                           learning_rate=2e-2, num_ppo_epochs=2, num_mini_batches=1)
