@@ -34,11 +34,11 @@ disabled under LoRA, else a frozen copy; dropout is disabled everywhere. The val
   trained (:class:`PolicyAndValueModel`, as Huang et al. 2024 and TRL 1.12 do; twice the compute).
 Either critic can train at its own ``value_learning_rate`` (OpenRLHF's separate critic learning rate).
 
-Departures from the references: (a) the default value head shares the policy's trunk (above); (b) the score sits on the reply's last real token (EOS)
-and values are masked after it (TRL 1.12 put it one position later, on the first padding slot); (c) no
-reward-model normalisation from a calibration set (Ziegler et al. normalise RM outputs; rule rewards are in
-[0, 1] already); (d) the learning-rate schedule steps once per PPO iteration, as in TRL; (e) single process
-(no DeepSpeed/FSDP wiring).
+Departures from the references: (a) the default value head shares the policy's trunk (above); (b) the score
+sits on the reply's last real token (EOS) and values are masked after it (TRL 1.12 put it one position later,
+on the first padding slot); (c) no reward-model normalisation from a calibration set (Ziegler et al. normalise
+RM outputs; rule rewards are in [0, 1] already); (d) the learning-rate schedule steps once per PPO iteration, as
+in TRL; (e) single process (no DeepSpeed/FSDP wiring).
 
 Logged per iteration (``metrics.jsonl``, names as TRL 1.12): ``objective/scores``, ``rewards/<name>/mean``,
 ``objective/kl`` (mean per-reply KL), ``objective/kl_coef``, ``objective/entropy`` (per-reply NLL sum),
