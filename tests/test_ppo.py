@@ -202,3 +202,35 @@ def test_separate_value_model_resumes_and_must_share_the_tokenizer(tmp_path):
         main([*argv, "--output_dir", str(tmp_path / "bad"), "--value_model_path", str(other), "--max_steps", "1"])
     with pytest.raises(FileNotFoundError, match=r"does not exist; train one first with `python -m align.reward"):
         main([*argv, "--output_dir", str(tmp_path / "bad"), "--value_model_path", str(tmp_path / "nope")])
+
+
+def test_hf_models_left_padded_rollout_logprobs_match_unpadded(tmp_path):
+    """GPT-2 (absolute positions) as the policy and a Llama value model: a left-padded rollout scores each reply
+    as the policy does with no padding at all, so position ids follow the attention mask."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForSequenceClassification
+
+    from align.generate import load_tokenizer
+
+    d = tiny_dirs()
+    tok = load_tokenizer(d["policy"])
+    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    policy = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=256, **ids))
+    value = LlamaForSequenceClassification(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                       num_attention_heads=2, num_labels=1, **ids))
+    trainer = PPOTrainer(model=policy, args=ppo_config(tmp_path), processing_class=tok, reward_funcs=[low_half],
+                         train_dataset=world_dataset(64), value_model=value)
+    rows = [world_dataset(64)[i] for i in range(8)]
+    ro = trainer.rollout(rows)
+    L = ro.context_length
+    assert (ro.attention_mask[:, :L] == 0).any()  # prompts of different lengths: some rows are left-padded
+    assert abs(ro.stats["objective/kl"]) < 1e-5
+    with torch.no_grad():
+        for i in range(len(rows)):
+            real = ro.attention_mask[i].bool()
+            seq = ro.query_responses[i][real][None]  # the row without any padding
+            n = int(ro.mask[i].sum())
+            logits = policy(input_ids=seq).logits[0, -n - 1 : -1].float()
+            own = torch.log_softmax(logits / trainer.args.temperature, -1).gather(-1, seq[0, -n:, None]).squeeze(-1)
+            torch.testing.assert_close(ro.logprobs[i, :n], own, atol=1e-4, rtol=1e-4)
