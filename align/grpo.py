@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import json
 import logging
 import time
@@ -140,12 +141,33 @@ def reference_of(model: torch.nn.Module, ref_path: str | None) -> Iterator[torch
         del ref
 
 
+def masked_inputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+    """Forward kwargs for a left-padded batch: position ids that start at 0 on each row's first real token, as
+    ``generate`` uses, where the model takes them. RoPE models score the same without them; absolute-position
+    ones (GPT-2) need them; some (ALiBi, e.g. BLOOM) take none."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs through
+    kw = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "position_ids" in inspect.signature(base.forward).parameters:
+        kw["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    return kw
+
+
+def left_pad(ids: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) token ids and attention mask of token lists left-padded to the longest."""
+    L = max(map(len, ids))
+    q = torch.full((len(ids), L), pad, dtype=torch.long)
+    m = torch.zeros_like(q)
+    for i, x in enumerate(ids):
+        q[i, L - len(x):], m[i, L - len(x):] = torch.tensor(x), 1
+    return q, m
+
+
 def response_logprobs(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """(B, T) log-probs of the response tokens ``input_ids[:, context_length:]`` under ``model``."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, context_length - 1 : -1]
+    logits = model(**masked_inputs(model, input_ids, attention_mask)).logits[:, context_length - 1 : -1]
     logits = logits.float() / temperature
     return torch.gather(logits.log_softmax(-1), 2, input_ids[:, context_length:, None]).squeeze(-1)
 
@@ -167,13 +189,8 @@ def sample_with_kl(
     for s in range(0, len(prompts), batch_size):
         texts = [tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True)
                  for p in prompts[s : s + batch_size]]
-        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        L = max(map(len, ids))
-        q = torch.full((len(ids), L), pad, dtype=torch.long)
-        qm = torch.zeros_like(q)
-        for i, x in enumerate(ids):
-            q[i, L - len(x):], qm[i, L - len(x):] = torch.tensor(x), 1
-        q, qm = q.to(device), qm.to(device)
+        q, qm = left_pad([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], pad)
+        q, qm, L = q.to(device), qm.to(device), q.size(1)
         out = model.generate(input_ids=q, attention_mask=qm, max_new_tokens=max_new_tokens, do_sample=True,
                              temperature=temperature, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=pad)

@@ -82,6 +82,8 @@ from align.generate import as_messages, load_tokenizer
 from align.grpo import (
     GRPOArguments,
     finish_run,
+    left_pad,
+    masked_inputs,
     prepare_run,
     response_mask,
     rl_evaluate,
@@ -270,11 +272,6 @@ def ppo_losses(
 # ----------------------------------------------------------------------------------------------- models
 
 
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, S) position ids that start at 0 on each row's first real token (left padding), as generate uses."""
-    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-
-
 class PolicyWithValueHead(nn.Module):
     """The policy plus a linear value head on its last hidden states: ``forward -> (logits, values)``, (B, S, V), (B, S)."""
 
@@ -288,8 +285,8 @@ class PolicyWithValueHead(nn.Module):
         self.config = policy.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                          output_hidden_states=True, use_cache=False)
+        out = self.policy(**masked_inputs(self.policy, input_ids, attention_mask), output_hidden_states=True,
+                          use_cache=False)
         h = out.hidden_states[-1]
         return out.logits, self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)
 
@@ -315,10 +312,9 @@ class PolicyAndValueModel(nn.Module):
             raise ValueError(f"value model {type(value_model).__name__}: score head has {head.out_features} labels, need 1")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = positions(attention_mask)
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).logits
+        logits = self.policy(**masked_inputs(self.policy, input_ids, attention_mask), use_cache=False).logits
         backbone = getattr(self.value_model, self.value_model.base_model_prefix)
-        h = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).last_hidden_state
+        h = backbone(**masked_inputs(backbone, input_ids, attention_mask), use_cache=False).last_hidden_state
         score = self.value_model.score  # a plain linear map per position (ScoreHead's loglik term needs a whole reply)
         return logits, nn.functional.linear(h.to(score.weight.dtype), score.weight, score.bias).squeeze(-1)
 
@@ -439,11 +435,7 @@ class PPOTrainer(Trainer):
         tok = self.processing_class
         ids = [tok(tok.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True),
                    add_special_tokens=False)["input_ids"] for p in prompts]
-        L = max(map(len, ids))
-        q = torch.full((len(ids), L), self.pad_id, dtype=torch.long)
-        m = torch.zeros_like(q)
-        for i, x in enumerate(ids):
-            q[i, L - len(x):], m[i, L - len(x):] = torch.tensor(x), 1
+        q, m = left_pad(ids, self.pad_id)
         return q.to(self.args.device), m.to(self.args.device)
 
     # ------------------------------------------------------------------ 1-4: rollout, rewards, GAE
@@ -473,7 +465,7 @@ class PPOTrainer(Trainer):
         entropy = masked_mean(entropy_from_logits(logits.float() / args.temperature), mask.float())
         del logits
         with self.reference() as ref:
-            ref_logits = ref(input_ids=seqs, attention_mask=attn, position_ids=positions(attn)).logits
+            ref_logits = ref(**masked_inputs(ref, seqs, attn)).logits
             ref_logprobs = self._logprobs(ref_logits[:, L - 1 : -1], responses)
             del ref_logits
 
