@@ -156,19 +156,17 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# transformers 5 renamed these TrainingArguments fields; the old names stay usable and are one key with the new
+# (the command line overrides a file's value under either name; given both, the new name would win silently).
+_ALIASES = {"gradient_checkpointing": "activation_checkpointing",
+            "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+
+
 def parse(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
     """Parse ``[config.yaml] [--key value ...]`` into one instance of each dataclass type.
 
     A key may belong to several dataclasses (``seed``, ``output_dir``): each gets the value.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    values: dict[str, _Value] = {}
-    source = "command line"
-    if argv and not argv[0].startswith("--"):
-        source = argv[0]
-        values.update(_load_yaml(Path(argv.pop(0))))
-    values.update(_parse_overrides(argv))
-
     hints: dict[str, Any] = {}
     for cls in dataclass_types:
         try:
@@ -178,6 +176,17 @@ def parse(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) ->
         for f in dataclasses.fields(cls):
             if f.init:
                 hints.setdefault(f.name, cls_hints.get(f.name, Any))
+
+    def canonical(d: dict[str, _Value]) -> dict[str, _Value]:
+        return {(_ALIASES[k] if k in _ALIASES and _ALIASES[k] in hints else k): v for k, v in d.items()}
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    values: dict[str, _Value] = {}
+    source = "command line"
+    if argv and not argv[0].startswith("--"):
+        source = argv[0]
+        values.update(canonical(_load_yaml(Path(argv.pop(0)))))
+    values.update(canonical(_parse_overrides(argv)))
 
     kwargs: dict[str, Any] = {}
     for key, v in values.items():

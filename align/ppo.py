@@ -102,7 +102,9 @@ class PPOConfig(TrainingArguments):
     gradient_accumulation_steps`` prompts; ``max_steps`` counts PPO iterations (rollout + update)."""
 
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (TRL 1.12 default 3e-6)."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
+    activation_checkpointing: bool | None = field(
+        default=False, metadata={"help": "Trade compute for memory (gradient_checkpointing is the old name)."}
+    )
     logging_steps: float = field(default=1, metadata={"help": "Log every N PPO iterations."})
     max_completion_length: int = field(default=32, metadata={"help": "Most tokens per sampled reply."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs use it too)."})
@@ -373,8 +375,8 @@ class PPOTrainer(Trainer):
             for m in (model, self.ref_model, value_model):
                 if m is not None:
                     disable_dropout_in_model(m)
-        if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+        if args.activation_checkpointing:
+            model.activation_checkpointing_enable()
         self.reward_funcs = R.build_reward_funcs(reward_funcs) if reward_funcs and isinstance(reward_funcs[0], str) \
             else [R.checked(f) if not hasattr(f, "__wrapped__") else f for f in reward_funcs]
         self.reward_weights = R.validate_weights([f.__name__ for f in self.reward_funcs], args.reward_weights)

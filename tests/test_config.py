@@ -39,6 +39,19 @@ def test_yaml_and_overrides_fill_trl_and_own_dataclasses(tmp_path):
     assert train_args.max_length == 64  # a key shared by two dataclasses reaches both
 
 
+def test_old_checkpointing_name_is_the_same_key_as_the_new(tmp_path):
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing: either name overrides the other."""
+    import warnings
+
+    path = write(tmp_path, "output_dir: out\nactivation_checkpointing: false\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the shipped (new) name warns of nothing
+        (cfg,) = parse([SFTConfig], [path])
+    assert cfg.activation_checkpointing is False
+    (cfg,) = parse([SFTConfig], [path, "--gradient_checkpointing", "true"])  # TRL's name on the command line
+    assert cfg.activation_checkpointing is True and cfg.gradient_checkpointing is True
+
+
 def test_unknown_key_names_file_line_and_suggests(tmp_path):
     path = write(tmp_path, "output_dir: out\n\nmax_step: 7\n")
     with pytest.raises(ConfigError, match=r"c\.yaml:3: unknown key 'max_step' \(did you mean 'max_steps'\?\)"):

@@ -97,7 +97,7 @@ def _losses(out: Path) -> list[float]:
 
 COMMON = ["--max_steps", str(STEPS), "--logging_steps", "1", "--save_steps", "1000", "--learning_rate", "1e-2",
           "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--seed", "0", "--use_cpu", "true",
-          "--gradient_checkpointing", "false", "--dataloader_pin_memory", "false", "--report_to", "none",
+          "--activation_checkpointing", "false", "--dataloader_pin_memory", "false", "--report_to", "none",
           "--eval_num_prompts", "0"]
 
 

@@ -122,7 +122,7 @@ def _configs(tmp_path, model_dir, *, trainer="dpo", steps=2, **overrides):
         "--use_peft", "true", "--lora_target_modules", "all-linear", "--lora_r", "8", "--lora_alpha", "16",
         "--lora_dropout", "0.0", "--max_steps", str(steps), "--per_device_train_batch_size", "4",
         "--per_device_eval_batch_size", "8", "--learning_rate", "1e-3", "--logging_steps", "1",
-        "--save_strategy", "'no'", "--max_length", "96", "--gradient_checkpointing", "false", "--report_to", "none",
+        "--save_strategy", "'no'", "--max_length", "96", "--activation_checkpointing", "false", "--report_to", "none",
         "--test_fraction", "0.25", "--eval_num_prompts", "0", "--win_rate_num_prompts", "0",
         "--dataloader_pin_memory", "false", "--disable_tqdm", "true",
     ]
@@ -257,7 +257,7 @@ def test_other_trainers_run_one_step(tmp_path, policy_dir, tokenizer, pairs, tra
 def test_config_files_parse():
     args, model_args, cfg = parse(dpo.CONFIG_TYPES, [str(ROOT / "configs/dpo.yaml")])
     assert args.trainer == "dpo" and model_args.use_peft and cfg.loss_type == ["sigmoid", "sft"]
-    assert not cfg.gradient_checkpointing and args.dataset_name == "store"
+    assert not cfg.activation_checkpointing and args.dataset_name == "store"
     parsed = parse(dpo.config_types("kto"), [str(ROOT / "configs/kto.yaml")])
     assert isinstance(dpo.trainer_args(parsed[0], *parsed[2:]), KTOConfig)
     # configs/dpo.yaml also runs SimPO / CPO: loss_type is translated

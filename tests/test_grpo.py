@@ -53,7 +53,7 @@ def grpo_config(tmp_path, **kw):
 
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=16, num_generations=4, max_completion_length=8,
                 learning_rate=3e-2, lr_scheduler_type="constant", max_steps=2, logging_steps=1, save_strategy="no", report_to="none",
-                gradient_checkpointing=False, bf16=False, beta=0.0, seed=0, disable_tqdm=True)
+                activation_checkpointing=False, bf16=False, beta=0.0, seed=0, disable_tqdm=True)
     base.update(kw)
     return GRPOConfig(**base)
 

@@ -78,7 +78,7 @@ def test_loss_matches_independent_bradley_terry(lm_dir, tmp_path):
                             for p, m in zip(pairs, margins)])
     c = 0.1
     args = RewardConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, center_rewards_coefficient=c,
-                        gradient_checkpointing=False, bf16=False, report_to="none", dataloader_pin_memory=False)
+                        activation_checkpointing=False, bf16=False, report_to="none", dataloader_pin_memory=False)
     trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])  # pairs in order
     loss = trainer.compute_loss(trainer.model, dict(batch)).item()

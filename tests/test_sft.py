@@ -28,7 +28,7 @@ CHAT = [
 def _config(out, **kw) -> SFTConfig:
     base = dict(
         output_dir=str(out), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1,
-        save_steps=1, report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False,
+        save_steps=1, report_to="none", bf16=False, use_cpu=True, activation_checkpointing=False,
         assistant_only_loss=True, max_length=128, seed=0,
     )
     base.update(kw)
