@@ -12,20 +12,27 @@ rule checker. Reported:
   Greedy style is all-or-nothing (the first token picks it), so the sampled rate is the one that moves;
   ``preferred_rate_greedy`` is reported too;
 - ``mean_length``: mean reply length in tokens (sampled), and a few sample generations.
+
+:func:`evaluate_policy` adds, on sampled replies, the KL to a reference and each reward's mean (the RL commands'
+before/after figures). ``python -m align.evaluate configs/evaluate.yaml`` runs it for several models side by side.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from align.data import world
-from align.generate import generate
+from align.generate import as_messages, generate
 
 
 SAMPLES_PER_PROMPT = 8  # sampled replies per held-out prompt: the sampled figures are means over them
@@ -114,6 +121,119 @@ def evaluate(
     }
 
 
+@contextlib.contextmanager
+def reference_of(model: torch.nn.Module, ref_path: str | None) -> Iterator[torch.nn.Module]:
+    """The reference policy: the same model with its LoRA adapters disabled, else the start model from disk."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    elif ref_path is None:
+        yield model
+    else:
+        ref = AutoModelForCausalLM.from_pretrained(ref_path).to(next(model.parameters()).device).eval()
+        yield ref
+        del ref
+
+
+def masked_inputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+    """Forward kwargs for a left-padded batch: position ids that start at 0 on each row's first real token, as
+    ``generate`` uses, where the model takes them. RoPE models score the same without them; absolute-position
+    ones (GPT-2) need them; some (ALiBi, e.g. BLOOM) take none."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs through
+    kw = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "position_ids" in inspect.signature(base.forward).parameters:
+        kw["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    return kw
+
+
+def left_pad(ids: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) token ids and attention mask of token lists left-padded to the longest."""
+    L = max(map(len, ids))
+    q = torch.full((len(ids), L), pad, dtype=torch.long)
+    m = torch.zeros_like(q)
+    for i, x in enumerate(ids):
+        q[i, L - len(x):], m[i, L - len(x):] = torch.tensor(x), 1
+    return q, m
+
+
+def response_logprobs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """(B, T) log-probs of the response tokens ``input_ids[:, context_length:]`` under ``model``."""
+    logits = model(**masked_inputs(model, input_ids, attention_mask)).logits[:, context_length - 1 : -1]
+    logits = logits.float() / temperature
+    return torch.gather(logits.log_softmax(-1), 2, input_ids[:, context_length:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def sample_with_kl(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], ref_path: str | None,
+    *, max_new_tokens: int = 32, temperature: float = 1.0, batch_size: int = 50, seed: int = 0,
+) -> tuple[list[str], list[float]]:
+    """Replies sampled at ``temperature`` and each one's KL(policy || reference) estimate: the sum over its
+    tokens of log pi(y_t) - log pi_ref(y_t) (unbiased for samples from pi; 0 when pi == pi_ref)."""
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    replies: list[str] = []
+    kls: list[float] = []
+    for s in range(0, len(prompts), batch_size):
+        texts = [tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True)
+                 for p in prompts[s : s + batch_size]]
+        q, qm = left_pad([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], pad)
+        q, qm, L = q.to(device), qm.to(device), q.size(1)
+        out = model.generate(input_ids=q, attention_mask=qm, max_new_tokens=max_new_tokens, do_sample=True,
+                             temperature=temperature, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=pad)
+        resp = out[:, L:]
+        rmask = response_mask(resp, tokenizer.eos_token_id)
+        full, fmask = torch.cat([q, resp], 1), torch.cat([qm, rmask], 1)
+        lp = response_logprobs(model, full, fmask, L, temperature)
+        with reference_of(model, ref_path) as ref:
+            ref_lp = response_logprobs(ref, full, fmask, L, temperature)
+        kls += ((lp - ref_lp) * rmask).sum(1).tolist()
+        replies += [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(resp, rmask)]
+    model.train(was_training)
+    return replies, kls
+
+
+def response_mask(responses: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+    """(B, T) 1 up to and including the first eos of each response, 0 after it."""
+    if eos_token_id is None:
+        return torch.ones_like(responses)
+    is_eos = (responses == eos_token_id).long()
+    after = (is_eos.cumsum(1) - is_eos) > 0  # strictly after the first eos
+    return (~after).long()
+
+
+def evaluate_policy(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[world.Example],
+    reward_funcs: Sequence[Any], ref_path: str | None, *, kl_prompts: int = 100, max_new_tokens: int = 32,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """:func:`evaluate` on held-out prompts, plus on sampled replies to the first ``kl_prompts`` of them:
+    ``kl_to_reference`` (mean per-sequence KL) and ``reward/<name>`` (mean of each reward; ``mean_rm_reward``)."""
+    t0 = time.time()
+    ev = evaluate(model, tokenizer, list(examples), max_new_tokens=max_new_tokens, seed=seed)
+    sub = list(examples)[:kl_prompts]
+    if sub:
+        replies, kls = sample_with_kl(model, tokenizer, [e.prompt for e in sub], ref_path,
+                                      max_new_tokens=max_new_tokens, seed=seed)
+        ev["kl_to_reference"] = sum(kls) / len(kls)
+        cols = {"task": [e.task for e in sub], "answer": [e.answer for e in sub]}
+        prompts = [[{"role": "user", "content": e.prompt}] for e in sub]
+        for f in reward_funcs:
+            vals = f(prompts=prompts, completions=replies, completion_ids=None, **cols)
+            ev[f"reward/{f.__name__}"] = sum(vals) / len(vals)
+        if "reward/rm" in ev:
+            ev["mean_rm_reward"] = ev["reward/rm"]
+    ev["seconds"] = round(time.time() - t0, 1)
+    return ev
+
+
 def compare_plot(results: dict[str, dict[str, Any]], out_png: str | os.PathLike, title: str = "") -> Path:
     """Bar chart of exact match (greedy, sampled, maj@k, pass@k) and preferred rate for several models."""
     import matplotlib
@@ -124,7 +244,7 @@ def compare_plot(results: dict[str, dict[str, Any]], out_png: str | os.PathLike,
     names = list(results)
     keys = [k for k in ("exact_match", "exact_match_sampled", "maj_at_k", "pass_at_k", "preferred_rate")
             if all(k in results[n] for n in names)]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.8 * len(keys), 3.2))
+    fig, ax = plt.subplots(figsize=(2.6 + 1.8 * len(keys), 3.2))
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
         vals = [results[name].get(k, 0.0) for k in keys]
@@ -132,10 +252,123 @@ def compare_plot(results: dict[str, dict[str, Any]], out_png: str | os.PathLike,
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(keys))], keys, fontsize=8)
     ax.set_ylim(0, 1.08)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+# ----------------------------------------------------------------------------------------------- the command
+
+
+@dataclass
+class EvaluateArguments:
+    models: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Causal LMs to evaluate side by side: a run's final/, any HF model dir or hub id; "
+                          "'label=path' names one (default: the run's dir name for .../<run>/final)."},
+    )
+    output_dir: str = field(default="runs/evaluate", metadata={"help": "eval.json, eval.md, eval.png go here."})
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "A reward model dir: adds each model's mean RM reward (reward/rm)."}
+    )
+    reference_model_path: str | None = field(
+        default=None, metadata={"help": "A causal LM: adds each model's KL to it on its own sampled replies."}
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["correct", "polite"],
+        metadata={"help": "Rewards (align.rewards names) whose means on sampled replies are reported too."},
+    )
+    num_prompts: int = field(default=200, metadata={"help": "Held-out world prompts."})
+    kl_prompts: int = field(default=100, metadata={"help": "Of those, prompts whose samples give the KL and rewards."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Reply length limit."})
+    world_seed: int = field(default=0, metadata={"help": "Seed of the built-in world (which prompts)."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+
+    def __post_init__(self):
+        if isinstance(self.models, str):
+            self.models = [self.models]
+        if not self.models:
+            raise ValueError("models is empty: give one or more model dirs, e.g. --models '[runs/quickstart/sft/final]'")
+        if self.num_prompts < 1 or self.kl_prompts < 0:
+            raise ValueError(f"num_prompts must be >= 1 and kl_prompts >= 0, got {self.num_prompts}, {self.kl_prompts}")
+        labels = [label for label, _ in self.labelled()]
+        if len(set(labels)) < len(labels):
+            raise ValueError(f"models: two share a label ({labels}); name them with 'label=path'")
+
+    def labelled(self) -> list[tuple[str, str]]:
+        out = []
+        for m in self.models:
+            label, sep, path = m.partition("=")
+            if not sep:
+                p = Path(m)
+                label, path = (p.parent.name if p.name == "final" and p.parent.name else p.name or m), m
+            out.append((label, path))
+        return out
+
+
+CONFIG_TYPES = (EvaluateArguments,)
+TABLE_KEYS = ("exact_match", "exact_match_sampled", "maj_at_k", "pass_at_k", "preferred_rate", "mean_length",
+              "kl_to_reference", "mean_rm_reward")
+
+
+def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+    keys = [k for k in TABLE_KEYS if any(k in r for r in results.values())]
+    rows = ["| model | " + " | ".join(keys) + " |", "| --- |" + " ---: |" * len(keys)]
+    for name, r in results.items():
+        rows.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" if isinstance(r.get(k), (int, float)) else "-"
+                                                for k in keys) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def run(args: EvaluateArguments) -> dict[str, dict[str, Any]]:
+    """Evaluate every model on the same held-out prompts and samples; eval.json, eval.md (a table), eval.png."""
+    from align import rewards as R
+    from align.generate import load_tokenizer
+    from align.runs import write_config, write_json
+
+    for label, path in args.labelled():  # before any work: a local path that is not there is a typo, not a hub id
+        if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+            raise FileNotFoundError(f"models: {label}={path} not found (a model dir, e.g. runs/quickstart/sft/final, "
+                                    "or a hub id such as org/name)")
+    names = list(args.reward_funcs) + (["rm"] if args.reward_model_path and "rm" not in args.reward_funcs else [])
+    if "rm" in names:
+        R.check_reward_model_dir(args.reward_model_path)
+    reward_funcs = R.build_reward_funcs(names, args.reward_model_path)
+    examples = world.World(args.world_seed, n_heldout=args.num_prompts).eval_prompts(args.num_prompts)
+    out = Path(args.output_dir)
+    write_config(out, args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results: dict[str, dict[str, Any]] = {}
+    for label, path in args.labelled():
+        model = AutoModelForCausalLM.from_pretrained(path).to(device)
+        ev = evaluate_policy(model, load_tokenizer(path), examples, reward_funcs, args.reference_model_path,
+                             kl_prompts=args.kl_prompts, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        if not args.reference_model_path:
+            ev.pop("kl_to_reference", None)  # without a reference it is the model against itself
+        results[label] = {"path": path, **ev}
+        print(f"{label}: exact match {ev['exact_match']:.3f} greedy, {ev['exact_match_sampled']:.3f} sampled, "
+              f"preferred {ev['preferred_rate']:.3f}", flush=True)
+        del model
+    write_json(out / "eval.json", results)
+    table = markdown_table(results)
+    (out / "eval.md").write_text(f"Held-out world prompts: {args.num_prompts} (world seed {args.world_seed}).\n\n" + table)
+    compare_plot(results, out / "eval.png", title=f"{len(results)} models, {args.num_prompts} held-out prompts")
+    print("\n" + table + f"\n{out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval.png'}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    from align.config import parse
+    from align.runs import setup_logging
+
+    setup_logging()
+    (args,) = parse(CONFIG_TYPES, argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -19,15 +19,13 @@ after figures with ``before`` inside. ``final/`` is a standalone model (LoRA mer
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import inspect
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from datasets import Dataset
@@ -37,7 +35,7 @@ from trl import GRPOConfig, GRPOTrainer, ModelConfig, get_peft_config
 from align import rewards as R
 from align.config import parse
 from align.data import world
-from align.evaluate import compare_plot, evaluate
+from align.evaluate import compare_plot, evaluate_policy
 from align.generate import as_messages, load_tokenizer
 from align.distributed import save_final, zero3_init_disabled
 from align.runs import MetricsCallback, plot_metrics, resume_checkpoint, setup_logging, write_config, write_json
@@ -127,119 +125,6 @@ def heldout_examples(world_seed: int, n: int) -> list[world.Example]:
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
-@contextlib.contextmanager
-def reference_of(model: torch.nn.Module, ref_path: str | None) -> Iterator[torch.nn.Module]:
-    """The reference policy: the same model with its LoRA adapters disabled, else the start model from disk."""
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield model
-    elif ref_path is None:
-        yield model
-    else:
-        ref = AutoModelForCausalLM.from_pretrained(ref_path).to(next(model.parameters()).device).eval()
-        yield ref
-        del ref
-
-
-def masked_inputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
-    """Forward kwargs for a left-padded batch: position ids that start at 0 on each row's first real token, as
-    ``generate`` uses, where the model takes them. RoPE models score the same without them; absolute-position
-    ones (GPT-2) need them; some (ALiBi, e.g. BLOOM) take none."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs through
-    kw = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if "position_ids" in inspect.signature(base.forward).parameters:
-        kw["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-    return kw
-
-
-def left_pad(ids: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) token ids and attention mask of token lists left-padded to the longest."""
-    L = max(map(len, ids))
-    q = torch.full((len(ids), L), pad, dtype=torch.long)
-    m = torch.zeros_like(q)
-    for i, x in enumerate(ids):
-        q[i, L - len(x):], m[i, L - len(x):] = torch.tensor(x), 1
-    return q, m
-
-
-def response_logprobs(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """(B, T) log-probs of the response tokens ``input_ids[:, context_length:]`` under ``model``."""
-    logits = model(**masked_inputs(model, input_ids, attention_mask)).logits[:, context_length - 1 : -1]
-    logits = logits.float() / temperature
-    return torch.gather(logits.log_softmax(-1), 2, input_ids[:, context_length:, None]).squeeze(-1)
-
-
-@torch.no_grad()
-def sample_with_kl(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], ref_path: str | None,
-    *, max_new_tokens: int = 32, temperature: float = 1.0, batch_size: int = 50, seed: int = 0,
-) -> tuple[list[str], list[float]]:
-    """Replies sampled at ``temperature`` and each one's KL(policy || reference) estimate: the sum over its
-    tokens of log pi(y_t) - log pi_ref(y_t) (unbiased for samples from pi; 0 when pi == pi_ref)."""
-    torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    replies: list[str] = []
-    kls: list[float] = []
-    for s in range(0, len(prompts), batch_size):
-        texts = [tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True)
-                 for p in prompts[s : s + batch_size]]
-        q, qm = left_pad([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], pad)
-        q, qm, L = q.to(device), qm.to(device), q.size(1)
-        out = model.generate(input_ids=q, attention_mask=qm, max_new_tokens=max_new_tokens, do_sample=True,
-                             temperature=temperature, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=pad)
-        resp = out[:, L:]
-        rmask = response_mask(resp, tokenizer.eos_token_id)
-        full, fmask = torch.cat([q, resp], 1), torch.cat([qm, rmask], 1)
-        lp = response_logprobs(model, full, fmask, L, temperature)
-        with reference_of(model, ref_path) as ref:
-            ref_lp = response_logprobs(ref, full, fmask, L, temperature)
-        kls += ((lp - ref_lp) * rmask).sum(1).tolist()
-        replies += [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(resp, rmask)]
-    model.train(was_training)
-    return replies, kls
-
-
-def response_mask(responses: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
-    """(B, T) 1 up to and including the first eos of each response, 0 after it."""
-    if eos_token_id is None:
-        return torch.ones_like(responses)
-    is_eos = (responses == eos_token_id).long()
-    after = (is_eos.cumsum(1) - is_eos) > 0  # strictly after the first eos
-    return (~after).long()
-
-
-def rl_evaluate(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[world.Example],
-    reward_funcs: Sequence[Any], ref_path: str | None, *, kl_prompts: int = 100, max_new_tokens: int = 32,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """``align.evaluate.evaluate`` on held-out prompts, plus on sampled replies to the first ``kl_prompts`` of them:
-    ``kl_to_reference`` (mean per-sequence KL) and ``reward/<name>`` (mean of each reward; ``mean_rm_reward``)."""
-    t0 = time.time()
-    ev = evaluate(model, tokenizer, list(examples), max_new_tokens=max_new_tokens, seed=seed)
-    sub = list(examples)[:kl_prompts]
-    if sub:
-        replies, kls = sample_with_kl(model, tokenizer, [e.prompt for e in sub], ref_path,
-                                      max_new_tokens=max_new_tokens, seed=seed)
-        ev["kl_to_reference"] = sum(kls) / len(kls)
-        cols = {"task": [e.task for e in sub], "answer": [e.answer for e in sub]}
-        prompts = [[{"role": "user", "content": e.prompt}] for e in sub]
-        for f in reward_funcs:
-            vals = f(prompts=prompts, completions=replies, completion_ids=None, **cols)
-            ev[f"reward/{f.__name__}"] = sum(vals) / len(vals)
-        if "reward/rm" in ev:
-            ev["mean_rm_reward"] = ev["reward/rm"]
-    ev["seconds"] = round(time.time() - t0, 1)
-    return ev
-
-
 def eval_reward_funcs(names: Sequence[str], reward_model_path: str | None, length_target: int) -> list[Any]:
     """The training rewards plus, when a reward model is given, 'rm' (the 'mean RM reward' of the evaluation)."""
     names = list(names)
@@ -327,7 +212,7 @@ def prepare_run(name: str, args: GRPOArguments, model_args: ModelConfig, trainin
         if resume and before_path.exists():  # a resumed run keeps the start model's figures
             before = json.loads(before_path.read_text())
         else:
-            before = rl_evaluate(model, tokenizer, examples, eval_funcs, None, kl_prompts=args.eval_kl_prompts,
+            before = evaluate_policy(model, tokenizer, examples, eval_funcs, None, kl_prompts=args.eval_kl_prompts,
                                  max_new_tokens=args.eval_max_new_tokens, seed=training_args.seed)
             write_json(before_path, before)
     return RunSetup(out, tokenizer, model, reward_funcs, dataset, examples, eval_funcs, resume, before, t0)
@@ -362,7 +247,7 @@ def train(args: GRPOArguments, model_args: ModelConfig, training_args: GRPOConfi
     if examples:
         with zero3_init_disabled():
             policy = AutoModelForCausalLM.from_pretrained(str(final)).to(trainer.args.device)
-        after = rl_evaluate(policy, tokenizer, examples, eval_funcs, ref_path, kl_prompts=args.eval_kl_prompts,
+        after = evaluate_policy(policy, tokenizer, examples, eval_funcs, ref_path, kl_prompts=args.eval_kl_prompts,
                             max_new_tokens=args.eval_max_new_tokens, seed=training_args.seed)
     return finish_run("grpo", out, before, after, {
         "train_loss": result.training_loss,

@@ -79,15 +79,8 @@ from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, sel
 from align import rewards as R
 from align.config import parse
 from align.generate import as_messages, load_tokenizer
-from align.grpo import (
-    GRPOArguments,
-    finish_run,
-    left_pad,
-    masked_inputs,
-    prepare_run,
-    response_mask,
-    rl_evaluate,
-)
+from align.evaluate import evaluate_policy, left_pad, masked_inputs, response_mask
+from align.grpo import GRPOArguments, finish_run, prepare_run
 from align.runs import MetricsCallback, setup_logging
 
 logger = logging.getLogger("align.ppo")
@@ -674,7 +667,7 @@ def train(args: PPOArguments, model_args: ModelConfig, training_args: PPOConfig)
     policy = trainer.policy
     after = None
     if examples:
-        after = rl_evaluate(policy, tokenizer, examples, eval_funcs, model_args.model_name_or_path,
+        after = evaluate_policy(policy, tokenizer, examples, eval_funcs, model_args.model_name_or_path,
                             kl_prompts=args.eval_kl_prompts, max_new_tokens=args.eval_max_new_tokens,
                             seed=training_args.seed)
     if hasattr(policy, "merge_and_unload"):

@@ -95,7 +95,7 @@ def test_group_advantages_zero_mean(tmp_path):
 
 def test_kl_zero_at_step_zero(tmp_path):
     from align.generate import load_tokenizer
-    from align.grpo import sample_with_kl
+    from align.evaluate import sample_with_kl
 
     trainer = grpo_trainer(tmp_path, [low_half], beta=0.1, max_steps=1)
     trainer.train()
