@@ -164,6 +164,8 @@ def run(q: QuickstartArguments) -> dict[str, Any]:
             f"  .venv/bin/python -m app configs/app.yaml --db {q.store_url}\n"
             f"then open http://127.0.0.1:7860 and log in."
         )
+    if q.output_dir == "runs/quickstart":  # configs/evaluate.yaml reads the default run's dirs
+        print("Compare the stages' models side by side: .venv/bin/python -m align.evaluate configs/evaluate.yaml")
     return report
 
 
