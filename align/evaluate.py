@@ -276,7 +276,8 @@ class EvaluateArguments:
         default=None, metadata={"help": "A reward model dir: adds each model's mean RM reward (reward/rm)."}
     )
     reference_model_path: str | None = field(
-        default=None, metadata={"help": "A causal LM: adds each model's KL to it on its own sampled replies."}
+        default=None, metadata={"help": "A causal LM with the models' tokenizer: adds each model's KL to it on its "
+                                        "own sampled replies."}
     )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["correct", "polite"],
@@ -342,10 +343,14 @@ def run(args: EvaluateArguments) -> dict[str, dict[str, Any]]:
     out = Path(args.output_dir)
     write_config(out, args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    ref_tok = load_tokenizer(args.reference_model_path) if args.reference_model_path else None
     results: dict[str, dict[str, Any]] = {}
     for label, path in args.labelled():
-        model = AutoModelForCausalLM.from_pretrained(path).to(device)
-        ev = evaluate_policy(model, load_tokenizer(path), examples, reward_funcs, args.reference_model_path,
+        model, tok = AutoModelForCausalLM.from_pretrained(path).to(device), load_tokenizer(path)
+        if ref_tok is not None and tok.get_vocab() != ref_tok.get_vocab():
+            raise ValueError(f"models: {label}={path} has another tokenizer than reference_model_path "
+                             f"{args.reference_model_path}: the KL compares log-probs of the same tokens")
+        ev = evaluate_policy(model, tok, examples, reward_funcs, args.reference_model_path,
                              kl_prompts=args.kl_prompts, max_new_tokens=args.max_new_tokens, seed=args.seed)
         if not args.reference_model_path:
             ev.pop("kl_to_reference", None)  # without a reference it is the model against itself
