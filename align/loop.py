@@ -21,8 +21,9 @@ Each round, with the policy and reward model of the round before:
    ``configs/dpo.yaml``; ties and "both bad" are dropped), i.e. iterative, on-policy DPO
    (Xiong et al. 2024, https://arxiv.org/abs/2312.11456);
    ``ppo`` or ``grpo``, online RL with the new reward model as the only reward (``configs/ppo.yaml`` /
-   ``configs/grpo.yaml``, on the world's RL prompts or ``dataset_name``'s), the RLHF loop of Christiano et al. 2017 and Stiennon et al. 2020
-   (https://arxiv.org/abs/2009.01325): labels -> reward model -> policy -> new candidates to label;
+   ``configs/grpo.yaml``, on the world's RL prompts or ``dataset_name``'s): the RLHF loop of Christiano et al.
+   2017 and Stiennon et al. 2020 (https://arxiv.org/abs/2009.01325), labels -> reward model -> policy -> new
+   candidates to label;
 5. both are evaluated by their commands; ``report.json``, ``metrics.jsonl`` and ``loop.png`` hold every round.
 
 A round whose ``<policy_trainer>/final`` exists is skipped, so a killed loop carries on where it stopped.

@@ -304,7 +304,8 @@ class PolicyAndValueModel(nn.Module):
             raise ValueError(f"value model {type(value_model).__name__}: need a sequence-classification model with a "
                              f"backbone at .{prefix or '<base_model_prefix>'} and a linear .score head")
         if head.out_features != 1:
-            raise ValueError(f"value model {type(value_model).__name__}: score head has {head.out_features} labels, need 1")
+            raise ValueError(f"value model {type(value_model).__name__}: its score head has {head.out_features} "
+                             "labels, a value needs 1")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.policy(**masked_inputs(self.policy, input_ids, attention_mask), use_cache=False).logits
@@ -638,14 +639,15 @@ class PPOTrainer(Trainer):
 
 
 def load_value_model(path: str | None, tokenizer: PreTrainedTokenizerBase, dtype: Any = None) -> nn.Module | None:
-    """The separate value model at ``path`` (None: the policy gets a value head), checked against the policy's tokenizer."""
+    """The separate value model at ``path`` (None: the policy gets a value head), checked against the policy's
+    tokenizer."""
     if not path:
         return None
     p = R.check_reward_model_dir(path)
     value_tok = load_tokenizer(p)
     if value_tok.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"value model '{p}' has another tokenizer than the policy ({len(value_tok)} vs {len(tokenizer)} "
-                         "tokens): its values are read at the policy's tokens, so it must share the tokenizer")
+        raise ValueError(f"value model '{p}' has another tokenizer than the policy ({len(value_tok)} vs "
+                         f"{len(tokenizer)} tokens): its values are read at the policy's tokens, so it must share it")
     return AutoModelForSequenceClassification.from_pretrained(str(p), num_labels=1, dtype=dtype)
 
 
