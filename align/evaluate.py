@@ -31,6 +31,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from align import rewards as R
 from align.data import world
 from align.generate import as_messages, generate
 
@@ -180,6 +181,7 @@ def sample_with_kl(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     replies: list[str] = []
     kls: list[float] = []
+    batches: list[tuple] = []
     for s in range(0, len(prompts), batch_size):
         texts = [tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True)
                  for p in prompts[s : s + batch_size]]
@@ -192,10 +194,11 @@ def sample_with_kl(
         rmask = response_mask(resp, tokenizer.eos_token_id)
         full, fmask = torch.cat([q, resp], 1), torch.cat([qm, rmask], 1)
         lp = response_logprobs(model, full, fmask, L, temperature)
-        with reference_of(model, ref_path) as ref:
-            ref_lp = response_logprobs(ref, full, fmask, L, temperature)
-        kls += ((lp - ref_lp) * rmask).sum(1).tolist()
+        batches.append((full, fmask, L, rmask, lp))
         replies += [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(resp, rmask)]
+    with reference_of(model, ref_path) as ref:  # from disk once, not per batch
+        for full, fmask, L, rmask, lp in batches:
+            kls += ((lp - response_logprobs(ref, full, fmask, L, temperature)) * rmask).sum(1).tolist()
     model.train(was_training)
     return replies, kls
 
@@ -232,6 +235,14 @@ def evaluate_policy(
             ev["mean_rm_reward"] = ev["reward/rm"]
     ev["seconds"] = round(time.time() - t0, 1)
     return ev
+
+
+def eval_reward_funcs(names: Sequence[str], reward_model_path: str | None, length_target: int = 16) -> list[Any]:
+    """The training rewards plus, when a reward model is given, 'rm' (the 'mean RM reward' of the evaluation)."""
+    names = list(names)
+    if reward_model_path and "rm" not in names:
+        names.append("rm")
+    return R.build_reward_funcs(names, reward_model_path, length_target=length_target)
 
 
 def compare_plot(results: dict[str, dict[str, Any]], out_png: str | os.PathLike, title: str = "") -> Path:
@@ -327,7 +338,6 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
 
 def run(args: EvaluateArguments) -> dict[str, dict[str, Any]]:
     """Evaluate every model on the same held-out prompts and samples; eval.json, eval.md (a table), eval.png."""
-    from align import rewards as R
     from align.generate import load_tokenizer
     from align.runs import write_config, write_json
 
@@ -335,10 +345,7 @@ def run(args: EvaluateArguments) -> dict[str, dict[str, Any]]:
         if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
             raise FileNotFoundError(f"models: {label}={path} not found (a model dir, e.g. runs/quickstart/sft/final, "
                                     "or a hub id such as org/name)")
-    names = list(args.reward_funcs) + (["rm"] if args.reward_model_path and "rm" not in args.reward_funcs else [])
-    if "rm" in names:
-        R.check_reward_model_dir(args.reward_model_path)
-    reward_funcs = R.build_reward_funcs(names, args.reward_model_path)
+    reward_funcs = eval_reward_funcs(args.reward_funcs, args.reward_model_path)
     examples = world.World(args.world_seed, n_heldout=args.num_prompts).eval_prompts(args.num_prompts)
     out = Path(args.output_dir)
     write_config(out, args)

@@ -35,7 +35,7 @@ from trl import GRPOConfig, GRPOTrainer, ModelConfig, get_peft_config
 from align import rewards as R
 from align.config import parse
 from align.data import world
-from align.evaluate import compare_plot, evaluate_policy
+from align.evaluate import compare_plot, eval_reward_funcs, evaluate_policy
 from align.generate import as_messages, load_tokenizer
 from align.distributed import save_final, zero3_init_disabled
 from align.runs import MetricsCallback, plot_metrics, resume_checkpoint, setup_logging, write_config, write_json
@@ -123,14 +123,6 @@ def heldout_examples(world_seed: int, n: int) -> list[world.Example]:
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-
-
-def eval_reward_funcs(names: Sequence[str], reward_model_path: str | None, length_target: int) -> list[Any]:
-    """The training rewards plus, when a reward model is given, 'rm' (the 'mean RM reward' of the evaluation)."""
-    names = list(names)
-    if reward_model_path and "rm" not in names:
-        names.append("rm")
-    return R.build_reward_funcs(names, reward_model_path, length_target=length_target)
 
 
 def finish_run(name: str, out: Path, before: dict | None, after: dict | None, summary: dict[str, Any]) -> dict[str, Any]:
