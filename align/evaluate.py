@@ -20,6 +20,7 @@ before/after figures). ``python -m align.evaluate configs/evaluate.yaml`` runs i
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import time
@@ -136,13 +137,18 @@ def reference_of(model: torch.nn.Module, ref_path: str | None) -> Iterator[torch
         del ref
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_position_ids(cls: type) -> bool:  # once per model class: masked_inputs runs on every PPO micro-batch
+    return "position_ids" in inspect.signature(cls.forward).parameters
+
+
 def masked_inputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
     """Forward kwargs for a left-padded batch: position ids that start at 0 on each row's first real token, as
     ``generate`` uses, where the model takes them. RoPE models score the same without them; absolute-position
     ones (GPT-2) need them; some (ALiBi, e.g. BLOOM) take none."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs through
     kw = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if "position_ids" in inspect.signature(base.forward).parameters:
+    if _takes_position_ids(type(base)):
         kw["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
     return kw
 
