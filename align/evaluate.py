@@ -243,8 +243,10 @@ def evaluate_policy(
     return ev
 
 
-def eval_reward_funcs(names: Sequence[str], reward_model_path: str | None, length_target: int = 16) -> list[Any]:
-    """The training rewards plus, when a reward model is given, 'rm' (the 'mean RM reward' of the evaluation)."""
+def eval_reward_funcs(names: Sequence[str], reward_model_path: str | list[str] | None,
+                      length_target: int = 16) -> list[Any]:
+    """The training rewards plus, when a reward model is given, 'rm' (the 'mean RM reward' of the evaluation; an
+    ensemble's plain mean)."""
     names = list(names)
     if reward_model_path and "rm" not in names:
         names.append("rm")
@@ -289,8 +291,9 @@ class EvaluateArguments:
                           "'label=path' names one (default: the run's dir name for .../<run>/final)."},
     )
     output_dir: str = field(default="runs/evaluate", metadata={"help": "eval.json, eval.md, eval.png go here."})
-    reward_model_path: str | None = field(
-        default=None, metadata={"help": "A reward model dir: adds each model's mean RM reward (reward/rm)."}
+    reward_model_path: str | list[str] | None = field(
+        default=None, metadata={"help": "A reward model dir (or an ensemble's dirs): adds each model's mean RM "
+                                        "reward (reward/rm)."}
     )
     reference_model_path: str | None = field(
         default=None, metadata={"help": "A causal LM with the models' tokenizer: adds each model's KL to it on its "

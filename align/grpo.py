@@ -62,10 +62,16 @@ class GRPOArguments:
         metadata={"help": f"Rewards, combined by reward_weights: any of {list(R.BUILTIN_REWARDS)} or "
                           "package.module:function."},
     )
-    reward_model_path: str | None = field(
+    reward_model_path: str | list[str] | None = field(
         default=None,
-        metadata={"help": f"Reward model dir for the 'rm' reward (made by `{R.MAKE_REWARD_MODEL}`). When given "
-                          "but 'rm' is not in reward_funcs, it is still used in the evaluation."},
+        metadata={"help": f"Reward model dir for the 'rm' reward (made by `{R.MAKE_REWARD_MODEL}`), or a list of "
+                          "dirs: an ensemble, whose mean is the reward. When given but 'rm' is not in reward_funcs, "
+                          "it is still used in the evaluation."},
+    )
+    rm_uncertainty_penalty: float = field(
+        default=0.0,
+        metadata={"help": "An ensemble's 'rm' reward is its mean minus this times its members' std: no gain where "
+                          "they disagree (Coste et al. 2023, https://arxiv.org/abs/2310.02743). 0: the mean."},
     )
     length_target: int = field(default=16, metadata={"help": "Tokens the 'length' reward allows before penalising."})
     tokenizer_name_or_path: str | None = field(
@@ -81,7 +87,7 @@ class GRPOArguments:
     eval_before: bool = field(default=True, metadata={"help": "Also evaluate the start model (eval.json 'before')."})
 
     def __post_init__(self):
-        for name in ("num_prompts", "eval_num_prompts", "eval_kl_prompts", "length_target"):
+        for name in ("num_prompts", "eval_num_prompts", "eval_kl_prompts", "length_target", "rm_uncertainty_penalty"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if isinstance(self.reward_funcs, str):
@@ -177,7 +183,7 @@ def prepare_run(name: str, args: GRPOArguments, model_args: ModelConfig, trainin
             f"model '{model_args.model_name_or_path}' not found: make it with `python -m align.sft configs/sft.yaml`"
         )
     if "rm" in args.reward_funcs or args.reward_model_path:
-        R.check_reward_model_dir(args.reward_model_path)
+        R.reward_model_dirs(args.reward_model_path)
     R.validate_weights(args.reward_funcs, training_args.reward_weights)
     if torch.cuda.is_available() and torch.backends.cuda.cudnn_sdp_enabled():
         # Left-padded prompts give query rows that see no key; cuDNN's SDPA backward returns NaN for them
@@ -192,7 +198,8 @@ def prepare_run(name: str, args: GRPOArguments, model_args: ModelConfig, trainin
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=model_args.dtype)
     write_config(out, args, model_args, training_args)
 
-    reward_funcs = R.build_reward_funcs(args.reward_funcs, args.reward_model_path, length_target=args.length_target)
+    reward_funcs = R.build_reward_funcs(args.reward_funcs, args.reward_model_path, length_target=args.length_target,
+                                        rm_uncertainty_penalty=args.rm_uncertainty_penalty)
     dataset = prompt_dataset(args.dataset_name, args.num_prompts, args.world_seed)
     examples = heldout_examples(args.world_seed, args.eval_num_prompts) if args.eval_num_prompts else []
     eval_funcs = eval_reward_funcs(args.reward_funcs, args.reward_model_path, args.length_target) if examples else []

@@ -7,23 +7,27 @@ Each round, with the policy and reward model of the round before:
 2. the reward model scores every candidate and picks each prompt's pair (``selection``):
    ``extremes``, its best against its worst candidate (the on-policy pairs of iterative DPO);
    ``uncertainty``, the pair it is least sure about (smallest |r_a - r_b|: uncertainty sampling, Settles 2009);
-   ``random``. The comparisons go to the store with ``priority = -|margin|``, so the app shows annotators
-   the most uncertain first;
+   ``disagreement``, with an ensemble (``reward_ensemble`` > 1), the pair its members disagree on most (the
+   largest std of r_a - r_b over members: query by committee, Seung et al. 1992);
+   ``random``. The comparisons go to the store with ``priority = -|margin|`` (``disagreement``: the spread), so
+   the app shows annotators the most uncertain first;
 3. labels: ``labeller: world`` lets the world's rule checker label them as a simulated annotator (``world-oracle``,
    kind ``rule``): a preferred reply beats a correct one, which beats a wrong one; equal replies are a tie,
    or "both bad" when both are wrong. ``labeller: human`` stops after step 2 and says how many comparisons
    wait in the app for a human label; run the loop again once they are labelled and it carries on (or, with
    ``wait_for_labels``, it keeps running and polls the store until they are). A round
    waits for and trains on its labeller's labels only (the oracle's, or those of annotators of kind human);
-4. a new reward model trains on every label in the store (``configs/reward.yaml``). Then the policy learns
-   (``policy_trainer``):
+4. a new reward model trains on every label in the store (``configs/reward.yaml``); with ``reward_ensemble: n``,
+   n - 1 more beside it (``reward_1`` ...), each with its own seed on a bootstrap resample of the labels
+   (``align.score.RewardEnsemble``). Then the policy learns (``policy_trainer``):
    ``dpo``, ``dpo_epochs`` epochs of DPO on this round's labelled pairs (exported to ``round_<k>/pairs.jsonl``,
    ``configs/dpo.yaml``; ties and "both bad" are dropped), i.e. iterative, on-policy DPO
    (Xiong et al. 2024, https://arxiv.org/abs/2312.11456);
    ``ppo`` or ``grpo``, online RL with the new reward model as the only reward (``configs/ppo.yaml`` /
    ``configs/grpo.yaml``, on the world's RL prompts or ``dataset_name``'s): the RLHF loop of Christiano et al.
    2017 and Stiennon et al. 2020 (https://arxiv.org/abs/2009.01325), labels -> reward model -> policy -> new
-   candidates to label;
+   candidates to label. With an ensemble the reward is its mean minus ``rm_uncertainty_penalty`` x its std
+   (a guard against over-optimising one RM, Coste et al. 2023, https://arxiv.org/abs/2310.02743);
 5. both are evaluated by their commands; ``report.json``, ``metrics.jsonl`` and ``loop.png`` hold every round.
 
 A round whose ``<policy_trainer>/final`` exists is skipped, so a killed loop carries on where it stopped.
@@ -50,7 +54,7 @@ from align.runs import plot_metrics, setup_logging, write_config, write_json
 logger = logging.getLogger("align.loop")
 
 ORACLE = "world-oracle"
-SELECTIONS = ("extremes", "uncertainty", "random")
+SELECTIONS = ("extremes", "uncertainty", "disagreement", "random")
 POLICY_TRAINERS = ("dpo", "ppo", "grpo")
 
 
@@ -60,8 +64,9 @@ class LoopArguments:
         default="runs/loop", metadata={"help": "round_<k>/{reward,<policy_trainer>} and report.json go here."})
     store_url: str = field(default="sqlite:///data/preferences.db", metadata={"help": "The preference store."})
     policy_path: str = field(default="runs/quickstart/dpo/final", metadata={"help": "The policy of round 0."})
-    reward_model_path: str = field(
-        default="runs/quickstart/reward/final", metadata={"help": "The reward model of round 0 (picks the pairs)."}
+    reward_model_path: str | list[str] = field(
+        default="runs/quickstart/reward/final",
+        metadata={"help": "The reward model of round 0 (picks the pairs), or a list of dirs: an ensemble."},
     )
     reward_base_path: str = field(
         default="runs/quickstart/sft/final", metadata={"help": "What each round's reward model trains from."}
@@ -75,7 +80,8 @@ class LoopArguments:
     prompts_per_round: int = field(default=256, metadata={"help": "Fresh world prompts per round (one pair each)."})
     candidates_per_prompt: int = field(default=4, metadata={"help": "Samples per prompt to choose the pair from."})
     selection: str = field(default="extremes", metadata={"help": "'extremes' (RM best vs worst), 'uncertainty' "
-                                                         "(smallest RM margin) or 'random'."})
+                                                         "(smallest RM margin), 'disagreement' (largest spread "
+                                                         "of the ensemble's margins) or 'random'."})
     labeller: str = field(default="world", metadata={"help": "'world' (simulated annotator) or 'human' (the app)."})
     wait_for_labels: bool = field(
         default=False, metadata={"help": "labeller human: keep running and train each round as soon as it is "
@@ -85,6 +91,12 @@ class LoopArguments:
     policy_trainer: str = field(
         default="dpo", metadata={"help": "How the policy learns each round: 'dpo' (on the round's labelled pairs), "
                                          "or 'ppo' / 'grpo' (online RL against the round's new reward model)."})
+    reward_ensemble: int = field(
+        default=1, metadata={"help": "Reward models trained per round; beyond the first, each has its own seed and a "
+                                     "bootstrap resample of the labels (for 'disagreement' and rm_uncertainty_penalty)."})
+    rm_uncertainty_penalty: float = field(
+        default=0.0, metadata={"help": "ppo / grpo with reward_ensemble > 1: the reward is the ensemble's mean minus "
+                                       "this times its std."})
     dpo_epochs: float = field(default=2.0, metadata={"help": "DPO epochs per round, over that round's pairs."})
     dpo_learning_rate: float = field(
         default=5e-4, metadata={"help": "DPO learning rate per round (configs/dpo.yaml's 2e-3 is for 80 steps)."}
@@ -112,6 +124,16 @@ class LoopArguments:
         for name in ("rounds", "prompts_per_round"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.reward_ensemble < 1 or self.rm_uncertainty_penalty < 0:
+            raise ValueError(f"reward_ensemble must be >= 1 and rm_uncertainty_penalty >= 0, got "
+                             f"{self.reward_ensemble}, {self.rm_uncertainty_penalty}")
+        if self.reward_ensemble == 1 and (self.selection == "disagreement" or self.rm_uncertainty_penalty):
+            raise ValueError("selection 'disagreement' and rm_uncertainty_penalty need reward_ensemble >= 2 (members "
+                             f"to disagree), got selection {self.selection!r}, rm_uncertainty_penalty "
+                             f"{self.rm_uncertainty_penalty}, reward_ensemble 1")
+        if self.rm_uncertainty_penalty and self.policy_trainer == "dpo":
+            raise ValueError("rm_uncertainty_penalty shapes the RL reward: it needs policy_trainer ppo or grpo, "
+                             "not dpo")
         if self.candidates_per_prompt < 2:
             raise ValueError(f"candidates_per_prompt must be >= 2 (a pair), got {self.candidates_per_prompt}")
 
@@ -122,15 +144,25 @@ CONFIG_TYPES = (LoopArguments,)
 # ----------------------------------------------------------------------------------------------- selection, labels
 
 
-def pick_pair(scores: Sequence[float], selection: str, rng: random.Random) -> tuple[int, int]:
-    """Indices (i, j) of the two candidates to compare: best vs worst, the closest rewards, or a random pair."""
+def pick_pair(members: Sequence[Sequence[float]], selection: str, rng: random.Random) -> tuple[int, int]:
+    """Indices (i, j) of the two candidates to compare, from each ensemble member's rewards for them (one row
+    per member): best vs worst, the closest mean rewards, the members' largest disagreement, or a random pair."""
+    scores = [sum(col) / len(col) for col in zip(*members)]
     if selection == "extremes":
         order = sorted(range(len(scores)), key=scores.__getitem__)
         return order[-1], order[0]
     pairs = list(itertools.combinations(range(len(scores)), 2))
     if selection == "random":
         return rng.choice(pairs)
+    if selection == "disagreement":
+        return max(pairs, key=lambda p: spread([m[p[0]] - m[p[1]] for m in members]))
     return min(pairs, key=lambda p: abs(scores[p[0]] - scores[p[1]]))
+
+
+def spread(xs: Sequence[float]) -> float:
+    """Population standard deviation."""
+    mean = sum(xs) / len(xs)
+    return (sum((x - mean) ** 2 for x in xs) / len(xs)) ** 0.5
 
 
 def oracle_choice(example: world.Example, reply_a: str, reply_b: str) -> str:
@@ -149,11 +181,11 @@ def distinct(replies: Sequence[str]) -> list[str]:
 # ----------------------------------------------------------------------------------------------- one round
 
 
-def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_model: Path, out: Path) -> list[dict]:
+def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_models: list[Path], out: Path) -> list[dict]:
     """Steps 1-2: candidates from the policy; per prompt, the pair ``selection`` picks goes to the store."""
     from align.generate import generate, load_causal_lm
     from align.grpo import prompt_dataset
-    from align.score import RewardScorer
+    from align.score import RewardEnsemble
     from align.store import Store
 
     n = args.prompts_per_round
@@ -167,18 +199,26 @@ def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_model: P
     del model
     candidates = [(row, distinct(rs)) for row, rs in zip(rows, samples)]
     candidates = [(row, rs) for row, rs in candidates if len(rs) >= 2]  # identical samples: nothing to compare
-    scorer = RewardScorer(str(reward_model))
-    flat = scorer.score([row["prompt"] for row, rs in candidates for _ in rs], [r for _, rs in candidates for r in rs])
+    selection = args.selection
+    if selection == "disagreement" and len(reward_models) == 1:  # round 0's judge is one model: nothing to disagree
+        logger.warning("round %d: one reward model (%s), so 'uncertainty' picks this round's pairs", k, reward_models[0])
+        selection = "uncertainty"
+    scorer = RewardEnsemble(reward_models)
+    flat = scorer.score_members([row["prompt"] for row, rs in candidates for _ in rs],
+                                [r for _, rs in candidates for r in rs]).tolist()  # (members, candidates)
     rng, queued, start = random.Random(f"{args.seed}:{k}"), [], 0
     with Store(args.store_url).init() as store:
         for row, rs in candidates:
-            scores, start = flat[start : start + len(rs)], start + len(rs)
-            i, j = pick_pair(scores, args.selection, rng)
-            margin = abs(scores[i] - scores[j])
+            members, start = [m[start : start + len(rs)] for m in flat], start + len(rs)
+            i, j = pick_pair(members, selection, rng)
+            margins = [m[i] - m[j] for m in members]
+            margin, disagreement = abs(sum(margins) / len(margins)), spread(margins)
             pid = store.add_prompt(row["prompt"], source=source(k))
             ra, rb = (store.add_response(pid, rs[x], model=str(policy), settings=settings) for x in (i, j))
-            cid = store.add_comparison(pid, ra, rb, priority=-margin, source=source(k))
-            queued.append({"comparison_id": cid, "row": row, "a": rs[i], "b": rs[j], "margin": margin})
+            priority = disagreement if selection == "disagreement" else -margin
+            cid = store.add_comparison(pid, ra, rb, priority=priority, source=source(k))
+            queued.append({"comparison_id": cid, "row": row, "a": rs[i], "b": rs[j], "margin": margin,
+                           "disagreement": disagreement})
     write_json(out / "comparisons.json", queued)
     return queued
 
@@ -263,10 +303,12 @@ def train_round(args: LoopArguments, k: int, queued: list[dict], policy: Path, o
     if not pairs and args.policy_trainer == "dpo":
         raise ValueError(f"round {k}: no comparison has a winner (all ties or both bad); nothing to train on")
     seed = ["--seed", str(args.seed)]
-    rm_summary = reward.main([
-        str(Path(args.configs_dir) / "reward.yaml"), "--output_dir", str(out / "reward"),
-        "--model_name_or_path", args.reward_base_path, "--store_url", args.store_url, *seed,
-    ])
+    rm_summaries = [reward.main([
+        str(Path(args.configs_dir) / "reward.yaml"), "--output_dir", str(d.parent),
+        "--model_name_or_path", args.reward_base_path, "--store_url", args.store_url,
+        "--seed", str(args.seed + m), *(["--bootstrap", "true"] if m else []),
+    ]) for m, d in enumerate(reward_dirs(args, out))]
+    rm_summary = rm_summaries[0]
     common = [str(Path(args.configs_dir) / f"{args.policy_trainer}.yaml"), "--output_dir", str(policy_dir(args, out)),
               "--model_name_or_path", str(policy), "--reward_model_path", str(out / "reward" / "final"), *seed]
     if args.policy_trainer == "dpo":
@@ -277,7 +319,9 @@ def train_round(args: LoopArguments, k: int, queued: list[dict], policy: Path, o
         ])
     else:  # RLHF proper: the reward model the labels just made is the only reward
         rl = {"ppo": ppo, "grpo": grpo}[args.policy_trainer]
-        summary = rl.main([*common, "--reward_funcs", "[rm]", "--reward_weights", "[1.0]",
+        ensemble = ["--reward_model_path", json.dumps([str(d) for d in reward_dirs(args, out)]),
+                    "--rm_uncertainty_penalty", str(args.rm_uncertainty_penalty)] if args.reward_ensemble > 1 else []
+        summary = rl.main([*common, *ensemble, "--reward_funcs", "[rm]", "--reward_weights", "[1.0]",
                            *(["--dataset_name", args.dataset_name] if args.dataset_name != "world" else [])])
     ev, before = summary["eval"], summary["eval"].get("before") or {}
     keys = ("exact_match", "exact_match_sampled", "maj_at_k", "preferred_rate")
@@ -285,6 +329,8 @@ def train_round(args: LoopArguments, k: int, queued: list[dict], policy: Path, o
         "pairs": pairs,
         "policy": {key: ev.get(key) for key in keys} | {"win_rate_vs_previous": ev.get("win_rate_vs_sft")},
         "reward": {key: rm_summary["eval"].get(key) for key in ("accuracy", "accuracy_style", "accuracy_correctness")},
+        **({"reward_ensemble": [{key: x["eval"].get(key) for key in ("accuracy", "accuracy_correctness")}
+                                for x in rm_summaries]} if len(rm_summaries) > 1 else {}),
         "start": {key: before.get(key) for key in keys},
     }
 
@@ -292,6 +338,11 @@ def train_round(args: LoopArguments, k: int, queued: list[dict], policy: Path, o
 def policy_dir(args: LoopArguments, out: Path) -> Path:
     """Where round ``out``'s policy step writes (its ``final/`` is the next round's policy)."""
     return out / args.policy_trainer
+
+
+def reward_dirs(args: LoopArguments, out: Path) -> list[Path]:
+    """Round ``out``'s reward models (the next round's judges): ``reward/final``, then ``reward_<m>/final``."""
+    return [out / (f"reward_{m}" if m else "reward") / "final" for m in range(args.reward_ensemble)]
 
 
 def log_round(root: Path, k: int, r: dict[str, Any], selection: str) -> None:
@@ -345,8 +396,10 @@ def _run(args: LoopArguments) -> dict[str, Any]:
     write_config(root, args)
     report_path = root / "report.json"
     report = read_report(root)
-    policy, rm = Path(args.policy_path), Path(args.reward_model_path)
-    for path, make in ((policy, "make quickstart (dpo/final)"), (rm, "make quickstart (reward/final)")):
+    policy = Path(args.policy_path)
+    rm = [Path(p) for p in ([args.reward_model_path] if isinstance(args.reward_model_path, str)
+                            else args.reward_model_path)]
+    for path, make in ((policy, "make quickstart (dpo/final)"), *((p, "make quickstart (reward/final)") for p in rm)):
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: make it with `{make}`")
     for other in POLICY_TRAINERS:
@@ -359,7 +412,7 @@ def _run(args: LoopArguments) -> dict[str, Any]:
         out = root / f"round_{k}"
         if (policy_dir(args, out) / "final").exists():
             logger.info("== round %d: already done, skipping", k)
-            policy, rm = policy_dir(args, out) / "final", out / "reward" / "final"
+            policy, rm = policy_dir(args, out) / "final", reward_dirs(args, out)
             continue
         out.mkdir(parents=True, exist_ok=True)
         if (out / "comparisons.json").exists():  # queued before a stop (e.g. waiting for the app's labels)
@@ -385,18 +438,19 @@ def _run(args: LoopArguments) -> dict[str, Any]:
         report.pop("waiting", None)
         r |= train_round(args, k, queued, policy, out)
         start = r.pop("start")
-        policy, rm = policy_dir(args, out) / "final", out / "reward" / "final"
         if k == 1:  # round 0: the start policy, and the start RM where its run left an eval.json
-            rm_eval = Path(args.reward_model_path).parent / "eval.json"
+            rm_eval = rm[0].parent / "eval.json"
             rm0 = json.loads(rm_eval.read_text()) if rm_eval.exists() else {}
             report["start"] = {"policy": start, "reward": {key: rm0.get(key) for key in r["reward"]}}
             log_round(root, 0, report["start"], args.selection)
+        policy, rm = policy_dir(args, out) / "final", reward_dirs(args, out)
         report["rounds"][str(k)] = r
         write_json(report_path, report)
         log_round(root, k, r, args.selection)
         logger.info("== round %d: %s", k, json.dumps(r))
     report["wall_seconds"] = round(time.time() - t0, 1)
-    report["policy_path"], report["reward_model_path"] = str(policy), str(rm)
+    report["policy_path"] = str(policy)
+    report["reward_model_path"] = str(rm[0]) if len(rm) == 1 else [str(p) for p in rm]
     write_json(report_path, report)
     return report
 

@@ -91,6 +91,11 @@ class RewardArguments:
         default=False, metadata={"help": "Files: skip unreadable records (counted) instead of stopping at the first."}
     )
     max_train_pairs: int = field(default=0, metadata={"help": "Use at most this many training pairs (0 = all)."})
+    bootstrap: bool = field(
+        default=False,
+        metadata={"help": "Train on a bootstrap resample of the training pairs (as many, drawn with replacement, "
+                          "seeded by seed): a member of a reward-model ensemble (align.score.RewardEnsemble)."},
+    )
     eval_world: bool = field(
         default=True, metadata={"help": "Also evaluate on pairs built from the built-in world's held-out prompts."}
     )
@@ -435,9 +440,13 @@ def train(args: RewardArguments, model_args: ModelConfig, training_args: RewardC
     test_pairs, dropped_test = clean_pairs(splits["test"], tokenizer, max_length)
     if args.max_train_pairs:
         train_pairs = train_pairs[: args.max_train_pairs]
+    if args.bootstrap:  # each ensemble member sees another resample of the same labels
+        rng = random.Random(f"{training_args.seed}:bootstrap")
+        train_pairs = [rng.choice(train_pairs) for _ in train_pairs]
     data_report = {
         **info,
         "train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
+        "distinct_train_pairs": len({id(p) for p in train_pairs}),
         "dropped_train": dict(dropped_train), "dropped_test": dict(dropped_test),
         "drop_rule": f"identical chosen/rejected, an empty response, or chosen/rejected over max_length={max_length} "
                      "tokens (dropped, not truncated)",

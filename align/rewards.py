@@ -12,7 +12,8 @@ Built-in names (``reward_funcs: [correct, polite, rm]`` in a config, weights in 
 - ``format``:  1 if the reply is well formed, right or wrong: one of the world's reply templates around an
   answer of the world's shape (a number, a letter, or a list of them), else 0;
 - ``length``:  0 within ``length_target`` tokens, then -1 per extra ``length_target`` tokens (a length penalty);
-- ``rm``:      the reward model of the RM stage (``align.score.RewardScorer`` on ``reward_model_path``);
+- ``rm``:      the reward model of the RM stage (``align.score.RewardScorer`` on ``reward_model_path``); a list
+  of dirs is an ensemble, rewarding its mean minus ``rm_uncertainty_penalty`` x its std (``RewardEnsemble``);
 - ``package.module:function``: any importable callable with the signature above.
 
 Every function is wrapped by :func:`checked`: a reward that raises, returns the wrong number of values or a
@@ -141,18 +142,25 @@ def check_reward_model_dir(path: str | os.PathLike | None) -> Path:
     return p
 
 
-def make_rm(reward_model_path: str | os.PathLike, device: Any = None) -> RewardFunc:
-    """The RM stage's reward model as a reward: ``RewardScorer(path).score(prompts, reply texts)``."""
-    path = check_reward_model_dir(reward_model_path)
-    from align.score import RewardScorer
+def reward_model_dirs(paths: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Path]:
+    """One reward model dir, or an ensemble's (a list of dirs), each checked."""
+    many = list(paths) if isinstance(paths, (list, tuple)) else [paths]
+    return [check_reward_model_dir(p) for p in many or [None]]
 
-    scorer = RewardScorer(str(path), device=device)
+
+def make_rm(reward_model_path: str | os.PathLike | Sequence[str | os.PathLike], device: Any = None,
+            uncertainty_penalty: float = 0.0) -> RewardFunc:
+    """The RM stage's reward model as a reward: ``RewardScorer(path).score(prompts, reply texts)``. A list of
+    dirs is an ensemble (``align.score.RewardEnsemble``): its mean, minus ``uncertainty_penalty`` x its std."""
+    from align.score import RewardEnsemble
+
+    scorer = RewardEnsemble(reward_model_dirs(reward_model_path), device=device)  # one dir: a one-member ensemble
 
     def rm(prompts, completions, completion_ids=None, **columns) -> list[float]:
         # prompts as given (a string or the conversation so far), replies as text: scored as in RM training
-        return [float(x) for x in scorer.score(list(prompts), [text_of(c) for c in completions])]
+        mean, std = scorer.score_std(list(prompts), [text_of(c) for c in completions])
+        return [m - uncertainty_penalty * s for m, s in zip(mean, std)]
 
-    rm.scorer = scorer  # type: ignore[attr-defined]
     return rm
 
 
@@ -200,6 +208,7 @@ def build_reward_funcs(
     *,
     length_target: int = 16,
     device: Any = None,
+    rm_uncertainty_penalty: float = 0.0,
 ) -> list[RewardFunc]:
     """Reward callables for the names in a config (see module docstring), each wrapped by :func:`checked`."""
     if not names:
@@ -214,7 +223,8 @@ def build_reward_funcs(
         elif n == "length":
             out.append(checked(make_length(length_target), "length"))
         elif n == "rm":
-            out.append(checked(make_rm(reward_model_path, device=device), "rm"))
+            out.append(checked(make_rm(reward_model_path, device=device, uncertainty_penalty=rm_uncertainty_penalty),
+                               "rm"))
         elif isinstance(n, str) and ":" in n:
             module, _, attr = n.partition(":")
             try:

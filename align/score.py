@@ -5,6 +5,7 @@
     rm.score(["What is 3 + 4?"], ["The answer is 7."])       # -> [1.93]
     rm.rank("What is 3 + 4?", ["7", "The answer is 7.", "Ugh, 7."])   # -> [(text, reward), ...] best first
     rm(prompts, completions)                                  # a TRL reward function (GRPO's reward_funcs)
+    ens = RewardEnsemble([dir_a, dir_b, dir_c])               # several RMs: mean reward, ens.score_std -> spread
 
     python -m align.score --model DIR --input in.jsonl --output out.jsonl   # adds "reward" to each record
     python -m align.score --model DIR --prompt "What is 3 + 4?" --response "The answer is 7."
@@ -241,6 +242,39 @@ class RewardScorer:
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         """TRL reward-function signature (GRPO ``reward_funcs``): completions as text or message lists."""
+        return self.score(list(prompts), list(completions))
+
+
+class RewardEnsemble:
+    """Several reward models side by side: the reward is their mean, their spread says how unsure they are.
+
+    Members differ in seed (score head, LoRA init, data order) and, as the loop makes them, in a bootstrap
+    resample of the labels (deep ensembles: Lakshminarayanan et al. 2017, https://arxiv.org/abs/1612.01474).
+    RLHF uses the spread twice: the policy's reward becomes ``mean - penalty * std``, so it gains nothing where
+    the members disagree, which is where one RM is most exploitable (uncertainty-weighted optimisation, Coste
+    et al. 2023, https://arxiv.org/abs/2310.02743); and active learning asks annotators about the pairs the
+    members disagree on (query by committee, Seung et al. 1992).
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], **kwargs: Any):
+        if not paths:
+            raise ValueError("RewardEnsemble needs at least one reward model dir")
+        self.members = [RewardScorer(str(p), **kwargs) for p in paths]
+        self.__name__ = "reward_ensemble"
+
+    def score_members(self, prompts: Any, responses: Any) -> torch.Tensor:
+        """(members, responses) rewards."""
+        return torch.tensor([m.score(prompts, responses) for m in self.members], dtype=torch.float64)
+
+    def score_std(self, prompts: Any, responses: Any) -> tuple[list[float], list[float]]:
+        """The members' mean reward and their (population) standard deviation, per response."""
+        s = self.score_members(prompts, responses)
+        return s.mean(0).tolist(), s.std(0, correction=0).tolist()
+
+    def score(self, prompts: Any, responses: Any) -> list[float]:
+        return self.score_std(prompts, responses)[0]
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         return self.score(list(prompts), list(completions))
 
 

@@ -15,11 +15,20 @@ from align.data import world
 
 
 def test_pick_pair():
-    scores = [0.1, 2.0, -1.5, 0.3]
+    scores = [[0.1, 2.0, -1.5, 0.3]]  # one reward model
     assert loop.pick_pair(scores, "extremes", random.Random(0)) == (1, 2)     # best vs worst
     assert loop.pick_pair(scores, "uncertainty", random.Random(0)) == (0, 3)  # |0.1 - 0.3| is the smallest
     i, j = loop.pick_pair(scores, "random", random.Random(0))
     assert i != j and {i, j} <= set(range(4))
+
+
+def test_pick_pair_by_ensemble_disagreement():
+    # two members agree on candidates 0 and 1 and disagree on 2: one ranks it far first, one ties it with 0
+    members = [[0.0, 0.2, 4.0], [0.0, 0.2, 0.0]]
+    assert loop.pick_pair(members, "disagreement", random.Random(0)) == (0, 2)  # margin std 2 (as (1, 2)), not 0
+    assert loop.pick_pair(members, "uncertainty", random.Random(0)) == (0, 1)   # mean rewards 0, 0.2, 2
+    assert loop.pick_pair(members, "extremes", random.Random(0)) == (2, 0)
+    assert loop.spread([1.0, -1.0, 1.0, -1.0]) == 1.0
 
 
 def test_oracle_prefers_helpful_then_correct():
@@ -43,6 +52,10 @@ def test_bad_arguments_say_which():
         loop.LoopArguments(wait_for_labels=True)
     with pytest.raises(ValueError, match="policy_trainer must be one of .* got 'sft'"):
         loop.LoopArguments(policy_trainer="sft")
+    with pytest.raises(ValueError, match="need reward_ensemble >= 2"):
+        loop.LoopArguments(selection="disagreement")
+    with pytest.raises(ValueError, match="needs policy_trainer ppo or grpo"):
+        loop.LoopArguments(reward_ensemble=3, rm_uncertainty_penalty=1.0)
 
 
 def _store_with_world_labels(url: str) -> None:
@@ -114,6 +127,34 @@ def test_rl_rounds_learn_from_the_new_reward_model(tmp_path, tiny_loop_config, t
         assert {"exact_match", "preferred_rate"} <= set(report["rounds"][str(k)]["policy"])
     with pytest.raises(ValueError, match=f"round_1 was trained with policy_trainer {trainer}, and this run asks for dpo"):
         loop.main([str(tiny_loop_config()), "--rounds", "3"])  # a 3rd round with another step: refused
+
+
+def test_ensemble_rounds_pick_by_disagreement_and_penalise_it(tmp_path, tiny_loop_config):
+    """reward_ensemble 2: a second RM per round (its own seed, bootstrap labels); the next round's pairs are those
+    the two disagree on most, and PPO's reward is their mean minus the penalty times their spread."""
+    from align.store import Store
+
+    url = f"sqlite:///{tmp_path / 'prefs.db'}"
+    _store_with_world_labels(url)
+    config = tiny_loop_config(policy_trainer="ppo", reward_ensemble=2, selection="disagreement",
+                              rm_uncertainty_penalty=1.0)
+    report = loop.main([str(config), "--rounds", "2"])
+    assert report["reward_model_path"] == [str(tmp_path / "loop/round_2" / d / "final") for d in ("reward", "reward_1")]
+    for k in (1, 2):
+        out = tmp_path / f"loop/round_{k}"
+        member = yaml.safe_load((out / "reward_1/config.yaml").read_text())
+        assert member["bootstrap"] is True and member["seed"] == 1
+        data = json.loads((out / "reward_1/summary.json").read_text())["data"]
+        assert data["distinct_train_pairs"] < data["train_pairs"]  # a resample, with repeats
+        cfg = yaml.safe_load((out / "ppo/config.yaml").read_text())
+        assert cfg["reward_model_path"] == [str(out / "reward/final"), str(out / "reward_1/final")]
+        assert cfg["rm_uncertainty_penalty"] == 1.0
+        assert len(report["rounds"][str(k)]["reward_ensemble"]) == 2
+    queued = json.loads((tmp_path / "loop/round_2/comparisons.json").read_text())
+    assert any(q["disagreement"] > 0 for q in queued)  # round 1's two RMs differ
+    with Store(url) as store:
+        for q in queued:
+            assert store.get_comparison(q["comparison_id"]).priority == pytest.approx(q["disagreement"])
 
 
 def test_own_prompts_go_to_the_app(tmp_path, tiny_lm_dir, tiny_rm_dir):

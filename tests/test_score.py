@@ -23,22 +23,25 @@ def lm_dir(tmp_path_factory) -> Path:
     return build_assets(tmp_path_factory.getbasetemp() / "rm_assets")[1]
 
 
-@pytest.fixture(scope="module")
-def rm_dir(lm_dir, tmp_path_factory) -> Path:
+def make_rm_dir(lm_dir: Path, out: Path, seed: int = 0) -> Path:
     """A reward-model dir as align.reward writes it (score head with a non-trivial weight)."""
     from align.generate import load_tokenizer
     from align.reward import head_kwargs, load_model
     from trl import ModelConfig
 
     tok = load_tokenizer(lm_dir)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = load_model(ModelConfig(model_name_or_path=str(lm_dir)), head_kwargs(str(lm_dir), tok))
     with torch.no_grad():
         model.score.weight.normal_(0, 1.0)
-    out = tmp_path_factory.mktemp("rm") / "final"
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
+
+
+@pytest.fixture(scope="module")
+def rm_dir(lm_dir, tmp_path_factory) -> Path:
+    return make_rm_dir(lm_dir, tmp_path_factory.mktemp("rm") / "final")
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +144,25 @@ def test_missing_score_head_is_a_clear_error(lm_dir, tmp_path, capsys):
     assert "python -m align.reward" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError):
         RewardScorer(tmp_path / "nope")
+
+
+def test_ensemble_mean_and_spread_and_its_penalised_reward(lm_dir, rm_dir, scorer, tmp_path):
+    from align import rewards as R
+    from align.score import RewardEnsemble
+
+    other = make_rm_dir(lm_dir, tmp_path / "rm2", seed=1)
+    members = torch.tensor([scorer.score(PROMPTS, RESPONSES), RewardScorer(other, device="cpu").score(PROMPTS, RESPONSES)])
+    assert not torch.allclose(members[0], members[1])  # two different judges
+    ens = RewardEnsemble([rm_dir, other], device="cpu")
+    mean, std = ens.score_std(PROMPTS, RESPONSES)
+    assert mean == pytest.approx(members.mean(0).tolist(), abs=1e-6)
+    assert std == pytest.approx((members[0] - members[1]).abs().div(2).tolist(), abs=1e-6)  # two members: |a-b|/2
+    assert ens(PROMPTS, RESPONSES) == pytest.approx(mean)
+
+    # the 'rm' reward of an ensemble: its mean minus the penalty times its spread; one dir: that RM's own score
+    (rm,) = R.build_reward_funcs(["rm"], [str(rm_dir), str(other)], rm_uncertainty_penalty=2.0)
+    assert rm(PROMPTS, RESPONSES) == pytest.approx([m - 2.0 * s for m, s in zip(mean, std)], abs=1e-6)
+    (one,) = R.build_reward_funcs(["rm"], str(rm_dir), rm_uncertainty_penalty=2.0)
+    assert one(PROMPTS, RESPONSES) == pytest.approx(members[0].tolist(), abs=1e-6)
+    with pytest.raises(FileNotFoundError, match=r"reward model '.*nope' does not exist"):
+        R.build_reward_funcs(["rm"], [str(rm_dir), str(tmp_path / "nope")])
