@@ -8,6 +8,7 @@
     ens = RewardEnsemble([dir_a, dir_b, dir_c])               # several RMs: mean reward, ens.score_std -> spread
 
     python -m align.score --model DIR --input in.jsonl --output out.jsonl   # adds "reward" to each record
+    python -m align.score --model A B C --input in.jsonl    # an ensemble: "reward" (the mean) and "reward_std"
     python -m align.score --model DIR --prompt "What is 3 + 4?" --response "The answer is 7."
     python -m align.score rank --model DIR --input f.jsonl [--output out.jsonl]   # best-of-n
 
@@ -262,6 +263,18 @@ class RewardEnsemble:
         self.members = [RewardScorer(str(p), **kwargs) for p in paths]
         self.__name__ = "reward_ensemble"
 
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    @property
+    def truncated(self) -> int:
+        return max(m.truncated for m in self.members)
+
+    @property
+    def max_length(self) -> int | None:
+        return self.members[0].max_length
+
     def score_members(self, prompts: Any, responses: Any) -> torch.Tensor:
         """(members, responses) rewards."""
         return torch.tensor([m.score(prompts, responses) for m in self.members], dtype=torch.float64)
@@ -331,7 +344,9 @@ def main(argv: list[str] | None = None) -> Any:
         description="Score (prompt, response) pairs with a reward model"
         if mode == "score" else "Best-of-n: sort each record's responses by reward",
     )
-    ap.add_argument("--model", required=True, help="reward model dir (a reward run's final/)")
+    ap.add_argument("--model", required=True, nargs="+",
+                    help="reward model dir (a reward run's final/); several: an ensemble, scored by its mean reward "
+                         "(and its std as reward_std)")
     ap.add_argument("--input", help="JSONL/JSON file: prompt + response|completion (or messages); "
                     "for rank: prompt + responses (a list)")
     ap.add_argument("--output", help="output JSONL (default: stdout)")
@@ -350,13 +365,14 @@ def main(argv: list[str] | None = None) -> Any:
     if mode == "rank" and a.input is None:
         ap.error("rank needs --input FILE")
     try:
-        scorer = RewardScorer(a.model, device=a.device, batch_size=a.batch_size, max_length=a.max_length)
+        kw = {"device": a.device, "batch_size": a.batch_size, "max_length": a.max_length}
+        scorer = RewardScorer(a.model[0], **kw) if len(a.model) == 1 else RewardEnsemble(a.model, **kw)
     except (NotARewardModel, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     if mode == "score" and a.input is None:
-        r = scorer.score_one(a.prompt, a.response)
+        r = scorer.score([a.prompt], [a.response])[0]
         print(f"{r:.6f}")
         return r
     from align.data.formats import DataError
@@ -366,8 +382,12 @@ def main(argv: list[str] | None = None) -> Any:
         if mode == "score":
             recs = list(_records(a.input))
             pairs = [_pair_of(rec, where) for where, rec in recs]
-            rewards = scorer.score([p for p, _ in pairs], [r for _, r in pairs])
-            rows = [{**rec, "reward": r} for (_, rec), r in zip(recs, rewards)]
+            prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
+            if isinstance(scorer, RewardEnsemble):
+                rewards, stds = scorer.score_std(prompts, responses)
+                rows = [{**rec, "reward": r, "reward_std": sd} for (_, rec), r, sd in zip(recs, rewards, stds)]
+            else:
+                rows = [{**rec, "reward": r} for (_, rec), r in zip(recs, scorer.score(prompts, responses))]
             n = len(rows)
         else:
             flat_p, flat_r, spans = [], [], []

@@ -166,3 +166,11 @@ def test_ensemble_mean_and_spread_and_its_penalised_reward(lm_dir, rm_dir, score
     assert one(PROMPTS, RESPONSES) == pytest.approx(members[0].tolist(), abs=1e-6)
     with pytest.raises(FileNotFoundError, match=r"reward model '.*nope' does not exist"):
         R.build_reward_funcs(["rm"], [str(rm_dir), str(tmp_path / "nope")])
+
+    # the command line: several --model dirs score with the ensemble, adding its spread
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in zip(PROMPTS, RESPONSES)))
+    main(["--model", str(rm_dir), str(other), "--input", str(inp), "--output", str(out), "--device", "cpu"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["reward"] for r in rows] == pytest.approx(mean, abs=1e-5)
+    assert [r["reward_std"] for r in rows] == pytest.approx(std, abs=1e-5)
