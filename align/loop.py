@@ -418,7 +418,8 @@ def _run(args: LoopArguments) -> dict[str, Any]:
         if (out / "comparisons.json").exists():  # queued before a stop (e.g. waiting for the app's labels)
             queued = json.loads((out / "comparisons.json").read_text())
         else:
-            logger.info("== round %d: candidates from %s, pairs picked by %s (%s)", k, policy, rm, args.selection)
+            logger.info("== round %d: candidates from %s, pairs picked by %s (%s)", k, policy,
+                        ", ".join(map(str, rm)), args.selection)
             queued = queue_comparisons(args, k, policy, rm, out)
         margins = [q["margin"] for q in queued]
         r: dict[str, Any] = {"queue": {"comparisons": len(queued),
