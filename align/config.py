@@ -4,7 +4,8 @@ Keys are the field names of the dataclasses a command takes: TRL/transformers co
 ``DPOConfig``, ``ModelConfig``, ...) and the command's own ``XArguments``. The YAML file gives values,
 command-line ``--key value`` pairs override them (values are read as YAML, so ``--lora_target_modules
 '[q_proj, v_proj]'`` and ``--learning_rate 1e-4`` work). An unknown key or a wrong type stops the command
-before any work, naming the file, the line and the key.
+before any work, naming the file, the line and the key. ``--help`` lists every key with its type, default and
+help text.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import difflib
 import enum
 import re
 import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar
+from typing import Any, Callable, Literal, Sequence, TypeVar
 
 import yaml
 
@@ -181,6 +183,9 @@ def parse(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) ->
         return {(_ALIASES[k] if k in _ALIASES and _ALIASES[k] in hints else k): v for k, v in d.items()}
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(help_text(dataclass_types))
+        raise SystemExit(0)
     values: dict[str, _Value] = {}
     source = "command line"
     if argv and not argv[0].startswith("--"):
@@ -212,6 +217,43 @@ def parse(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) ->
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{source}: invalid {cls.__name__}: {e}") from e
     return tuple(out)
+
+
+def help_text(dataclass_types: Sequence[type]) -> str:
+    """Every key of a command, by dataclass: ``--name TYPE (default: X)`` and its help metadata."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    prog = f"python -m {spec.name}" if spec else "python -m align.<command>"
+    out = [f"usage: {prog} [config.yaml] [--key value ...]",
+           "Keys come from the YAML file and the command line (which wins); values are read as YAML."]
+    for cls in dataclass_types:
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # noqa: BLE001 - as in parse: no types for that class
+            hints = {}
+        module = spec.name if spec and cls.__module__ == "__main__" else cls.__module__
+        out.append(f"\n{cls.__name__} ({module}):")
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name.startswith("_"):
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            default = "required" if default is dataclasses.MISSING else f"default: {default!r}"
+            out.append(f"  --{f.name} {_describe(hints.get(f.name, Any))} ({default})")
+            if f.metadata.get("help"):
+                out.append(textwrap.fill(" ".join(str(f.metadata["help"]).split()), 110, initial_indent=" " * 6,
+                                         subsequent_indent=" " * 6))
+    return "\n".join(out)
+
+
+def run_command(main: Callable[[], Any]) -> None:
+    """A command's ``__main__``: bad input (a config, a data file, a missing path) ends with its message on stderr
+    and exit status 2 instead of a traceback; any other error keeps its traceback."""
+    from align.data.formats import DataError
+
+    try:
+        main()
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _bf16_supported() -> bool:

@@ -42,7 +42,7 @@ import yaml
 from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, ModelConfig, get_peft_config
 
-from align.config import ConfigError, parse
+from align.config import ConfigError, parse, run_command
 from align.distributed import gathered_params, is_main_process, save_final, zero3_init_disabled
 from align.runs import MetricsCallback, resume_checkpoint, setup_logging, write_config, write_json
 
@@ -627,4 +627,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

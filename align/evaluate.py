@@ -392,4 +392,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    from align.config import run_command
+
+    run_command(main)

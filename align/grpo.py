@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, get_peft_config
 
 from align import rewards as R
-from align.config import parse
+from align.config import parse, run_command
 from align.data import world
 from align.evaluate import compare_plot, eval_reward_funcs, evaluate_policy
 from align.generate import as_messages, load_tokenizer
@@ -264,4 +264,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from align.config import parse
+from align.config import parse, run_command
 from align.data import world
 from align.runs import plot_metrics, setup_logging, write_config, write_json
 
@@ -478,4 +478,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

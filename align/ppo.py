@@ -77,7 +77,7 @@ from trl import ModelConfig, get_peft_config
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
 
 from align import rewards as R
-from align.config import parse
+from align.config import parse, run_command
 from align.generate import as_messages, load_tokenizer
 from align.evaluate import evaluate_policy, left_pad, masked_inputs, response_mask
 from align.grpo import GRPOArguments, finish_run, prepare_run
@@ -692,4 +692,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

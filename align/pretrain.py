@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from trl import ModelConfig
 
-from align.config import parse
+from align.config import parse, run_command
 from align.data.world import World
 from align.generate import load_tokenizer
 from align.model import DecoderConfig, DecoderForCausalLM
@@ -160,4 +160,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from align.config import parse
+from align.config import parse, run_command
 from align.runs import setup_logging, write_config, write_json
 
 logger = logging.getLogger("align.quickstart")
@@ -220,4 +220,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -39,7 +39,7 @@ from datasets import Dataset
 from transformers import AutoModelForSequenceClassification
 from trl import ModelConfig, RewardConfig, RewardTrainer, get_peft_config
 
-from align.config import parse
+from align.config import parse, run_command
 from align.data.world import STYLE_TEMPLATES, World, render
 from align.generate import load_tokenizer
 from align.distributed import save_final, zero3_init_disabled
@@ -527,4 +527,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from align.config import parse
+from align.config import parse, run_command
 from align.data.formats import location, read_records, to_conversation
 from align.data.world import World
 from align.distributed import save_final, zero3_init_disabled
@@ -159,4 +159,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

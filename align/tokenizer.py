@@ -228,4 +228,6 @@ def main(argv: list[str] | None = None) -> PreTrainedTokenizerFast:
 
 
 if __name__ == "__main__":
-    main()
+    from align.config import run_command
+
+    run_command(main)

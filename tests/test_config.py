@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import pytest
 from trl import ModelConfig, SFTConfig
 
-from align.config import ConfigError, parse
+from align.config import ConfigError, parse, run_command
 
 
 @dataclass
@@ -85,6 +85,28 @@ def test_post_init_errors_name_the_file(tmp_path):
     path = write(tmp_path, "max_length: -1\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: invalid Args: max_length must be > 0, got -1"):
         parse([Args], [path])
+
+
+def test_help_lists_every_key_with_type_default_and_help(tmp_path, capsys):
+    path = write(tmp_path, "max_length: -1\n")  # --help answers before the file's values are checked
+    with pytest.raises(SystemExit) as e:
+        parse([Args, SFTConfig], [path, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--dataset_name str (default: 'world')\n      data" in out
+    assert "--tags list[str] | None (default: None)" in out
+    assert "SFTConfig (trl.trainer.sft_config)" in out and "--assistant_only_loss bool (default: False)" in out
+
+
+def test_command_turns_bad_input_into_a_message_and_status_2(tmp_path, capsys):
+    path = write(tmp_path, "max_lenght: 64\n")
+    with pytest.raises(SystemExit) as e:
+        run_command(lambda: parse([Args], [path]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "unknown key 'max_lenght' (did you mean 'max_length'?)" in err
+    with pytest.raises(KeyError):  # anything else is a bug and keeps its traceback
+        run_command(lambda: {}["x"])
 
 
 def test_every_shipped_config_parses():
