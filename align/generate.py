@@ -3,13 +3,25 @@
 Used by evaluation, the app (candidate generation) and the loop. Works on our decoder and on any HF
 causal LM: prompts go through the tokenizer's chat template (the project's template is set on a
 tokenizer that has none), batches are left-padded, sorted by length, and cut at eos or stop ids.
+
+    python -m align.generate --model DIR --input prompts.jsonl --output cands.jsonl --num_return_sequences 4 \
+        --do_sample --temperature 1.0          # adds "responses" to each record
+    python -m align.score rank --model RM_DIR --input cands.jsonl --output best.jsonl   # then best-of-n
+    python -m align.generate --model DIR --prompt "What is 3 + 4?"     # prints the reply
+
+Input records need a ``prompt`` (text or messages); a bad record stops the command before any generation,
+naming its file and line.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
+import sys
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -108,3 +120,68 @@ def generate(
         for j, seq in enumerate(new):
             out[idx[j // num_return_sequences]].append(tokenizer.decode(seq, skip_special_tokens=True).strip())
     return out
+
+
+# ------------------------------------------------------------------------------------------ command
+def read_prompts(path: str) -> list[tuple[dict, str | Messages]]:
+    """(record, prompt) for each record of a data file; a record without a usable prompt is a DataError."""
+    from align.data.formats import DataError, location, normalize_messages, read_records
+
+    out = []
+    for key, rec in read_records(path):
+        where, prompt = location(path, key), rec.get("prompt")
+        if isinstance(prompt, list):
+            prompt = normalize_messages(prompt, where, "prompt")
+        elif not isinstance(prompt, str):
+            raise DataError(f"{where}: need a 'prompt' (text or messages); record has {sorted(rec)}")
+        out.append((rec, prompt))
+    return out
+
+
+def main(argv: list[str] | None = None) -> Any:
+    ap = argparse.ArgumentParser(prog="python -m align.generate", description="Sample replies from a causal LM")
+    ap.add_argument("--model", required=True, help="a run's final/, any HF causal LM dir or hub id, a LoRA adapter dir")
+    ap.add_argument("--input", help="JSONL/JSON file or datasets dir of records with a 'prompt' (text or messages)")
+    ap.add_argument("--output", help="output JSONL: each record + 'responses' (default: stdout)")
+    ap.add_argument("--prompt", help="one prompt: print its replies")
+    ap.add_argument("--num_return_sequences", "--num-return-sequences", type=int, default=1)
+    ap.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=64)
+    ap.add_argument("--do_sample", "--do-sample", action="store_true", help="sample (default: greedy)")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top_p", "--top-p", type=float, default=1.0)
+    ap.add_argument("--top_k", "--top-k", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch_size", "--batch-size", type=int, default=64)
+    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    a = ap.parse_args(argv)
+    if (a.input is None) == (a.prompt is None):
+        ap.error("give --input FILE or --prompt TEXT")
+    if a.num_return_sequences > 1 and not a.do_sample:
+        ap.error("--num_return_sequences > 1 needs --do_sample (greedy replies would all be the same)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from align.data.formats import DataError, write_jsonl
+
+    try:
+        rows = read_prompts(a.input) if a.input else [({"prompt": a.prompt}, a.prompt)]
+        model, tok = load_causal_lm(a.model, device=a.device)
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    replies = generate(model, tok, [p for _, p in rows], max_new_tokens=a.max_new_tokens, do_sample=a.do_sample,
+                       temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                       num_return_sequences=a.num_return_sequences, batch_size=a.batch_size, seed=a.seed)
+    n = sum(map(len, replies))
+    logging.getLogger("align.generate").info("%d replies in %.2fs on %s", n, time.perf_counter() - t0, model.device)
+    if a.prompt is not None:
+        print("\n".join(replies[0]))
+        return replies[0]
+    out = [{**rec, "responses": rs} for (rec, _), rs in zip(rows, replies)]
+    write_jsonl(out, a.output)
+    return out
+
+
+if __name__ == "__main__":
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)

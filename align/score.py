@@ -324,16 +324,6 @@ def _pair_of(rec: dict, where: str) -> tuple[Any, Any]:
     raise DataError(f"{where}: need 'prompt' + 'response'/'completion' (or 'messages'); record has {sorted(rec)}")
 
 
-def _write(rows: list[dict], output: str | None) -> None:
-    fh = open(output, "w", encoding="utf-8") if output else sys.stdout
-    try:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    finally:
-        if output:
-            fh.close()
-
-
 def main(argv: list[str] | None = None) -> Any:
     argv = list(sys.argv[1:] if argv is None else argv)
     mode = "score"
@@ -375,7 +365,7 @@ def main(argv: list[str] | None = None) -> Any:
         r = scorer.score([a.prompt], [a.response])[0]
         print(f"{r:.6f}")
         return r
-    from align.data.formats import DataError
+    from align.data.formats import DataError, write_jsonl
 
     rows: list[dict] = []
     try:
@@ -413,7 +403,7 @@ def main(argv: list[str] | None = None) -> Any:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _write(rows, a.output)
+    write_jsonl(rows, a.output)
     dt = time.perf_counter() - t0
     logger.info("scored %d responses in %.2fs (%.1f/s) on %s%s", n, dt, n / max(dt, 1e-9), scorer.device,
                 f"; {scorer.truncated} truncated to {scorer.max_length} tokens" if scorer.truncated else "")

@@ -23,8 +23,9 @@ import gzip
 import io
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 __all__ = [
     "DataError", "read_records", "location", "to_preference", "to_conversation",
@@ -80,6 +81,17 @@ def _jsonl(path: Path, fh) -> Iterator[tuple[int, dict]]:
         if not isinstance(rec, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
         yield lineno, rec
+
+
+def write_jsonl(rows: Iterable[dict], path: str | os.PathLike | None = None) -> None:
+    """One JSON record per line, to ``path`` (stdout when None)."""
+    fh = open(path, "w", encoding="utf-8") if path else sys.stdout
+    try:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    finally:
+        if path:
+            fh.close()
 
 
 def read_records(path: str | os.PathLike) -> Iterator[tuple[int | str, dict]]:
