@@ -222,7 +222,7 @@ def parse(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) ->
 def help_text(dataclass_types: Sequence[type]) -> str:
     """Every key of a command, by dataclass: ``--name TYPE (default: X)`` and its help metadata."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    prog = f"python -m {spec.name}" if spec else "python -m align.<command>"
+    prog = f"python -m {spec.name.removesuffix('.__main__')}" if spec else "python -m align.<command>"
     out = [f"usage: {prog} [config.yaml] [--key value ...]",
            "Keys come from the YAML file and the command line (which wins); values are read as YAML."]
     for cls in dataclass_types:
