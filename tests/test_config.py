@@ -109,7 +109,7 @@ def test_command_turns_bad_input_into_a_message_and_status_2(tmp_path, capsys):
         run_command(lambda: {}["x"])
 
 
-def test_every_shipped_config_parses():
+def test_every_shipped_config_parses(capsys):
     """Each configs/*.yaml parses with the dataclasses of the command its first line names
     (``# python -m align.X configs/X.yaml``): catches drift between configs and code."""
     import importlib
@@ -125,3 +125,8 @@ def test_every_shipped_config_parses():
         if hasattr(module, "config_types"):  # align.dpo: the trainer key picks KTOConfig, CPOConfig, ...
             types_ = module.config_types(module._peek_trainer([str(path)]))
         parse(types_, [str(path)])
+        with pytest.raises(SystemExit) as e:  # and --help lists the command's own keys
+            parse(types_, [str(path), "--help"])
+        assert e.value.code == 0
+        own = types_[0]
+        assert f"{own.__name__} (" in capsys.readouterr().out, path
