@@ -241,10 +241,11 @@ def test_app_says_when_a_loop_run_failed(tmp_path, tiny_loop_config):
     cfg = tiny_loop_config(policy_path=str(tmp_path / "no-such-policy"))
     runner = LoopRunner(str(cfg), f"sqlite:///{tmp_path}/a.db")
     runner.start()
-    assert runner.wait(120) == 1
+    assert runner.wait(120) == 2  # bad input: one line on stderr, exit status 2
     st = runner.status()
-    assert st["exit_code"] == 1 and not st["running"]
-    assert "failed (exit code 1)" in status_markdown(st) and "no-such-policy not found" in st["log"]
+    assert st["exit_code"] == 2 and not st["running"]
+    assert "failed (exit code 2)" in status_markdown(st) and "error: " in st["log"]
+    assert "no-such-policy not found" in st["log"] and "Traceback" not in st["log"]
 
 
 def test_waiting_loop_trains_once_humans_label(tmp_path, tiny_loop_config):
