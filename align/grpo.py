@@ -36,7 +36,7 @@ from align import rewards as R
 from align.config import parse, run_command
 from align.data import world
 from align.evaluate import compare_plot, eval_reward_funcs, evaluate_policy
-from align.generate import as_messages, load_tokenizer
+from align.generate import as_messages, load_tokenizer, read_prompts
 from align.distributed import save_final, zero3_init_disabled
 from align.runs import MetricsCallback, plot_metrics, resume_checkpoint, setup_logging, write_config, write_json
 
@@ -112,13 +112,7 @@ def prompt_dataset(dataset_name: str, num_prompts: int, world_seed: int) -> Data
         return Dataset.from_list(
             [{"prompt": [{"role": "user", "content": e.prompt}], "task": e.task, "answer": e.answer} for e in exs]
         )
-    from align.data.formats import location, read_records
-
-    rows = []
-    for key, rec in read_records(dataset_name):
-        if "prompt" not in rec:
-            raise ValueError(f"{location(dataset_name, key)}: record has no 'prompt' field (keys: {sorted(rec)})")
-        rows.append({**rec, "prompt": as_messages(rec["prompt"])})
+    rows = [{**rec, "prompt": as_messages(prompt)} for rec, prompt in read_prompts(dataset_name)]
     if not rows:
         raise ValueError(f"{dataset_name}: no prompts")
     return Dataset.from_list(rows[: num_prompts or None])

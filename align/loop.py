@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +148,7 @@ CONFIG_TYPES = (LoopArguments,)
 def pick_pair(members: Sequence[Sequence[float]], selection: str, rng: random.Random) -> tuple[int, int]:
     """Indices (i, j) of the two candidates to compare, from each ensemble member's rewards for them (one row
     per member): best vs worst, the closest mean rewards, the members' largest disagreement, or a random pair."""
-    scores = [sum(col) / len(col) for col in zip(*members)]
+    scores = [statistics.mean(col) for col in zip(*members)]
     if selection == "extremes":
         order = sorted(range(len(scores)), key=scores.__getitem__)
         return order[-1], order[0]
@@ -155,14 +156,9 @@ def pick_pair(members: Sequence[Sequence[float]], selection: str, rng: random.Ra
     if selection == "random":
         return rng.choice(pairs)
     if selection == "disagreement":
-        return max(pairs, key=lambda p: spread([m[p[0]] - m[p[1]] for m in members]))
+        return max(pairs, key=lambda p: statistics.pstdev([m[p[0]] - m[p[1]] for m in members]))
     return min(pairs, key=lambda p: abs(scores[p[0]] - scores[p[1]]))
 
-
-def spread(xs: Sequence[float]) -> float:
-    """Population standard deviation."""
-    mean = sum(xs) / len(xs)
-    return (sum((x - mean) ** 2 for x in xs) / len(xs)) ** 0.5
 
 
 def oracle_choice(example: world.Example, reply_a: str, reply_b: str) -> str:
@@ -212,7 +208,7 @@ def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_models: 
             members, start = [m[start : start + len(rs)] for m in flat], start + len(rs)
             i, j = pick_pair(members, selection, rng)
             margins = [m[i] - m[j] for m in members]
-            margin, disagreement = abs(sum(margins) / len(margins)), spread(margins)
+            margin, disagreement = abs(statistics.mean(margins)), statistics.pstdev(margins)
             pid = store.add_prompt(row["prompt"], source=source(k))
             ra, rb = (store.add_response(pid, rs[x], model=str(policy), settings=settings) for x in (i, j))
             priority = disagreement if selection == "disagreement" else -margin

@@ -28,7 +28,6 @@ def test_pick_pair_by_ensemble_disagreement():
     assert loop.pick_pair(members, "disagreement", random.Random(0)) == (0, 2)  # margin std 2 (as (1, 2)), not 0
     assert loop.pick_pair(members, "uncertainty", random.Random(0)) == (0, 1)   # mean rewards 0, 0.2, 2
     assert loop.pick_pair(members, "extremes", random.Random(0)) == (2, 0)
-    assert loop.spread([1.0, -1.0, 1.0, -1.0]) == 1.0
 
 
 def test_oracle_prefers_helpful_then_correct():
