@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from align import rewards as R
 from align.data import world
-from align.generate import as_messages, generate
+from align.generate import generate, load_causal_lm, load_tokenizer, prompt_ids
 
 
 SAMPLES_PER_PROMPT = 8  # sampled replies per held-out prompt: the sampled figures are means over them
@@ -189,9 +189,7 @@ def sample_with_kl(
     kls: list[float] = []
     batches: list[tuple] = []
     for s in range(0, len(prompts), batch_size):
-        texts = [tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True)
-                 for p in prompts[s : s + batch_size]]
-        q, qm = left_pad([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], pad)
+        q, qm = left_pad(prompt_ids(tokenizer, prompts[s : s + batch_size]), pad)
         q, qm, L = q.to(device), qm.to(device), q.size(1)
         out = model.generate(input_ids=q, attention_mask=qm, max_new_tokens=max_new_tokens, do_sample=True,
                              temperature=temperature, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
@@ -347,7 +345,6 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
 
 def run(args: EvaluateArguments) -> dict[str, dict[str, Any]]:
     """Evaluate every model on the same held-out prompts and samples; eval.json, eval.md (a table), eval.png."""
-    from align.generate import load_tokenizer
     from align.runs import write_config, write_json
 
     for label, path in args.labelled():  # before any work: a local path that is not there is a typo, not a hub id
@@ -358,11 +355,10 @@ def run(args: EvaluateArguments) -> dict[str, dict[str, Any]]:
     examples = world.World(args.world_seed, n_heldout=args.num_prompts).eval_prompts(args.num_prompts)
     out = Path(args.output_dir)
     write_config(out, args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     ref_tok = load_tokenizer(args.reference_model_path) if args.reference_model_path else None
     results: dict[str, dict[str, Any]] = {}
     for label, path in args.labelled():
-        model, tok = AutoModelForCausalLM.from_pretrained(path).to(device), load_tokenizer(path)
+        model, tok = load_causal_lm(path)
         if ref_tok is not None and tok.get_vocab() != ref_tok.get_vocab():
             raise ValueError(f"models: {label}={path} has another tokenizer than reference_model_path "
                              f"{args.reference_model_path}: the KL compares log-probs of the same tokens")

@@ -68,6 +68,12 @@ def as_messages(prompt: str | Messages) -> Messages:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str | Messages]) -> list[list[int]]:
+    """Token ids of each prompt through the chat template, ending with the assistant's generation prompt."""
+    texts = [tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
 @torch.inference_mode()
 def generate(
     model: PreTrainedModel,
@@ -87,10 +93,7 @@ def generate(
     """Replies to each prompt: ``num_return_sequences`` strings per prompt, special tokens removed."""
     if seed is not None:
         torch.manual_seed(seed)
-    texts = [
-        tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts
-    ]
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = prompt_ids(tokenizer, prompts)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch: less padding
     eos = [tokenizer.eos_token_id, *stop_token_ids]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

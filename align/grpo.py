@@ -206,7 +206,7 @@ def prepare_run(name: str, args: GRPOArguments, model_args: ModelConfig, trainin
             before = json.loads(before_path.read_text())
         else:
             before = evaluate_policy(model, tokenizer, examples, eval_funcs, None, kl_prompts=args.eval_kl_prompts,
-                                 max_new_tokens=args.eval_max_new_tokens, seed=training_args.seed)
+                                     max_new_tokens=args.eval_max_new_tokens, seed=training_args.seed)
             write_json(before_path, before)
     return RunSetup(out, tokenizer, model, reward_funcs, dataset, examples, eval_funcs, resume, before, t0)
 
@@ -241,7 +241,7 @@ def train(args: GRPOArguments, model_args: ModelConfig, training_args: GRPOConfi
         with zero3_init_disabled():
             policy = AutoModelForCausalLM.from_pretrained(str(final)).to(trainer.args.device)
         after = evaluate_policy(policy, tokenizer, examples, eval_funcs, ref_path, kl_prompts=args.eval_kl_prompts,
-                            max_new_tokens=args.eval_max_new_tokens, seed=training_args.seed)
+                                max_new_tokens=args.eval_max_new_tokens, seed=training_args.seed)
     return finish_run("grpo", out, before, after, {
         "train_loss": result.training_loss,
         "steps": trainer.state.global_step,

@@ -160,7 +160,6 @@ def pick_pair(members: Sequence[Sequence[float]], selection: str, rng: random.Ra
     return min(pairs, key=lambda p: abs(scores[p[0]] - scores[p[1]]))
 
 
-
 def oracle_choice(example: world.Example, reply_a: str, reply_b: str) -> str:
     """The simulated annotator: preferred > correct in another style > wrong; 'tie' / 'both_bad' when equal."""
     ra, rb = world.reward(example, reply_a), world.reward(example, reply_b)
@@ -298,26 +297,26 @@ def train_round(args: LoopArguments, k: int, queued: list[dict], policy: Path, o
     pairs = export_pairs(args, queued, out)
     if not pairs and args.policy_trainer == "dpo":
         raise ValueError(f"round {k}: no comparison has a winner (all ties or both bad); nothing to train on")
-    seed = ["--seed", str(args.seed)]
+    judges = reward_dirs(args, out)
     rm_summaries = [reward.main([
         str(Path(args.configs_dir) / "reward.yaml"), "--output_dir", str(d.parent),
         "--model_name_or_path", args.reward_base_path, "--store_url", args.store_url,
         "--seed", str(args.seed + m), *(["--bootstrap", "true"] if m else []),
-    ]) for m, d in enumerate(reward_dirs(args, out))]
+    ]) for m, d in enumerate(judges)]
     rm_summary = rm_summaries[0]
     common = [str(Path(args.configs_dir) / f"{args.policy_trainer}.yaml"), "--output_dir", str(policy_dir(args, out)),
-              "--model_name_or_path", str(policy), "--reward_model_path", str(out / "reward" / "final"), *seed]
-    if args.policy_trainer == "dpo":
+              "--model_name_or_path", str(policy), "--seed", str(args.seed)]
+    if args.policy_trainer == "dpo":  # the round's RM judges the win rate
         summary = dpo.main([
-            *common, "--dataset_name", str(out / "pairs.jsonl"), "--max_steps", "-1",
-            "--num_train_epochs", str(args.dpo_epochs), "--warmup_steps", "0",
+            *common, "--reward_model_path", str(judges[0]), "--dataset_name", str(out / "pairs.jsonl"),
+            "--max_steps", "-1", "--num_train_epochs", str(args.dpo_epochs), "--warmup_steps", "0",
             "--learning_rate", str(args.dpo_learning_rate),
         ])
     else:  # RLHF proper: the reward model the labels just made is the only reward
         rl = {"ppo": ppo, "grpo": grpo}[args.policy_trainer]
-        ensemble = ["--reward_model_path", json.dumps([str(d) for d in reward_dirs(args, out)]),
-                    "--rm_uncertainty_penalty", str(args.rm_uncertainty_penalty)] if args.reward_ensemble > 1 else []
-        summary = rl.main([*common, *ensemble, "--reward_funcs", "[rm]", "--reward_weights", "[1.0]",
+        rm = str(judges[0]) if len(judges) == 1 else json.dumps([str(d) for d in judges])
+        summary = rl.main([*common, "--reward_model_path", rm, "--rm_uncertainty_penalty",
+                           str(args.rm_uncertainty_penalty), "--reward_funcs", "[rm]", "--reward_weights", "[1.0]",
                            *(["--dataset_name", args.dataset_name] if args.dataset_name != "world" else [])])
     ev, before = summary["eval"], summary["eval"].get("before") or {}
     keys = ("exact_match", "exact_match_sampled", "maj_at_k", "preferred_rate")

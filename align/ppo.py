@@ -78,7 +78,7 @@ from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, sel
 
 from align import rewards as R
 from align.config import parse, run_command
-from align.generate import as_messages, load_tokenizer
+from align.generate import load_tokenizer, prompt_ids
 from align.evaluate import evaluate_policy, left_pad, masked_inputs, response_mask
 from align.grpo import GRPOArguments, finish_run, prepare_run
 from align.runs import MetricsCallback, setup_logging
@@ -428,10 +428,7 @@ class PPOTrainer(Trainer):
         return out
 
     def _encode_prompts(self, prompts: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self.processing_class
-        ids = [tok(tok.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True),
-                   add_special_tokens=False)["input_ids"] for p in prompts]
-        q, m = left_pad(ids, self.pad_id)
+        q, m = left_pad(prompt_ids(self.processing_class, prompts), self.pad_id)
         return q.to(self.args.device), m.to(self.args.device)
 
     # ------------------------------------------------------------------ 1-4: rollout, rewards, GAE
@@ -670,8 +667,8 @@ def train(args: PPOArguments, model_args: ModelConfig, training_args: PPOConfig)
     after = None
     if examples:
         after = evaluate_policy(policy, tokenizer, examples, eval_funcs, model_args.model_name_or_path,
-                            kl_prompts=args.eval_kl_prompts, max_new_tokens=args.eval_max_new_tokens,
-                            seed=training_args.seed)
+                                kl_prompts=args.eval_kl_prompts, max_new_tokens=args.eval_max_new_tokens,
+                                seed=training_args.seed)
     if hasattr(policy, "merge_and_unload"):
         policy = policy.merge_and_unload()
     policy.save_pretrained(str(out / "final"))
