@@ -57,6 +57,11 @@ class GRPOArguments:
     )
     num_prompts: int = field(default=2000, metadata={"help": "World training prompts (World(seed).rl_prompts(n))."})
     world_seed: int = field(default=0, metadata={"help": "Seed of the built-in world."})
+    world_fresh_words: int = field(
+        default=0,
+        metadata={"help": "Made-up words (world.fresh_words, never held out) that the world's word tasks also draw "
+                          "from, so RL learns to handle any word rather than the train words by heart (docs/rl.md)."},
+    )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["correct", "polite"],
         metadata={"help": f"Rewards, combined by reward_weights: any of {list(R.BUILTIN_REWARDS)} or "
@@ -87,7 +92,8 @@ class GRPOArguments:
     eval_before: bool = field(default=True, metadata={"help": "Also evaluate the start model (eval.json 'before')."})
 
     def __post_init__(self):
-        for name in ("num_prompts", "eval_num_prompts", "eval_kl_prompts", "length_target", "rm_uncertainty_penalty"):
+        for name in ("num_prompts", "world_fresh_words", "eval_num_prompts", "eval_kl_prompts", "length_target",
+                     "rm_uncertainty_penalty"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if isinstance(self.reward_funcs, str):
@@ -105,10 +111,10 @@ CONFIG_TYPES = (GRPOArguments, ModelConfig, GRPOConfig)
 # ----------------------------------------------------------------------------------------------- data
 
 
-def prompt_dataset(dataset_name: str, num_prompts: int, world_seed: int) -> Dataset:
+def prompt_dataset(dataset_name: str, num_prompts: int, world_seed: int, fresh_words: int = 0) -> Dataset:
     """Conversational prompts with their extra columns (``task``, ``answer`` for the world)."""
     if dataset_name == "world":
-        exs = world.World(world_seed, n_rl=max(num_prompts, 1)).rl_prompts(num_prompts)
+        exs = world.World(world_seed, n_rl=max(num_prompts, 1)).rl_prompts(num_prompts, fresh_words)
         return Dataset.from_list(
             [{"prompt": [{"role": "user", "content": e.prompt}], "task": e.task, "answer": e.answer} for e in exs]
         )
@@ -194,7 +200,7 @@ def prepare_run(name: str, args: GRPOArguments, model_args: ModelConfig, trainin
 
     reward_funcs = R.build_reward_funcs(args.reward_funcs, args.reward_model_path, length_target=args.length_target,
                                         rm_uncertainty_penalty=args.rm_uncertainty_penalty)
-    dataset = prompt_dataset(args.dataset_name, args.num_prompts, args.world_seed)
+    dataset = prompt_dataset(args.dataset_name, args.num_prompts, args.world_seed, args.world_fresh_words)
     examples = heldout_examples(args.world_seed, args.eval_num_prompts) if args.eval_num_prompts else []
     eval_funcs = eval_reward_funcs(args.reward_funcs, args.reward_model_path, args.length_target) if examples else []
 

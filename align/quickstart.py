@@ -42,11 +42,19 @@ class QuickstartArguments:
     grpo_from: str = field(default="dpo", metadata={"help": "Policy GRPO/PPO start from: 'dpo' or 'sft'."})
     overwrite: bool = field(default=False, metadata={"help": "Re-run stages whose final/ already exists."})
     seed: int = field(default=0, metadata={"help": "Seed passed to every stage."})
+    stage_args: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={"help": "Keys for a stage on top of its configs/<stage>.yaml, e.g. {grpo: {max_steps: 1400}} "
+                          "(configs/quickstart_gpu.yaml). The stage's own parser checks them."},
+    )
 
     def __post_init__(self):
-        bad = [s for s in self.stages if s not in STAGES]
+        bad = [s for s in [*self.stages, *self.stage_args] if s not in STAGES]
         if bad:
-            raise ValueError(f"stages: unknown {bad}; choose from {list(STAGES)}")
+            raise ValueError(f"stages / stage_args: unknown {bad}; choose from {list(STAGES)}")
+        for name, keys in self.stage_args.items():
+            if not isinstance(keys, dict):
+                raise ValueError(f"stage_args.{name} must be a mapping of keys to values, got {keys!r}")
         if self.grpo_from not in ("dpo", "sft"):
             raise ValueError(f"grpo_from must be 'dpo' or 'sft', got {self.grpo_from!r}")
 
@@ -56,7 +64,7 @@ CONFIG_TYPES = (QuickstartArguments,)
 
 def _stage_argv(q: QuickstartArguments, stage: str, **overrides: Any) -> list[str]:
     argv = [str(Path(q.configs_dir) / f"{stage}.yaml"), "--output_dir", str(Path(q.output_dir) / stage)]
-    for k, v in overrides.items():
+    for k, v in (q.stage_args.get(stage, {}) | overrides).items():
         argv += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
     return argv
 

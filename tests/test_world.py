@@ -110,6 +110,25 @@ def test_heldout_never_in_training(world):
             assert set(re.findall(r"[A-Za-z]+", e.prompt)) & ho_all, e.prompt
 
 
+def test_fresh_words_for_rl(world):
+    """RL prompts over made-up words: new to every data set, never a held-out word or prompt, still checkable."""
+    fresh = W.fresh_words(3000)
+    assert W.fresh_words(5000)[:3000] == fresh and len(set(fresh)) == 3000  # more words extend the list
+    assert all(3 <= len(w) <= 6 and w.isalpha() and w.islower() for w in fresh)
+    known = set(W.ALL_WORDS) | set(W.PSEUDO_WORDS) | {n.lower() for n in W.ALL_NAMES} | set(W.ALL_OBJECTS)
+    assert not set(fresh) & known
+    assert [e.prompt for e in world.rl_prompts(60, fresh=0)] == [e.prompt for e in world.rl_prompts(60)]
+
+    exs = world.rl_prompts(900, fresh=3000)
+    used = {w for e in exs for w in e.meta.get("words", [e.meta.get("word") or "".join(e.meta.get("letters", ""))])}
+    assert len(used & set(fresh)) > 200  # the word tasks mostly meet fresh words
+    assert not {e.prompt for e in exs} & {e.prompt for e in world.eval_prompts()}
+    assert not set(re.findall(r"[a-z]+", " ".join(e.prompt for e in exs))) & set(VOCAB["heldout"].words)
+    for e in exs:  # the rule rewards still check them
+        assert check(e, render(e, "helpful"))["preferred"]
+        assert not check(e, render(e, "helpful", correct=False))["correct"]
+
+
 def test_preference_pairs(world):
     pairs = world.preference_pairs()
     kinds = {p["kind"] for p in pairs}

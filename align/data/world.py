@@ -198,6 +198,35 @@ PSEUDO_WORDS = pseudo_words(
     N_PSEUDO_WORDS, set(ALL_WORDS) | _TEMPLATE_WORDS | {n.lower() for n in ALL_NAMES} | _object_stems | set(ALL_OBJECTS))
 
 
+# Roughly English letter frequencies, for made-up letter strings ("tiepn", "rnn").
+_LETTER_FREQ = "e" * 12 + "t" * 9 + "a" * 8 + "o" * 8 + "i" * 7 + "n" * 7 + "s" * 6 + "h" * 6 + "r" * 6 + "d" * 4 \
+    + "l" * 4 + "c" * 3 + "u" * 3 + "m" * 3 + "ww" + "ff" + "gg" + "yy" + "pp" + "bb" + "vkjxqz"
+
+
+@functools.lru_cache(maxsize=None)
+def fresh_words(n: int) -> tuple[str, ...]:
+    """`n` made-up words of 3-6 letters for RL prompts; fixed, seed-independent, never a word of the world.
+
+    Half are pronounceable, half are letter strings drawn by English letter frequency. No other data set has
+    them, and none is held out (nor any real word, name or object of the world).
+    """
+    rng = random.Random("fresh-words")
+    onsets = "b c d f g h j k l m n p r s t v w z bl br cr dr fl gr pl pr sl st tr sh ch th".split()
+    codas = "b d g k l m n p r s t x ng nk st".split() + [""] * 4
+    seen = set(ALL_WORDS) | _TEMPLATE_WORDS | {x.lower() for x in ALL_NAMES} | set(ALL_OBJECTS) | set(PSEUDO_WORDS) \
+        | _object_stems
+    out: list[str] = []
+    while len(out) < n:
+        if rng.random() < 0.5:
+            w = "".join(rng.choice(onsets) + rng.choice("aeiou") for _ in range(rng.randint(1, 2))) + rng.choice(codas)
+        else:
+            w = "".join(rng.choice(_LETTER_FREQ) for _ in range(rng.randint(3, 6)))
+        if 3 <= len(w) <= 6 and w not in seen:
+            seen.add(w)
+            out.append(w)
+    return tuple(out)
+
+
 def vocabularies() -> dict[str, Vocab]:
     """Train words = 80% of the real words + the made-up words; held-out = the other real words."""
     ws, names, objs = (_split(x, HELDOUT_FRACTION) for x in (ALL_WORDS, ALL_NAMES, ALL_OBJECTS))
@@ -459,9 +488,9 @@ class World:
         return random.Random(f"{self.seed}:{purpose}")
 
     def examples(self, n: int, split: str, purpose: str, exclude: set[str] | None = None,
-                 unique: bool = False) -> list[Example]:
-        """`n` examples spread round-robin over tasks. `exclude`: prompts not to produce."""
-        rng, vocab = self._rng(purpose), self.vocab[split]
+                 unique: bool = False, vocab: Vocab | None = None) -> list[Example]:
+        """`n` examples spread round-robin over tasks. `exclude`: prompts not to produce; `vocab`: not the split's."""
+        rng, vocab = self._rng(purpose), vocab or self.vocab[split]
         exclude, out, tries = exclude or set(), [], 0
         seen: set[str] = set()
         while len(out) < n:
@@ -488,12 +517,19 @@ class World:
     def _heldout_prompts(self) -> set[str]:
         return {e.prompt for e in self.eval_prompts()}
 
-    def train_examples(self, n: int, purpose: str) -> list[Example]:
-        return self.examples(n, "train", purpose, exclude=self._heldout_prompts())
+    def train_examples(self, n: int, purpose: str, vocab: Vocab | None = None) -> list[Example]:
+        return self.examples(n, "train", purpose, exclude=self._heldout_prompts(), vocab=vocab)
 
-    def rl_prompts(self, n: int | None = None) -> list[Example]:
-        """Train-split prompts with answers, for GRPO/PPO (not the held-out eval set)."""
-        return self.train_examples(self.n_rl if n is None else n, "rl")
+    def rl_prompts(self, n: int | None = None, fresh: int = 0) -> list[Example]:
+        """Train-split prompts with answers, for GRPO/PPO (not the held-out eval set).
+
+        ``fresh`` > 0: the word tasks also draw from that many `fresh_words`. RL then keeps meeting words it has
+        never seen, so it must learn to spell, count and reverse any word rather than the train words by heart,
+        which is what carries over to the held-out words (docs/rl.md, "Fresh words").
+        """
+        t = self.vocab["train"]
+        vocab = Vocab("train", t.words + fresh_words(fresh), t.names, t.objects) if fresh else None
+        return self.train_examples(self.n_rl if n is None else n, "rl", vocab)
 
     def pretrain_corpus(self) -> list[str]:
         """Plain-text documents: a few Q/A pairs each in mixed styles, plus spelling sentences."""
