@@ -45,7 +45,8 @@ class QuickstartArguments:
     stage_args: dict[str, dict[str, Any]] = field(
         default_factory=dict,
         metadata={"help": "Keys for a stage on top of its configs/<stage>.yaml, e.g. {grpo: {max_steps: 1400}} "
-                          "(configs/quickstart_gpu.yaml). The stage's own parser checks them."},
+                          "(configs/quickstart_gpu.yaml); given on the command line, it replaces the file's. The stage's own "
+                          "parser checks them; the quickstart's paths and seed win."},
     )
 
     def __post_init__(self):
