@@ -45,8 +45,8 @@ class QuickstartArguments:
     stage_args: dict[str, dict[str, Any]] = field(
         default_factory=dict,
         metadata={"help": "Keys for a stage on top of its configs/<stage>.yaml, e.g. {grpo: {max_steps: 1400}} "
-                          "(configs/quickstart_gpu.yaml); given on the command line, it replaces the file's. The stage's own "
-                          "parser checks them; the quickstart's paths and seed win."},
+                          "(configs/quickstart_gpu.yaml); given on the command line, it replaces the file's. The "
+                          "stage's own parser checks them; the quickstart's paths and seed win."},
     )
 
     def __post_init__(self):
@@ -54,6 +54,8 @@ class QuickstartArguments:
         if bad:
             raise ValueError(f"stages / stage_args: unknown {bad}; choose from {list(STAGES)}")
         for name, keys in self.stage_args.items():
+            if name == "store":
+                raise ValueError("stage_args.store: the store stage has no config file to add keys to")
             if not isinstance(keys, dict):
                 raise ValueError(f"stage_args.{name} must be a mapping of keys to values, got {keys!r}")
         if self.grpo_from not in ("dpo", "sft"):

@@ -17,7 +17,8 @@ def test_stage_args_reach_the_stage_and_pass_its_parser(monkeypatch):
     args, model_args, train_args = parse(grpo.CONFIG_TYPES, argv)
     assert args.world_fresh_words == keys["world_fresh_words"] > 0
     assert train_args.per_device_train_batch_size == keys["per_device_train_batch_size"]
-    assert train_args.learning_rate == keys["learning_rate"] and train_args.lr_scheduler_type.value == keys["lr_scheduler_type"]
+    assert train_args.learning_rate == keys["learning_rate"]
+    assert train_args.lr_scheduler_type.value == keys["lr_scheduler_type"]
     assert train_args.max_steps == 3 and model_args.model_name_or_path == "runs/x/dpo/final"  # the quickstart's own win
     assert train_args.output_dir == str(Path(q.output_dir) / "grpo")
     assert quickstart._stage_argv(q, "sft") == ["configs/sft.yaml", "--output_dir", str(Path(q.output_dir) / "sft")]
@@ -27,6 +28,8 @@ def test_stage_args_bad_input(monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises((ConfigError, ValueError), match="grpp"):
         parse(quickstart.CONFIG_TYPES, ["configs/quickstart.yaml", "--stage_args", "{grpp: {max_steps: 1}}"])
+    with pytest.raises((ConfigError, ValueError), match="stage_args.store"):
+        parse(quickstart.CONFIG_TYPES, ["configs/quickstart.yaml", "--stage_args", "{store: {n: 1}}"])
     with pytest.raises((ConfigError, ValueError), match="stage_args.grpo"):
         parse(quickstart.CONFIG_TYPES, ["configs/quickstart.yaml", "--stage_args", "{grpo: 5}"])
     (q,) = parse(quickstart.CONFIG_TYPES, ["configs/quickstart.yaml", "--stage_args", "{grpo: {max_stepz: 1}}"])

@@ -525,7 +525,7 @@ class World:
 
         ``fresh`` > 0: the word tasks also draw from that many `fresh_words`. RL then keeps meeting words it has
         never seen, so it must learn to spell, count and reverse any word rather than the train words by heart,
-        which is what carries over to the held-out words (docs/rl.md, "Fresh words").
+        which is what carries over to the held-out words (docs/rl.md, "Fresh words at scale").
         """
         t = self.vocab["train"]
         vocab = Vocab("train", t.words + fresh_words(fresh), t.names, t.objects) if fresh else None
