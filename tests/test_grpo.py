@@ -151,17 +151,22 @@ def test_grpo_command_with_lora_rm_and_eval(tmp_path):
     assert (out / "rl_curves.png").exists() and (out / "eval.png").exists()
 
 
-def test_grpo_command_without_rm(tmp_path):
-    from align.grpo import main
+def test_grpo_command_without_rm_on_fresh_words(tmp_path):
+    from align.data.world import fresh_words
+    from align.grpo import main, prompt_dataset
 
     d = tiny_dirs()
     summary = main([
         "configs/grpo.yaml", "--output_dir", str(tmp_path), "--model_name_or_path", d["policy"],
         "--max_steps", "1", "--per_device_train_batch_size", "8", "--num_generations", "4",
         "--max_completion_length", "4", "--num_prompts", "16", "--eval_num_prompts", "4", "--eval_kl_prompts", "2",
-        "--eval_max_new_tokens", "4", "--eval_before", "false",
+        "--eval_max_new_tokens", "4", "--eval_before", "false", "--world_fresh_words", "100",
     ])
     assert summary["eval"]["before"] is None and "exact_match" in summary["eval"]
+    rows = prompt_dataset("world", 90, 0, fresh_words=100).to_list()
+    assert {"task", "answer"} <= set(rows[0])
+    words = {w.strip("?.:") for r in rows for w in r["prompt"][0]["content"].split()}
+    assert words & set(fresh_words(100))
 
 
 def test_missing_reward_model_dir_says_which_command(tmp_path):
