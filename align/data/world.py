@@ -194,8 +194,9 @@ class Vocab:
         return self.split == "heldout"
 
 
-PSEUDO_WORDS = pseudo_words(
-    N_PSEUDO_WORDS, set(ALL_WORDS) | _TEMPLATE_WORDS | {n.lower() for n in ALL_NAMES} | _object_stems | set(ALL_OBJECTS))
+# Every word the world's texts use: made-up words must not be one of them.
+_WORLD_WORDS = set(ALL_WORDS) | _TEMPLATE_WORDS | {n.lower() for n in ALL_NAMES} | _object_stems | set(ALL_OBJECTS)
+PSEUDO_WORDS = pseudo_words(N_PSEUDO_WORDS, _WORLD_WORDS)
 
 
 # Roughly English letter frequencies, for made-up letter strings ("tiepn", "rnn").
@@ -213,8 +214,7 @@ def fresh_words(n: int) -> tuple[str, ...]:
     rng = random.Random("fresh-words")
     onsets = "b c d f g h j k l m n p r s t v w z bl br cr dr fl gr pl pr sl st tr sh ch th".split()
     codas = "b d g k l m n p r s t x ng nk st".split() + [""] * 4
-    seen = set(ALL_WORDS) | _TEMPLATE_WORDS | {x.lower() for x in ALL_NAMES} | set(ALL_OBJECTS) | set(PSEUDO_WORDS) \
-        | _object_stems
+    seen = _WORLD_WORDS | set(PSEUDO_WORDS)
     out: list[str] = []
     while len(out) < n:
         if rng.random() < 0.5:
