@@ -142,6 +142,9 @@ def run(q: QuickstartArguments) -> dict[str, Any]:
             _stage_argv(q, name, model_name_or_path=str(policy), reward_model_path=str(d["reward"] / "final"), **seed)
         )
         report[name] = _figures(summary["eval"]) | {"start": str(policy)}
+        sampled, sft = summary["eval"].get("exact_match_sampled"), report.get("sft", {}).get("exact_match_sampled")
+        if sampled is not None and sft is not None:  # RL's yardstick: the gain over SFT's sampled EM (docs/rl.md)
+            report[name]["exact_match_sampled_vs_sft"] = round(sampled - sft, 4)
 
     def run_loop():
         from align import loop
