@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> Any:
         ap.error("rank needs --input FILE")
     try:
         kw = {"device": a.device, "batch_size": a.batch_size, "max_length": a.max_length}
-        scorer = RewardScorer(a.model[0], **kw) if len(a.model) == 1 else RewardEnsemble(a.model, **kw)
+        scorer = RewardEnsemble(a.model, **kw)  # one dir: a one-member ensemble
     except (NotARewardModel, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -373,11 +373,9 @@ def main(argv: list[str] | None = None) -> Any:
             recs = list(_records(a.input))
             pairs = [_pair_of(rec, where) for where, rec in recs]
             prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
-            if isinstance(scorer, RewardEnsemble):
-                rewards, stds = scorer.score_std(prompts, responses)
-                rows = [{**rec, "reward": r, "reward_std": sd} for (_, rec), r, sd in zip(recs, rewards, stds)]
-            else:
-                rows = [{**rec, "reward": r} for (_, rec), r in zip(recs, scorer.score(prompts, responses))]
+            rewards, stds = scorer.score_std(prompts, responses)
+            rows = [{**rec, "reward": r, **({"reward_std": sd} if len(a.model) > 1 else {})}
+                    for (_, rec), r, sd in zip(recs, rewards, stds)]
             n = len(rows)
         else:
             flat_p, flat_r, spans = [], [], []
