@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -171,39 +172,67 @@ def require_gguf(path: str | Path) -> None:
                           "(or `pip install gguf`)")
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, object]:
-    """A GGUF file -> (an ordinary HF causal LM, its tokenizer), dequantised (fp32 unless `dtype`).
+def load_gguf(path: str | Path, head: str = "causal", dtype: torch.dtype | str | None = None,
+              **config_kwargs) -> PreTrainedModel:
+    """A GGUF file -> an ordinary HF model, dequantised (fp32 unless `dtype`): the causal LM (`head="causal"`)
+    or, for `head="reward"|"value"`, the same backbone with a fresh one-output score head
+    (`...ForSequenceClassification`, `num_labels=1` unless given).
 
     transformers' GGUF loader marks the model as quantised (`quantization_config`), which stops
-    `save_pretrained` and PEFT's merge; the weights are moved into a fresh model of the same class
-    built from the same config without it, so the result is indistinguishable from a from_pretrained dir."""
+    `save_pretrained` and PEFT's merge; the weights move into a fresh model of the matching class built from
+    the same config without it, so the result is indistinguishable from a from_pretrained dir."""
     path = Path(path)
     if path.suffix.lower() != ".gguf":
         raise ValueError(f"{path}: expected a .gguf file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
+    if head not in ("causal", "reward", "value"):
+        raise ValueError(f"head must be 'causal', 'reward' or 'value', got {head!r}")
     require_gguf(path)
-    folder, name = str(path.parent), path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype or torch.float32)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype or torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config._name_or_path = str(path)
-    model = type(loaded)(config).to(loaded.dtype)
-    model.load_state_dict(loaded.state_dict(), strict=True)  # same class, same names
-    model.tie_weights()
-    model.generation_config = loaded.generation_config
+    state = loaded.state_dict()
+    generation_config = loaded.generation_config
     del loaded
-    if tokenizer.pad_token_id is not None and config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), tokenizer
+    if head == "causal":
+        for k, v in config_kwargs.items():
+            setattr(config, k, v)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+        model.load_state_dict(state, strict=True)  # same class, same names
+        model.generation_config = generation_config
+    else:
+        config_kwargs.setdefault("num_labels", 1)
+        for k, v in config_kwargs.items():
+            setattr(config, k, v)
+        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype or torch.float32)
+        missing, unexpected = model.load_state_dict(state, strict=False)  # the backbone; the score head is new
+        if set(missing) - {"score.weight", "score.bias"} or set(unexpected) - {"lm_head.weight"}:
+            raise ValueError(f"{path}: the GGUF's weights do not fit {type(model).__name__}: missing {missing}, "
+                             f"unexpected {unexpected}")
+    model.tie_weights()
+    return model.eval()
+
+
+def load_gguf_tokenizer(path: str | Path):
+    """The tokenizer (and chat template) stored in a GGUF file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    require_gguf(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return tokenizer
 
 
 def from_gguf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Write a GGUF file as a normal HF dir (safetensors + tokenizer + chat template), loadable by
     plain transformers and fast to reload."""
-    model, tokenizer = load_gguf(src, dtype=dtype)
+    model, tokenizer = load_gguf(src, dtype=dtype), load_gguf_tokenizer(src)
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     Path(dst).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(dst))
     tokenizer.save_pretrained(str(dst))
@@ -220,10 +249,91 @@ def smollm2_gguf() -> Path | None:
     return files[0] if files else None
 
 
+# ------------------------------------------------------------------------------------------ portable final/
+# align's decoder as hub-style custom code: these files of align/model/ are copied beside the weights (renamed
+# so the dir's modules cannot shadow anything) and config.json's auto_map points the Auto classes at them.
+MODELING_FILES = {"config.py": "configuration_align.py", "modeling.py": "modeling_align.py",
+                  "rope.py": "rope.py", "moe.py": "moe.py"}
+AUTO_MAP = {
+    "AutoConfig": "configuration_align.DecoderConfig",
+    "AutoModel": "modeling_align.DecoderModel",
+    "AutoModelForCausalLM": "modeling_align.DecoderForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_align.DecoderForSequenceClassification",
+}
+
+
+def not_llama_reason(model: PreTrainedModel) -> str | None:
+    """None when `to_llama(model)` is the same network; else why it is not."""
+    config = model.config
+    if config.num_experts:
+        return f"mixture of experts (num_experts={config.num_experts})"
+    if getattr(config, "score_loglik", False):
+        return "score_loglik (the response log-likelihood term of the reward head)"
+    if type(model) not in PAIRS:
+        return f"{type(model).__name__} has no Llama counterpart"
+    return None
+
+
+@torch.no_grad()
+def _same_outputs(ours: PreTrainedModel, llama: PreTrainedModel, atol: float = 1e-4) -> float:
+    """Largest |difference| of the two models' outputs on a fixed probe (fp32, eval mode)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 12), generator=g)
+    a, b = ours.eval()(ids).logits.float(), llama.eval()(ids).logits.float()
+    return (a - b).abs().max().item()
+
+
+def make_portable(model_dir: str | os.PathLike) -> str:
+    """Rewrite a saved align-decoder dir so plain transformers loads it without importing align.
+
+    A Llama-equivalent decoder (dense, no score_loglik, the same outputs on a probe) becomes a Llama dir
+    (LlamaForCausalLM / LlamaForSequenceClassification: same weights, lossless); any other keeps its weights
+    and gets `auto_map` in config.json plus its modeling code beside the weights (the hub's custom-code
+    convention: `from_pretrained(dir, trust_remote_code=True)`). Any other model type is left as it is
+    (a stage run on a Llama-family model already writes a Llama dir). Returns "llama", "remote_code" or
+    "unchanged"."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        return "unchanged"  # e.g. an adapter dir
+    config = json.loads(config_path.read_text())
+    if config.get("model_type") != DecoderConfig.model_type:
+        return "unchanged"
+    arch = (config.get("architectures") or ["DecoderForCausalLM"])[0]
+    cls = DecoderForSequenceClassification if arch.endswith("ForSequenceClassification") else DecoderForCausalLM
+    saved_dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    model = cls.from_pretrained(str(model_dir), dtype=torch.float32)
+    reason = not_llama_reason(model)
+    llama = None
+    if reason is None:
+        llama = to_llama(model)
+        diff = _same_outputs(model, llama)
+        if not diff < 1e-4 * max(1.0, model.config.hidden_size ** 0.5):
+            reason, llama = f"the Llama copy's outputs differ by {diff:.2e}", None
+    if llama is not None:
+        for f in [*model_dir.glob("*.safetensors"), *model_dir.glob("*.safetensors.index.json"),
+                  *model_dir.glob("*.bin")]:
+            f.unlink()
+        llama.to(getattr(torch, saved_dtype)).save_pretrained(str(model_dir))
+        logger.info("%s: saved as %s (Llama-equivalent align decoder)", model_dir, type(llama).__name__)
+        return "llama"
+    src = Path(__file__).parent / "model"
+    for name, dst_name in MODELING_FILES.items():
+        text = (src / name).read_text()
+        text = text.replace("from .config import", "from .configuration_align import")
+        (model_dir / dst_name).write_text(text)
+    config["auto_map"] = AUTO_MAP
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    logger.info("%s: not Llama-equivalent (%s): saved with auto_map and its modeling code "
+                "(load with trust_remote_code=True)", model_dir, reason)
+    return "remote_code"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m align.convert", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("to-llama", "align decoder dir -> Llama dir"), ("from-llama", "Llama dir -> align decoder dir")):
+    directions = (("to-llama", "align decoder dir -> Llama dir"), ("from-llama", "Llama dir -> align decoder dir"))
+    for name, text in directions:
         p = sub.add_parser(name, help=text)
         p.add_argument("src")
         p.add_argument("dst")

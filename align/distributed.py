@@ -84,6 +84,12 @@ def gathered_params(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield model
 
 
+def make_portable(final_dir: str | os.PathLike) -> str:
+    from align.convert import make_portable as portable
+
+    return portable(final_dir)
+
+
 def _peft_model(model: torch.nn.Module):
     try:
         from peft import PeftModel
@@ -105,6 +111,10 @@ def save_final(
     """Save the trained model to ``final_dir`` as an ordinary HF dir (+ tokenizer), consolidated from
     ZeRO-3 / FSDP shards. Call it on every process; only the main process writes.
 
+    ``final_dir`` loads in plain transformers without align (``align.convert.make_portable``): align's
+    decoder becomes a Llama dir where it is Llama-equivalent, else it gets ``auto_map`` and its modeling
+    code beside the weights; any other model (a Llama, a Qwen2, ...) is saved as itself.
+
     With a LoRA model the adapter goes to ``adapter_dir`` (default ``final_dir/../adapter``); with
     ``merge`` the main process loads the base model the adapter names (``base_model_name_or_path`` in
     adapter_config.json) with ``auto_class`` (default ``AutoModelForCausalLM``; pass
@@ -117,6 +127,7 @@ def save_final(
         trainer.save_model(str(final_dir))  # collective gather under ZeRO-3 / FSDP; rank 0 writes
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(str(final_dir))
+            make_portable(final_dir)
         trainer.accelerator.wait_for_everyone()
         return final_dir
 
@@ -126,6 +137,7 @@ def save_final(
         tokenizer.save_pretrained(str(adapter_dir))
         if merge:
             merge_adapter(adapter_dir, final_dir, tokenizer, auto_class=auto_class, **load_kwargs)
+            make_portable(final_dir)
         elif Path(final_dir).resolve() != adapter_dir.resolve():
             import shutil
 
