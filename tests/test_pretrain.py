@@ -78,7 +78,7 @@ def test_pretraining_loss_falls_and_run_dir_is_complete(tokenizer_dir, corpus_fi
     assert (out / "checkpoint-30").is_dir()
     from transformers import AutoModelForCausalLM
 
-    assert AutoModelForCausalLM.from_pretrained(str(out / "final")).config.model_type == "align_decoder"
+    assert AutoModelForCausalLM.from_pretrained(str(out / "final")).config.model_type == "llama"  # dense: Llama format
 
 
 def test_resume_after_kill_reaches_the_same_loss(tokenizer_dir, corpus_file, tmp_path):

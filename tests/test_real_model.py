@@ -259,3 +259,22 @@ def test_dpo_two_steps_writes_a_changed_llama_policy(smollm2, tmp_path):
     new, old = load_file(str(final / "model.safetensors")), load_file(str(smollm2["dir"] / "model.safetensors"))
     name = "model.layers.0.self_attn.q_proj.weight"
     assert new[name].shape == old[name].shape and not torch.equal(new[name], old[name])  # LoRA merged in
+
+
+def test_smollm2_configs_parse():
+    """configs/smollm2/*.yaml parse with the dataclasses of the command their first line names, on any machine
+    (bf16 is off by default: a GPU run adds --bf16 true)."""
+    import importlib
+    import re
+
+    from align.config import parse
+
+    configs = sorted((ROOT / "configs" / "smollm2").glob("*.yaml"))
+    assert {p.stem for p in configs} >= {"reward", "dpo", "grpo", "ppo", "loop", "app"}
+    for path in configs:
+        command = re.search(r"python -m ([\w.]+)", path.read_text()).group(1)
+        module = importlib.import_module("app.main" if command == "app" else command)
+        types_ = module.CONFIG_TYPES
+        if hasattr(module, "config_types"):
+            types_ = module.config_types(module._peek_trainer([str(path)]))
+        parse(types_, [str(path)])
