@@ -297,9 +297,10 @@ def make_portable(model_dir: str | os.PathLike) -> str:
     if not config_path.is_file():
         return "unchanged"  # e.g. an adapter dir
     config = json.loads(config_path.read_text())
-    if config.get("model_type") != DecoderConfig.model_type:
-        return "unchanged"
     arch = (config.get("architectures") or ["DecoderForCausalLM"])[0]
+    # ours by model_type, or by class: a decoder loaded from a Llama dir keeps the dir's model_type "llama"
+    if config.get("model_type") != DecoderConfig.model_type and arch not in {c.__name__ for c in PAIRS}:
+        return "unchanged"
     cls = DecoderForSequenceClassification if arch.endswith("ForSequenceClassification") else DecoderForCausalLM
     saved_dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     model = cls.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -323,6 +324,7 @@ def make_portable(model_dir: str | os.PathLike) -> str:
         text = text.replace("from .config import", "from .configuration_align import")
         (model_dir / dst_name).write_text(text)
     config["auto_map"] = AUTO_MAP
+    config["model_type"] = DecoderConfig.model_type
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     logger.info("%s: not Llama-equivalent (%s): saved with auto_map and its modeling code "
                 "(load with trust_remote_code=True)", model_dir, reason)

@@ -278,3 +278,21 @@ def test_smollm2_configs_parse():
         if hasattr(module, "config_types"):
             types_ = module.config_types(module._peek_trainer([str(path)]))
         parse(types_, [str(path)])
+
+
+def test_decoder_loaded_from_a_llama_dir_saves_as_the_decoder(tmp_path):
+    """A score_loglik reward model started from a Llama-format final/ (its config keeps model_type "llama")
+    still gets auto_map + code, and model_type names the decoder again."""
+    torch.manual_seed(0)
+    DecoderForCausalLM(tiny()).save_pretrained(str(tmp_path / "sft"))
+    assert make_portable(tmp_path / "sft") == "llama"
+    rm = DecoderForSequenceClassification.from_pretrained(str(tmp_path / "sft"), num_labels=1, score_loglik=True,
+                                                          response_token_id=5).eval()
+    rm.save_pretrained(str(tmp_path / "rm"))
+    assert make_portable(tmp_path / "rm") == "remote_code"
+    from transformers import AutoModelForSequenceClassification
+
+    back = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm")).eval()
+    assert type(back) is DecoderForSequenceClassification and back.config.model_type == "align_decoder"
+    with torch.no_grad():
+        assert (back(ids()).logits - rm(ids()).logits).abs().max() < 1e-5
