@@ -133,7 +133,9 @@ def _load(src: str, classes: dict[str, type]) -> PreTrainedModel:
 
 def convert_dir(direction: str, src: str, dst: str) -> PreTrainedModel:
     if direction == "to-llama":
-        model = to_llama(_load(src, {c.__name__: c for c in PAIRS}))
+        # a stage's final/ of a Llama-equivalent decoder is already a Llama dir (make_portable): copied as it is
+        model = _load(src, {c.__name__: c for c in [*PAIRS, *PAIRS.values()]})
+        model = model if type(model) in PAIRS.values() else to_llama(model)
     else:
         model = from_llama(_load(src, {c.__name__: c for c in PAIRS.values()}))
     Path(dst).mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from align.model import DecoderConfig, DecoderForCausalLM, DecoderForSequenceCla
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "preference"
+needs_data = pytest.mark.skipif(not DATA.exists(), reason="../shared/data not present")
 V = 64
 
 # A subprocess that can never import align: a finder that refuses the name, and cwd/PYTHONPATH away from the repo.
@@ -211,6 +212,7 @@ def _rm_argv(d: Path, out: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@needs_data
 def test_reward_two_steps_then_score_in_plain_transformers(smollm2, tmp_path):
     """Two LoRA reward-model steps on SmolLM2: final/ is a merged LlamaForSequenceClassification that plain
     transformers scores exactly as align.score does."""
@@ -242,6 +244,7 @@ def test_reward_two_steps_then_score_in_plain_transformers(smollm2, tmp_path):
 
 
 @pytest.mark.slow
+@needs_data
 def test_dpo_two_steps_writes_a_changed_llama_policy(smollm2, tmp_path):
     from safetensors.torch import load_file
 
