@@ -317,6 +317,8 @@ def make_portable(model_dir: str | os.PathLike) -> str:
         for f in [*model_dir.glob("*.safetensors"), *model_dir.glob("*.safetensors.index.json"),
                   *model_dir.glob("*.bin")]:
             f.unlink()
+        # kept in config.json (plain transformers ignores it): a later stage may reload it as our decoder
+        llama.config.converted_from = DecoderConfig.model_type
         llama.to(getattr(torch, saved_dtype)).save_pretrained(str(model_dir))
         logger.info("%s: saved as %s (Llama-equivalent align decoder)", model_dir, type(llama).__name__)
         return "llama"

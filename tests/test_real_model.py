@@ -110,6 +110,7 @@ def test_llama_final_dir_still_loads_as_the_decoder(tmp_path):
     model = DecoderForCausalLM(tiny()).eval()
     model.save_pretrained(str(tmp_path))
     assert make_portable(tmp_path) == "llama"
+    assert json.loads((tmp_path / "config.json").read_text())["converted_from"] == "align_decoder"
     back = DecoderForCausalLM.from_pretrained(str(tmp_path)).eval()
     with torch.no_grad():
         assert (back(ids()).logits - model(ids()).logits).abs().max() < 1e-5
