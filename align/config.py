@@ -234,6 +234,8 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
 
 
 def _describe(tp: Any) -> str:
+    if typing.get_args(tp):  # list[str], Literal['a', 'b'], int | None
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -324,8 +326,8 @@ def parse_verb(verbs: dict[str, type], argv: Sequence[str] | None = None, *, pro
                       if default and not named else ""))
         raise SystemExit(0)
     if verb is None:
-        given = " ".join(words[:2]) if words else "nothing"
-        raise ConfigError(f"command line: expected a verb ({', '.join(verbs)}), got {given!r}")
+        given = f"got {' '.join(words[:2])!r}" if words else "none given"
+        raise ConfigError(f"command line: expected a verb ({', '.join(verbs)}); {given}")
 
     cls, keys = verbs[verb], _Keys([verbs[verb]])
     words, pairs = _split_command_line(argv, keys)
@@ -352,9 +354,10 @@ def _verbs_help(verbs: dict[str, type], prog: str, about: str) -> str:
     if about:
         out.append(about.strip().split("\n\n")[0])
     out.append("\nverbs:")
+    width = max(map(len, verbs)) + 2
     for verb, cls in verbs.items():
         doc = "" if (cls.__doc__ or "").startswith(f"{cls.__name__}(") else (cls.__doc__ or "").strip()
-        out.append(f"  {verb:<22} {doc.splitlines()[0] if doc else ''}")
+        out.append(f"  {verb:<{width}}{doc.splitlines()[0] if doc else ''}")
     return "\n".join(out)
 
 
