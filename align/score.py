@@ -23,12 +23,12 @@ the response is where the reward is read) and are counted in ``scorer.truncated`
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -36,6 +36,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 import align.model  # noqa: F401  (registers the Auto classes for our decoder)
+from align.config import parse_verb, run_command
 from align.generate import as_messages, default_device, load_tokenizer
 
 logger = logging.getLogger("align.score")
@@ -324,36 +325,53 @@ def _pair_of(rec: dict, where: str) -> tuple[Any, Any]:
     raise DataError(f"{where}: need 'prompt' + 'response'/'completion' (or 'messages'); record has {sorted(rec)}")
 
 
+@dataclass(kw_only=True)
+class _Scoring:
+    model: list[str] = field(metadata={"help": "reward model dir (a reward run's final/); several: an ensemble, "
+                                               "scored by its mean reward (and its std as reward_std)"})
+    input: str | None = field(default=None, metadata={"help": "JSONL/JSON file: prompt + response|completion (or "
+                                                              "messages); for rank: prompt + responses (a list)"})
+    output: str | None = field(default=None, metadata={"help": "output JSONL (default: stdout)"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)"})
+    batch_size: int = field(default=32, metadata={"help": "pairs per forward pass"})
+    max_length: int | None = field(default=None, metadata={"help": "keep the last max_length tokens of a pair"})
+
+    def __post_init__(self):
+        self.model = [self.model] if isinstance(self.model, str) else self.model
+
+
+@dataclass(kw_only=True)
+class ScoreArgs(_Scoring):
+    """score (prompt, response) pairs: adds "reward" (and "reward_std" for an ensemble)"""
+
+    prompt: str | None = field(default=None, metadata={"help": "score one pair: the prompt text"})
+    response: str | None = field(default=None, metadata={"help": "score one pair: the response text"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.input is None and (self.prompt is None or self.response is None):
+            raise ValueError("give --input FILE, or --prompt and --response")
+
+
+@dataclass(kw_only=True)
+class RankArgs(_Scoring):
+    """best-of-n: sort each record's responses by reward, best first"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.input is None:
+            raise ValueError("rank needs --input FILE")
+
+
+VERBS = {"score": ScoreArgs, "rank": RankArgs}
+
+
 def main(argv: list[str] | None = None) -> Any:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    mode = "score"
-    if argv and argv[0] in ("rank", "score"):
-        mode = argv.pop(0)
-    ap = argparse.ArgumentParser(
-        prog=f"python -m align.score{' rank' if mode == 'rank' else ''}",
-        description="Score (prompt, response) pairs with a reward model"
-        if mode == "score" else "Best-of-n: sort each record's responses by reward",
-    )
-    ap.add_argument("--model", required=True, nargs="+",
-                    help="reward model dir (a reward run's final/); several: an ensemble, scored by its mean reward "
-                         "(and its std as reward_std)")
-    ap.add_argument("--input", help="JSONL/JSON file: prompt + response|completion (or messages); "
-                    "for rank: prompt + responses (a list)")
-    ap.add_argument("--output", help="output JSONL (default: stdout)")
-    if mode == "score":
-        ap.add_argument("--prompt", help="score one pair: the prompt text")
-        ap.add_argument("--response", help="score one pair: the response text")
-    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    ap.add_argument("--batch-size", "--batch_size", type=int, default=32)
-    ap.add_argument("--max-length", "--max_length", type=int, default=None)
-    a = ap.parse_args(argv)
+    mode, a = run_command(parse_verb, VERBS, argv, prog="python -m align.score", about=__doc__.split("\n\n")[0],
+                          default="score")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    if mode == "score" and a.input is None and (a.prompt is None or a.response is None):
-        ap.error("give --input FILE, or --prompt and --response")
-    if mode == "rank" and a.input is None:
-        ap.error("rank needs --input FILE")
     try:
         kw = {"device": a.device, "batch_size": a.batch_size, "max_length": a.max_length}
         scorer = RewardEnsemble(a.model, **kw)  # one dir: a one-member ensemble
@@ -391,7 +409,7 @@ def main(argv: list[str] | None = None) -> Any:
                 flat_p += [rec["prompt"]] * len(resps)
                 flat_r += resps
             rewards = scorer.score(flat_p, flat_r)
-            for (where, rec), (s, k) in zip(recs, spans):
+            for (_, rec), (s, k) in zip(recs, spans):
                 ranked = sorted(zip(rec["responses"], rewards[s : s + k]), key=lambda t: -t[1])
                 out = {key: v for key, v in rec.items() if key != "responses"}
                 out["responses"] = [{"response": t, "reward": r} for t, r in ranked]

@@ -13,6 +13,8 @@ from test_reward import build_assets
 
 torch.set_num_threads(1)
 
+# fp32 rewards of batches of different shapes differ by vendor (Intel vs AMD: 1.4e-6 seen on an ensemble): rel 1e-4
+TOL = {"rel": 1e-4, "abs": 1e-5}
 PROMPTS = ["What is 3 + 4?", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort the digits 3 1 2."}],
            "Repeat the word cat 3 times.", "How many words are in: ant bee cow dog?", "hi"]
 RESPONSES = ["The answer is 7.", "1 2 3", "Ugh, cat cat cat. Stop wasting my time.", "The answer is 4. Hope that helps!", ""]
@@ -53,7 +55,7 @@ def test_batched_equals_per_example(scorer, rm_dir):
     batched = scorer.score(PROMPTS, RESPONSES)
     one = RewardScorer(rm_dir, device="cpu", batch_size=1)
     single = [one.score_one(p, r) for p, r in zip(PROMPTS, RESPONSES)]
-    assert batched == pytest.approx(single, abs=1e-5)
+    assert batched == pytest.approx(single, **TOL)
     assert len(set(round(x, 4) for x in batched)) > 1
 
 
@@ -65,14 +67,14 @@ def test_scores_match_a_plain_hf_forward(scorer):
     assert ids == scorer.tokenizer(text, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         ref = scorer.model(input_ids=torch.tensor([ids])).logits[0, 0].item()
-    assert scorer.score_one(PROMPTS[0], RESPONSES[0]) == pytest.approx(ref, abs=1e-5)
+    assert scorer.score_one(PROMPTS[0], RESPONSES[0]) == pytest.approx(ref, **TOL)
 
 
 def test_message_list_response_and_broadcast_prompt(scorer):
     r1 = scorer.score("What is 3 + 4?", ["The answer is 7.", "7"])
     r2 = scorer.score(["What is 3 + 4?"] * 2, [[{"role": "assistant", "content": "The answer is 7."}], "7"])
-    assert r1 == pytest.approx(r2, abs=1e-6)
-    assert scorer(["What is 3 + 4?"], ["7"]) == pytest.approx([r1[1]], abs=1e-6)  # TRL reward_funcs signature
+    assert r1 == pytest.approx(r2, **TOL)
+    assert scorer(["What is 3 + 4?"], ["7"]) == pytest.approx([r1[1]], **TOL)  # TRL reward_funcs signature
     assert scorer.__name__ == "reward_model"
 
 
@@ -82,7 +84,7 @@ def test_rank_sorts_best_first(scorer):
     assert sorted(t for t, _ in ranked) == sorted(responses)
     rewards = [r for _, r in ranked]
     assert rewards == sorted(rewards, reverse=True)
-    assert dict(ranked) == pytest.approx(dict(zip(responses, scorer.score("What is 3 + 4?", responses))))
+    assert dict(ranked) == pytest.approx(dict(zip(responses, scorer.score("What is 3 + 4?", responses)), **TOL))
 
 
 def test_long_sequences_keep_their_end(rm_dir):
@@ -93,7 +95,7 @@ def test_long_sequences_keep_their_end(rm_dir):
     ids = encode(s.tokenizer, "hi", long + "end")[-16:]
     with torch.no_grad():
         ref = s.model(input_ids=torch.tensor([ids])).logits[0, 0].item()
-    assert r == pytest.approx(ref, abs=1e-5)
+    assert r == pytest.approx(ref, **TOL)
 
 
 def test_cli_scores_a_jsonl(rm_dir, scorer, tmp_path, capsys):
@@ -108,11 +110,11 @@ def test_cli_scores_a_jsonl(rm_dir, scorer, tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows[:1]] == [1] and all("reward" in r for r in rows)
     expected = scorer.score(["What is 3 + 4?", "What is 3 + 4?", "hi"], ["The answer is 7.", "7", "Ugh, hi."])
-    assert [r["reward"] for r in rows] == pytest.approx(expected, abs=1e-5)
+    assert [r["reward"] for r in rows] == pytest.approx(expected, **TOL)
 
     r = main(["--model", str(rm_dir), "--prompt", "What is 3 + 4?", "--response", "7", "--device", "cpu"])
-    assert float(capsys.readouterr().out.strip().splitlines()[-1]) == pytest.approx(r, abs=1e-5)
-    assert r == pytest.approx(expected[1], abs=1e-5)
+    assert float(capsys.readouterr().out.strip().splitlines()[-1]) == pytest.approx(r, **TOL)
+    assert r == pytest.approx(expected[1], **TOL)
 
 
 def test_cli_rank(rm_dir, scorer, tmp_path):
@@ -155,15 +157,15 @@ def test_ensemble_mean_and_spread_and_its_penalised_reward(lm_dir, rm_dir, score
     assert not torch.allclose(members[0], members[1])  # two different judges
     ens = RewardEnsemble([rm_dir, other], device="cpu")
     mean, std = ens.score_std(PROMPTS, RESPONSES)
-    assert mean == pytest.approx(members.mean(0).tolist(), abs=1e-6)
-    assert std == pytest.approx((members[0] - members[1]).abs().div(2).tolist(), abs=1e-6)  # two members: |a-b|/2
-    assert ens(PROMPTS, RESPONSES) == pytest.approx(mean)
+    assert mean == pytest.approx(members.mean(0).tolist(), **TOL)
+    assert std == pytest.approx((members[0] - members[1]).abs().div(2).tolist(), **TOL)  # two members: |a-b|/2
+    assert ens(PROMPTS, RESPONSES) == pytest.approx(mean, **TOL)
 
     # the 'rm' reward of an ensemble: its mean minus the penalty times its spread; one dir: that RM's own score
     (rm,) = R.build_reward_funcs(["rm"], [str(rm_dir), str(other)], rm_uncertainty_penalty=2.0)
-    assert rm(PROMPTS, RESPONSES) == pytest.approx([m - 2.0 * s for m, s in zip(mean, std)], abs=1e-6)
+    assert rm(PROMPTS, RESPONSES) == pytest.approx([m - 2.0 * s for m, s in zip(mean, std)], **TOL)
     (one,) = R.build_reward_funcs(["rm"], str(rm_dir), rm_uncertainty_penalty=2.0)
-    assert one(PROMPTS, RESPONSES) == pytest.approx(members[0].tolist(), abs=1e-6)
+    assert one(PROMPTS, RESPONSES) == pytest.approx(members[0].tolist(), **TOL)
     with pytest.raises(FileNotFoundError, match=r"reward model '.*nope' does not exist"):
         R.build_reward_funcs(["rm"], [str(rm_dir), str(tmp_path / "nope")])
 
@@ -172,5 +174,5 @@ def test_ensemble_mean_and_spread_and_its_penalised_reward(lm_dir, rm_dir, score
     inp.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in zip(PROMPTS, RESPONSES)))
     main(["--model", str(rm_dir), str(other), "--input", str(inp), "--output", str(out), "--device", "cpu"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["reward"] for r in rows] == pytest.approx(mean, abs=1e-5)
-    assert [r["reward_std"] for r in rows] == pytest.approx(std, abs=1e-5)
+    assert [r["reward"] for r in rows] == pytest.approx(mean, **TOL)
+    assert [r["reward_std"] for r in rows] == pytest.approx(std, **TOL)
