@@ -84,7 +84,7 @@ def test_rank_sorts_best_first(scorer):
     assert sorted(t for t, _ in ranked) == sorted(responses)
     rewards = [r for _, r in ranked]
     assert rewards == sorted(rewards, reverse=True)
-    assert dict(ranked) == pytest.approx(dict(zip(responses, scorer.score("What is 3 + 4?", responses)), **TOL))
+    assert dict(ranked) == pytest.approx(dict(zip(responses, scorer.score("What is 3 + 4?", responses))), **TOL)
 
 
 def test_long_sequences_keep_their_end(rm_dir):
