@@ -15,7 +15,7 @@ naming its file and line.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -141,26 +141,39 @@ def read_prompts(path: str) -> list[tuple[dict, str | Messages]]:
     return out
 
 
+@dataclasses.dataclass
+class GenerateArgs:
+    """``python -m align.generate``: replies from a causal LM for a prompts file, or for one prompt."""
+
+    model: str = dataclasses.field(
+        metadata={"help": "a run's final/, any HF causal LM dir or hub id, a LoRA adapter dir"})
+    input: str | None = dataclasses.field(
+        default=None, metadata={"help": "JSONL/JSON file, datasets dir: records with a 'prompt' (text or messages)"})
+    output: str | None = dataclasses.field(
+        default=None, metadata={"help": "output JSONL: each record + 'responses' (default: stdout)"})
+    prompt: str | None = dataclasses.field(default=None, metadata={"help": "one prompt: print its replies"})
+    num_return_sequences: int = dataclasses.field(default=1, metadata={"help": "replies per prompt"})
+    max_new_tokens: int = 64
+    do_sample: bool = dataclasses.field(default=False, metadata={"help": "sample (default: greedy)"})
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    batch_size: int = 64
+    device: str | None = dataclasses.field(
+        default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)"})
+
+    def __post_init__(self):
+        if (self.input is None) == (self.prompt is None):
+            raise ValueError("give --input FILE or --prompt TEXT")
+        if self.num_return_sequences > 1 and not self.do_sample:
+            raise ValueError("--num_return_sequences > 1 needs --do_sample (greedy replies would all be the same)")
+
+
 def main(argv: list[str] | None = None) -> Any:
-    ap = argparse.ArgumentParser(prog="python -m align.generate", description="Sample replies from a causal LM")
-    ap.add_argument("--model", required=True, help="a run's final/, any HF causal LM dir or hub id, a LoRA adapter dir")
-    ap.add_argument("--input", help="JSONL/JSON file or datasets dir of records with a 'prompt' (text or messages)")
-    ap.add_argument("--output", help="output JSONL: each record + 'responses' (default: stdout)")
-    ap.add_argument("--prompt", help="one prompt: print its replies")
-    ap.add_argument("--num_return_sequences", "--num-return-sequences", type=int, default=1)
-    ap.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=64)
-    ap.add_argument("--do_sample", "--do-sample", action="store_true", help="sample (default: greedy)")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top_p", "--top-p", type=float, default=1.0)
-    ap.add_argument("--top_k", "--top-k", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch_size", "--batch-size", type=int, default=64)
-    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    a = ap.parse_args(argv)
-    if (a.input is None) == (a.prompt is None):
-        ap.error("give --input FILE or --prompt TEXT")
-    if a.num_return_sequences > 1 and not a.do_sample:
-        ap.error("--num_return_sequences > 1 needs --do_sample (greedy replies would all be the same)")
+    from align.config import parse, run_command
+
+    (a,) = run_command(parse, [GenerateArgs], argv, prog="python -m align.generate")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from align.data.formats import DataError, write_jsonl
