@@ -369,7 +369,8 @@ def help_text(dataclass_types: Sequence[type], prog: str | None = None, verb: st
         prog = f"python -m {spec.name.removesuffix('.__main__')}" if spec else "python -m align.<command>"
     if verb is None:
         out = [f"usage: {prog} [config.yaml] [--key value ...]",
-               "Keys come from the YAML file and the command line (which wins); values are read as YAML."]
+               "Keys come from the YAML file and the command line (which wins, in any order); values are read as "
+               "YAML, text keys' verbatim."]
     else:
         types_ = _Keys(dataclass_types, warn=False).types
         names = [f.name.upper() + ("..." if _is_list(types_[f.name]) else "")

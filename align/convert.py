@@ -11,10 +11,10 @@ Llama equivalent and are refused. Tokenizer files in SRC (or, for merge, the bas
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -151,28 +151,48 @@ def merge_adapter(src: str, dst: str, base: str | None = None) -> PreTrainedMode
     return merged
 
 
+@dataclass(kw_only=True)
+class _Paths:
+    src: str = field(metadata={"positional": True, "help": "the model dir to read"})
+    dst: str = field(metadata={"positional": True, "help": "the model dir to write"})
+
+
+@dataclass(kw_only=True)
+class ToLlama(_Paths):
+    """align decoder dir -> Llama dir (LlamaForCausalLM / LlamaForSequenceClassification)"""
+
+
+@dataclass(kw_only=True)
+class FromLlama(_Paths):
+    """Llama dir -> align decoder dir"""
+
+
+@dataclass(kw_only=True)
+class Merge(_Paths):
+    """merge a PEFT LoRA adapter into its base and save a standalone model"""
+
+    src: str = field(metadata={"positional": True, "help": "adapter dir (adapter_config.json + adapter weights)"})
+    base: str | None = field(default=None, metadata={"help": "base model dir (default: the adapter's "
+                                                              "base_model_name_or_path)"})
+
+
+VERBS = {"to-llama": ToLlama, "from-llama": FromLlama, "merge": Merge}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m align.convert", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("to-llama", "align decoder dir -> Llama dir"), ("from-llama", "Llama dir -> align decoder dir")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("src")
-        p.add_argument("dst")
-    p = sub.add_parser("merge", help="merge a PEFT LoRA adapter into its base and save a standalone model")
-    p.add_argument("src", help="adapter directory (adapter_config.json + adapter weights)")
-    p.add_argument("dst")
-    p.add_argument("--base", help="base model dir (default: the adapter's base_model_name_or_path)")
-    args = parser.parse_args(argv)
+    from align.config import parse_verb, run_command
+
+    command, args = run_command(parse_verb, VERBS, argv, prog="python -m align.convert", about=__doc__)
     try:
-        if args.command == "merge":
+        if command == "merge":
             model = merge_adapter(args.src, args.dst, args.base)
         else:
-            model = convert_dir(args.command, args.src, args.dst)
+            model = convert_dir(command, args.src, args.dst)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = sum(p.numel() for p in model.parameters())
-    print(f"{args.command}: {args.src} -> {args.dst} ({type(model).__name__}, {n:,} parameters)")
+    print(f"{command}: {args.src} -> {args.dst} ({type(model).__name__}, {n:,} parameters)")
     return 0
 
 
