@@ -11,11 +11,11 @@ Both models are warmed up untimed, then runs alternate (ours, HF, HF, ours, ...)
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import platform
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -142,17 +142,29 @@ def format_table(r: dict) -> str:
     return head + "\n\n" + "\n".join(rows)
 
 
+@dataclass
+class BenchArgs:
+    """ours vs HF Llama: training and generation throughput"""
+
+    device: str = "cpu"
+    dtype: str = field(default="fp32", metadata={"help": f"one of {sorted(DTYPES)}"})
+    steps: int = field(default=4, metadata={"help": "timed training steps per repeat"})
+    size: str = field(default="small", metadata={"help": f"one of {sorted(SIZES)}"})
+    batch: int = 8
+    seq: int = 128
+    new_tokens: int = 64
+    repeats: int = field(default=3, metadata={"help": "interleaved repeats; the best is reported"})
+
+    def __post_init__(self):
+        for name, allowed in (("dtype", DTYPES), ("size", SIZES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m align.bench model", description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--steps", type=int, default=4, help="timed training steps per repeat")
-    p.add_argument("--size", choices=sorted(SIZES), default="small")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best is reported")
-    args = p.parse_args(argv)
+    from align.config import parse, run_command
+
+    (args,) = run_command(parse, [BenchArgs], argv, prog="python -m align.bench model")
     r = run(size=args.size, device=args.device, dtype=args.dtype, steps=args.steps, batch=args.batch, seq=args.seq,
             gen_batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats)
     print(format_table(r))
