@@ -192,12 +192,10 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     if origin is Literal:
         return value in typing.get_args(tp), value
     if origin in (list, tuple, Sequence, typing.Sequence):
-        if isinstance(value, str):  # TRL accepts e.g. lora_target_modules: all-linear, loss_type: sigmoid
-            return True, value
-        if not isinstance(value, (list, tuple)):
-            return False, value
         args = typing.get_args(tp)
         item = args[0] if args else Any
+        if not isinstance(value, (list, tuple)):  # one item, kept as is: TRL takes lora_target_modules: all-linear
+            return _type_ok(value, item)[0], value
         checked = [_type_ok(v, item) for v in value]
         return all(ok for ok, _ in checked), [v for _, v in checked]
     if origin is dict or tp is dict:
@@ -326,7 +324,7 @@ def parse_verb(verbs: dict[str, type], argv: Sequence[str] | None = None, *, pro
                       if default and not named else ""))
         raise SystemExit(0)
     if verb is None:
-        given = f"got {' '.join(words[:2])!r}" if words else "none given"
+        given = f"got {words[0]!r}" if words else "none given"
         raise ConfigError(f"command line: expected a verb ({', '.join(verbs)}); {given}")
 
     cls, keys = verbs[verb], _Keys([verbs[verb]])
