@@ -169,6 +169,8 @@ def _split_command_line(argv: Sequence[str], keys: _Keys) -> tuple[list[str], li
             value = [] if _is_list(tp) else True
         elif len(taken) == 1:
             value = _read(taken[0], tp)
+            if _is_list(tp) and isinstance(value, (int, float)):  # --writers 10: a list of one
+                value = [value]
         else:
             value = [_read(w, Any) for w in taken]
         pairs.append((key, _Value(value, "command line", name)))
@@ -194,8 +196,10 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     if origin in (list, tuple, Sequence, typing.Sequence):
         args = typing.get_args(tp)
         item = args[0] if args else Any
-        if not isinstance(value, (list, tuple)):  # one item, kept as is: TRL takes lora_target_modules: all-linear
+        if isinstance(value, str):  # one text item, kept as is: TRL takes lora_target_modules: all-linear
             return _type_ok(value, item)[0], value
+        if not isinstance(value, (list, tuple)):
+            return False, value
         checked = [_type_ok(v, item) for v in value]
         return all(ok for ok, _ in checked), [v for _, v in checked]
     if origin is dict or tp is dict:

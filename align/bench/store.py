@@ -130,9 +130,6 @@ class BenchArgs:
     pairs: int = field(default=100_000, metadata={"help": "pairs for import/export"})
     no_sqlite: bool = False
 
-    def __post_init__(self):
-        self.writers = [self.writers] if isinstance(self.writers, int) else self.writers
-
 
 def main(argv: list[str] | None = None) -> int:
     from align.config import parse, run_command
