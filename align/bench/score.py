@@ -1,6 +1,6 @@
 """Throughput of ``align.score.RewardScorer`` vs a straightforward per-example HF loop, same model.
 
-    python -m align.bench score [--device cuda] [--n 512] [--batch-size 64] [--model RM_DIR] [--size small]
+    python -m align.bench score [--device cuda] [--n 512] [--batch_size 64] [--model RM_DIR] [--size small]
 
 Both score the same (prompt, response) pairs -- the chosen and rejected replies of the built-in world's
 held-out prompts -- with the same reward model: ``--model`` (a reward run's final/) or, by default, a

@@ -1,6 +1,6 @@
 """``python -m align.bench store``: preference-store throughput and latency.
 
-Measures, on SQLite (a fresh file) and PostgreSQL (``--pg-url`` or ``$ALIGN_TEST_PG_URL``; a fresh
+Measures, on SQLite (a fresh file) and PostgreSQL (``--pg_url`` or ``$ALIGN_TEST_PG_URL``; a fresh
 schema that is dropped afterwards):
 - label-write latency p50 / p99 (one ``submit_label`` = one committed transaction) with 1, 10 and 50
   concurrent writer processes;

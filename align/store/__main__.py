@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                                           skip_bad=args.skip_bad, limit=args.limit,
                                           priority=args.queue)
                 except DataError as e:
-                    print(f"error: {e}\n  nothing from {f} was stored (use --skip-bad to import "
+                    print(f"error: {e}\n  nothing from {f} was stored (use --skip_bad to import "
                           "the rest)", file=sys.stderr)
                     failed += 1
                     continue

@@ -119,7 +119,7 @@ class ImportReport:
     new_labels: int = 0
     duplicates: int = 0          # pairs already in the store with the same label
     conflicts: int = 0           # pairs already labelled the other way by this labeller (kept)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, error) with --skip-bad
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, error) with --skip_bad
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -161,7 +161,7 @@ def check_text(s: Any, where: str, max_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> s
                         f"{e.start})") from None
     if n > max_bytes:
         raise DataError(f"{where}: text is {n:,} bytes, over the limit of {max_bytes:,} bytes "
-                        "(raise it with max_text_bytes / --max-text-bytes)")
+                        "(raise it with max_text_bytes / --max_text_bytes)")
     return s
 
 
