@@ -1,11 +1,16 @@
-"""One config convention for every command: ``python -m align.X configs/X.yaml [--key value ...]``.
+"""One config convention for every command: ``python -m align.X [VERB] [configs/X.yaml | ARG ...] [--key value ...]``.
 
-Keys are the field names of the dataclasses a command takes: TRL/transformers configs (``SFTConfig``,
-``DPOConfig``, ``ModelConfig``, ...) and the command's own ``XArguments``. The YAML file gives values,
-command-line ``--key value`` pairs override them (values are read as YAML, so ``--lora_target_modules
-'[q_proj, v_proj]'`` and ``--learning_rate 1e-4`` work). An unknown key or a wrong type stops the command
-before any work, naming the file, the line and the key. ``--help`` lists every key with its type, default and
-help text.
+Keys are the field names (snake_case) of the dataclasses a command takes: TRL/transformers configs
+(``SFTConfig``, ``DPOConfig``, ``ModelConfig``, ...) and the command's own ``XArguments``. The YAML file gives
+values, command-line ``--key value`` pairs override them, in any position (values are read as YAML, so
+``--lora_target_modules '[q_proj, v_proj]'`` and ``--learning_rate 1e-4`` work; a text key takes its word
+verbatim). An unknown key or a wrong type stops the command before any work, naming the file, the line and the
+key. ``--help`` lists every key with its type, default and help text.
+
+Commands with verbs (``python -m align.store import FILE --db URL``) have one dataclass per verb
+(``parse_verb``); fields with ``metadata={"positional": True}`` are its bare words. Old spellings keep working
+with a deprecation warning naming the new one: a renamed field's ``metadata={"aliases": ["old_name"]}``, and
+kebab-case on the command line (``--max-new-tokens`` for ``--max_new_tokens``).
 """
 
 from __future__ import annotations
@@ -249,8 +254,8 @@ _ALIASES = {"gradient_checkpointing": "activation_checkpointing",
 
 def parse(dataclass_types: Sequence[type], argv: Sequence[str] | None = None,
           overrides: dict[str, Any] | None = None, *, prog: str | None = None) -> tuple:
-    """Parse ``[config.yaml] [--key value ...]`` into one instance of each dataclass type; ``overrides`` (typed
-    values, checked alike) win over both.
+    """Parse ``[config.yaml] [--key value ...]`` (in any order) into one instance of each dataclass type;
+    ``overrides`` (typed values, checked alike) win over both. ``prog``: the command's name in ``--help``.
 
     A key may belong to several dataclasses (``seed``, ``output_dir``): each gets the value.
     """
@@ -267,7 +272,7 @@ def parse(dataclass_types: Sequence[type], argv: Sequence[str] | None = None,
     if words:
         values.update(_collect((keys.canonical(k, v.where), v) for k, v in _load_yaml(Path(words[0])).items()))
     values.update(_collect(pairs))
-    values.update({k: _Value(v, "overrides", k) for k, v in (overrides or {}).items()})
+    values.update({keys.canonical(k, "overrides"): _Value(v, "overrides", k) for k, v in (overrides or {}).items()})
     return _build(dataclass_types, keys, values, source)
 
 
@@ -323,9 +328,12 @@ def parse_verb(verbs: dict[str, type], argv: Sequence[str] | None = None, *, pro
     if not named and default is not None and not (words and any(v.split()[0] == words[0] for v in verbs)):
         verb = default
     if "--help" in argv or "-h" in argv:
-        text = help_text([verbs[verb]], f"{prog} {verb}", verb=verb) if named else _verbs_help(verbs, prog, about)
-        print(text + (f"\n\nWithout a verb: {default}.\n" + help_text([verbs[default]], prog, verb="")
-                      if default and not named else ""))
+        if named:
+            print(help_text([verbs[verb]], f"{prog} {verb}", verb=verb))
+        else:
+            print(_verbs_help(verbs, prog, about, default))
+            if default is not None:
+                print(f"\nWithout a verb: {default}.\n" + help_text([verbs[default]], prog, verb=""))
         raise SystemExit(0)
     if verb is None:
         given = f"got {words[0]!r}" if words else "none given"
@@ -351,8 +359,9 @@ def parse_verb(verbs: dict[str, type], argv: Sequence[str] | None = None, *, pro
     return verb, _build([cls], keys, values, "command line")[0]
 
 
-def _verbs_help(verbs: dict[str, type], prog: str, about: str) -> str:
-    out = [f"usage: {prog} VERB [--key value ...]   ({prog} VERB --help lists its keys)"]
+def _verbs_help(verbs: dict[str, type], prog: str, about: str, default: str | None) -> str:
+    verb = "VERB" if default is None else "[VERB]"
+    out = [f"usage: {prog} {verb} [--key value ...]   ({prog} VERB --help lists its keys)"]
     if about:
         out.append(about.strip().split("\n\n")[0])
     out.append("\nverbs:")
