@@ -164,8 +164,10 @@ _ALIASES = {"gradient_checkpointing": "activation_checkpointing",
             "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
 
 
-def parse(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
-    """Parse ``[config.yaml] [--key value ...]`` into one instance of each dataclass type.
+def parse(dataclass_types: Sequence[type], argv: Sequence[str] | None = None,
+          overrides: dict[str, Any] | None = None) -> tuple:
+    """Parse ``[config.yaml] [--key value ...]`` into one instance of each dataclass type; ``overrides`` (typed
+    values, checked alike) win over both.
 
     A key may belong to several dataclasses (``seed``, ``output_dir``): each gets the value.
     """
@@ -192,6 +194,7 @@ def parse(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) ->
         source = argv[0]
         values.update(canonical(_load_yaml(Path(argv.pop(0)))))
     values.update(canonical(_parse_overrides(argv)))
+    values.update(canonical({k: _Value(v, "overrides") for k, v in (overrides or {}).items()}))
 
     kwargs: dict[str, Any] = {}
     for key, v in values.items():
@@ -217,6 +220,14 @@ def parse(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) ->
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{source}: invalid {cls.__name__}: {e}") from e
     return tuple(out)
+
+
+def configure(dataclass_types: Sequence[type], path: str | Path, **overrides: Any) -> tuple:
+    """A command's configs from its YAML file with typed ``overrides``: how the quickstart and the loop call a
+    stage (``sft.train(*configure(sft.CONFIG_TYPES, "configs/sft.yaml", output_dir=...))``). The same parser
+    checks them, so a wrong key fails naming it. (Not ``dataclasses.replace``: TRL's configs derive fields
+    in ``__post_init__``, e.g. GRPO's generation batch, which a replace would then find set twice.)"""
+    return parse(dataclass_types, [str(path)], overrides)
 
 
 def help_text(dataclass_types: Sequence[type]) -> str:

@@ -30,14 +30,25 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from align import rewards as R
 from align.data import world
-from align.generate import generate, load_causal_lm, load_tokenizer, prompt_ids
+from align.generate import generate, prompt_ids
+from align.models import default_device, load, load_tokenizer
 
 
 SAMPLES_PER_PROMPT = 8  # sampled replies per held-out prompt: the sampled figures are means over them
+
+
+def world_eval_applies(setting: bool | None, dataset_name: str, model: str) -> bool:
+    """Whether the world's held-out checks say something about this run: ``setting`` where given, else when the
+    data is the world's or the model is align's decoder (a real model's replies are not in the world's format)."""
+    if setting is not None:
+        return setting
+    from align.models import model_type
+
+    return dataset_name == "world" or model_type(model) == "align_decoder"
 
 
 def score_replies(examples: Sequence["world.Example"], replies: Sequence[str]) -> dict[str, Any]:
@@ -132,7 +143,7 @@ def reference_of(model: torch.nn.Module, ref_path: str | None) -> Iterator[torch
     elif ref_path is None:
         yield model
     else:
-        ref = AutoModelForCausalLM.from_pretrained(ref_path).to(next(model.parameters()).device).eval()
+        ref = load(ref_path, device=next(model.parameters()).device, key="reference")
         yield ref
         del ref
 
@@ -358,7 +369,7 @@ def run(args: EvaluateArguments) -> dict[str, dict[str, Any]]:
     ref_tok = load_tokenizer(args.reference_model_path) if args.reference_model_path else None
     results: dict[str, dict[str, Any]] = {}
     for label, path in args.labelled():
-        model, tok = load_causal_lm(path)
+        model, tok = load(path, device=default_device()), load_tokenizer(path)
         if ref_tok is not None and tok.get_vocab() != ref_tok.get_vocab():
             raise ValueError(f"models: {label}={path} has another tokenizer than reference_model_path "
                              f"{args.reference_model_path}: the KL compares log-probs of the same tokens")

@@ -50,6 +50,7 @@ from typing import Any, Sequence
 
 from align.config import parse, run_command
 from align.data import world
+from align.models import check_exists
 from align.runs import plot_metrics, setup_logging, write_config, write_json
 
 logger = logging.getLogger("align.loop")
@@ -178,8 +179,9 @@ def distinct(replies: Sequence[str]) -> list[str]:
 
 def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_models: list[Path], out: Path) -> list[dict]:
     """Steps 1-2: candidates from the policy; per prompt, the pair ``selection`` picks goes to the store."""
-    from align.generate import generate, load_causal_lm
-    from align.grpo import prompt_dataset
+    from align.generate import generate
+    from align.models import default_device, load, load_tokenizer
+    from align.rl import prompt_dataset
     from align.score import RewardEnsemble
     from align.store import Store
 
@@ -187,7 +189,7 @@ def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_models: 
     rows = prompt_dataset(args.dataset_name, k * n, args.seed).to_list()[(k - 1) * n :]  # fresh prompts each round
     if not rows:
         raise ValueError(f"{args.dataset_name}: no prompts left for round {k} ({n} per round)")
-    model, tok = load_causal_lm(policy)
+    model, tok = load(policy, device=default_device()), load_tokenizer(policy)
     settings = {"do_sample": True, "temperature": 1.0, "max_new_tokens": args.max_new_tokens}
     samples = generate(model, tok, [row["prompt"] for row in rows], num_return_sequences=args.candidates_per_prompt,
                        seed=args.seed + k, **settings)
@@ -293,39 +295,39 @@ def train_round(args: LoopArguments, k: int, queued: list[dict], policy: Path, o
     """Steps 4-5: a new RM on every label in the store, then the policy's step (DPO on round k's pairs, or RL
     against the new RM); their figures."""
     from align import dpo, grpo, ppo, reward
+    from align.config import configure
 
     pairs = export_pairs(args, queued, out)
     if not pairs and args.policy_trainer == "dpo":
         raise ValueError(f"round {k}: no comparison has a winner (all ties or both bad); nothing to train on")
     judges = reward_dirs(args, out)
-    rm_summaries = [reward.main([
-        str(Path(args.configs_dir) / "reward.yaml"), "--output_dir", str(d.parent),
-        "--model_name_or_path", args.reward_base_path, "--store_url", args.store_url,
-        "--seed", str(args.seed + m), *(["--bootstrap", "true"] if m else []),
-    ]) for m, d in enumerate(judges)]
-    rm_summary = rm_summaries[0]
-    common = [str(Path(args.configs_dir) / f"{args.policy_trainer}.yaml"), "--output_dir", str(policy_dir(args, out)),
-              "--model_name_or_path", str(policy), "--seed", str(args.seed)]
+    rms = [reward.train(*configure(
+        reward.CONFIG_TYPES, Path(args.configs_dir) / "reward.yaml", output_dir=str(d.parent),
+        model_name_or_path=args.reward_base_path, store_url=args.store_url, seed=args.seed + m, bootstrap=m > 0,
+    )) for m, d in enumerate(judges)]
+    config = Path(args.configs_dir) / f"{args.policy_trainer}.yaml"
+    common = {"output_dir": str(policy_dir(args, out)), "model_name_or_path": str(policy), "seed": args.seed}
     if args.policy_trainer == "dpo":  # the round's RM judges the win rate
-        summary = dpo.main([
-            *common, "--reward_model_path", str(judges[0]), "--dataset_name", str(out / "pairs.jsonl"),
-            "--max_steps", "-1", "--num_train_epochs", str(args.dpo_epochs), "--warmup_steps", "0",
-            "--learning_rate", str(args.dpo_learning_rate),
-        ])
+        step = dpo.train(*configure(
+            dpo.config_types("dpo"), config, **common, reward_model_path=str(judges[0]),
+            dataset_name=str(out / "pairs.jsonl"), max_steps=-1, num_train_epochs=args.dpo_epochs, warmup_steps=0,
+            learning_rate=args.dpo_learning_rate,
+        ))
     else:  # RLHF proper: the reward model the labels just made is the only reward
         rl = {"ppo": ppo, "grpo": grpo}[args.policy_trainer]
-        rm = str(judges[0]) if len(judges) == 1 else json.dumps([str(d) for d in judges])
-        summary = rl.main([*common, "--reward_model_path", rm, "--rm_uncertainty_penalty",
-                           str(args.rm_uncertainty_penalty), "--reward_funcs", "[rm]", "--reward_weights", "[1.0]",
-                           *(["--dataset_name", args.dataset_name] if args.dataset_name != "world" else [])])
-    ev, before = summary["eval"], summary["eval"].get("before") or {}
+        rm = str(judges[0]) if len(judges) == 1 else [str(d) for d in judges]
+        data = {"dataset_name": args.dataset_name} if args.dataset_name != "world" else {}
+        step = rl.train(*configure(rl.CONFIG_TYPES, config, **common, reward_model_path=rm,
+                                   rm_uncertainty_penalty=args.rm_uncertainty_penalty, reward_funcs=["rm"],
+                                   reward_weights=[1.0], **data))
+    ev, before = step.eval or {}, step.before or {}
     keys = ("exact_match", "exact_match_sampled", "maj_at_k", "preferred_rate")
     return {
         "pairs": pairs,
         "policy": {key: ev.get(key) for key in keys} | {"win_rate_vs_previous": ev.get("win_rate_vs_sft")},
-        "reward": {key: rm_summary["eval"].get(key) for key in ("accuracy", "accuracy_style", "accuracy_correctness")},
-        **({"reward_ensemble": [{key: x["eval"].get(key) for key in ("accuracy", "accuracy_correctness")}
-                                for x in rm_summaries]} if len(rm_summaries) > 1 else {}),
+        "reward": {key: rms[0].eval.get(key) for key in ("accuracy", "accuracy_style", "accuracy_correctness")},
+        **({"reward_ensemble": [{key: x.eval.get(key) for key in ("accuracy", "accuracy_correctness")}
+                                for x in rms]} if len(rms) > 1 else {}),
         "start": {key: before.get(key) for key in keys},
     }
 
@@ -394,9 +396,9 @@ def _run(args: LoopArguments) -> dict[str, Any]:
     policy = Path(args.policy_path)
     rm = [Path(p) for p in ([args.reward_model_path] if isinstance(args.reward_model_path, str)
                             else args.reward_model_path)]
-    for path, make in ((policy, "make quickstart (dpo/final)"), *((p, "make quickstart (reward/final)") for p in rm)):
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: make it with `{make}`")
+    check_exists(policy, "policy_path")
+    for p in rm:
+        check_exists(p, "reward_model_path", "reward model")
     for other in POLICY_TRAINERS:
         done = sorted(root.glob(f"round_*/{other}/final"))
         if other != args.policy_trainer and done:

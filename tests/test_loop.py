@@ -244,7 +244,7 @@ def test_app_says_when_a_loop_run_failed(tmp_path, tiny_loop_config):
     st = runner.status()
     assert st["exit_code"] == 2 and not st["running"]
     assert "failed (exit code 2)" in status_markdown(st) and "error: " in st["log"]
-    assert "no-such-policy not found" in st["log"] and "Traceback" not in st["log"]
+    assert "policy_path: model '" in st["log"] and "no-such-policy' not found" in st["log"] and "Traceback" not in st["log"]
 
 
 def test_waiting_loop_trains_once_humans_label(tmp_path, tiny_loop_config):

@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - Windows: SQLite's busy_timeout alone
     fcntl = None
 
 from align.data.formats import DataError, location, normalize_messages, read_records, to_preference
+from align.data.prompts import content_hash
 from align.store import schema as S
 
 DEFAULT_URL = "sqlite:///data/preferences.db"
@@ -134,14 +135,6 @@ class ImportReport:
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _canon(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(_canon(obj).encode("utf-8")).hexdigest()
-
-
 def _join(msgs: list[dict]) -> str:
     return "\n\n".join(m["content"] for m in msgs)
 
@@ -186,7 +179,7 @@ def _as_completion(resp: str | Sequence[dict], where: str = "response") -> list[
 
 def _completion_cols(msgs: list[dict]) -> dict:
     single = len(msgs) == 1 and msgs[0]["role"] == "assistant"
-    return {"text": _join(msgs), "messages": None if single else msgs, "content_hash": _hash(msgs)}
+    return {"text": _join(msgs), "messages": None if single else msgs, "content_hash": content_hash(msgs)}
 
 
 def _completion_of(text: str, messages: Any) -> list[dict]:
@@ -433,7 +426,7 @@ class Store:
                    tags: Sequence[str] | None = None) -> int:
         """Prompt id (text or chat messages); deduplicated on the content hash of its messages."""
         msgs = _check_messages(_as_prompt(prompt), "prompt", self.max_text_bytes)
-        h = _hash(msgs)
+        h = content_hash(msgs)
         row = {"content_hash": h, "messages": msgs, "source": source,
                "tags": list(tags) if tags else None, "created_at": S.utcnow()}
 
@@ -914,7 +907,7 @@ def _ingest(conn: sa.Connection, items: list[dict], source: str | None, labeller
             # lookups below turn into sequential scans and a big import goes quadratic.
             conn.execute(sa.text("analyze prompts, responses, comparisons, labels"))
         # 1. prompts
-        ph = [_hash(it["prompt"]) for it in chunk]
+        ph = [content_hash(it["prompt"]) for it in chunk]
         pid = dict(conn.execute(sa.select(S.prompts.c.content_hash, S.prompts.c.id)
                                 .where(S.prompts.c.content_hash.in_(set(ph)))).all())
         new = {}
