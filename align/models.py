@@ -128,14 +128,15 @@ def load(
 
 
 def _load_adapter(path: str, head: str, dtype: Any, merge: bool, config_kwargs: dict) -> PreTrainedModel:
-    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+    """The base model the adapter names, loaded by ``load`` (any kind of path), with the adapter on top."""
+    from peft import PeftModel
 
-    if head == "causal":
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, **config_kwargs)
-    else:
-        head_file = Path(path) / HEAD_FILE
-        config_kwargs = {**(json.loads(head_file.read_text()) if head_file.exists() else {}), **config_kwargs}
-        model = AutoPeftModelForSequenceClassification.from_pretrained(path, dtype=dtype, **config_kwargs)
+    adapter = json.loads((Path(path) / "adapter_config.json").read_text())
+    if head != "causal" and (Path(path) / HEAD_FILE).exists():  # a reward adapter: its base's head config
+        config_kwargs = {**json.loads((Path(path) / HEAD_FILE).read_text()), **config_kwargs}
+    base = load(adapter["base_model_name_or_path"], head, dtype=dtype, key=f"{path}: base_model_name_or_path",
+                **config_kwargs)
+    model = PeftModel.from_pretrained(base, path)
     return model.merge_and_unload() if merge else model
 
 
