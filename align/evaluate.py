@@ -32,7 +32,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from align import rewards as R
+from align import reward_funcs as R
 from align.data import world
 from align.generate import generate, prompt_ids
 from align.models import default_device, load, load_tokenizer
@@ -310,7 +310,7 @@ class EvaluateArguments:
     )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["correct", "polite"],
-        metadata={"help": "Rewards (align.rewards names) whose means on sampled replies are reported too."},
+        metadata={"help": "Rewards (align.reward_funcs names) whose means on sampled replies are reported too."},
     )
     num_prompts: int = field(default=200, metadata={"help": "Held-out world prompts."})
     kl_prompts: int = field(default=100, metadata={"help": "Of those, prompts whose samples give the KL and rewards."})

@@ -1,7 +1,7 @@
 """GRPO: ``python -m align.grpo configs/grpo.yaml [--key value ...]``.
 
 TRL's ``GRPOTrainer`` (https://huggingface.co/papers/2402.03300) on prompts of the built-in world (or a
-JSON/JSONL file of ``prompt`` records with any extra columns), rewarded by ``align.rewards``: rule rewards
+JSON/JSONL file of ``prompt`` records with any extra columns), rewarded by ``align.reward_funcs``: rule rewards
 (``correct``, ``polite``, ``world``, ``length``), the RM stage's reward model (``rm``) or any importable callable,
 combined by ``reward_weights``. TRL logs each reward as ``rewards/<name>/mean``, plus ``reward``, ``kl``,
 ``entropy``, ``frac_reward_zero_std`` (groups whose replies all got the same reward: no learning signal) and

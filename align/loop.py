@@ -170,8 +170,10 @@ def oracle_choice(example: world.Example, reply_a: str, reply_b: str) -> str:
 
 
 def distinct(replies: Sequence[str]) -> list[str]:
-    """The different replies, in order; without NUL, which the store refuses (PostgreSQL cannot hold it)."""
-    return [r for r in dict.fromkeys(replies) if "\x00" not in r]
+    """The different replies, in order, as the store keeps them (``storable``)."""
+    from align.store.store import storable
+
+    return list(dict.fromkeys(map(storable, replies)))
 
 
 # ----------------------------------------------------------------------------------------------- one round
@@ -210,10 +212,9 @@ def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_models: 
             i, j = pick_pair(members, selection, rng)
             margins = [m[i] - m[j] for m in members]
             margin, disagreement = abs(statistics.mean(margins)), statistics.pstdev(margins)
-            pid = store.add_prompt(row["prompt"], source=source(k))
-            ra, rb = (store.add_response(pid, rs[x], model=str(policy), settings=settings) for x in (i, j))
             priority = disagreement if selection == "disagreement" else -margin
-            cid = store.add_comparison(pid, ra, rb, priority=priority, source=source(k))
+            cid = store.add_candidates(row["prompt"], rs[i], rs[j], model_a=str(policy), settings=settings,
+                                       priority=priority, source=source(k))
             queued.append({"comparison_id": cid, "row": row, "a": rs[i], "b": rs[j], "margin": margin,
                            "disagreement": disagreement})
     write_json(out / "comparisons.json", queued)

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from trl import ModelConfig, get_peft_config
 
-from align import rewards as R
+from align import reward_funcs as R
 from align.config import parse, run_command
 from align.models import load, load_tokenizer
 from align.ppo_trainer import PPOConfig, PPOTrainer

@@ -13,7 +13,7 @@ One PPO iteration (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593; Stienn
    at ``temperature`` with top-k/top-p off, at most ``max_completion_length`` tokens. Replies are cut after the
    first EOS (the EOS is kept as the last action); a reply without EOS gets ``score -= missing_eos_penalty``
    (Huang et al. detail: penalise truncated replies instead of scoring them normally).
-2. Scores: ``align.rewards`` (rule rewards and/or the RM stage's reward model through ``RewardScorer``),
+2. Scores: ``align.reward_funcs`` (rule rewards and/or the RM stage's reward model through ``RewardScorer``),
    weighted by ``reward_weights``, on the decoded reply.
 3. Per-token reward ``r_t = -kl_coef * KL_t`` with ``KL_t = log pi(y_t) - log pi_ref(y_t)`` (k1, or the k3
    estimator), plus the score on the reply's last token. ``kl_coef`` is fixed, or adapted by Ziegler et al.'s
@@ -74,7 +74,7 @@ from transformers import (
 from transformers.trainer_utils import TrainOutput
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
 
-from align import rewards as R
+from align import reward_funcs as R
 from align.evaluate import left_pad, masked_inputs, response_mask
 from align.generate import prompt_ids
 

@@ -196,15 +196,8 @@ def fill_store(q: QuickstartArguments, policy: Path, out: Path, n_candidates: in
         prompts = [ex.prompt for ex in w.rl_prompts(n_candidates)]
         settings = {"do_sample": True, "temperature": 1.0, "max_new_tokens": 32}
         replies = generate(model, tok, prompts, num_return_sequences=2, seed=q.seed, **settings)
-        queued = 0
-        for prompt, (a, b) in zip(prompts, replies):
-            if a == b:  # nothing to compare
-                continue
-            pid = store.add_prompt(prompt, source="quickstart")
-            ra = store.add_response(pid, a, model=str(policy), settings=settings)
-            rb = store.add_response(pid, b, model=str(policy), settings=settings)
-            store.add_comparison(pid, ra, rb, source="quickstart")
-            queued += 1
+        queued = sum(store.add_candidates(prompt, a, b, model_a=str(policy), settings=settings,
+                                          source="quickstart") is not None for prompt, (a, b) in zip(prompts, replies))
     summary = {"pairs_imported": report.new_labels, "comparisons_queued": queued, "url": q.store_url}
     write_json(out / "done.json", summary)
     return summary

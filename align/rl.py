@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from align import rewards as R
+from align import reward_funcs as R
 from align.data import world
 from align.data.prompts import as_messages
 from align.evaluate import eval_reward_funcs, evaluate_policy

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Tr
 from trl import KTOConfig
 
 from align import dpo
+from align import preference_trainers as PT
 from align import preferences as P
 from align.config import parse
 from align.data.chat import SPECIAL_TOKENS, render_chat
@@ -133,7 +134,7 @@ def _configs(tmp_path, model_dir, *, trainer="dpo", steps=2, **overrides):
         argv += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
     parsed = parse(dpo.config_types(trainer), argv)
     args, model_args = parsed[0], parsed[1]
-    return args, model_args, dpo.trainer_args(args, *parsed[2:])
+    return args, model_args, PT.trainer_args(args, *parsed[2:])
 
 
 def _trainer(tmp_path, model_dir, tokenizer, rows=None, callbacks=None, **kw):
@@ -145,7 +146,7 @@ def _trainer(tmp_path, model_dir, tokenizer, rows=None, callbacks=None, **kw):
         if args.trainer == "kto":
             splits = {k: P.to_unpaired(v) for k, v in splits.items()}
     model = load(str(model_dir))
-    return dpo.build_trainer(args, model_args, targs, model, tokenizer, splits, callbacks)
+    return PT.build_trainer(args, model_args, targs, model, tokenizer, splits, callbacks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ def test_full_finetuning_with_a_reference_copy(tmp_path, policy_dir, llama_dir, 
     args, model_args, targs = _configs(tmp_path, policy_dir, steps=1, use_peft="false", learning_rate=1e-4, **extra)
     ref = load(args.ref_model_name_or_path) if explicit_ref else None
     splits = P.split_rows(pairs[:8], 0.0)
-    trainer = dpo.build_trainer(args, model_args, targs, load(str(policy_dir)), tokenizer, splits,
+    trainer = PT.build_trainer(args, model_args, targs, load(str(policy_dir)), tokenizer, splits,
                                 ref_model=ref)
     assert trainer.ref_model is not None  # a frozen copy (TRL's, or the explicit one)
     if explicit_ref:
@@ -233,7 +234,7 @@ def test_precompute_ref_log_probs(tmp_path, policy_dir, tokenizer, pairs):
 # Every loss
 
 
-@pytest.mark.parametrize("loss_type", dpo.DPO_LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", PT.DPO_LOSS_TYPES)
 def test_every_dpo_loss_runs_one_step(tmp_path, policy_dir, tokenizer, pairs, loss_type):
     extra = {"label_smoothing": 1e-3} if loss_type == "exo_pair" else {}
     trainer = _trainer(tmp_path, policy_dir, tokenizer, rows=pairs[:8], steps=1, loss_type=[loss_type],
@@ -262,12 +263,12 @@ def test_config_files_parse():
     assert args.trainer == "dpo" and model_args.use_peft and cfg.loss_type == ["sigmoid", "sft"]
     assert not cfg.activation_checkpointing and args.dataset_name == "store"
     parsed = parse(dpo.config_types("kto"), [str(ROOT / "configs/kto.yaml")])
-    assert isinstance(dpo.trainer_args(parsed[0], *parsed[2:]), KTOConfig)
+    assert isinstance(PT.trainer_args(parsed[0], *parsed[2:]), KTOConfig)
     # configs/dpo.yaml also runs SimPO / CPO: loss_type is translated
     parsed = parse(dpo.config_types("cpo"), [str(ROOT / "configs/dpo.yaml"), "--trainer", "cpo"])
-    assert dpo.trainer_args(parsed[0], *parsed[2:]).loss_type == "sigmoid"
-    assert dpo._peek_trainer([str(ROOT / "configs/kto.yaml")]) == "kto"
-    assert dpo._peek_trainer([str(ROOT / "configs/dpo.yaml"), "--trainer", "orpo"]) == "orpo"
+    assert PT.trainer_args(parsed[0], *parsed[2:]).loss_type == "sigmoid"
+    assert PT.peek_trainer([str(ROOT / "configs/kto.yaml")]) == "kto"
+    assert PT.peek_trainer([str(ROOT / "configs/dpo.yaml"), "--trainer", "orpo"]) == "orpo"
 
 
 def test_bad_loss_type_is_named():
@@ -275,7 +276,7 @@ def test_bad_loss_type_is_named():
 
     parsed = parse(dpo.CONFIG_TYPES, ["--loss_type", "[sigmoid, nope]"])
     with pytest.raises(ConfigError, match="nope"):
-        dpo.trainer_args(*[parsed[0], parsed[2]])
+        PT.trainer_args(*[parsed[0], parsed[2]])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,7 +329,7 @@ def test_bad_file_record_names_line(tmp_path):
 
 
 def test_logps_drop_warning(caplog):
-    cb = dpo.LogpsDropWarning(threshold=5.0)
+    cb = PT.LogpsDropWarning(threshold=5.0)
 
     class S:
         global_step = 0

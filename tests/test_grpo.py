@@ -69,7 +69,7 @@ def grpo_trainer(tmp_path, reward_funcs, **kw):
     from trl import GRPOTrainer
 
     from align.models import load_tokenizer
-    from align.rewards import build_reward_funcs
+    from align.reward_funcs import build_reward_funcs
 
     d = tiny_dirs()
     return GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(d["policy"]),
@@ -191,7 +191,7 @@ def test_use_vllm_without_vllm_fails_before_any_work(tmp_path):
 
 
 def test_failing_reward_names_reward_and_sample(tmp_path):
-    from align.rewards import RewardError
+    from align.reward_funcs import RewardError
 
     def flaky(prompts, completions, completion_ids=None, **kw):
         return [float("nan")] + [1.0] * (len(completions) - 1)

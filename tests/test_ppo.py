@@ -167,7 +167,7 @@ def test_ppo_command_checkpoint_resume_and_eval(tmp_path):
 
 
 def test_failing_reward_names_reward_and_sample(tmp_path):
-    from align.rewards import RewardError
+    from align.reward_funcs import RewardError
 
     def broken(prompts, completions, completion_ids=None, **kw):
         raise KeyError("score")

@@ -147,7 +147,7 @@ def test_missing_score_head_is_a_clear_error(lm_dir, tmp_path, capsys):
 
 
 def test_ensemble_mean_and_spread_and_its_penalised_reward(lm_dir, rm_dir, scorer, tmp_path):
-    from align import rewards as R
+    from align import reward_funcs as R
     from align.score import RewardEnsemble
 
     other = make_rm_dir(lm_dir, tmp_path / "rm2", seed=1)

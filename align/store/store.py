@@ -139,6 +139,12 @@ def _join(msgs: list[dict]) -> str:
     return "\n\n".join(m["content"] for m in msgs)
 
 
+def storable(text: str) -> str:
+    """Generated text the store accepts: NUL removed (PostgreSQL text cannot hold it), lone surrogates
+    replaced (a byte-level model can emit both). Text people give is checked instead (``check_text``)."""
+    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
 def check_text(s: Any, where: str, max_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> str:
     """A storable text: a str without NUL (PostgreSQL text cannot hold it), valid UTF-8 (no lone
     surrogates) and at most ``max_bytes`` UTF-8 bytes."""
@@ -466,6 +472,21 @@ class Store:
                 raise NotFound(f"no prompt {prompt_id}")
             return rid
         return self._tx(fn)
+
+    def add_candidates(self, prompt: str | Sequence[dict] | int, a: str, b: str, *, model_a: str = "",
+                       model_b: str | None = None, settings: dict | None = None, priority: float | None = 0.0,
+                       source: str | None = None) -> int | None:
+        """Two generated replies to a prompt (text, messages or a prompt id) as a comparison to label: the id,
+        or None when they are the same text (nothing to compare). Generated text is made storable first
+        (``storable``), so a model that emits NUL or a lone surrogate cannot stop a run."""
+        a, b = storable(a), storable(b)
+        model_b = model_a if model_b is None else model_b
+        if model_a == model_b and a.strip() == b.strip():
+            return None
+        pid = prompt if isinstance(prompt, int) else self.add_prompt(prompt, source=source)
+        ra = self.add_response(pid, a, model=model_a, settings=settings)
+        rb = self.add_response(pid, b, model=model_b, settings=settings)
+        return self.add_comparison(pid, ra, rb, priority=priority, source=source)
 
     def add_comparison(self, prompt_id: int, response_a_id: int, response_b_id: int,
                        priority: float | None = 0.0, source: str | None = None, *,

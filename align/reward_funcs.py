@@ -109,7 +109,7 @@ def well_formed(prompts, completions, completion_ids=None, **columns) -> list[fl
 well_formed.__name__ = "format"
 
 
-def make_length(target: int = 16, tokenizer: Any = None) -> RewardFunc:
+def make_length(target: int = 16) -> RewardFunc:
     """0 for replies of at most ``target`` tokens (completion_ids, else whitespace words), then -1 per ``target`` more."""
 
     def length(prompts, completions, completion_ids=None, **columns) -> list[float]:
