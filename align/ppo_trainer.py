@@ -75,8 +75,8 @@ from transformers.trainer_utils import TrainOutput
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
 
 from align import reward_funcs as R
-from align.evaluate import left_pad, masked_inputs, response_mask
 from align.generate import prompt_ids
+from align.logprobs import left_pad, masked_inputs, response_mask
 
 logger = logging.getLogger("align.ppo")
 

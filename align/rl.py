@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from align import reward_funcs as R
 from align.data import world
 from align.data.prompts import as_messages
-from align.evaluate import eval_reward_funcs, evaluate_policy
+from align.evaluate import evaluate_policy
 from align.generate import read_prompts
 from align.models import check_exists, load, load_tokenizer
 from align.runs import plot_metrics
@@ -151,7 +151,7 @@ def evaluator(args: RLArguments, setup: RLSetup, seed: int):
     if not args.eval_num_prompts:
         return None
     examples = heldout_examples(args.world_seed, args.eval_num_prompts)
-    funcs = eval_reward_funcs(args.reward_funcs, args.reward_model_path, args.length_target)
+    funcs = R.eval_reward_funcs(args.reward_funcs, args.reward_model_path, args.length_target)
 
     def evaluate(policy: PreTrainedModel, before: dict | None) -> dict[str, Any]:
         ref = None if before is None else setup.start

@@ -24,8 +24,8 @@ torch.set_num_threads(1)
 def tiny_dirs() -> dict[str, str]:
     """A small project tokenizer, a tiny random DecoderForCausalLM and a tiny reward model, saved once."""
     import align.model  # noqa: F401
-    from align.models import load_tokenizer
     from align.model import DecoderConfig, DecoderForCausalLM, DecoderForSequenceClassification
+    from align.models import load_tokenizer
     from align.tokenizer import TokenizerArguments, train_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="align-rl-tests-"))
@@ -94,8 +94,8 @@ def test_group_advantages_zero_mean(tmp_path):
 
 
 def test_kl_zero_at_step_zero(tmp_path):
+    from align.logprobs import sample_with_kl
     from align.models import load_tokenizer
-    from align.evaluate import sample_with_kl
 
     trainer = grpo_trainer(tmp_path, [low_half], beta=0.1, max_steps=1)
     trainer.train()
