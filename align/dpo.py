@@ -34,7 +34,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, TrainerCallback
@@ -42,6 +42,7 @@ from trl import DPOConfig, ModelConfig
 
 from align.config import parse, run_command
 from align.evaluate import compare_plot, world_eval_applies
+from align.judge import judge, sample_replies
 from align.models import check_exists, load, load_tokenizer
 from align.preference_trainers import (
     TRAINERS,
@@ -151,12 +152,6 @@ def load_preference_rows(args: DPOArguments) -> tuple[dict[str, list[dict]], dic
 # Evaluation
 
 
-def win_rate(rewards_new: Sequence[float], rewards_old: Sequence[float]) -> float:
-    """Share of prompts where the new policy's reply scores higher; ties count half."""
-    pairs = list(zip(rewards_new, rewards_old, strict=True))
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / max(len(pairs), 1)
-
-
 def win_rate_prompts(args: DPOArguments, splits: dict[str, list[dict]], world: bool) -> list[Any]:
     """Held-out world prompts (strings), or the distinct prompts of the test split."""
     if (args.win_rate_prompts or ("world" if world else "test")) == "world":
@@ -205,19 +200,6 @@ def _reusable_before(model_path: str, args: DPOArguments, seed: int) -> dict[str
     return ev | {"source": str(path)}
 
 
-def _sample(model, tokenizer, prompts: list[Any], args: DPOArguments, seed: int) -> list[str]:
-    from align.generate import generate
-
-    was = model.training
-    model.eval()
-    out = generate(
-        model, tokenizer, prompts, max_new_tokens=args.eval_max_new_tokens, do_sample=True, temperature=1.0,
-        seed=seed,
-    )
-    model.train(was)
-    return [r[0] for r in out]
-
-
 # --------------------------------------------------------------------------------------------------
 # Training
 
@@ -258,7 +240,7 @@ def train(
         if world:
             ev |= (before is None and _reusable_before(start, args, seed)) or _world_eval(policy, tokenizer, args, seed)
         if wr_prompts:
-            ev["replies"] = _sample(policy, tokenizer, wr_prompts, args, seed)
+            ev["replies"] = sample_replies(policy, tokenizer, wr_prompts, args.eval_max_new_tokens, seed)
         if wr_prompts and before is not None:
             ev |= judge(rm_path, wr_prompts, before["replies"], ev["replies"])
         return ev
@@ -281,22 +263,6 @@ def train(
     return run_stage(args.trainer, (args, model_args, targs), make_trainer, tokenizer, start=start,
                      start_model=model if (world or wr_prompts) else None, evaluate=evaluate, data=data,
                      trainer_eval=True, save_kwargs={"merge": args.merge_adapter}, log=log)
-
-
-def judge(rm_path: str, prompts: list[Any], old: list[str], new: list[str]) -> dict[str, Any]:
-    """Win rate of ``new`` over ``old`` replies to the same prompts, and their mean rewards, by a reward model."""
-    from align.score import RewardScorer
-
-    scorer = RewardScorer(rm_path)
-    r_new, r_old = scorer.score(prompts, new), scorer.score(prompts, old)
-    return {
-        "win_rate_vs_sft": win_rate(r_new, r_old),
-        "win_rate_num_prompts": len(prompts),
-        "mean_reward": sum(r_new) / len(r_new),
-        "mean_reward_sft": sum(r_old) / len(r_old),
-        "win_rate_samples": [{"prompt": p, "sft": a, "dpo": b, "reward_sft": ra, "reward_dpo": rb}
-                             for p, a, b, ra, rb in list(zip(prompts, old, new, r_old, r_new))[:8]],
-    }
 
 
 def _log_summary(result: StageResult) -> None:

@@ -20,6 +20,7 @@ from align.config import parse
 from align.data.chat import SPECIAL_TOKENS, render_chat
 from align.data.formats import DataError
 from align.data.world import World
+from align.judge import win_rate
 from align.model import DecoderConfig, DecoderForCausalLM, DecoderForSequenceClassification
 from align.models import load
 from align.tokenizer import build_tokenizer_object, wrap
@@ -343,7 +344,7 @@ def test_logps_drop_warning(caplog):
 
 
 def test_win_rate_counts_ties_half():
-    assert dpo.win_rate([1.0, 0.0, 2.0, 5.0], [0.0, 1.0, 2.0, 4.0]) == pytest.approx(2.5 / 4)
+    assert win_rate([1.0, 0.0, 2.0, 5.0], [0.0, 1.0, 2.0, 4.0]) == pytest.approx(2.5 / 4)
 
 
 # --------------------------------------------------------------------------------------------------
