@@ -129,28 +129,6 @@ def convert_dir(direction: str, src: str, dst: str) -> PreTrainedModel:
     return model
 
 
-def merge_adapter(src: str, dst: str, base: str | None = None) -> PreTrainedModel:
-    """Merge a PEFT LoRA adapter dir into its base model and save a standalone model to dst.
-
-    The base is `base` or the adapter's `base_model_name_or_path`; the head (CausalLM or
-    SequenceClassification) follows the adapter's task_type."""
-    from peft import PeftConfig, PeftModel
-
-    peft_config = PeftConfig.from_pretrained(src)
-    base = base or peft_config.base_model_name_or_path
-    if not base:
-        raise ValueError(f"{src}/adapter_config.json: base_model_name_or_path is empty; pass --base")
-    task = str(peft_config.task_type or "CAUSAL_LM").split(".")[-1]
-    auto = AutoModelForSequenceClassification if task == "SEQ_CLS" else AutoModelForCausalLM
-    base_model = auto.from_pretrained(base)
-    merged = PeftModel.from_pretrained(base_model, src).merge_and_unload()
-    Path(dst).mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(dst)
-    if not copy_tokenizer_files(src, dst) and Path(base).is_dir():
-        copy_tokenizer_files(base, dst)
-    return merged
-
-
 @dataclass(kw_only=True)
 class _Paths:
     src: str = field(metadata={"positional": True, "help": "the model dir to read"})
@@ -185,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     command, args = run_command(parse_verb, VERBS, argv, prog="python -m align.convert", about=__doc__)
     try:
         if command == "merge":
-            model = merge_adapter(args.src, args.dst, args.base)
+            from align.models import merge_adapter
+
+            model = merge_adapter(args.src, args.dst, base=args.base)
         else:
             model = convert_dir(command, args.src, args.dst)
     except (ValueError, OSError) as e:

@@ -20,52 +20,13 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-import align.model  # noqa: F401  (registers the Auto classes for our decoder)
-
-Messages = list[dict[str, str]]
-
-
-def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """A tokenizer ready for chat: the project's chat template if it has none, and a pad token."""
-    from align.data.chat import CHAT_TEMPLATE
-
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if tok.chat_template is None:
-        tok.chat_template = CHAT_TEMPLATE
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_causal_lm(
-    path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer from a run's ``final/``, any HF model dir or hub id, or a LoRA adapter dir."""
-    path = str(path)
-    if Path(path).is_dir() and (Path(path) / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype).merge_and_unload()
-    elif Path(path).exists() or "/" in path:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    else:
-        raise FileNotFoundError(f"model '{path}' not found: give a run's final/ dir, an HF model dir or a hub id")
-    model.to(device or default_device()).eval()
-    return model, load_tokenizer(path)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def as_messages(prompt: str | Messages) -> Messages:
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+from align.data.prompts import Messages, as_messages
+from align.models import default_device, load, load_tokenizer
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str | Messages]) -> list[list[int]]:
@@ -180,7 +141,7 @@ def main(argv: list[str] | None = None) -> Any:
 
     try:
         rows = read_prompts(a.input) if a.input else [({"prompt": a.prompt}, a.prompt)]
-        model, tok = load_causal_lm(a.model, device=a.device)
+        model, tok = load(a.model, device=a.device or default_device(), key="model"), load_tokenizer(a.model, "model")
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 import align.model  # noqa: F401  (registers the Auto classes for our decoder)
 from align.config import parse_verb, run_command
-from align.generate import as_messages, default_device, load_tokenizer
+from align.data.prompts import as_messages
+from align.models import default_device, load, load_tokenizer
 
 logger = logging.getLogger("align.score")
 
@@ -48,7 +49,6 @@ HOW_TO_MAKE = (
 )
 
 
-HEAD_FILE = "reward_head.json"  # beside a LoRA reward adapter (align.reward writes it): its base's head config keys
 
 
 class NotARewardModel(ValueError):
@@ -118,22 +118,12 @@ def check_reward_model(path: str | os.PathLike) -> None:
 def load_reward_model(
     path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A reward model (merged if a LoRA adapter dir) in eval mode and its tokenizer."""
+    """A reward model (checked to be one; merged if a LoRA adapter dir) in eval mode, and its tokenizer."""
     check_reward_model(path)
-    p = Path(path)
-    if (p / "adapter_config.json").exists():
-        from peft import AutoPeftModelForSequenceClassification
-
-        head = json.loads((p / HEAD_FILE).read_text()) if (p / HEAD_FILE).exists() else {}
-        head.setdefault("num_labels", 1)
-        model = AutoPeftModelForSequenceClassification.from_pretrained(str(p), dtype=dtype, **head)
-        model = model.merge_and_unload()
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(p), dtype=dtype)
-    tokenizer = load_tokenizer(p)
+    tokenizer = load_tokenizer(path, "reward_model_path")
+    model = load(path, "reward", dtype=dtype, device=device or default_device(), key="reward_model_path")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(device or default_device()).eval()
     return model, tokenizer
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from align import generate as G
 from align import score
+from align.models import load, load_tokenizer
 
 
 def test_generate_then_rank_best_of_n(tiny_lm_dir, tiny_rm_dir, tmp_path, capsys):
@@ -18,7 +19,7 @@ def test_generate_then_rank_best_of_n(tiny_lm_dir, tiny_rm_dir, tmp_path, capsys
             "--do_sample", "--max_new_tokens", "6", "--seed", "1", "--device", "cpu"])
     rows = [json.loads(line) for line in cands.read_text().splitlines()]
     assert [r["id"] for r in rows] == [0, 1] and all(len(r["responses"]) == 3 for r in rows)
-    model, tok = G.load_causal_lm(tiny_lm_dir, device="cpu")
+    model, tok = load(tiny_lm_dir, device="cpu"), load_tokenizer(tiny_lm_dir)
     same = G.generate(model, tok, prompts, max_new_tokens=6, do_sample=True, num_return_sequences=3, seed=1)
     assert [r["responses"] for r in rows] == same  # the library's replies, seeded alike
 

@@ -27,13 +27,13 @@ def lm_dir(tmp_path_factory) -> Path:
 
 def make_rm_dir(lm_dir: Path, out: Path, seed: int = 0) -> Path:
     """A reward-model dir as align.reward writes it (score head with a non-trivial weight)."""
-    from align.generate import load_tokenizer
-    from align.reward import head_kwargs, load_model
-    from trl import ModelConfig
+    from align.models import load_tokenizer
+    from align.models import load
+    from align.reward import head_kwargs
 
     tok = load_tokenizer(lm_dir)
     torch.manual_seed(seed)
-    model = load_model(ModelConfig(model_name_or_path=str(lm_dir)), head_kwargs(str(lm_dir), tok))
+    model = load(str(lm_dir), "reward", **head_kwargs(str(lm_dir), tok))
     with torch.no_grad():
         model.score.weight.normal_(0, 1.0)
     model.save_pretrained(str(out))
@@ -149,7 +149,7 @@ def test_missing_score_head_is_a_clear_error(lm_dir, tmp_path, capsys):
 
 
 def test_ensemble_mean_and_spread_and_its_penalised_reward(lm_dir, rm_dir, scorer, tmp_path):
-    from align import rewards as R
+    from align import reward_funcs as R
     from align.score import RewardEnsemble
 
     other = make_rm_dir(lm_dir, tmp_path / "rm2", seed=1)

@@ -38,7 +38,7 @@ def cpu_model() -> str:
 
 def build_default(size: str, device: str) -> RewardScorer:
     from align.model import DecoderConfig, DecoderForSequenceClassification
-    from align.generate import load_tokenizer
+    from align.models import load_tokenizer
     from align.tokenizer import TokenizerArguments, train_tokenizer
 
     tmp = tempfile.mkdtemp(prefix="bench-score-")
