@@ -189,3 +189,18 @@ def test_generate_keeps_a_prompt_verbatim(capsys):
     assert a.prompt == "Q: 3 + 4? [a, b]" and a.max_new_tokens == 5
     with pytest.raises(ConfigError, match="give --input FILE or --prompt TEXT"):
         parse([GenerateArgs], ["--model", "m"])
+
+
+def test_store_export_old_seed_name_is_split_seed(tmp_path, caplog, capsys):
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert store_main(["import", _pairs(tmp_path / "p.jsonl", n=20), "--db", url]) == 0
+    split = {}
+    for name in ("seed", "split_seed"):
+        out = tmp_path / f"{name}.jsonl"
+        assert store_main(["export", str(out), "--db", url, "--test_fraction", "0.5", f"--{name}", "s1"]) == 0
+        split[name] = (tmp_path / f"{name}.test.jsonl").read_text()
+    assert split["seed"] == split["split_seed"] and 0 < len(split["seed"].splitlines()) < 20
+    assert "'--seed' is deprecated, use '--split_seed'" in caplog.text
+    with pytest.raises(SystemExit):
+        store_main(["export", "--db", url, "--seed", "a", "--split_seed", "b"])
+    assert "'seed' and 'split_seed' are the same key 'split_seed'" in capsys.readouterr().err

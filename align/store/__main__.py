@@ -58,7 +58,8 @@ class Export(_Db):
     min_labels: int = field(default=1, metadata={"help": "non-skip labels a pair needs"})
     min_agreement: float = field(default=0.0, metadata={"help": "share of votes the winner needs"})
     test_fraction: float = field(default=0.0, metadata={"help": "share of prompts in the test split"})
-    seed: str = field(default="", metadata={"help": "salt of the prompt hash that picks the split"})
+    split_seed: str = field(default="", metadata={"help": "salt of the prompt hash that picks the split (as the "
+                                                          "trainers' split_seed)", "aliases": ["seed"]})
     kinds: list[Kind] | None = field(default=None, metadata={"help": "only labels of these annotator kinds"})
     annotators: list[str] | None = field(default=None, metadata={"help": "only labels of these annotators"})
     sources: list[str] | None = field(default=None, metadata={"help": "only pairs of these sources"})
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             opts = dict(format="standard" if args.standard else "conversational",
                         unpaired=args.unpaired, min_labels=args.min_labels,
                         min_agreement=args.min_agreement, test_fraction=args.test_fraction,
-                        seed=args.seed, kinds=args.kinds, annotators=args.annotators,
+                        seed=args.split_seed, kinds=args.kinds, annotators=args.annotators,
                         sources=args.sources, both_bad=args.both_bad, with_meta=args.with_meta)
             if args.dataset:
                 ds = store.export(None, **opts)
