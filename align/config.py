@@ -276,6 +276,22 @@ def parse(dataclass_types: Sequence[type], argv: Sequence[str] | None = None,
     return _build(dataclass_types, keys, values, source)
 
 
+def peek(dataclass_types: Sequence[type], argv: Sequence[str], key: str) -> Any:
+    """The value of one key before the full parse (the command line's, else the config file's; None if neither
+    gives it, or the file cannot be read: ``parse`` then says why). For a key that picks the dataclasses, as
+    ``align.dpo``'s ``trainer``; ``dataclass_types`` tell the bare ``--flag`` words from the config file."""
+    keys = _Keys(dataclass_types, warn=False)
+    words, pairs = _split_command_line(list(argv), keys)
+    given = {k: v.value for k, v in pairs}
+    if key in given:
+        return given[key]
+    try:
+        values = _load_yaml(Path(words[0])) if words else {}
+    except ConfigError:
+        return None
+    return next((v.value for k, v in values.items() if keys.canonical(k, v.where) == key), None)
+
+
 def configure(dataclass_types: Sequence[type], path: str | Path, **overrides: Any) -> tuple:
     """A command's configs from its YAML file with typed ``overrides``: how the quickstart and the loop call a
     stage (``sft.train(*configure(sft.CONFIG_TYPES, "configs/sft.yaml", output_dir=...))``). The same parser

@@ -179,3 +179,13 @@ def test_options_go_anywhere_and_text_keys_are_verbatim(tmp_path):
     assert a.do_sample is True and a.max_new_tokens == 9
     (a,) = parse([Renamed], ["--do_sample", "false"])
     assert a.do_sample is False
+
+
+def test_peek_reads_one_key_from_the_command_line_or_the_file(tmp_path):
+    from align.config import peek
+
+    path = write(tmp_path, "max_new_tokens: 9\nmin_labels: 2\n")
+    assert peek([Renamed], ["--do_sample", path], "max_new_tokens") == 9  # the file after a bare flag
+    assert peek([Renamed], [path, "--max-new-tokens", "3"], "max_new_tokens") == 3  # the command line wins
+    assert peek([Renamed], [path], "store_min_labels") == 2  # under its old name
+    assert peek([Renamed], [path], "do_sample") is None and peek([Renamed], ["nowhere.yaml"], "do_sample") is None
