@@ -320,6 +320,10 @@ def _build(dataclass_types: Sequence[type], keys: _Keys, values: dict[str, _Valu
     out = []
     for cls in dataclass_types:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
+        missing = [f"--{f.name}" for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{source}: {cls.__name__} needs {', '.join(missing)}")
         try:
             out.append(cls(**{k: v for k, v in kwargs.items() if k in names}))
         except (ValueError, TypeError) as e:

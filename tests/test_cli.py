@@ -208,3 +208,11 @@ def test_store_export_old_seed_name_is_split_seed(tmp_path, caplog, capsys):
     with pytest.raises(SystemExit):
         store_main(["export", "--db", url, "--seed", "a", "--split_seed", "b"])
     assert "'seed' and 'split_seed' are the same key 'split_seed'" in capsys.readouterr().err
+
+
+def test_a_missing_required_key_is_named(capsys):
+    from align import generate
+
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--prompt", "hi"])
+    assert e.value.code == 2 and capsys.readouterr().err == "error: command line: GenerateArgs needs --model\n"
