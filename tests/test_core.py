@@ -106,7 +106,7 @@ def test_a_lora_adapter_dir_loads_merged_from_its_base(tmp_path, tiny_lm_dir):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("command", ["sft", "reward", "dpo", "grpo"])
+@pytest.mark.parametrize("command", ["sft", "dpo"])
 def test_a_fresh_clone_gets_one_line_naming_the_missing_model(command, tmp_path):
     """`python -m align.X configs/X.yaml` before `make quickstart`: exit 2, one error line, nothing written."""
     import shutil
