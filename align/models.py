@@ -58,10 +58,7 @@ def made_by(path: str | os.PathLike) -> str:
     if stage not in STAGES:
         return ""
     run = p.parent.parent if p.name in ("final", "adapter") else p.parent
-    cmd = f"python -m align.{stage} configs/{stage}.yaml --output_dir {run / stage}"
-    if run.name == "quickstart":
-        cmd += " (or `make quickstart`)"
-    return cmd
+    return f"python -m align.{stage} configs/{stage}.yaml --output_dir {run / stage}"
 
 
 def check_exists(path: str | os.PathLike | None, key: str = "model_name_or_path", what: str = "model") -> str:
@@ -73,6 +70,8 @@ def check_exists(path: str | os.PathLike | None, key: str = "model_name_or_path"
         return path
     cmd = made_by(path)
     hint = f"; make it with `{cmd}`" if cmd else ": give a local model dir, a .gguf file or a hub id (owner/name)"
+    if cmd and Path(path).parent.parent.name == "quickstart":
+        hint += " or `make quickstart`"
     raise MissingInput(f"{key}: {what} '{path}' not found{hint}")
 
 

@@ -67,10 +67,11 @@ def test_hub_ids_and_local_paths():
 
 def test_a_missing_model_names_its_key_and_the_command_that_makes_it():
     assert made_by("runs/quickstart/sft/final").startswith("python -m align.sft configs/sft.yaml")
-    assert "make quickstart" in made_by("runs/quickstart/reward/final")
+    assert made_by("runs/x/reward/final") == "python -m align.reward configs/reward.yaml --output_dir runs/x/reward"
     assert made_by("somewhere/else") == ""
     with pytest.raises(MissingInput, match=r"model_name_or_path: model 'runs/quickstart/dpo/final' not found; make it "
-                                           r"with `python -m align.dpo configs/dpo.yaml --output_dir runs/quickstart/dpo"):
+                                           r"with `python -m align.dpo configs/dpo.yaml --output_dir runs/quickstart/dpo` "
+                                           r"or `make quickstart`$"):
         load("runs/quickstart/dpo/final")
     with pytest.raises(MissingInput, match="hub id"):
         load("no/such/dir/at/all")
@@ -103,3 +104,20 @@ def test_a_lora_adapter_dir_loads_merged_from_its_base(tmp_path, tiny_lm_dir):
         want = peft(input_ids=x).logits
         got = load(tmp_path / "adapter")(input_ids=x).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo"])
+def test_a_fresh_clone_gets_one_line_naming_the_missing_model(command, tmp_path):
+    """`python -m align.X configs/X.yaml` before `make quickstart`: exit 2, one error line, nothing written."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    run = subprocess.run([sys.executable, "-m", f"align.{command}", f"configs/{command}.yaml"], cwd=tmp_path,
+                         capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: model_name_or_path: model 'runs/quickstart/")
+    assert "make quickstart" in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configs"]
