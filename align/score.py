@@ -208,7 +208,8 @@ class RewardScorer:
             ids = ids[-self.max_length :]
         return ids
 
-    def score(self, prompts: str | Messages | Sequence[str | Messages], responses: str | Sequence[str | Messages]) -> list[float]:
+    def score(self, prompts: str | Messages | Sequence[str | Messages],
+              responses: str | Sequence[str | Messages]) -> list[float]:
         """One reward per (prompt, response); a single prompt is broadcast over the responses."""
         if isinstance(responses, str):
             responses = [responses]

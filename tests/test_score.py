@@ -7,17 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_reward import build_assets
 
 from align.score import NotARewardModel, RewardScorer, check_reward_model, encode, main
-from test_reward import build_assets
 
 torch.set_num_threads(1)
 
 # fp32 rewards of batches of different shapes differ by vendor (Intel vs AMD: 1.4e-6 seen on an ensemble): rel 1e-4
 TOL = {"rel": 1e-4, "abs": 1e-5}
-PROMPTS = ["What is 3 + 4?", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort the digits 3 1 2."}],
+PROMPTS = ["What is 3 + 4?",
+           [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort the digits 3 1 2."}],
            "Repeat the word cat 3 times.", "How many words are in: ant bee cow dog?", "hi"]
-RESPONSES = ["The answer is 7.", "1 2 3", "Ugh, cat cat cat. Stop wasting my time.", "The answer is 4. Hope that helps!", ""]
+RESPONSES = ["The answer is 7.", "1 2 3", "Ugh, cat cat cat. Stop wasting my time.",
+             "The answer is 4. Hope that helps!", ""]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +29,7 @@ def lm_dir(tmp_path_factory) -> Path:
 
 def make_rm_dir(lm_dir: Path, out: Path, seed: int = 0) -> Path:
     """A reward-model dir as align.reward writes it (score head with a non-trivial weight)."""
-    from align.models import load_tokenizer
-    from align.models import load
+    from align.models import load, load_tokenizer
     from align.reward import head_kwargs
 
     tok = load_tokenizer(lm_dir)
@@ -101,7 +102,8 @@ def test_long_sequences_keep_their_end(rm_dir):
 def test_cli_scores_a_jsonl(rm_dir, scorer, tmp_path, capsys):
     recs = [
         {"prompt": "What is 3 + 4?", "response": "The answer is 7.", "id": 1},
-        {"prompt": [{"role": "user", "content": "What is 3 + 4?"}], "completion": [{"role": "assistant", "content": "7"}]},
+        {"prompt": [{"role": "user", "content": "What is 3 + 4?"}],
+         "completion": [{"role": "assistant", "content": "7"}]},
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Ugh, hi."}]},
     ]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -127,7 +129,8 @@ def test_cli_rank(rm_dir, scorer, tmp_path):
     assert rows[0]["id"] == "a" and len(rows[0]["responses"]) == 3
     rewards = [x["reward"] for x in rows[0]["responses"]]
     assert rewards == sorted(rewards, reverse=True)
-    assert rows[0]["best"] == rows[0]["responses"][0]["response"] == scorer.rank(recs[0]["prompt"], recs[0]["responses"])[0][0]
+    best = scorer.rank(recs[0]["prompt"], recs[0]["responses"])[0][0]
+    assert rows[0]["best"] == rows[0]["responses"][0]["response"] == best
 
 
 def test_cli_bad_record_names_line(rm_dir, tmp_path, capsys):
@@ -153,7 +156,8 @@ def test_ensemble_mean_and_spread_and_its_penalised_reward(lm_dir, rm_dir, score
     from align.score import RewardEnsemble
 
     other = make_rm_dir(lm_dir, tmp_path / "rm2", seed=1)
-    members = torch.tensor([scorer.score(PROMPTS, RESPONSES), RewardScorer(other, device="cpu").score(PROMPTS, RESPONSES)])
+    members = torch.tensor([scorer.score(PROMPTS, RESPONSES),
+                            RewardScorer(other, device="cpu").score(PROMPTS, RESPONSES)])
     assert not torch.allclose(members[0], members[1])  # two different judges
     ens = RewardEnsemble([rm_dir, other], device="cpu")
     mean, std = ens.score_std(PROMPTS, RESPONSES)
