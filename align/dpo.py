@@ -34,13 +34,13 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from transformers import PreTrainedModel, TrainerCallback
 from trl import DPOConfig, ModelConfig
 
-from align.config import parse, run_command
+from align.config import parse, peek, run_command
 from align.evaluate import compare_plot, world_eval_applies
 from align.judge import judge, sample_replies
 from align.models import check_exists, load, load_tokenizer
@@ -48,7 +48,6 @@ from align.preference_trainers import (
     TRAINERS,
     LogpsDropWarning,
     build_trainer,
-    peek_trainer,
     trainer_args,
     trainer_config_class,
 )
@@ -279,6 +278,12 @@ def _log_summary(result: StageResult) -> None:
     if ev.get("reward_accuracy") is not None:
         parts.append(f"test reward accuracy {ev['reward_accuracy']:.3f}, margin {ev['reward_margin']:.3f}")
     logger.info("done in %.0fs (%d steps): %s", result.wall_seconds, result.steps, "; ".join(parts))
+
+
+def peek_trainer(argv: Sequence[str]) -> str:
+    """The ``trainer`` key (command line over the config file) before the full parse: it picks the config classes."""
+    trainer = peek(CONFIG_TYPES, argv, "trainer")
+    return trainer if trainer in TRAINERS else "dpo"  # an unknown value: DPOArguments names it
 
 
 def main(argv: list[str] | None = None) -> StageResult:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import yaml
 from transformers import PreTrainedModel, TrainerCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, ModelConfig, get_peft_config
 
@@ -146,23 +144,3 @@ def trainer_args(args: Any, dpo_args: DPOConfig, extra: Any | None = None):
             raise ConfigError(f"loss_type {lt!r}: KTO takes one of {list(KTO_LOSS_TYPES)}")
         cfg.loss_type = lt
     return cfg
-
-
-def peek_trainer(argv: Sequence[str]) -> str:
-    """The ``trainer`` key (command line over YAML) before full parsing: it picks the config classes."""
-    trainer = "dpo"
-    if argv and not argv[0].startswith("--"):
-        try:
-            data = yaml.safe_load(Path(argv[0]).read_text()) or {}
-            if isinstance(data, dict) and isinstance(data.get("trainer"), str):
-                trainer = data["trainer"]
-        except (OSError, yaml.YAMLError):
-            pass  # parse() reports it with file and line
-    for i, a in enumerate(argv):
-        if a == "--trainer" and i + 1 < len(argv):
-            trainer = argv[i + 1]
-        elif a.startswith("--trainer="):
-            trainer = a.split("=", 1)[1]
-    return trainer if trainer in TRAINERS else "dpo"  # an unknown value: DPOArguments names it
-
-

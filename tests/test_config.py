@@ -123,9 +123,8 @@ def test_every_shipped_config_parses(capsys):
         module = importlib.import_module("app.main" if command == "app" else command)
         types_ = module.CONFIG_TYPES
         if hasattr(module, "config_types"):  # align.dpo: the trainer key picks KTOConfig, CPOConfig, ...
-            from align.preference_trainers import peek_trainer
 
-            types_ = module.config_types(peek_trainer([str(path)]))
+            types_ = module.config_types(module.peek_trainer([str(path)]))
         parse(types_, [str(path)])
         with pytest.raises(SystemExit) as e:  # and --help lists the command's own keys
             parse(types_, [str(path), "--help"])

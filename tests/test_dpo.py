@@ -268,8 +268,9 @@ def test_config_files_parse():
     # configs/dpo.yaml also runs SimPO / CPO: loss_type is translated
     parsed = parse(dpo.config_types("cpo"), [str(ROOT / "configs/dpo.yaml"), "--trainer", "cpo"])
     assert PT.trainer_args(parsed[0], *parsed[2:]).loss_type == "sigmoid"
-    assert PT.peek_trainer([str(ROOT / "configs/kto.yaml")]) == "kto"
-    assert PT.peek_trainer([str(ROOT / "configs/dpo.yaml"), "--trainer", "orpo"]) == "orpo"
+    assert dpo.peek_trainer([str(ROOT / "configs/kto.yaml")]) == "kto"
+    assert dpo.peek_trainer([str(ROOT / "configs/dpo.yaml"), "--trainer", "orpo"]) == "orpo"
+    assert dpo.peek_trainer(["--beta", "0.2", str(ROOT / "configs/kto.yaml")]) == "kto"  # the file in any position
 
 
 def test_bad_loss_type_is_named():
