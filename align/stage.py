@@ -126,11 +126,11 @@ def run_stage(
         result.eval["trl_eval"] = trl_eval
     result.before = before
     result.wall_seconds = round(time.time() - t0, 1)
+    if log is not None:  # plots, log lines and the stage's own facts (result.extra), before the files
+        log(result)
     if result.eval is not None:
         write_json(out / "eval.json", {**result.eval, "before": before})
     write_json(out / "summary.json", result.summary())
-    if log is not None:
-        log(result)
     return result
 
 
