@@ -1,0 +1,132 @@
+"""Fast generation: a static KV cache and a decode step replayed from a CUDA graph.
+
+HF ``generate`` re-launches every kernel of every layer from Python at each new token, so a small model at
+small batch is bound by kernel launches, not by the GPU (about 60 tokens/s at batch 1 for 100M parameters
+on an H200). Here the KV cache is a fixed-size ``StaticCache``, so one decode step has the same shapes and
+addresses every time: it is captured once per call in a CUDA graph and replayed for each token, one launch
+for the whole forward. Token selection (greedy, or sampling with temperature / top-k / top-p) stays in eager
+PyTorch on device, and finished rows are checked on the host only every ``sync_every`` steps.
+
+    ids = fast_generate(model, input_ids, attention_mask, max_new_tokens=64)   # (B, new), pad after eos
+
+Works on our decoder and on HF decoders that take a 4D attention mask and a ``Cache`` (Llama, Qwen2, ...).
+On CPU (``cuda_graph`` off) the same loop runs eagerly, which is how the tests compare it with HF generate.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers.cache_utils import StaticCache
+
+
+def supports_fast_generate(model) -> bool:
+    """True for causal LMs whose forward this loop drives: our dense decoder, or an HF model that compiles
+    fullgraph (static-cache ready). MoE routing needs the 2D padding mask, so MoE decoders use HF generate."""
+    if getattr(model.config, "num_experts", 0):
+        return False
+    if getattr(model, "peft_config", None) is not None:  # PEFT wrappers: merge first or use HF generate
+        return False
+    return model.config.model_type == "align_decoder" or bool(getattr(model, "_can_compile_fullgraph", False))
+
+
+def _select(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
+            generator: torch.Generator | None) -> torch.Tensor:
+    """Next token (B,) from last-position logits (B, V): argmax, or a sample after temperature/top-k/top-p."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def fast_generate(
+    model,
+    input_ids: torch.Tensor,  # (B, W) left-padded prompts
+    attention_mask: torch.Tensor | None = None,  # (B, W) 1 = real token
+    *,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    cuda_graph: bool | None = None,
+    sync_every: int = 16,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """New tokens (B, max_new_tokens); after a row's eos, pad_token_id (HF generate's convention).
+
+    ``cuda_graph``: None = on for CUDA tensors. Greedy tokens equal HF generate's up to float rounding
+    (the attention kernels see the same masked keys, over a longer zero-padded cache)."""
+    B, W = input_ids.shape
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else [e for e in eos_token_id or [] if e is not None]
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    L = W + max_new_tokens
+    cache = StaticCache(config=model.config, max_cache_len=L)
+    real = attention_mask.bool()  # (B, W)
+
+    # prefill: causal over real keys; a left-pad query sees itself only (a row of no keys gives NaN in SDPA,
+    # which the cache would carry into every later step as 0 * NaN)
+    q, k = torch.arange(W, device=device)[:, None], torch.arange(L, device=device)[None, :]
+    keys = torch.zeros(B, L, dtype=torch.bool, device=device)
+    keys[:, :W] = real
+    mask = (k <= q)[None] & keys[:, None, :]  # (B, W, L)
+    mask |= (k == q)[None]
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, W) positions count real tokens only
+    logits = model(input_ids=input_ids, attention_mask=mask[:, None], position_ids=pos, cache=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V)
+
+    # decode buffers the graph reads: token, position, key mask over the whole cache
+    step_ids = torch.zeros(B, 1, dtype=torch.long, device=device)
+    step_pos = pos[:, -1:].clone()  # (B, 1)
+    step_mask = keys[:, None, None, :].clone()  # (B, 1, 1, L)
+    step_logits = None
+
+    def step():
+        return model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos, cache=cache,
+                     use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    graph = None
+    for i in range(max_new_tokens):
+        tok = _select(logits, do_sample, temperature, top_k, top_p, generator)
+        tok = tok.masked_fill(done, pad_token_id)
+        out[:, i] = tok
+        if eos.numel():
+            done |= torch.isin(tok, eos)
+        if i == max_new_tokens - 1 or (eos.numel() and (i + 1) % sync_every == 0 and bool(done.all())):
+            break
+        step_ids.copy_(tok[:, None])
+        step_pos.add_(1)
+        step_mask[..., W + i] = True  # the new token's own slot
+        if not cuda_graph:
+            logits = step()
+        elif graph is not None:
+            graph.replay()
+            logits = step_logits
+        else:  # first decode step: run it eagerly on a side stream (warm-up), then capture the next ones
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                logits = step().clone()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records only: the cache's write position is a device tensor
+                step_logits = step()
+    return out
