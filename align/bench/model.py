@@ -27,7 +27,58 @@ SIZES = {  # few-M parameter configs that run in about a minute on 2 CPU cores
                   num_attention_heads=8, num_key_value_heads=4),
     "medium": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                    num_attention_heads=12, num_key_value_heads=4),
+    # real shapes for the GPU benches (random weights: speed does not depend on them)
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0),
+    "qwen-386m": dict(vocab_size=32000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                      num_attention_heads=14, num_key_value_heads=2, rope_theta=1000000.0),
 }
+# dense bf16/fp16 tensor-core peak FLOP/s by device name (vendor datasheets, no sparsity); fp32 runs use TF32's
+PEAK_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+             "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 125e12, "A10": 125e12,
+             "L40S": 362e12, "L40": 181e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12,
+             "T4": 65e12}
+
+
+def peak_flops(device: torch.device | str) -> float | None:
+    """Datasheet dense bf16 FLOP/s of a CUDA device, looked up by its name; None when unknown or on CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16, key=len, reverse=True):  # most specific name first ("H100 PCIe" before "H100")
+        if key in name:
+            return PEAK_BF16[key]
+    return None
+
+
+def train_flops_per_token(config, seq: int) -> float:
+    """fwd+bwd FLOPs per token: 6 x matmul parameters (embedding lookup excluded, lm head included) plus
+    attention scores and values, 6 x 2 x layers x seq x hidden (PaLM appendix B; causal halving ignored, as there)."""
+    C, L = config.hidden_size, config.num_hidden_layers
+    nh, nkv, hs = config.num_attention_heads, config.num_key_value_heads, C // config.num_attention_heads
+    per_layer = C * nh * hs * 2 + C * nkv * hs * 2 + 3 * C * config.intermediate_size
+    return 6 * (L * per_layer + C * config.vocab_size) + 12 * L * seq * C
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def versions() -> str:
+    import transformers
+
+    out = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    for name in ("trl", "peft", "liger_kernel"):
+        try:
+            mod = __import__(name)
+            out += f", {name} {getattr(mod, '__version__', '?')}"
+        except ImportError:
+            pass
+    return out
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
