@@ -39,7 +39,7 @@ def _compiled(model):
     """The model's forward through torch.compile (inductor fuses norms, RoPE and activations into fewer kernels);
     our own CUDA graph still wraps it, so compile's cudagraphs stay off."""
     if model not in _COMPILED:
-        _COMPILED[model] = torch.compile(model, mode="max-autotune-no-cudagraphs", dynamic=False)
+        _COMPILED[model] = torch.compile(model, dynamic=False)
     return _COMPILED[model]
 
 

@@ -200,7 +200,11 @@ def run(kind="sft", size="small", device="cpu", batch=4, max_length=256, steps=6
     fpt = train_flops_per_token(config, max_length)
     results = []
     for v in variants:
-        r = run_one(kind, v, base, tok, rows, device, batch, max_length, steps, warmup, lora)
+        try:
+            r = run_one(kind, v, base, tok, rows, device, batch, max_length, steps, warmup, lora)
+        except Exception as e:  # noqa: BLE001  one broken variant (say liger vs this transformers) keeps the others
+            print(f"{kind} {v}: FAILED {type(e).__name__}: {e}", flush=True)
+            continue
         r.update(bench=kind, variant=v, size=size, params=sum(p.numel() for p in base.parameters()),
                  device=device_name(device), batch=batch, max_length=max_length, steps=steps, warmup=warmup,
                  lora=lora, mfu=r["tokens_per_s"] * fpt / peak if peak else None, versions=versions())
@@ -209,7 +213,9 @@ def run(kind="sft", size="small", device="cpu", batch=4, max_length=256, steps=6
             with open(json_path, "a") as f:
                 f.write(json.dumps(r) + "\n")
         print(f"{kind} {v}: {r['tokens_per_s']:,.0f} tokens/s", flush=True)
-    ref = results[0]["tokens_per_s"]
+    if not results:
+        return results
+    ref = next((r for r in results if r["variant"] == "trl"), results[0])["tokens_per_s"]
     for r in results:
         r["vs_trl"] = r["tokens_per_s"] / ref
     print(format_table(results), flush=True)
