@@ -80,13 +80,20 @@ def test_fast_generate_greedy_equals_hf_generate(name, request):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_generate_cuda_graph_equals_hf_generate(tiny_lm_dir, tiny_llama_dir, dtype):
+def test_fast_generate_cuda_graph_equals_hf_generate(tiny_lm_dir, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
+    from align.fastgen import fast_generate
+
     for d in (tiny_lm_dir, tiny_llama_dir):
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).cuda().eval()
+        model = AutoModelForCausalLM.from_pretrained(d).cuda().eval()  # fp32: no argmax flips from rounding
         _fast_vs_hf(model, "cuda", cuda_graph=True)
+        # bf16: HF's kernels may round differently (another SDPA backend for its masks), so the replayed graph
+        # is checked against the same loop run eagerly, which launches the very same kernels
+        model = model.to(torch.bfloat16)
+        ids, mask = _left_padded(model.config.vocab_size, 0, "cuda")
+        graph = fast_generate(model, ids, mask, max_new_tokens=24, cuda_graph=True)
+        assert torch.equal(graph, fast_generate(model, ids, mask, max_new_tokens=24, cuda_graph=False))
 
 
 def test_fast_generate_sampling(tiny_lm_dir):
