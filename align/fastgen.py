@@ -147,3 +147,56 @@ def fast_generate(
             with torch.cuda.graph(graph):  # records only: the cache's write position is a device tensor
                 step_logits = step()
     return out
+
+
+# generation settings the loop implements only at their neutral values, and the keyword arguments it takes
+_UNSUPPORTED = {"num_beams": (None, 1), "num_return_sequences": (None, 1), "min_p": (None, 0.0),
+                "repetition_penalty": (None, 1.0), "min_new_tokens": (None, 0), "suppress_tokens": (None, []),
+                "bad_words_ids": (None, []), "typical_p": (None, 1.0), "no_repeat_ngram_size": (None, 0)}
+_KWARGS = {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "eos_token_id", "pad_token_id",
+           "disable_compile", "use_cache"}
+
+
+def generate_like_hf(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                     generation_config=None, fallback=None, **kwargs) -> torch.Tensor:
+    """``model.generate``'s contract (prompt + new tokens, cut after the last row's eos) on the fast loop, for
+    trainers that call ``model.generate`` (TRL's GRPO without vLLM, align's PPO). Settings the loop does not
+    implement (beams, min_p, repetition penalty, suppressed tokens, ...) go to ``fallback`` (HF generate)."""
+    gc = generation_config if generation_config is not None else model.generation_config
+    opts = {**gc.to_dict(), **kwargs}
+    unsupported = [k for k in _UNSUPPORTED if opts.get(k) not in _UNSUPPORTED[k]]
+    unsupported += sorted(set(kwargs) - _KWARGS)
+    if unsupported or not opts.get("max_new_tokens") or not supports_fast_generate(model):
+        if fallback is None:
+            raise ValueError(f"fast generation does not implement {unsupported or 'this model'}")
+        return fallback(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
+                        **kwargs)
+    eos = opts.get("eos_token_id")
+    pad = opts.get("pad_token_id")
+    pad = pad if pad is not None else (eos if isinstance(eos, int) else (eos or [0])[0])
+    do_sample = bool(opts.get("do_sample"))
+    new = fast_generate(model, input_ids, attention_mask, max_new_tokens=opts["max_new_tokens"], do_sample=do_sample,
+                        temperature=opts.get("temperature") or 1.0, top_k=opts.get("top_k") or 0,
+                        top_p=opts.get("top_p") or 1.0, eos_token_id=eos, pad_token_id=pad)
+    if eos is not None:  # HF stops once every row has ended: drop the all-pad columns after that step
+        hit = torch.isin(new, torch.tensor([eos] if isinstance(eos, int) else eos, device=new.device))
+        ends = torch.where(hit.any(-1), hit.int().argmax(-1) + 1, new.shape[1])  # (B,) tokens per row incl. eos
+        new = new[:, : int(ends.max())]
+    return torch.cat([input_ids, new], dim=1)
+
+
+def use_fast_generate(model) -> bool:
+    """Route ``model.generate`` through the fast loop (falling back to HF's for what it does not implement).
+    True if the model is supported and now routed; idempotent."""
+    if not supports_fast_generate(model):
+        return False
+    if not getattr(model.generate, "_align_fast", False):
+        hf_generate = model.generate
+
+        def generate(input_ids=None, attention_mask=None, generation_config=None, **kwargs):
+            return generate_like_hf(model, input_ids, attention_mask, generation_config=generation_config,
+                                    fallback=hf_generate, **kwargs)
+
+        generate._align_fast = True
+        model.generate = generate
+    return True

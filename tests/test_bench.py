@@ -62,3 +62,34 @@ def test_word_tokenizer_round_trips_ids():
     tok = train_bench.word_tokenizer(100)
     assert tok("w5 w99 w3", add_special_tokens=False)["input_ids"] == [5, 99, 3]
     assert (tok.pad_token_id, tok.eos_token_id) == (0, 1)
+
+
+def test_grpo_bench_routes_align_generation_through_the_fast_loop(monkeypatch):
+    import align.fastgen as F
+
+    calls = []
+    real = F.fast_generate
+    monkeypatch.setattr(F, "fast_generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    rows = __import__("align.bench.grpo", fromlist=["run"]).run(size="small", n_prompts=2, num_generations=2,
+                                                               max_completion_length=6, steps=2, warmup=1)
+    assert [r["variant"] for r in rows] == ["trl", "align"] and all(r["completions_per_s"] > 0 for r in rows)
+    assert len(calls) == 2 and all(kw["do_sample"] and kw["max_new_tokens"] == 6 for kw in calls)  # one per step
+
+
+def test_generate_like_hf_keeps_the_generate_contract(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from align.fastgen import use_fast_generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    gc = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+    stop = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=[int(plain[1, 9])])
+    plain_stop = model.generate(input_ids=ids, attention_mask=mask, generation_config=stop)
+    assert use_fast_generate(model) and model.generate._align_fast
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, generation_config=gc), plain)
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, generation_config=stop), plain_stop)
