@@ -88,6 +88,11 @@ def fast_generate(
     device = input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if compile and W % 64:  # prompt widths in buckets of 64 (more left padding): one compiled step per bucket
+        extra = 64 - W % 64
+        input_ids = torch.nn.functional.pad(input_ids, (extra, 0), value=pad_token_id)
+        attention_mask = torch.nn.functional.pad(attention_mask, (extra, 0), value=0)
+        B, W = input_ids.shape
     cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
     eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else [e for e in eos_token_id or [] if e is not None]
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
@@ -158,7 +163,7 @@ _KWARGS = {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "eos_
 
 
 def generate_like_hf(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                     generation_config=None, fallback=None, **kwargs) -> torch.Tensor:
+                     generation_config=None, fallback=None, compile: bool = False, **kwargs) -> torch.Tensor:
     """``model.generate``'s contract (prompt + new tokens, cut after the last row's eos) on the fast loop, for
     trainers that call ``model.generate`` (TRL's GRPO without vLLM, align's PPO). Settings the loop does not
     implement (beams, min_p, repetition penalty, suppressed tokens, ...) go to ``fallback`` (HF generate)."""
@@ -177,7 +182,7 @@ def generate_like_hf(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     do_sample = bool(opts.get("do_sample"))
     new = fast_generate(model, input_ids, attention_mask, max_new_tokens=opts["max_new_tokens"], do_sample=do_sample,
                         temperature=opts.get("temperature") or 1.0, top_k=opts.get("top_k") or 0,
-                        top_p=opts.get("top_p") or 1.0, eos_token_id=eos, pad_token_id=pad)
+                        top_p=opts.get("top_p") or 1.0, eos_token_id=eos, pad_token_id=pad, compile=compile)
     if eos is not None:  # HF stops once every row has ended: drop the all-pad columns after that step
         hit = torch.isin(new, torch.tensor([eos] if isinstance(eos, int) else eos, device=new.device))
         ends = torch.where(hit.any(-1), hit.int().argmax(-1) + 1, new.shape[1])  # (B,) tokens per row incl. eos
@@ -185,7 +190,7 @@ def generate_like_hf(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return torch.cat([input_ids, new], dim=1)
 
 
-def use_fast_generate(model) -> bool:
+def use_fast_generate(model, compile: bool = False) -> bool:
     """Route ``model.generate`` through the fast loop (falling back to HF's for what it does not implement).
     True if the model is supported and now routed; idempotent."""
     if not supports_fast_generate(model):
@@ -195,7 +200,7 @@ def use_fast_generate(model) -> bool:
 
         def generate(input_ids=None, attention_mask=None, generation_config=None, **kwargs):
             return generate_like_hf(model, input_ids, attention_mask, generation_config=generation_config,
-                                    fallback=hf_generate, **kwargs)
+                                    fallback=hf_generate, compile=compile, **kwargs)
 
         generate._align_fast = True
         model.generate = generate

@@ -59,7 +59,8 @@ def _matched(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def run(size="small", device="cpu", dtype="fp32", batches=(1, 8), prompt_len=32, new_tokens=32, repeats=3,
-        hf_static=False, compile=False, seed=0, json_path=None) -> list[dict]:
+        hf_static=False, compile=False, seed=0, json_path=None,
+        only=None) -> list[dict]:
     device = torch.device(device)
     torch.manual_seed(seed)
     config = DecoderConfig(**SIZES[size], max_position_embeddings=prompt_len + new_tokens, eos_token_id=None)
@@ -68,6 +69,8 @@ def run(size="small", device="cpu", dtype="fp32", batches=(1, 8), prompt_len=32,
     ours, hf = ours.to(device, DTYPES[dtype]), hf.to(device, DTYPES[dtype])
     params = sum(p.numel() for p in ours.parameters())
     methods = _methods(ours, hf, hf_static, compile)
+    if only:  # hf stays: it is the reference of every ratio
+        methods = {k: v for k, v in methods.items() if k == "hf" or k in only}
     rows = []
     for B in batches:
         prompts = torch.randint(3, config.vocab_size, (B, prompt_len), device=device)
@@ -139,10 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best is reported")
     p.add_argument("--hf-static", action="store_true", help="also HF generate with the static cache (compiled)")
     p.add_argument("--compile", action="store_true", help="also align.fastgen with the decode step compiled")
+    p.add_argument("--methods", nargs="+", help="time only these (hf is always timed: the reference)")
     p.add_argument("--json", help="append one JSON line per row to this file")
     a = p.parse_args(argv)
     run(size=a.size, device=a.device, dtype=a.dtype, batches=a.batch, prompt_len=a.prompt_len,
-        new_tokens=a.new_tokens, repeats=a.repeats, hf_static=a.hf_static, compile=a.compile, json_path=a.json)
+        new_tokens=a.new_tokens, repeats=a.repeats, hf_static=a.hf_static, compile=a.compile, json_path=a.json,
+        only=a.methods)
     return 0
 
 

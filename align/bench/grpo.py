@@ -31,7 +31,7 @@ def _reward(completions, **kw):  # cheap and deterministic: generation and the u
 
 
 def run_one(variant: str, base, tok, prompts, device, n_prompts, num_generations, max_completion_length, steps,
-            warmup):
+            warmup, compile=False):
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -42,7 +42,7 @@ def run_one(variant: str, base, tok, prompts, device, n_prompts, num_generations
     model = DecoderForCausalLM(base.config) if ours else to_llama(base)
     if ours:
         model.load_state_dict(base.state_dict())
-        assert use_fast_generate(model)
+        assert use_fast_generate(model, compile=compile)
     model.to(device)
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-grpo-"), max_steps=steps, report_to="none", save_strategy="no",
@@ -72,7 +72,7 @@ def run_one(variant: str, base, tok, prompts, device, n_prompts, num_generations
 
 
 def run(size="small", device="cpu", n_prompts=2, num_generations=4, max_completion_length=16, prompt_len=32,
-        steps=3, warmup=1, seed=0, json_path=None) -> list[dict]:
+        steps=3, warmup=1, seed=0, json_path=None, compile=False) -> list[dict]:
     import random
 
     device = torch.device(device)
@@ -86,10 +86,12 @@ def run(size="small", device="cpu", n_prompts=2, num_generations=4, max_completi
     prompts = [{"prompt": words(rng.randint(8, prompt_len))} for _ in range(n_prompts * steps)]
     rows = []
     for v in ("trl", "align"):
-        r = run_one(v, base, tok, prompts, device, n_prompts, num_generations, max_completion_length, steps, warmup)
+        r = run_one(v, base, tok, prompts, device, n_prompts, num_generations, max_completion_length, steps, warmup,
+                    compile=compile and v == "align")
         r.update(bench="grpo", variant=v, size=size, params=sum(p.numel() for p in base.parameters()),
                  device=device_name(device), prompts=n_prompts, num_generations=num_generations,
-                 max_completion_length=max_completion_length, steps=steps, warmup=warmup, versions=versions())
+                 max_completion_length=max_completion_length, steps=steps, warmup=warmup, versions=versions(),
+                 compile=compile and v == "align")
         rows.append(r)
         print(f"grpo {v}: {r['completions_per_s']:.1f} completions/s", flush=True)
     for r in rows:
@@ -123,12 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-completion-length", type=int, default=16)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="align's decode step through torch.compile")
     p.add_argument("--json")
     a = p.parse_args(argv)
     if not 1 <= a.warmup < a.steps:
         p.error(f"need 1 <= --warmup < --steps, got {a.warmup}, {a.steps}")
     run(size=a.size, device=a.device, n_prompts=a.prompts, num_generations=a.num_generations,
-        max_completion_length=a.max_completion_length, steps=a.steps, warmup=a.warmup, json_path=a.json)
+        max_completion_length=a.max_completion_length, steps=a.steps, warmup=a.warmup, json_path=a.json,
+        compile=a.compile)
     return 0
 
 
