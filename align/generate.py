@@ -90,11 +90,14 @@ def generate(
     stop_token_ids: Sequence[int] = (),
     seed: int | None = None,
     fast: bool | None = None,
+    compile: bool = False,
 ) -> list[list[str]]:
     """Replies to each prompt: ``num_return_sequences`` strings per prompt, special tokens removed.
 
     ``fast``: static KV cache + CUDA-graph decode (align.fastgen); None = on for CUDA models it supports,
-    HF ``generate`` otherwise (CPU, MoE, PEFT-wrapped). Greedy replies are the same either way."""
+    HF ``generate`` otherwise (CPU, MoE, PEFT-wrapped). Greedy replies are the same either way. ``compile``: the
+    fast path's decode step through torch.compile as well (2x faster decode on an H200, ~15 s of compile per
+    new batch shape: for long or repeated generation)."""
     from align.fastgen import fast_generate, supports_fast_generate
 
     if fast is None:
@@ -119,7 +122,7 @@ def generate(
             rep = lambda t: t.repeat_interleave(num_return_sequences, 0).to(device)  # noqa: E731
             new = fast_generate(model, rep(input_ids), rep(mask), max_new_tokens=max_new_tokens, do_sample=do_sample,
                                 temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=eos,
-                                pad_token_id=pad).cpu()
+                                pad_token_id=pad, compile=compile).cpu()
             for j, seq in enumerate(new):
                 out[idx[j // num_return_sequences]].append(tokenizer.decode(seq, skip_special_tokens=True).strip())
             continue

@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     ax2.grid(True, which="both", alpha=0.3)
     if ax2.lines:
         ax2.legend()
+    else:  # one prompt length measured: the batch panel alone
+        fig.delaxes(ax2)
+        fig.set_size_inches(6, 4.2)
     fig.tight_layout()
     fig.savefig(a.out, dpi=110)
     print(f"wrote {a.out}")
