@@ -21,15 +21,24 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import StaticCache
 
+# decoders whose forward takes a 4D mask, position ids and a StaticCache as this loop passes them (greedy
+# tokens checked equal to HF generate on CPU for each: tests for align_decoder and llama, by hand for the rest)
+FAST_MODEL_TYPES = ("align_decoder", "llama", "qwen2", "qwen3", "mistral")
+
 
 def supports_fast_generate(model) -> bool:
-    """True for causal LMs whose forward this loop drives: our dense decoder, or an HF model that compiles
-    fullgraph (static-cache ready). MoE routing needs the 2D padding mask, so MoE decoders use HF generate."""
-    if getattr(model.config, "num_experts", 0):
+    """True for causal LMs whose forward this loop drives: our dense decoder and Llama-like HF decoders with
+    full attention in every layer. MoE routing needs the 2D padding mask and sliding-window layers a mask of
+    their own, so those models (and PEFT wrappers: merge first) keep HF generate."""
+    config = model.config
+    if getattr(config, "num_experts", 0) or getattr(model, "peft_config", None) is not None:
         return False
-    if getattr(model, "peft_config", None) is not None:  # PEFT wrappers: merge first or use HF generate
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    if any(t != "full_attention" for t in layer_types) or (
+        getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    ):
         return False
-    return model.config.model_type == "align_decoder" or bool(getattr(model, "_can_compile_fullgraph", False))
+    return config.model_type in FAST_MODEL_TYPES
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled forward, built once

@@ -126,3 +126,10 @@ def test_generate_fast_path_gives_the_plain_replies(tiny_lm_dir, tiny_llama_dir)
     moe = DecoderForCausalLM(DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                            num_attention_heads=2, num_key_value_heads=1, num_experts=2))
     assert not supports_fast_generate(moe)  # routing needs the 2D padding mask: HF generate
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1)
+    assert supports_fast_generate(Qwen2ForCausalLM(Qwen2Config(**kw)))
+    sliding = Qwen2Config(**kw, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    assert not supports_fast_generate(Qwen2ForCausalLM(sliding))  # sliding layers need their own mask
