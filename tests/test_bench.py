@@ -93,3 +93,19 @@ def test_generate_like_hf_keeps_the_generate_contract(tiny_lm_dir):
     assert use_fast_generate(model) and model.generate._align_fast
     assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, generation_config=gc), plain)
     assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, generation_config=stop), plain_stop)
+
+
+def test_plot_writes_a_png_and_rejects_files_without_generate_rows(tmp_path):
+    from align.bench import plot
+
+    data = tmp_path / "g.jsonl"
+    for plen in (4, 8):
+        gen_bench.run(size="small", batches=(1, 2), prompt_len=plen, new_tokens=2, repeats=1, json_path=str(data),
+                      only=["ours"])
+    out = tmp_path / "g.png"
+    assert plot.main([str(data), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    empty = tmp_path / "e.jsonl"
+    empty.write_text('{"bench": "sft"}\n')
+    with pytest.raises(SystemExit):
+        plot.main([str(empty), "--out", str(out)])

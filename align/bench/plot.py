@@ -28,7 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         p.error("no generate rows in the files")
     plen = Counter(r["prompt_len"] for r in rows).most_common(1)[0][0]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_batch = defaultdict(list)
+    for r in rows:
+        if r["method"] in ("hf", "ours"):
+            by_batch[(r["batch"], r["method"])].append((r["prompt_len"], r["tokens_per_s"]))
+    by_batch = {k: sorted(v) for k, v in by_batch.items() if len({pl for pl, _ in v}) > 1}
+    fig, axes = plt.subplots(1, 2 if by_batch else 1, figsize=(11 if by_batch else 6, 4.2), squeeze=False)
+    ax1 = axes[0, 0]
     by_method = defaultdict(list)
     for r in rows:
         if r["prompt_len"] == plen:
@@ -38,26 +44,18 @@ def main(argv: list[str] | None = None) -> int:
         ax1.plot([b for b, _ in pts], [t for _, t in pts], marker="o", label=method)
     r0 = rows[0]
     ax1.set(xscale="log", yscale="log", xlabel="batch size", ylabel="new tokens / s",
-            title=f"{r0['size']} {r0['dtype']}, prompt {plen} + {r0['new_tokens']} new")
+            title=f"{r0['size']} {r0['dtype']}, prompt {plen} + {r0['new_tokens']} new, {r0['device']}")
     ax1.grid(True, which="both", alpha=0.3)
     ax1.legend()
-    by_batch = defaultdict(list)
-    for r in rows:
-        if r["method"] in ("hf", "ours"):
-            by_batch[(r["batch"], r["method"])].append((r["prompt_len"], r["tokens_per_s"]))
-    for (b, method), pts in sorted(by_batch.items()):
-        if len({pl for pl, _ in pts}) > 1:
-            pts.sort()
+    if by_batch:  # right panel only where several prompt lengths were run
+        ax2 = axes[0, 1]
+        for (b, method), pts in sorted(by_batch.items()):
             ax2.plot([pl for pl, _ in pts], [t for _, t in pts], marker="o", label=f"{method}, batch {b}",
                      linestyle="-" if method == "ours" else "--")
-    ax2.set(xscale="log", yscale="log", xlabel="prompt length (tokens)", ylabel="new tokens / s",
-            title=r0["device"])
-    ax2.grid(True, which="both", alpha=0.3)
-    if ax2.lines:
+        ax2.set(xscale="log", yscale="log", xlabel="prompt length (tokens)", ylabel="new tokens / s",
+                title=r0["device"])
+        ax2.grid(True, which="both", alpha=0.3)
         ax2.legend()
-    else:  # one prompt length measured: the batch panel alone
-        fig.delaxes(ax2)
-        fig.set_size_inches(6, 4.2)
     fig.tight_layout()
     fig.savefig(a.out, dpi=110)
     print(f"wrote {a.out}")
