@@ -71,14 +71,15 @@ def device_name(device: torch.device | str) -> str:
 
 
 def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     import transformers
 
     out = f"torch {torch.__version__}, transformers {transformers.__version__}"
-    for name in ("trl", "peft", "liger_kernel"):
+    for name in ("trl", "peft", "datasets", "liger-kernel"):
         try:
-            mod = __import__(name)
-            out += f", {name} {getattr(mod, '__version__', '?')}"
-        except ImportError:
+            out += f", {name} {version(name)}"
+        except PackageNotFoundError:
             pass
     return out
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
