@@ -50,8 +50,19 @@ def generate(
     batch_size: int = 64,
     stop_token_ids: Sequence[int] = (),
     seed: int | None = None,
+    fast: bool | None = None,
+    compile: bool = False,
 ) -> list[list[str]]:
-    """Replies to each prompt: ``num_return_sequences`` strings per prompt, special tokens removed."""
+    """Replies to each prompt: ``num_return_sequences`` strings per prompt, special tokens removed.
+
+    ``fast``: static KV cache + CUDA-graph decode (align.fastgen); None = on for CUDA models it supports,
+    HF ``generate`` otherwise (CPU, MoE, PEFT-wrapped). Greedy replies are the same either way. ``compile``: the
+    fast path's decode step through torch.compile as well (2x faster decode on an H200, ~15 s of compile per
+    new batch shape: for long or repeated generation)."""
+    from align.fastgen import fast_generate, supports_fast_generate
+
+    if fast is None:
+        fast = model.device.type == "cuda" and supports_fast_generate(model)
     if seed is not None:
         torch.manual_seed(seed)
     ids = prompt_ids(tokenizer, prompts)
@@ -68,6 +79,14 @@ def generate(
         for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
             input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
             mask[row, width - len(ids[i]) :] = 1
+        if fast:
+            rep = lambda t: t.repeat_interleave(num_return_sequences, 0).to(device)  # noqa: E731
+            new = fast_generate(model, rep(input_ids), rep(mask), max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=eos,
+                                pad_token_id=pad, compile=compile).cpu()
+            for j, seq in enumerate(new):
+                out[idx[j // num_return_sequences]].append(tokenizer.decode(seq, skip_special_tokens=True).strip())
+            continue
         gen = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
