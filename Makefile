@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 VENV := .venv/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: quickstart test system venv
+.PHONY: quickstart test lint system venv
 
 $(VENV): pyproject.toml
 	python3 -m venv .venv
@@ -24,3 +24,6 @@ quickstart: $(VENV)
 
 test: $(VENV) system
 	@. .ci/env.sh 2>/dev/null; $(PY) -m pytest -q
+
+lint: $(VENV)
+	.venv/bin/ruff check .

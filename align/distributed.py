@@ -32,10 +32,6 @@ import torch
 logger = logging.getLogger("align.distributed")
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def is_main_process() -> bool:
     """Rank 0 (of all machines); True without a launcher."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -46,14 +42,6 @@ def is_main_process() -> bool:
 def wait_for_everyone() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def is_zero3() -> bool:
-    try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    except ImportError:  # pragma: no cover
-        return False
-    return bool(is_deepspeed_zero3_enabled())
 
 
 @contextlib.contextmanager
@@ -105,7 +93,6 @@ def save_final(
     *,
     adapter_dir: str | os.PathLike | None = None,
     merge: bool = True,
-    auto_class: Any = None,
     **load_kwargs: Any,
 ) -> Path:
     """Save the trained model to ``final_dir`` as an ordinary HF dir (+ tokenizer), consolidated from
@@ -117,9 +104,8 @@ def save_final(
 
     With a LoRA model the adapter goes to ``adapter_dir`` (default ``final_dir/../adapter``); with
     ``merge`` the main process loads the base model the adapter names (``base_model_name_or_path`` in
-    adapter_config.json) with ``auto_class`` (default ``AutoModelForCausalLM``; pass
-    ``AutoModelForSequenceClassification`` and ``num_labels=1`` for a reward model), merges and writes
-    ``final_dir``; without ``merge``, ``final_dir`` gets a copy of the adapter dir.
+    adapter_config.json; a reward adapter's head config in ``load_kwargs``), merges and writes ``final_dir``
+    (``align.models.merge_adapter``); without ``merge``, ``final_dir`` gets a copy of the adapter dir.
     """
     final_dir = Path(final_dir)
     peft_model = _peft_model(trainer.accelerator.unwrap_model(trainer.model))
@@ -136,7 +122,9 @@ def save_final(
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(adapter_dir))
         if merge:
-            merge_adapter(adapter_dir, final_dir, tokenizer, auto_class=auto_class, **load_kwargs)
+            from align.models import merge_adapter
+
+            merge_adapter(adapter_dir, final_dir, tokenizer, **load_kwargs)
             make_portable(final_dir)
         elif Path(final_dir).resolve() != adapter_dir.resolve():
             import shutil
@@ -144,26 +132,3 @@ def save_final(
             shutil.copytree(adapter_dir, final_dir, dirs_exist_ok=True)
     trainer.accelerator.wait_for_everyone()
     return final_dir
-
-
-def merge_adapter(
-    adapter_dir: str | os.PathLike, final_dir: str | os.PathLike, tokenizer: Any = None, *,
-    auto_class: Any = None, **load_kwargs: Any,
-) -> Path:
-    """Base model + LoRA adapter (from disk) -> a merged standalone model dir. One process, no collectives."""
-    import json
-
-    from peft import PeftModel
-
-    import align.model  # noqa: F401  (registers our decoder with the Auto classes)
-
-    if auto_class is None:
-        from transformers import AutoModelForCausalLM as auto_class
-    base_path = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    with zero3_init_disabled():
-        base = auto_class.from_pretrained(base_path, **load_kwargs)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(str(final_dir))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(final_dir))
-    return Path(final_dir)

@@ -16,83 +16,59 @@ Data (``dataset_name``):
   from); with ``trainer: kto`` and ``store_both_bad: negatives`` both responses become undesirable examples.
 - a preference file in any format the store imports (``align.data.formats``) or a ``datasets`` dir;
 - ``world``: the built-in world's rule-labelled pairs.
-The test split is deterministic: a ``test_fraction`` share of *prompts*, chosen by a hash of the prompt.
+The test split is deterministic: a ``test_fraction`` share of *prompts*, chosen by a hash of the prompt
+(``align.data.prompts``: the reward model holds out the same prompts of the same data).
 
 Every run writes ``output_dir/``: ``config.yaml``, ``metrics.jsonl`` + ``metrics.png``, checkpoints (a
 killed run resumes from the last one when re-run), ``adapter/`` (LoRA), ``final/`` (a standalone model,
 adapter merged), ``eval.json`` + ``compare.png``: TRL's reward accuracy and margin on the test split, the
-win rate against the starting policy judged by a reward model, and on the built-in world exact match
-and preferred rate before and after.
+win rate against the starting policy judged by a reward model (on held-out world prompts, or the test
+split's prompts for other data), and, where the world's checks apply (its data, or align's decoder), exact
+match and preferred rate before and after.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import yaml
-from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback
-from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, ModelConfig, get_peft_config
+from transformers import PreTrainedModel, TrainerCallback
+from trl import DPOConfig, ModelConfig
 
-from align.config import ConfigError, parse, run_command
-from align.distributed import gathered_params, is_main_process, save_final, zero3_init_disabled
-from align.runs import MetricsCallback, resume_checkpoint, setup_logging, write_config, write_json
+from align.config import parse, peek, run_command
+from align.evaluate import compare_plot, world_eval_applies
+from align.judge import judge, sample_replies
+from align.models import check_exists, load, load_tokenizer
+from align.preference_trainers import (
+    TRAINERS,
+    LogpsDropWarning,
+    build_trainer,
+    trainer_args,
+    trainer_config_class,
+)
+from align.preferences import PreferenceDataArguments, heldout_prompts, load_preferences
+from align.runs import MetricsCallback, setup_logging
+from align.stage import StageResult, run_stage
 
 logger = logging.getLogger("align.dpo")
 
-TRAINERS = ("dpo", "kto", "simpo", "cpo", "orpo")
-# Every loss TRL 1.16's DPOTrainer implements (trl/trainer/dpo_trainer.py, `_compute_loss`).
-DPO_LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)
-CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
-KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
-
-
 @dataclass
-class DPOArguments:
+class DPOArguments(PreferenceDataArguments):
     trainer: str = field(
         default="dpo",
         metadata={"help": "dpo (DPOTrainer, any loss_type) | kto (KTOTrainer, unpaired) | simpo | cpo | orpo "
                           "(trl.experimental, reference-free)."},
-    )
-    dataset_name: str = field(
-        default="store",
-        metadata={"help": "'store' (the preference store at store_url), 'world' (built-in pairs), a preference "
-                          "file in any format the store imports, or a datasets dir."},
-    )
-    store_url: str = field(default="sqlite:///data/preferences.db", metadata={"help": "Preference store URL."})
-    store_min_labels: int = field(default=1, metadata={"help": "Store export: drop comparisons with fewer votes."})
-    store_min_agreement: float = field(
-        default=0.0, metadata={"help": "Store export: drop comparisons whose majority share is below this."}
-    )
-    store_kinds: list[str] | None = field(
-        default=None, metadata={"help": "Store export: only labels by these annotator kinds (e.g. [human])."}
-    )
-    store_annotators: list[str] | None = field(
-        default=None, metadata={"help": "Store export: only labels by these annotators."}
-    )
-    store_sources: list[str] | None = field(
-        default=None, metadata={"help": "Store export: only comparisons from these sources."}
     )
     store_both_bad: str = field(
         default="drop",
         metadata={"help": "'both bad' majorities: 'drop' (default), or 'negatives' (KTO only: both responses "
                           "become undesirable examples). Ties are always dropped."},
     )
-    test_fraction: float = field(
-        default=0.05, metadata={"help": "Share of prompts held out for TRL's eval metrics (by prompt hash)."}
-    )
-    split_seed: str = field(default="", metadata={"help": "Salt of the prompt-hash split."})
     max_train_samples: int = field(default=0, metadata={"help": "Use at most this many training rows (0 = all)."})
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer dir; defaults to model_name_or_path's."}
@@ -109,15 +85,18 @@ class DPOArguments:
         default="runs/quickstart/reward/final",
         metadata={"help": "Reward model judging win_rate_vs_sft (empty / missing dir: skipped)."},
     )
-    win_rate_num_prompts: int = field(
-        default=200, metadata={"help": "Prompts for win_rate_vs_sft (0 skips it)."}
+    win_rate_num_prompts: int = field(default=200, metadata={"help": "Prompts for win_rate_vs_sft (0 skips it)."})
+    win_rate_prompts: str | None = field(
+        default=None,
+        metadata={"help": "Where the win-rate prompts come from: 'world' (held-out built-in prompts) or 'test' (the "
+                          "prompts of the data's test split). Default: 'world' where the world's checks apply "
+                          "(eval_world), else 'test'."},
     )
-    win_rate_prompts: str = field(
-        default="world",
-        metadata={"help": "Where the win-rate prompts come from: 'world' (held-out built-in prompts) or 'test' "
-                          "(the prompts of the data's test split, e.g. for a real preference file)."},
+    eval_world: bool | None = field(
+        default=None,
+        metadata={"help": "Exact match / preferred rate on the world's held-out prompts, before and after. Default: "
+                          "when the data is the world's or the model is align's decoder."},
     )
-    world_seed: int = field(default=0, metadata={"help": "Seed of the built-in world (data and held-out prompts)."})
     eval_num_prompts: int = field(
         default=200, metadata={"help": "Held-out world prompts for exact match / preferred rate (0 skips it)."}
     )
@@ -129,38 +108,21 @@ class DPOArguments:
     )
 
     def __post_init__(self):
+        super().__post_init__()
         if self.trainer not in TRAINERS:
             raise ValueError(f"trainer must be one of {TRAINERS}, got {self.trainer!r}")
         if self.store_both_bad not in ("drop", "negatives"):
             raise ValueError(f"store_both_bad must be 'drop' or 'negatives', got {self.store_both_bad!r}")
         if self.store_both_bad == "negatives" and self.trainer != "kto":
             raise ValueError("store_both_bad: 'negatives' needs unpaired data, i.e. trainer: kto")
-        if not 0 <= self.test_fraction < 1:
-            raise ValueError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
-        for name in ("store_min_labels", "max_train_samples", "win_rate_num_prompts", "eval_num_prompts"):
+        for name in ("max_train_samples", "win_rate_num_prompts", "eval_num_prompts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.win_rate_prompts not in ("world", "test"):
+        if self.win_rate_prompts not in (None, "world", "test"):
             raise ValueError(f"win_rate_prompts must be 'world' or 'test', got {self.win_rate_prompts!r}")
-        if self.store_min_labels < 1:
-            raise ValueError(f"store_min_labels must be >= 1, got {self.store_min_labels}")
 
 
 CONFIG_TYPES = (DPOArguments, ModelConfig, DPOConfig)
-
-
-def trainer_config_class(trainer: str) -> type:
-    if trainer == "dpo":
-        return DPOConfig
-    if trainer == "kto":
-        return KTOConfig
-    if trainer in ("simpo", "cpo"):
-        from trl.experimental.cpo import CPOConfig
-
-        return CPOConfig
-    from trl.experimental.orpo import ORPOConfig
-
-    return ORPOConfig
 
 
 def config_types(trainer: str) -> tuple[type, ...]:
@@ -175,231 +137,30 @@ def config_types(trainer: str) -> tuple[type, ...]:
 # Data
 
 
-def _prompt_hash(prompt: Any) -> str:
-    return hashlib.sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def split_rows(rows: list[dict], test_fraction: float, seed: str = "") -> dict[str, list[dict]]:
-    """Deterministic train/test split by a hash of the prompt (a prompt never lands in both)."""
-    from align.store.exporting import split_of
-
-    out: dict[str, list[dict]] = {"train": [], "test": []}
-    for r in rows:
-        out[split_of(_prompt_hash(r["prompt"]), test_fraction, seed)].append(r)
-    return out
-
-
-def to_unpaired(rows: list[dict]) -> list[dict]:
-    """Paired rows -> KTO rows: the chosen response desirable, the rejected one undesirable."""
-    out = []
-    for r in rows:
-        out.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
-        out.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
-    return out
-
-
 def load_preference_rows(args: DPOArguments) -> tuple[dict[str, list[dict]], dict[str, Any]]:
-    """``({"train": rows, "test": rows}, info)``; rows are conversational: prompt/chosen/rejected message
-    lists, or prompt/completion/label for KTO."""
-    unpaired = args.trainer == "kto"
-    info: dict[str, Any] = {"source": args.dataset_name}
-    if args.dataset_name == "store":
-        from align.store import Store
-
-        store = Store(args.store_url)
-        try:
-            splits, report = store.export_rows(
-                format="conversational", unpaired=unpaired, min_labels=args.store_min_labels,
-                min_agreement=args.store_min_agreement, test_fraction=args.test_fraction, seed=args.split_seed,
-                kinds=args.store_kinds, annotators=args.store_annotators, sources=args.store_sources,
-                both_bad=args.store_both_bad,
-            )
-        finally:
-            store.close()
-        info.update(store_url=args.store_url, store_report=report["report"])
-        if not splits["train"]:
-            raise ValueError(
-                f"store {args.store_url}: no labelled pairs to train on after aggregation "
-                f"(export report: {report['report']}); label comparisons in the app, import a file with "
-                "`python -m align.store import FILE`, or set dataset_name to a file or 'world'"
-            )
-        keep = ("prompt", "completion", "label") if unpaired else ("prompt", "chosen", "rejected")
-        splits = {k: [{c: r[c] for c in keep} for r in v] for k, v in splits.items()}
-    else:
-        if args.dataset_name == "world":
-            from align.data.world import World
-
-            rows = [
-                {"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
-                for p in World(seed=args.world_seed).preference_pairs()
-            ]
-        else:
-            rows = read_preference_file(args.dataset_name)
-        splits = split_rows(rows, args.test_fraction, args.split_seed)
-        if unpaired:
-            splits = {k: to_unpaired(v) for k, v in splits.items()}
+    """``({"train": rows, "test": rows}, info)``: conversational prompt/chosen/rejected rows, or
+    prompt/completion/label for KTO."""
+    splits, info = load_preferences(args, unpaired=args.trainer == "kto", both_bad=args.store_both_bad)
     if args.max_train_samples:
         splits["train"] = splits["train"][: args.max_train_samples]
     info.update(train_rows=len(splits["train"]), test_rows=len(splits["test"]))
     return splits, info
 
 
-def read_preference_file(path: str) -> list[dict]:
-    """Any preference file the store imports, as conversational prompt/chosen/rejected rows.
-    A bad record raises ``DataError`` naming the file, line and field."""
-    from align.data.formats import location, read_records, to_preference
-
-    if not Path(path).exists():
-        raise FileNotFoundError(f"dataset_name: no such file or directory: {path!r} (or use 'store' / 'world')")
-    rows = []
-    for key, rec in read_records(path):
-        p = to_preference(rec, location(path, key))
-        rows.append({"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]})
-    if not rows:
-        raise ValueError(f"{path}: no preference records")
-    return rows
-
-
 # --------------------------------------------------------------------------------------------------
-# Callbacks
+# Evaluation
 
 
-class LogpsDropWarning(TrainerCallback):
-    """Warns when the chosen responses' log-probability falls steeply from its first logged value.
+def win_rate_prompts(args: DPOArguments, splits: dict[str, list[dict]], world: bool) -> list[Any]:
+    """Held-out world prompts (strings), or the distinct prompts of the test split."""
+    if (args.win_rate_prompts or ("world" if world else "test")) == "world":
+        from align.data.world import World
 
-    The classic DPO failure on small models: the loss only needs chosen - rejected to grow, and it can do
-    so by pushing *both* down; measured on a 4.2M-parameter Llama, sigmoid DPO took logps/chosen from -4 to
-    -28 and wrecked the model. An SFT term (``loss_type: [sigmoid, sft]``, RPO) or a lower learning rate
-    or higher beta prevents it."""
-
-    def __init__(self, threshold: float = 5.0, fraction: float = 0.25, key: str = "logps/chosen"):
-        self.threshold, self.fraction, self.key = threshold, fraction, key
-        self.first: float | None = None
-        self.warned_at: float | None = None
-        self.warnings: list[dict[str, float]] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        v = (logs or {}).get(self.key)
-        if v is None or not math.isfinite(v):
-            return
-        if self.first is None:
-            self.first = v
-            return
-        limit = max(self.threshold, self.fraction * abs(self.first))
-        drop = self.first - v
-        if drop > limit and (self.warned_at is None or v < self.warned_at - limit):
-            self.warned_at = v
-            self.warnings.append({"step": state.global_step, "first": self.first, "now": v})
-            logger.warning(
-                "%s fell from %.2f to %.2f (-%.1f nats) by step %d: the policy is lowering the probability of "
-                "the preferred responses (the DPO collapse). Add an SFT term (loss_type: [sigmoid, sft]), lower "
-                "learning_rate or raise beta.", self.key, self.first, v, drop, state.global_step,
-            )
-
-
-# --------------------------------------------------------------------------------------------------
-# Models
-
-
-def load_policy(path: str, dtype: str | None = None) -> PreTrainedModel:
-    """The starting policy: a run's final/, any HF causal LM dir / hub id, or a LoRA adapter dir (merged)."""
-    import align.model  # noqa: F401  (registers our decoder with the Auto classes)
-
-    torch_dtype = None if dtype in (None, "auto") else getattr(torch, dtype)
-    if Path(path).is_dir() and (Path(path) / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
-
-        return AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype).merge_and_unload()
-    if not Path(path).exists() and (path.count("/") != 1 or path.startswith((".", "/", "~"))):  # not a hub id
-        raise FileNotFoundError(
-            f"model '{path}' not found: give an SFT run's final/ dir (python -m align.sft), an HF model dir or a hub id"
-        )
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-
-
-def _scorer(path: str):
-    from align.score import RewardScorer
-
-    return RewardScorer(path)
-
-
-def win_rate(rewards_new: Sequence[float], rewards_old: Sequence[float]) -> float:
-    """Share of prompts where the new policy's reply scores higher; ties count half."""
-    pairs = list(zip(rewards_new, rewards_old, strict=True))
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / max(len(pairs), 1)
-
-
-# --------------------------------------------------------------------------------------------------
-# Training
-
-
-def build_trainer(
-    args: DPOArguments,
-    model_args: ModelConfig,
-    training_args: Any,
-    model: PreTrainedModel,
-    tokenizer,
-    splits: dict[str, list[dict]],
-    callbacks: list[TrainerCallback] | None = None,
-    ref_model: PreTrainedModel | None = None,
-):
-    """The TRL trainer for ``args.trainer`` on conversational rows; ``training_args`` is the config that
-    trainer takes (see ``trainer_args``). LoRA when ``model_args.use_peft`` (reference = adapter disabled)."""
-    from datasets import Dataset
-
-    train_ds = Dataset.from_list(splits["train"])
-    eval_ds = Dataset.from_list(splits["test"]) if splits["test"] else None
-    peft_config = get_peft_config(model_args)
-    common = dict(
-        model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-        processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
-    )
-    if args.trainer == "dpo":
-        return DPOTrainer(ref_model=ref_model, **common)
-    if args.trainer == "kto":
-        return KTOTrainer(ref_model=ref_model, **common)
-    if args.trainer in ("simpo", "cpo"):
-        from trl.experimental.cpo import CPOTrainer
-
-        return CPOTrainer(**common)
-    from trl.experimental.orpo import ORPOTrainer
-
-    return ORPOTrainer(**common)
-
-
-def trainer_args(args: DPOArguments, dpo_args: DPOConfig, extra: Any | None = None):
-    """The config the chosen trainer takes; loss_type translated for SimPO/CPO."""
-    if args.trainer == "dpo":
-        bad = [t for t in dpo_args.loss_type if t not in DPO_LOSS_TYPES]
-        if bad:
-            raise ConfigError(f"loss_type: unknown {bad}; DPOTrainer supports {list(DPO_LOSS_TYPES)}")
-        return dpo_args
-    if extra is None or isinstance(extra, DPOConfig):
-        raise ValueError(f"trainer {args.trainer!r} needs its own config ({trainer_config_class(args.trainer).__name__})")
-    cfg = extra
-    if args.trainer == "orpo":  # ORPO has one loss (odds ratio + NLL, arXiv:2403.07691); beta is its lambda
-        return cfg
-    lt = cfg.loss_type if isinstance(cfg.loss_type, str) else list(cfg.loss_type)
-    if args.trainer == "simpo":
-        cfg.loss_type, cfg.cpo_alpha = "simpo", 0.0  # SimPO (arXiv:2405.14734): length-normalised, no NLL term
-    elif args.trainer == "cpo":
-        if isinstance(lt, list):
-            if set(lt) <= {"sigmoid", "sft"}:
-                lt = "sigmoid"  # CPO = sigmoid + cpo_alpha * NLL, the reference-free analogue of [sigmoid, sft]
-            elif len(lt) == 1 and lt[0] in CPO_LOSS_TYPES:
-                lt = lt[0]
-            else:
-                raise ConfigError(f"loss_type {lt}: CPO takes one of {list(CPO_LOSS_TYPES)}")
-        if lt not in CPO_LOSS_TYPES:
-            raise ConfigError(f"loss_type {lt!r}: CPO takes one of {list(CPO_LOSS_TYPES)}")
-        cfg.loss_type = lt
-    elif args.trainer == "kto":
-        if isinstance(lt, list):  # a DPO list from configs/dpo.yaml: KTO's own loss
-            lt = lt[0] if len(lt) == 1 and lt[0] in KTO_LOSS_TYPES else "kto"
-        if lt not in KTO_LOSS_TYPES:
-            raise ConfigError(f"loss_type {lt!r}: KTO takes one of {list(KTO_LOSS_TYPES)}")
-        cfg.loss_type = lt
-    return cfg
+        return [e.prompt for e in World(seed=args.world_seed).eval_prompts(args.win_rate_num_prompts)]
+    out = heldout_prompts(splits, args.win_rate_num_prompts)
+    if not out:
+        logger.warning("win rate: the data has no test split (test_fraction > 0): skipped")
+    return out
 
 
 def _world_eval(model, tokenizer, args: DPOArguments, seed: int) -> dict[str, Any]:
@@ -438,36 +199,8 @@ def _reusable_before(model_path: str, args: DPOArguments, seed: int) -> dict[str
     return ev | {"source": str(path)}
 
 
-def win_rate_prompts(args: DPOArguments, splits: dict[str, list[dict]]) -> list[Any]:
-    """Held-out world prompts (strings), or the distinct prompts of the test split (a string when the
-    prompt is one user message, else the message list)."""
-    if args.win_rate_prompts == "world":
-        from align.data.world import World
-
-        return [e.prompt for e in World(seed=args.world_seed).eval_prompts(args.win_rate_num_prompts)]
-    out, seen = [], set()
-    for r in splits["test"]:
-        key = json.dumps(r["prompt"], sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            p = r["prompt"]
-            out.append(p[0]["content"] if len(p) == 1 and p[0]["role"] == "user" else p)
-    if not out:
-        logger.warning("win_rate_prompts: test needs a test split (test_fraction > 0): win rate skipped")
-    return out[: args.win_rate_num_prompts]
-
-
-def _sample(model, tokenizer, prompts: list[Any], args: DPOArguments, seed: int) -> list[str]:
-    from align.generate import generate
-
-    was = model.training
-    model.eval()
-    out = generate(
-        model, tokenizer, prompts, max_new_tokens=args.eval_max_new_tokens, do_sample=True, temperature=1.0,
-        seed=seed,
-    )
-    model.train(was)
-    return [r[0] for r in out]
+# --------------------------------------------------------------------------------------------------
+# Training
 
 
 def train(
@@ -476,119 +209,65 @@ def train(
     training_args: DPOConfig,
     trainer_config: Any | None = None,
     callbacks: list[TrainerCallback] | None = None,
-) -> dict[str, Any]:
-    """Run DPO (or KTO/SimPO/CPO/ORPO); returns the summary (``summary["eval"]``: the after-eval figures,
-    ``win_rate_vs_sft``, ``before``, TRL's ``reward_accuracy`` / ``reward_margin``)."""
-    from align.evaluate import compare_plot
-    from align.generate import load_tokenizer
-
-    t0 = time.time()
-    if not model_args.model_name_or_path:
-        raise ValueError("dpo needs model_name_or_path: an SFT run's final/ dir or any HF causal LM")
+) -> StageResult:
+    """Run DPO (or KTO/SimPO/CPO/ORPO). ``result.eval``: the world figures (where they apply), ``win_rate_vs_sft``
+    and ``mean_reward``, TRL's ``reward_accuracy`` / ``reward_margin``; ``result.before``: the start's."""
+    start = check_exists(model_args.model_name_or_path)
+    if args.ref_model_name_or_path:
+        check_exists(args.ref_model_name_or_path, "ref_model_name_or_path")
+    args.check_data()
     targs = trainer_args(args, training_args, trainer_config)
-    out = Path(targs.output_dir)
-    write_config(out, args, model_args, targs)
     seed = targs.seed
-    start = model_args.model_name_or_path
-
-    splits, data_info = load_preference_rows(args)
-    logger.info("data: %s", data_info)
+    splits, data = load_preference_rows(args)
+    logger.info("data: %s", data)
     tokenizer = load_tokenizer(args.tokenizer_name_or_path or start)
     torch.manual_seed(seed)
-    model = load_policy(start, model_args.dtype)
-    ref_model = load_policy(args.ref_model_name_or_path, model_args.dtype) if args.ref_model_name_or_path else None
+    model = load(start, dtype=model_args.dtype)
+    ref_model = load(args.ref_model_name_or_path, dtype=model_args.dtype) if args.ref_model_name_or_path else None
     if ref_model is not None and model_args.use_peft:
         logger.warning("ref_model_name_or_path with use_peft: the explicit reference is used, not the base weights")
 
-    # The start policy's figures and replies, before any update (cached for a resumed run).
-    before_path = out / "before.json"
-    before: dict[str, Any] = json.loads(before_path.read_text()) if before_path.exists() else {}
-    if before.get("start") != start:
-        before = {"start": start}
-    if args.eval_num_prompts and "eval" not in before:
-        with gathered_params(model):  # ZeRO-3 loads the model partitioned; every rank runs this
-            before["eval"] = _reusable_before(start, args, seed) or _world_eval(model, tokenizer, args, seed)
-    wr_prompts: list[Any] = []
+    world = world_eval_applies(args.eval_world, args.dataset_name, start) and args.eval_num_prompts > 0
     rm_path = args.reward_model_path
     if args.win_rate_num_prompts and rm_path and not Path(rm_path).exists():
         logger.warning("reward_model_path %s does not exist: win_rate_vs_sft skipped", rm_path)
         rm_path = None
-    if args.win_rate_num_prompts and rm_path:
-        wr_prompts = win_rate_prompts(args, splits)
-        if before.get("win_rate_prompts") != wr_prompts:
-            before["win_rate_prompts"] = wr_prompts
-            with gathered_params(model):
-                before["start_replies"] = _sample(model, tokenizer, wr_prompts, args, seed)
-    if is_main_process():
-        write_json(before_path, before)
+    wr_prompts = win_rate_prompts(args, splits, world) if args.win_rate_num_prompts and rm_path else []
+
+    def evaluate(policy: PreTrainedModel, before: dict | None) -> dict[str, Any]:
+        ev: dict[str, Any] = {}
+        if world:
+            ev |= (before is None and _reusable_before(start, args, seed)) or _world_eval(policy, tokenizer, args, seed)
+        if wr_prompts:
+            ev["replies"] = sample_replies(policy, tokenizer, wr_prompts, args.eval_max_new_tokens, seed)
+        if wr_prompts and before is not None:
+            ev |= judge(rm_path, wr_prompts, before["replies"], ev["replies"])
+        return ev
 
     drop_cb = LogpsDropWarning(args.warn_logps_drop)
-    cbs = [MetricsCallback(out, title=f"{args.trainer} {out.name}"), drop_cb, *(callbacks or [])]
-    trainer = build_trainer(args, model_args, targs, model, tokenizer, splits, cbs, ref_model)
-    t_train = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, targs.resume_from_checkpoint))
-    train_seconds = time.time() - t_train
 
-    trl_eval: dict[str, Any] = {}
-    if trainer.eval_dataset is not None and len(trainer.eval_dataset):
-        trl_eval = trainer.evaluate()
+    def make_trainer():
+        out = Path(targs.output_dir)
+        cbs = [MetricsCallback(out, title=f"{args.trainer} {out.name}"), drop_cb, *(callbacks or [])]
+        return build_trainer(args, model_args, targs, model, tokenizer, splits, cbs, ref_model)
 
-    # Save: the adapter (LoRA) and a standalone model in final/, consolidated from ZeRO-3/FSDP shards.
-    # Every process calls save_final (the gathers are collective); rank 0 evaluates and writes the files.
-    final = save_final(trainer, tokenizer, out / "final", adapter_dir=out / "adapter", merge=args.merge_adapter)
-    if not trainer.is_world_process_zero():
-        return {"train_loss": result.training_loss, "steps": trainer.state.global_step}
-    with zero3_init_disabled():
-        policy = load_policy(str(final), model_args.dtype).to(trainer.args.device).eval()
+    def log(result: StageResult) -> None:
+        result.extra["logps_warnings"] = drop_cb.warnings
+        ev, before = result.eval or {}, result.before or {}
+        if "preferred_rate" in ev and "preferred_rate" in before:
+            compare_plot({"start": before, args.trainer: ev}, result.output_dir / "compare.png",
+                         title=f"{args.trainer}: held-out world prompts")
+        _log_summary(result)
 
-    ev: dict[str, Any] = {}
-    if args.eval_num_prompts:
-        ev = _world_eval(policy, tokenizer, args, seed)
-    if wr_prompts:
-        replies = _sample(policy, tokenizer, wr_prompts, args, seed)
-        scorer = _scorer(rm_path)
-        r_new = scorer.score(wr_prompts, replies)
-        r_old = scorer.score(wr_prompts, before["start_replies"])
-        ev["win_rate_vs_sft"] = win_rate(r_new, r_old)
-        ev["win_rate_num_prompts"] = len(wr_prompts)
-        ev["mean_reward"] = sum(r_new) / len(r_new)
-        ev["mean_reward_sft"] = sum(r_old) / len(r_old)
-        ev["win_rate_samples"] = [
-            {"prompt": p, "sft": a, "dpo": b, "reward_sft": ra, "reward_dpo": rb}
-            for p, a, b, ra, rb in list(zip(wr_prompts, before["start_replies"], replies, r_old, r_new))[:8]
-        ]
-    else:
-        ev["win_rate_vs_sft"] = None
-    if trl_eval:
-        ev["reward_accuracy"] = trl_eval.get("eval_rewards/accuracies")
-        ev["reward_margin"] = trl_eval.get("eval_rewards/margins")
-        ev["trl_eval"] = trl_eval
-    if "eval" in before:
-        ev["before"] = {k: v for k, v in before["eval"].items() if k != "samples"}
-    write_json(out / "eval.json", ev)
-    if "eval" in before and "preferred_rate" in ev:
-        compare_plot({"start": before["eval"], args.trainer: ev}, out / "compare.png",
-                     title=f"{args.trainer}: held-out world prompts")
-
-    summary: dict[str, Any] = {
-        "train_loss": result.training_loss,
-        "train_seconds": round(train_seconds, 1),
-        "wall_seconds": round(time.time() - t0, 1),
-        "steps": trainer.state.global_step,
-        "data": data_info,
-        "logps_warnings": drop_cb.warnings,
-        "eval": ev,
-    }
-    write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "eval"})
-    _log_summary(summary)
-    return summary
+    return run_stage(args.trainer, (args, model_args, targs), make_trainer, tokenizer, start=start,
+                     start_model=model if (world or wr_prompts) else None, evaluate=evaluate, data=data,
+                     trainer_eval=True, save_kwargs={"merge": args.merge_adapter}, log=log)
 
 
-def _log_summary(summary: dict[str, Any]) -> None:
-    ev = summary["eval"]
+def _log_summary(result: StageResult) -> None:
+    ev, b = result.eval or {}, result.before or {}
     parts = []
-    if "preferred_rate" in ev and "before" in ev:
-        b = ev["before"]
+    if "preferred_rate" in ev and "preferred_rate" in b:
         parts.append(
             f"preferred rate {b['preferred_rate']:.3f} -> {ev['preferred_rate']:.3f}, exact match "
             f"{b['exact_match']:.3f} -> {ev['exact_match']:.3f} (sampled {b['exact_match_sampled']:.3f} -> "
@@ -598,31 +277,19 @@ def _log_summary(summary: dict[str, Any]) -> None:
         parts.append(f"win rate vs start {ev['win_rate_vs_sft']:.3f}")
     if ev.get("reward_accuracy") is not None:
         parts.append(f"test reward accuracy {ev['reward_accuracy']:.3f}, margin {ev['reward_margin']:.3f}")
-    logger.info("done in %.0fs (%d steps): %s", summary["wall_seconds"], summary["steps"], "; ".join(parts))
+    logger.info("done in %.0fs (%d steps): %s", result.wall_seconds, result.steps, "; ".join(parts))
 
 
-def _peek_trainer(argv: Sequence[str]) -> str:
-    """The ``trainer`` key (command line over YAML) before full parsing: it picks the config classes."""
-    trainer = "dpo"
-    if argv and not argv[0].startswith("--"):
-        try:
-            data = yaml.safe_load(Path(argv[0]).read_text()) or {}
-            if isinstance(data, dict) and isinstance(data.get("trainer"), str):
-                trainer = data["trainer"]
-        except (OSError, yaml.YAMLError):
-            pass  # parse() reports it with file and line
-    for i, a in enumerate(argv):
-        if a == "--trainer" and i + 1 < len(argv):
-            trainer = argv[i + 1]
-        elif a.startswith("--trainer="):
-            trainer = a.split("=", 1)[1]
+def peek_trainer(argv: Sequence[str]) -> str:
+    """The ``trainer`` key (command line over the config file) before the full parse: it picks the config classes."""
+    trainer = peek(CONFIG_TYPES, argv, "trainer")
     return trainer if trainer in TRAINERS else "dpo"  # an unknown value: DPOArguments names it
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> StageResult:
     setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
-    parsed = parse(config_types(_peek_trainer(argv)), argv)
+    parsed = parse(config_types(peek_trainer(argv)), argv)
     return train(*parsed)
 
 

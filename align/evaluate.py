@@ -19,25 +19,33 @@ before/after figures). ``python -m align.evaluate configs/evaluate.yaml`` runs i
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
 import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from align import rewards as R
+from align import reward_funcs as R
 from align.data import world
-from align.generate import generate, load_causal_lm, load_tokenizer, prompt_ids
-
+from align.generate import generate
+from align.logprobs import sample_with_kl
+from align.models import default_device, load, load_tokenizer
 
 SAMPLES_PER_PROMPT = 8  # sampled replies per held-out prompt: the sampled figures are means over them
+
+
+def world_eval_applies(setting: bool | None, dataset_name: str, model: str) -> bool:
+    """Whether the world's held-out checks say something about this run: ``setting`` where given, else when the
+    data is the world's or the model is align's decoder (a real model's replies are not in the world's format)."""
+    if setting is not None:
+        return setting
+    from align.models import model_type
+
+    return dataset_name == "world" or model_type(model) == "align_decoder"
 
 
 def score_replies(examples: Sequence["world.Example"], replies: Sequence[str]) -> dict[str, Any]:
@@ -123,99 +131,6 @@ def evaluate(
     }
 
 
-@contextlib.contextmanager
-def reference_of(model: torch.nn.Module, ref_path: str | None) -> Iterator[torch.nn.Module]:
-    """The reference policy: the same model with its LoRA adapters disabled, else the start model from disk."""
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield model
-    elif ref_path is None:
-        yield model
-    else:
-        ref = AutoModelForCausalLM.from_pretrained(ref_path).to(next(model.parameters()).device).eval()
-        yield ref
-        del ref
-
-
-@functools.lru_cache(maxsize=None)
-def _takes_position_ids(cls: type) -> bool:  # once per model class: masked_inputs runs on every PPO micro-batch
-    return "position_ids" in inspect.signature(cls.forward).parameters
-
-
-def masked_inputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
-    """Forward kwargs for a left-padded batch: position ids that start at 0 on each row's first real token, as
-    ``generate`` uses, where the model takes them. RoPE models score the same without them; absolute-position
-    ones (GPT-2) need them; some (ALiBi, e.g. BLOOM) take none."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs through
-    kw = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if _takes_position_ids(type(base)):
-        kw["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-    return kw
-
-
-def left_pad(ids: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) token ids and attention mask of token lists left-padded to the longest."""
-    L = max(map(len, ids))
-    q = torch.full((len(ids), L), pad, dtype=torch.long)
-    m = torch.zeros_like(q)
-    for i, x in enumerate(ids):
-        q[i, L - len(x):], m[i, L - len(x):] = torch.tensor(x), 1
-    return q, m
-
-
-def response_logprobs(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """(B, T) log-probs of the response tokens ``input_ids[:, context_length:]`` under ``model``."""
-    logits = model(**masked_inputs(model, input_ids, attention_mask)).logits[:, context_length - 1 : -1]
-    logits = logits.float() / temperature
-    return torch.gather(logits.log_softmax(-1), 2, input_ids[:, context_length:, None]).squeeze(-1)
-
-
-@torch.no_grad()
-def sample_with_kl(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], ref_path: str | None,
-    *, max_new_tokens: int = 32, temperature: float = 1.0, batch_size: int = 50, seed: int = 0,
-) -> tuple[list[str], list[float]]:
-    """Replies sampled at ``temperature`` and each one's KL(policy || reference) estimate: the sum over its
-    tokens of log pi(y_t) - log pi_ref(y_t) (unbiased for samples from pi; 0 when pi == pi_ref)."""
-    torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    replies: list[str] = []
-    kls: list[float] = []
-    batches: list[tuple] = []
-    for s in range(0, len(prompts), batch_size):
-        q, qm = left_pad(prompt_ids(tokenizer, prompts[s : s + batch_size]), pad)
-        q, qm, L = q.to(device), qm.to(device), q.size(1)
-        out = model.generate(input_ids=q, attention_mask=qm, max_new_tokens=max_new_tokens, do_sample=True,
-                             temperature=temperature, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=pad)
-        resp = out[:, L:]
-        rmask = response_mask(resp, tokenizer.eos_token_id)
-        full, fmask = torch.cat([q, resp], 1), torch.cat([qm, rmask], 1)
-        lp = response_logprobs(model, full, fmask, L, temperature)
-        batches.append((full, fmask, L, rmask, lp))
-        replies += [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(resp, rmask)]
-    with reference_of(model, ref_path) as ref:  # from disk once, not per batch
-        for full, fmask, L, rmask, lp in batches:
-            kls += ((lp - response_logprobs(ref, full, fmask, L, temperature)) * rmask).sum(1).tolist()
-    model.train(was_training)
-    return replies, kls
-
-
-def response_mask(responses: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
-    """(B, T) 1 up to and including the first eos of each response, 0 after it."""
-    if eos_token_id is None:
-        return torch.ones_like(responses)
-    is_eos = (responses == eos_token_id).long()
-    after = (is_eos.cumsum(1) - is_eos) > 0  # strictly after the first eos
-    return (~after).long()
-
-
 def evaluate_policy(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[world.Example],
     reward_funcs: Sequence[Any], ref_path: str | None, *, kl_prompts: int = 100, max_new_tokens: int = 32,
@@ -239,16 +154,6 @@ def evaluate_policy(
             ev["mean_rm_reward"] = ev["reward/rm"]
     ev["seconds"] = round(time.time() - t0, 1)
     return ev
-
-
-def eval_reward_funcs(names: Sequence[str], reward_model_path: str | list[str] | None,
-                      length_target: int = 16) -> list[Any]:
-    """The training rewards plus, when a reward model is given, 'rm' (the 'mean RM reward' of the evaluation; an
-    ensemble's plain mean)."""
-    names = list(names)
-    if reward_model_path and "rm" not in names:
-        names.append("rm")
-    return R.build_reward_funcs(names, reward_model_path, length_target=length_target)
 
 
 def compare_plot(results: dict[str, dict[str, Any]], out_png: str | os.PathLike, title: str = "") -> Path:
@@ -299,7 +204,7 @@ class EvaluateArguments:
     )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["correct", "polite"],
-        metadata={"help": "Rewards (align.rewards names) whose means on sampled replies are reported too."},
+        metadata={"help": "Rewards (align.reward_funcs names) whose means on sampled replies are reported too."},
     )
     num_prompts: int = field(default=200, metadata={"help": "Held-out world prompts."})
     kl_prompts: int = field(default=100, metadata={"help": "Of those, prompts whose samples give the KL and rewards."})
@@ -351,14 +256,14 @@ def run(args: EvaluateArguments) -> dict[str, dict[str, Any]]:
         if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
             raise FileNotFoundError(f"models: {label}={path} not found (a model dir, e.g. runs/quickstart/sft/final, "
                                     "or a hub id such as org/name)")
-    reward_funcs = eval_reward_funcs(args.reward_funcs, args.reward_model_path)
+    reward_funcs = R.eval_reward_funcs(args.reward_funcs, args.reward_model_path)
     examples = world.World(args.world_seed, n_heldout=args.num_prompts).eval_prompts(args.num_prompts)
     out = Path(args.output_dir)
     write_config(out, args)
     ref_tok = load_tokenizer(args.reference_model_path) if args.reference_model_path else None
     results: dict[str, dict[str, Any]] = {}
     for label, path in args.labelled():
-        model, tok = load_causal_lm(path)
+        model, tok = load(path, device=default_device()), load_tokenizer(path)
         if ref_tok is not None and tok.get_vocab() != ref_tok.get_vocab():
             raise ValueError(f"models: {label}={path} has another tokenizer than reference_model_path "
                              f"{args.reference_model_path}: the KL compares log-probs of the same tokens")

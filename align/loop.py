@@ -37,24 +37,29 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import itertools
 import json
 import logging
 import os
-import random
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from align.config import parse, run_command
-from align.data import world
+from align.loop_round import (
+    label_with_oracle,
+    policy_dir,
+    queue_comparisons,
+    reward_dirs,
+    train_round,
+    unlabelled,
+    wait_for_labels,
+)
+from align.models import check_exists
 from align.runs import plot_metrics, setup_logging, write_config, write_json
 
 logger = logging.getLogger("align.loop")
 
-ORACLE = "world-oracle"
 SELECTIONS = ("extremes", "uncertainty", "disagreement", "random")
 POLICY_TRAINERS = ("dpo", "ppo", "grpo")
 
@@ -142,204 +147,6 @@ class LoopArguments:
 CONFIG_TYPES = (LoopArguments,)
 
 
-# ----------------------------------------------------------------------------------------------- selection, labels
-
-
-def pick_pair(members: Sequence[Sequence[float]], selection: str, rng: random.Random) -> tuple[int, int]:
-    """Indices (i, j) of the two candidates to compare, from each ensemble member's rewards for them (one row
-    per member): best vs worst, the closest mean rewards, the members' largest disagreement, or a random pair."""
-    scores = [statistics.mean(col) for col in zip(*members)]
-    if selection == "extremes":
-        order = sorted(range(len(scores)), key=scores.__getitem__)
-        return order[-1], order[0]
-    pairs = list(itertools.combinations(range(len(scores)), 2))
-    if selection == "random":
-        return rng.choice(pairs)
-    if selection == "disagreement":
-        return max(pairs, key=lambda p: statistics.pstdev([m[p[0]] - m[p[1]] for m in members]))
-    return min(pairs, key=lambda p: abs(scores[p[0]] - scores[p[1]]))
-
-
-def oracle_choice(example: world.Example, reply_a: str, reply_b: str) -> str:
-    """The simulated annotator: preferred > correct in another style > wrong; 'tie' / 'both_bad' when equal."""
-    ra, rb = world.reward(example, reply_a), world.reward(example, reply_b)
-    if ra == rb:
-        return "both_bad" if ra == 0 else "tie"
-    return "a" if ra > rb else "b"
-
-
-def distinct(replies: Sequence[str]) -> list[str]:
-    """The different replies, in order; without NUL, which the store refuses (PostgreSQL cannot hold it)."""
-    return [r for r in dict.fromkeys(replies) if "\x00" not in r]
-
-
-# ----------------------------------------------------------------------------------------------- one round
-
-
-def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_models: list[Path], out: Path) -> list[dict]:
-    """Steps 1-2: candidates from the policy; per prompt, the pair ``selection`` picks goes to the store."""
-    from align.generate import generate, load_causal_lm
-    from align.grpo import prompt_dataset
-    from align.score import RewardEnsemble
-    from align.store import Store
-
-    n = args.prompts_per_round
-    rows = prompt_dataset(args.dataset_name, k * n, args.seed).to_list()[(k - 1) * n :]  # fresh prompts each round
-    if not rows:
-        raise ValueError(f"{args.dataset_name}: no prompts left for round {k} ({n} per round)")
-    model, tok = load_causal_lm(policy)
-    settings = {"do_sample": True, "temperature": 1.0, "max_new_tokens": args.max_new_tokens}
-    samples = generate(model, tok, [row["prompt"] for row in rows], num_return_sequences=args.candidates_per_prompt,
-                       seed=args.seed + k, **settings)
-    del model
-    candidates = [(row, distinct(rs)) for row, rs in zip(rows, samples)]
-    candidates = [(row, rs) for row, rs in candidates if len(rs) >= 2]  # identical samples: nothing to compare
-    selection = args.selection
-    if selection == "disagreement" and len(reward_models) == 1:  # round 0's judge is one model: nothing to disagree
-        logger.warning("round %d: one reward model (%s), so 'uncertainty' picks this round's pairs", k, reward_models[0])
-        selection = "uncertainty"
-    scorer = RewardEnsemble(reward_models)
-    flat = scorer.score_members([row["prompt"] for row, rs in candidates for _ in rs],
-                                [r for _, rs in candidates for r in rs]).tolist()  # (members, candidates)
-    rng, queued, start = random.Random(f"{args.seed}:{k}"), [], 0
-    with Store(args.store_url).init() as store:
-        for row, rs in candidates:
-            members, start = [m[start : start + len(rs)] for m in flat], start + len(rs)
-            i, j = pick_pair(members, selection, rng)
-            margins = [m[i] - m[j] for m in members]
-            margin, disagreement = abs(statistics.mean(margins)), statistics.pstdev(margins)
-            pid = store.add_prompt(row["prompt"], source=source(k))
-            ra, rb = (store.add_response(pid, rs[x], model=str(policy), settings=settings) for x in (i, j))
-            priority = disagreement if selection == "disagreement" else -margin
-            cid = store.add_comparison(pid, ra, rb, priority=priority, source=source(k))
-            queued.append({"comparison_id": cid, "row": row, "a": rs[i], "b": rs[j], "margin": margin,
-                           "disagreement": disagreement})
-    write_json(out / "comparisons.json", queued)
-    return queued
-
-
-def label_with_oracle(args: LoopArguments, queued: list[dict]) -> dict[str, int]:
-    """Step 3 with ``labeller: world``: the rule checker labels each queued comparison once."""
-    from align.store import Store
-
-    counts: dict[str, int] = {}
-    with Store(args.store_url).init() as store:
-        store.ensure_annotator(ORACLE, kind="rule")
-        for q in queued:
-            if store.labels(q["comparison_id"], annotator=ORACLE):
-                continue  # labelled before a restart
-            row = q["row"]  # the checker reads only the task and the reference answer
-            ex = world.Example(str(q["comparison_id"]), row["task"], row["prompt"][-1]["content"], row["answer"],
-                               "train")
-            choice = oracle_choice(ex, q["a"], q["b"])
-            store.submit_label(q["comparison_id"], ORACLE, choice)
-            counts[choice] = counts.get(choice, 0) + 1
-    return counts
-
-
-def labellers(args: LoopArguments, store) -> set[str]:
-    """Whose labels a round waits for and trains on: the simulated annotator's, or every human's."""
-    if args.labeller == "world":
-        return {ORACLE}
-    return {a["name"] for a in store.list_annotators() if a["kind"] == "human"}
-
-
-def unlabelled(args: LoopArguments, queued: list[dict]) -> int:
-    """Queued comparisons that no labeller of this loop has labelled yet (a skip is no label)."""
-    from align.store import Store
-
-    with Store(args.store_url).init() as store:
-        who = labellers(args, store)
-        return sum(not any(lab.annotator in who and lab.choice != "skip" for lab in store.labels(q["comparison_id"]))
-                   for q in queued)
-
-
-def wait_for_labels(args: LoopArguments, k: int, queued: list[dict], waiting: int) -> int:
-    """``wait_for_labels``: poll the store until round k is labelled (0) or ``wait_minutes`` pass (what is left)."""
-    deadline = time.monotonic() + 60 * args.wait_minutes
-    logger.info("round %d: waiting for %d labels in %s (up to %g min)", k, waiting, args.store_url, args.wait_minutes)
-    while waiting and time.monotonic() < deadline:
-        time.sleep(min(args.poll_seconds, max(deadline - time.monotonic(), 0)))
-        left = unlabelled(args, queued)
-        if left != waiting:
-            logger.info("round %d: %d of %d comparisons still need a label", k, left, len(queued))
-        waiting = left
-    return waiting
-
-
-def export_pairs(args: LoopArguments, queued: list[dict], out: Path) -> int:
-    """Round k's comparisons whose labels (by this loop's labellers) have a winner -> ``out/pairs.jsonl``, what
-    DPO trains on; how many. By id, not by source: a comparison the store already had (the same two replies)
-    keeps its first source and its old labels, which count only if they are this loop's labellers'."""
-    from align.store import Store
-
-    with Store(args.store_url).init() as store:
-        who = labellers(args, store)
-        if not who:  # (an empty list would select every annotator)
-            return 0
-        done = store.export(out / "pairs.jsonl", comparison_ids=[q["comparison_id"] for q in queued],
-                            annotators=sorted(who))
-    return done["files"][str(out / "pairs.jsonl")]
-
-
-def source(k: int) -> str:
-    return f"loop-round-{k}"
-
-
-# ----------------------------------------------------------------------------------------------- the loop
-
-
-def train_round(args: LoopArguments, k: int, queued: list[dict], policy: Path, out: Path) -> dict[str, Any]:
-    """Steps 4-5: a new RM on every label in the store, then the policy's step (DPO on round k's pairs, or RL
-    against the new RM); their figures."""
-    from align import dpo, grpo, ppo, reward
-
-    pairs = export_pairs(args, queued, out)
-    if not pairs and args.policy_trainer == "dpo":
-        raise ValueError(f"round {k}: no comparison has a winner (all ties or both bad); nothing to train on")
-    judges = reward_dirs(args, out)
-    rm_summaries = [reward.main([
-        str(Path(args.configs_dir) / "reward.yaml"), "--output_dir", str(d.parent),
-        "--model_name_or_path", args.reward_base_path, "--store_url", args.store_url,
-        "--seed", str(args.seed + m), *(["--bootstrap", "true"] if m else []),
-    ]) for m, d in enumerate(judges)]
-    rm_summary = rm_summaries[0]
-    common = [str(Path(args.configs_dir) / f"{args.policy_trainer}.yaml"), "--output_dir", str(policy_dir(args, out)),
-              "--model_name_or_path", str(policy), "--seed", str(args.seed)]
-    if args.policy_trainer == "dpo":  # the round's RM judges the win rate
-        summary = dpo.main([
-            *common, "--reward_model_path", str(judges[0]), "--dataset_name", str(out / "pairs.jsonl"),
-            "--max_steps", "-1", "--num_train_epochs", str(args.dpo_epochs), "--warmup_steps", "0",
-            "--learning_rate", str(args.dpo_learning_rate),
-        ])
-    else:  # RLHF proper: the reward model the labels just made is the only reward
-        rl = {"ppo": ppo, "grpo": grpo}[args.policy_trainer]
-        rm = str(judges[0]) if len(judges) == 1 else json.dumps([str(d) for d in judges])
-        summary = rl.main([*common, "--reward_model_path", rm, "--rm_uncertainty_penalty",
-                           str(args.rm_uncertainty_penalty), "--reward_funcs", "[rm]", "--reward_weights", "[1.0]",
-                           *(["--dataset_name", args.dataset_name] if args.dataset_name != "world" else [])])
-    ev, before = summary["eval"], summary["eval"].get("before") or {}
-    keys = ("exact_match", "exact_match_sampled", "maj_at_k", "preferred_rate")
-    return {
-        "pairs": pairs,
-        "policy": {key: ev.get(key) for key in keys} | {"win_rate_vs_previous": ev.get("win_rate_vs_sft")},
-        "reward": {key: rm_summary["eval"].get(key) for key in ("accuracy", "accuracy_style", "accuracy_correctness")},
-        **({"reward_ensemble": [{key: x["eval"].get(key) for key in ("accuracy", "accuracy_correctness")}
-                                for x in rm_summaries]} if len(rm_summaries) > 1 else {}),
-        "start": {key: before.get(key) for key in keys},
-    }
-
-
-def policy_dir(args: LoopArguments, out: Path) -> Path:
-    """Where round ``out``'s policy step writes (its ``final/`` is the next round's policy)."""
-    return out / args.policy_trainer
-
-
-def reward_dirs(args: LoopArguments, out: Path) -> list[Path]:
-    """Round ``out``'s reward models (the next round's judges): ``reward/final``, then ``reward_<m>/final``."""
-    return [out / (f"reward_{m}" if m else "reward") / "final" for m in range(args.reward_ensemble)]
-
-
 def log_round(root: Path, k: int, r: dict[str, Any], selection: str) -> None:
     """One metrics.jsonl row per round (0 = the start) and loop.png over them."""
     with open(root / "metrics.jsonl", "a") as f:
@@ -394,9 +201,9 @@ def _run(args: LoopArguments) -> dict[str, Any]:
     policy = Path(args.policy_path)
     rm = [Path(p) for p in ([args.reward_model_path] if isinstance(args.reward_model_path, str)
                             else args.reward_model_path)]
-    for path, make in ((policy, "make quickstart (dpo/final)"), *((p, "make quickstart (reward/final)") for p in rm)):
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: make it with `{make}`")
+    check_exists(policy, "policy_path")
+    for p in rm:
+        check_exists(p, "reward_model_path", "reward model")
     for other in POLICY_TRAINERS:
         done = sorted(root.glob(f"round_*/{other}/final"))
         if other != args.policy_trainer and done:

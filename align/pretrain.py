@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 from trl import ModelConfig
 
 from align.config import parse, run_command
 from align.data.world import World
-from align.generate import load_tokenizer
+from align.models import load, load_tokenizer
 from align.model import DecoderConfig, DecoderForCausalLM
 from align.distributed import save_final
 from align.runs import MetricsCallback, resume_checkpoint, setup_logging, write_config, write_json
@@ -86,7 +86,7 @@ def load_corpus(args: PretrainArguments) -> list[str]:
 
 def build_model(args: PretrainArguments, model_args: ModelConfig, tokenizer) -> torch.nn.Module:
     if model_args.model_name_or_path:
-        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=model_args.dtype)
+        return load(model_args.model_name_or_path, dtype=model_args.dtype)
     cfg = dict(args.model_config or {})
     cfg.setdefault("max_position_embeddings", args.block_size)
     config = DecoderConfig(

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from align.config import parse, run_command
+from align.config import configure, parse, run_command
 from align.runs import setup_logging, write_config, write_json
 
 logger = logging.getLogger("align.quickstart")
@@ -65,11 +65,13 @@ class QuickstartArguments:
 CONFIG_TYPES = (QuickstartArguments,)
 
 
-def _stage_argv(q: QuickstartArguments, stage: str, **overrides: Any) -> list[str]:
-    argv = [str(Path(q.configs_dir) / f"{stage}.yaml"), "--output_dir", str(Path(q.output_dir) / stage)]
-    for k, v in (q.stage_args.get(stage, {}) | overrides).items():
-        argv += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
-    return argv
+def stage_configs(q: QuickstartArguments, name: str, **keys: Any) -> tuple:
+    """Stage ``name``'s configs: configs/<name>.yaml, its stage_args, then the quickstart's output dir and ``keys``."""
+    from importlib import import_module
+
+    types = import_module(f"align.{name}").CONFIG_TYPES
+    return configure(types, Path(q.configs_dir) / f"{name}.yaml",
+                     **(q.stage_args.get(name, {}) | {"output_dir": str(Path(q.output_dir) / name)} | keys))
 
 
 def run(q: QuickstartArguments) -> dict[str, Any]:
@@ -79,7 +81,6 @@ def run(q: QuickstartArguments) -> dict[str, Any]:
     d = {s: root / s for s in STAGES}
     report_path = root / "report.json"
     report: dict[str, Any] = json.loads(report_path.read_text()) if report_path.exists() and not q.overwrite else {}
-    seed = {"seed": q.seed}
 
     def stage(name: str, fn: Callable[[], Any], done: Path) -> None:
         if name not in q.stages:
@@ -95,21 +96,24 @@ def run(q: QuickstartArguments) -> dict[str, Any]:
         report.setdefault("stage_seconds", {})[name] = round(time.time() - s, 1)
         write_json(report_path, report)
 
+    def configs(name: str, **keys: Any) -> tuple:
+        return stage_configs(q, name, **keys)
+
     def run_tokenizer():
         from align import tokenizer
 
-        tokenizer.main(_stage_argv(q, "tokenizer"))
+        tokenizer.train_tokenizer(*configs("tokenizer"))
 
     def run_pretrain():
         from align import pretrain
 
-        pretrain.main(_stage_argv(q, "pretrain", tokenizer_name_or_path=str(d["tokenizer"]), **seed))
+        pretrain.train(*configs("pretrain", tokenizer_name_or_path=str(d["tokenizer"]), seed=q.seed))
 
     def run_sft():
         from align import sft
 
-        summary = sft.main(_stage_argv(q, "sft", model_name_or_path=str(d["pretrain"] / "final"), **seed))
-        report["sft"] = _figures(summary["eval"])
+        result = sft.train(*configs("sft", model_name_or_path=str(d["pretrain"] / "final"), seed=q.seed))
+        report["sft"] = _figures(result.eval)
         report["pretrain"] = _figures(_eval_pretrained(d["pretrain"] / "final", q.seed))
 
     def run_store():
@@ -118,40 +122,34 @@ def run(q: QuickstartArguments) -> dict[str, Any]:
     def run_reward():
         from align import reward
 
-        summary = reward.main(
-            _stage_argv(q, "reward", model_name_or_path=str(d["sft"] / "final"), store_url=q.store_url, **seed)
-        )
-        report["reward"] = {k: v for k, v in summary["eval"].items() if k.startswith("accuracy") or k == "mean_margin"}
+        result = reward.train(*configs("reward", model_name_or_path=str(d["sft"] / "final"), store_url=q.store_url,
+                                       seed=q.seed))
+        report["reward"] = {k: v for k, v in result.eval.items() if k.startswith("accuracy") or k == "mean_margin"}
 
     def run_dpo():
         from align import dpo
 
-        summary = dpo.main(
-            _stage_argv(
-                q, "dpo", model_name_or_path=str(d["sft"] / "final"), store_url=q.store_url,
-                reward_model_path=str(d["reward"] / "final"), **seed,
-            )
-        )
-        report["dpo"] = _figures(summary["eval"]) | {"win_rate_vs_sft": summary["eval"].get("win_rate_vs_sft")}
+        result = dpo.train(*configs("dpo", model_name_or_path=str(d["sft"] / "final"), store_url=q.store_url,
+                                    reward_model_path=str(d["reward"] / "final"), seed=q.seed))
+        report["dpo"] = _figures(result.eval) | {"win_rate_vs_sft": result.eval.get("win_rate_vs_sft")}
 
     def run_rl(name: str):
         from importlib import import_module
 
         policy = d["dpo" if q.grpo_from == "dpo" and (d["dpo"] / "final").exists() else "sft"] / "final"
-        summary = import_module(f"align.{name}").main(
-            _stage_argv(q, name, model_name_or_path=str(policy), reward_model_path=str(d["reward"] / "final"), **seed)
-        )
-        report[name] = _figures(summary["eval"]) | {"start": str(policy)}
-        sampled, sft = summary["eval"].get("exact_match_sampled"), report.get("sft", {}).get("exact_match_sampled")
+        result = import_module(f"align.{name}").train(*configs(
+            name, model_name_or_path=str(policy), reward_model_path=str(d["reward"] / "final"), seed=q.seed))
+        report[name] = _figures(result.eval) | {"start": str(policy)}
+        sampled, sft = result.eval.get("exact_match_sampled"), report.get("sft", {}).get("exact_match_sampled")
         if sampled is not None and sft is not None:  # RL's yardstick: the gain over SFT's sampled EM (docs/rl.md)
             report[name]["exact_match_sampled_vs_sft"] = round(sampled - sft, 4)
 
     def run_loop():
         from align import loop
 
-        summary = loop.main(_stage_argv(
-            q, "loop", policy_path=str(d["dpo"] / "final"), reward_model_path=str(d["reward"] / "final"),
-            reward_base_path=str(d["sft"] / "final"), store_url=q.store_url, **seed,
+        summary = loop.run(*configs(
+            "loop", policy_path=str(d["dpo"] / "final"), reward_model_path=str(d["reward"] / "final"),
+            reward_base_path=str(d["sft"] / "final"), store_url=q.store_url, seed=q.seed,
         ))
         report["loop"] = {k: r["policy"] | {"rm_correctness": r["reward"]["accuracy_correctness"]}
                           for k, r in summary["rounds"].items()}
@@ -187,25 +185,19 @@ def fill_store(q: QuickstartArguments, policy: Path, out: Path, n_candidates: in
     """Put the world's rule-labelled pairs in the store (the labels the RM and DPO train on), and
     pairs of SFT candidates for annotators to label in the app."""
     from align.data.world import World
-    from align.generate import generate, load_causal_lm
+    from align.generate import generate
+    from align.models import default_device, load, load_tokenizer
     from align.store import Store
 
     w = World(seed=q.seed)
     with Store(q.store_url).init() as store:
         report = store.import_pairs(w.preference_pairs(), source="world", labeller="world-rule", labeller_kind="rule")
-        model, tok = load_causal_lm(policy)
+        model, tok = load(policy, device=default_device()), load_tokenizer(policy)
         prompts = [ex.prompt for ex in w.rl_prompts(n_candidates)]
         settings = {"do_sample": True, "temperature": 1.0, "max_new_tokens": 32}
         replies = generate(model, tok, prompts, num_return_sequences=2, seed=q.seed, **settings)
-        queued = 0
-        for prompt, (a, b) in zip(prompts, replies):
-            if a == b:  # nothing to compare
-                continue
-            pid = store.add_prompt(prompt, source="quickstart")
-            ra = store.add_response(pid, a, model=str(policy), settings=settings)
-            rb = store.add_response(pid, b, model=str(policy), settings=settings)
-            store.add_comparison(pid, ra, rb, source="quickstart")
-            queued += 1
+        queued = sum(store.add_candidates(prompt, a, b, model_a=str(policy), settings=settings,
+                                          source="quickstart") is not None for prompt, (a, b) in zip(prompts, replies))
     summary = {"pairs_imported": report.new_labels, "comparisons_queued": queued, "url": q.store_url}
     write_json(out / "done.json", summary)
     return summary
@@ -219,9 +211,9 @@ def _figures(ev: dict[str, Any]) -> dict[str, Any]:
 def _eval_pretrained(path: Path, seed: int) -> dict[str, Any]:
     """The pretrained-only model on the same held-out prompts, to show what SFT added."""
     from align.evaluate import evaluate
-    from align.generate import load_causal_lm
+    from align.models import default_device, load, load_tokenizer
 
-    model, tok = load_causal_lm(path)
+    model, tok = load(path, device=default_device()), load_tokenizer(path)
     ev = evaluate(model, tok, seed=seed)
     write_json(path.parent / "eval.json", ev)
     return ev

@@ -23,81 +23,58 @@ the world's held-out prompts (``accuracy_style``, ``accuracy_correctness``, ``ac
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import random
-import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification
 from trl import ModelConfig, RewardConfig, RewardTrainer, get_peft_config
 
 from align.config import parse, run_command
-from align.data.world import STYLE_TEMPLATES, World, render
-from align.generate import load_tokenizer
-from align.distributed import save_final, zero3_init_disabled
-from align.runs import MetricsCallback, resume_checkpoint, setup_logging, write_config, write_json
-from align.score import HEAD_FILE, encode, score_ids
+from align.data.formats import DataError
+from align.data.prompts import as_messages
+from align.evaluate import world_eval_applies
+from align.models import HEAD_FILE, check_exists, load, load_tokenizer, model_type
+from align.preferences import PreferenceDataArguments, load_preferences
+from align.reward_eval import calibration_plot, evaluate_world, margin_metrics, pair_margins
+from align.runs import MetricsCallback, setup_logging, write_json
+from align.score import encode
+from align.stage import StageResult, run_stage
 
 logger = logging.getLogger("align.reward")
 
-MARGIN_BUCKETS = (0.0, 0.5, 1.0, 2.0, 4.0, math.inf)  # |r_chosen - r_rejected| bucket edges
 LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
-class RewardArguments:
-    dataset_name: str = field(
-        default="store",
-        metadata={"help": "'store' (labelled pairs exported from store_url), 'world' (the built-in world's pairs), "
-                  "a preference file the store can import (.json/.jsonl(.gz), any supported format) or a datasets dir."},
+class RewardArguments(PreferenceDataArguments):
+    test_fraction: float = field(
+        default=0.1, metadata={"help": "Share of prompts held out (by a hash of the prompt), in [0, 1).",
+                               "aliases": ["test_size"]}
     )
-    store_url: str = field(
-        default="sqlite:///data/preferences.db", metadata={"help": "Preference store read when dataset_name=store."}
-    )
-    min_labels: int = field(default=1, metadata={"help": "Store: drop comparisons with fewer non-skip votes."})
-    min_agreement: float = field(
-        default=0.0, metadata={"help": "Store: drop comparisons whose majority share is below this (0-1)."}
-    )
-    annotator_kinds: list[str] | None = field(
-        default=None, metadata={"help": "Store: only labels of these annotator kinds (human, ai, rule); default all."}
-    )
-    annotators: list[str] | None = field(
-        default=None, metadata={"help": "Store: only labels of these annotator names; default all."}
-    )
-    sources: list[str] | None = field(default=None, metadata={"help": "Store: only comparisons from these sources."})
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer dir; defaults to model_name_or_path's."}
     )
-    world_seed: int = field(default=0, metadata={"help": "Seed of the built-in world (dataset_name=world, eval_world)."})
-    test_size: float = field(
-        default=0.1, metadata={"help": "Share of prompts held out (split by a hash of the prompt), in [0, 1)."}
-    )
-    split_seed: str = field(default="", metadata={"help": "Salt of the prompt-hash split (same rule as the store's)."})
     margin: str = field(
         default="none",
         metadata={"help": "Margin in the loss: 'none', 'scores' (score_chosen - score_rejected of the records, "
                   "times margin_scale) or the name of a numeric record field."},
     )
     margin_scale: float = field(default=1.0, metadata={"help": "Multiplier of the margin."})
-    skip_bad: bool = field(
-        default=False, metadata={"help": "Files: skip unreadable records (counted) instead of stopping at the first."}
-    )
     max_train_pairs: int = field(default=0, metadata={"help": "Use at most this many training pairs (0 = all)."})
     bootstrap: bool = field(
         default=False,
         metadata={"help": "Train on a bootstrap resample of the training pairs (as many, drawn with replacement, "
                           "seeded by seed): a member of a reward-model ensemble (align.score.RewardEnsemble)."},
     )
-    eval_world: bool = field(
-        default=True, metadata={"help": "Also evaluate on pairs built from the built-in world's held-out prompts."}
+    eval_world: bool | None = field(
+        default=None,
+        metadata={"help": "Also evaluate on pairs built from the built-in world's held-out prompts. Default: when "
+                          "the data is the world's or the model is align's decoder (the world's checks say nothing "
+                          "about a real model's replies)."},
     )
     eval_world_prompts: int = field(default=300, metadata={"help": "Held-out world prompts (a style and a "
                                                                    "correctness pair each)."})
@@ -110,40 +87,20 @@ class RewardArguments:
     )
 
     def __post_init__(self):
-        if not 0 <= self.test_size < 1:
-            raise ValueError(f"test_size must be in [0, 1), got {self.test_size}")
-        if self.min_labels < 1:
-            raise ValueError(f"min_labels must be >= 1, got {self.min_labels}")
-        if not 0 <= self.min_agreement <= 1:
-            raise ValueError(f"min_agreement must be in [0, 1], got {self.min_agreement}")
+        super().__post_init__()
         if self.eval_world_prompts < 0 or self.max_train_pairs < 0:
             raise ValueError("eval_world_prompts and max_train_pairs must be >= 0")
         if self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        if self.margin != "none" and self.dataset_name in ("store", "world"):
+            raise ValueError(f"margin needs per-pair scores or fields; {self.dataset_name}'s pairs have none "
+                             "(use margin: none)")
 
 
 CONFIG_TYPES = (RewardArguments, ModelConfig, RewardConfig)
 
 
 # ------------------------------------------------------------------------------------------ data
-def prompt_hash(prompt: list[dict]) -> str:
-    """sha256 of the prompt messages, canonical JSON: the store's ``content_hash`` of a prompt."""
-    canon = json.dumps(prompt, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
-
-
-def split_of(prompt: list[dict], test_size: float, seed: str = "") -> str:
-    """'test' for a ``test_size`` share of prompts (the store's rule, so both paths split alike)."""
-    if test_size <= 0:
-        return "train"
-    h = int(hashlib.sha256(f"{seed}{prompt_hash(prompt)}".encode()).hexdigest()[:12], 16) / 16**12
-    return "test" if h < test_size else "train"
-
-
-def _as_msgs(x: Any, role: str) -> list[dict]:
-    return [{"role": role, "content": x}] if isinstance(x, str) else list(x)
-
-
 def _margin_of(pref: dict, raw: dict, args: RewardArguments, where: str) -> float:
     from align.data.formats import DataError
 
@@ -159,59 +116,8 @@ def _margin_of(pref: dict, raw: dict, args: RewardArguments, where: str) -> floa
 
 def load_pairs(args: RewardArguments) -> tuple[dict[str, list[dict]], dict[str, Any]]:
     """``({"train": pairs, "test": pairs}, info)``; pairs are conversational ``{prompt, chosen, rejected}``."""
-    info: dict[str, Any] = {"source": args.dataset_name}
-    rows: list[dict] = []
-    if args.dataset_name == "store":
-        from align.store import Store
-
-        if args.margin != "none":
-            raise ValueError("margin needs per-pair scores or fields; the store's export has none (use margin: none)")
-        url = args.store_url
-        if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-            raise FileNotFoundError(
-                f"store {url}: no such database; fill it (python -m align.store import FILE, or the quickstart) "
-                "or train on --dataset_name world / a preference file"
-            )
-        store = Store(url)
-        try:
-            splits, rep = store.export_rows(
-                min_labels=args.min_labels, min_agreement=args.min_agreement, test_fraction=args.test_size,
-                seed=args.split_seed, kinds=args.annotator_kinds, annotators=args.annotators, sources=args.sources,
-            )
-        finally:
-            store.close()
-        info["store"] = {"url": url, **rep["report"]}
-        if not splits["train"]:
-            raise ValueError(f"store {url}: no labelled pairs to train on after aggregation ({rep['report']})")
-        return splits, info
-    if args.dataset_name == "world":
-        if args.margin != "none":
-            raise ValueError("the world's pairs have no margins (use margin: none)")
-        rows = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in World(args.world_seed).preference_pairs()]
-    else:
-        from align.data.formats import DataError, location, read_records, to_preference
-
-        skipped = []
-        for key, rec in read_records(args.dataset_name):
-            where = location(args.dataset_name, key)
-            try:
-                pref = to_preference(rec, where)
-                row = {k: pref[k] for k in ("prompt", "chosen", "rejected")}
-                if args.margin != "none":
-                    row["margin"] = _margin_of(pref, rec, args, where)
-            except DataError as e:
-                if not args.skip_bad:
-                    raise
-                skipped.append(str(e))
-                continue
-            rows.append(row)
-        info["unreadable"] = len(skipped)
-        if skipped:
-            logger.warning("skipped %d unreadable records, first: %s", len(skipped), skipped[0])
-    splits = {"train": [], "test": []}
-    for r in rows:
-        splits[split_of(r["prompt"], args.test_size, args.split_seed)].append(r)
-    return splits, info
+    extra = None if args.margin == "none" else lambda p, r, w: {"margin": _margin_of(p, r, args, w)}
+    return load_preferences(args, extra=extra)
 
 
 def clean_pairs(pairs: list[dict], tokenizer, max_length: int | None) -> tuple[list[dict], Counter]:
@@ -219,8 +125,8 @@ def clean_pairs(pairs: list[dict], tokenizer, max_length: int | None) -> tuple[l
     pairs get ``chosen_ids``/``rejected_ids`` (tokenized once, by ``align.score.encode``, as TRL would)."""
     kept, dropped = [], Counter()
     for p in pairs:
-        prompt, chosen = _as_msgs(p["prompt"], "user"), _as_msgs(p["chosen"], "assistant")
-        rejected = _as_msgs(p["rejected"], "assistant")
+        prompt, chosen = as_messages(p["prompt"]), as_messages(p["chosen"], "assistant")
+        rejected = as_messages(p["rejected"], "assistant")
         if chosen == rejected:
             dropped["identical"] += 1
             continue
@@ -235,141 +141,6 @@ def clean_pairs(pairs: list[dict], tokenizer, max_length: int | None) -> tuple[l
                      "chosen_ids": ids_c, "rejected_ids": ids_r})
     return kept, dropped
 
-
-def world_heldout_pairs(seed: int, n: int) -> list[dict]:
-    """A style pair and a correctness pair for each of the world's first ``n`` held-out prompts, made
-    as ``World.preference_pairs`` makes training pairs (style: helpful vs terse/rude, both correct;
-    correctness: same style and template, correct vs wrong)."""
-    world = World(seed)
-    rng = random.Random(f"{seed}:rm-heldout-pairs")
-    pairs = []
-    for ex in world.eval_prompts(n):
-        prompt = [{"role": "user", "content": ex.prompt}]
-        other = rng.choice(("terse", "rude"))
-        pairs.append({"prompt": prompt, "kind": "style", "task": ex.task,
-                      "chosen": [{"role": "assistant", "content": render(ex, "helpful", True, rng)}],
-                      "rejected": [{"role": "assistant", "content": render(ex, other, True, rng)}]})
-        style = rng.choice(tuple(STYLE_TEMPLATES))
-        t = rng.randrange(len(STYLE_TEMPLATES[style]))
-        pairs.append({"prompt": prompt, "kind": "correctness", "task": ex.task,
-                      "chosen": [{"role": "assistant", "content": render(ex, style, True, rng, template=t)}],
-                      "rejected": [{"role": "assistant", "content": render(ex, style, False, rng, template=t)}]})
-    return pairs
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-def pair_margins(model, tokenizer, pairs: list[dict], batch_size: int = 64, max_length: int | None = None) -> list[float]:
-    """r(chosen) - r(rejected) per pair, scored as ``align.score.RewardScorer`` scores (left-cut to max_length)."""
-    ids = []
-    for p in pairs:
-        for side in ("chosen", "rejected"):
-            x = p.get(f"{side}_ids") or encode(tokenizer, p["prompt"], p[side])
-            ids.append(x[-max_length:] if max_length else x)
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.pad_token_id
-    was_training = model.training
-    model.eval()
-    try:
-        r = score_ids(model, ids, pad, batch_size)
-    finally:
-        model.train(was_training)
-    return [r[2 * i] - r[2 * i + 1] for i in range(len(pairs))]
-
-
-def margin_metrics(margins: list[float], n_bins: int = 10) -> dict[str, Any]:
-    """Accuracy, mean margin, accuracy by |margin| bucket and calibration of P(chosen) = sigmoid(margin).
-
-    Calibration (a reliability diagram for pairs): the confidence of a pair is sigmoid(|margin|) in
-    [0.5, 1], the probability the model gives to the side it prefers; binned, it is compared with the
-    share of pairs where that side is the chosen one. ``ece``: the count-weighted mean |gap|."""
-    n = len(margins)
-    if n == 0:
-        return {"pairs": 0}
-    correct = [m > 0 for m in margins]
-    out: dict[str, Any] = {
-        "pairs": n,
-        "accuracy": sum(correct) / n,
-        "ties": sum(m == 0 for m in margins),
-        "mean_margin": sum(margins) / n,
-        "loss": sum(-_logsigmoid(m) for m in margins) / n,
-    }
-    buckets = []
-    for lo, hi in zip(MARGIN_BUCKETS, MARGIN_BUCKETS[1:]):
-        sel = [c for m, c in zip(margins, correct) if lo <= abs(m) < hi]
-        buckets.append({"abs_margin": f"[{lo:g}, {hi:g})", "pairs": len(sel),
-                        "accuracy": sum(sel) / len(sel) if sel else None})
-    out["accuracy_by_margin"] = buckets
-    bins = []
-    ece = 0.0
-    for b in range(n_bins):
-        lo, hi = 0.5 + 0.5 * b / n_bins, 0.5 + 0.5 * (b + 1) / n_bins
-        sel = [(_sigmoid(abs(m)), c) for m, c in zip(margins, correct) if lo <= _sigmoid(abs(m)) < hi or (b == n_bins - 1 and _sigmoid(abs(m)) >= hi)]
-        if not sel:
-            continue
-        conf = sum(s for s, _ in sel) / len(sel)
-        acc = sum(c for _, c in sel) / len(sel)
-        ece += len(sel) / n * abs(conf - acc)
-        bins.append({"confidence": [round(lo, 3), round(hi, 3)], "pairs": len(sel), "mean_confidence": conf,
-                     "accuracy": acc})
-    out["calibration"] = bins
-    out["ece"] = ece
-    return out
-
-
-def _sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
-
-
-def _logsigmoid(x: float) -> float:
-    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
-
-
-def calibration_plot(curves: dict[str, dict[str, Any]], png: str | Path) -> Path | None:
-    """Reliability diagram: mean confidence sigmoid(|margin|) vs observed accuracy, one line per eval set."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = {k: v for k, v in curves.items() if v.get("calibration")}
-    if not curves:
-        return None
-    fig, (ax, hx) = plt.subplots(1, 2, figsize=(9, 3.8))
-    ax.plot([0.5, 1], [0.5, 1], "k--", linewidth=0.8, label="perfect")
-    for name, m in curves.items():
-        cal = m["calibration"]
-        ax.plot([c["mean_confidence"] for c in cal], [c["accuracy"] for c in cal], marker="o",
-                label=f"{name} (acc {m['accuracy']:.3f}, ECE {m['ece']:.3f})")
-        hx.bar([sum(c["confidence"]) / 2 for c in cal], [c["pairs"] for c in cal], width=0.045, alpha=0.5, label=name)
-    ax.set_xlabel("predicted P(preferred side) = sigmoid(|margin|)")
-    ax.set_ylabel("observed accuracy")
-    ax.set_xlim(0.5, 1.0)
-    ax.set_ylim(0.0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("reward model calibration", fontsize=10)
-    hx.set_title("pairs per confidence bin", fontsize=10)
-    hx.set_xlabel("sigmoid(|margin|)")
-    hx.legend(fontsize=7)
-    fig.tight_layout()
-    png = Path(png)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
-
-
-def evaluate_world(model, tokenizer, seed: int, n: int, batch_size: int = 64, max_length: int | None = None) -> dict[str, Any]:
-    pairs = world_heldout_pairs(seed, n)
-    margins = pair_margins(model, tokenizer, pairs, batch_size, max_length)
-    out = margin_metrics(margins)
-    for kind in ("style", "correctness"):
-        sel = [m for m, p in zip(margins, pairs) if p["kind"] == kind]
-        out[f"accuracy_{kind}"] = sum(m > 0 for m in sel) / len(sel)
-        out[f"mean_margin_{kind}"] = sum(sel) / len(sel)
-    by_task: dict[str, list[bool]] = {}
-    for m, p in zip(margins, pairs):
-        by_task.setdefault(f"{p['kind']}/{p['task']}", []).append(m > 0)
-    out["accuracy_by_task"] = {k: sum(v) / len(v) for k, v in sorted(by_task.items())}
-    return out
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -394,7 +165,8 @@ def response_token_id(tokenizer) -> int:
     if not ids or ids[-1] not in tokenizer.all_special_ids:
         raise ValueError(
             f"score_loglik: the chat template's generation prompt does not end in a special token (it ends in "
-            f"{tokenizer.convert_ids_to_tokens(ids[-1:])}), so the response start cannot be found; use score_loglik: false"
+            f"{tokenizer.convert_ids_to_tokens(ids[-1:])}), so the response start cannot be found; "
+            "use score_loglik: false"
         )
     return ids[-1]
 
@@ -402,38 +174,21 @@ def response_token_id(tokenizer) -> int:
 def head_kwargs(path: str, tokenizer, score_loglik: bool = False) -> dict[str, Any]:
     """Config keys of the reward head: one output, the tokenizer's pad id and, with ``score_loglik``, the
     response log-likelihood term of align's decoder (DecoderConfig.score_loglik)."""
-    from transformers import AutoConfig
-
     kw: dict[str, Any] = {"num_labels": 1, "pad_token_id": tokenizer.pad_token_id}
     if score_loglik:
-        model_type = AutoConfig.from_pretrained(path).model_type
-        if model_type != "align_decoder":  # the shipped config turns it on; other models keep the linear head
-            logger.warning("score_loglik applies to align's decoder only; %s is %r: linear score head", path, model_type)
+        kind = model_type(path)
+        if kind != "align_decoder":  # the shipped config turns it on; other models keep the linear head
+            logger.warning("score_loglik applies to align's decoder only; %s is %r: linear score head", path, kind)
             return kw
         kw |= {"score_loglik": True, "response_token_id": response_token_id(tokenizer)}
     return kw
 
 
-def load_model(model_args: ModelConfig, head: dict[str, Any]):
-    """A sequence-classification model with the head config ``head`` (``head_kwargs``); from a causal LM
-    dir, the ``score`` head is new."""
-    return AutoModelForSequenceClassification.from_pretrained(
-        model_args.model_name_or_path, dtype=model_args.dtype or "float32", **head
-    )
-
-
 # ------------------------------------------------------------------------------------------ train
-def train(args: RewardArguments, model_args: ModelConfig, training_args: RewardConfig) -> dict[str, Any]:
-    t0 = time.time()
-    if not model_args.model_name_or_path:
-        raise ValueError("reward needs model_name_or_path: an SFT/pretrain run's final/ dir or any HF model dir")
-    tokenizer = load_tokenizer(args.tokenizer_name_or_path or model_args.model_name_or_path)
-    torch.manual_seed(training_args.seed)
-    head = head_kwargs(model_args.model_name_or_path, tokenizer, args.score_loglik)
-    model = load_model(model_args, head)
-    out = Path(training_args.output_dir)
-    write_config(out, args, model_args, training_args)
-
+def train(args: RewardArguments, model_args: ModelConfig, training_args: RewardConfig) -> StageResult:
+    start = check_exists(model_args.model_name_or_path)
+    args.check_data()
+    tokenizer = load_tokenizer(args.tokenizer_name_or_path or start)
     splits, info = load_pairs(args)
     max_length = training_args.max_length
     train_pairs, dropped_train = clean_pairs(splits["train"], tokenizer, max_length)
@@ -443,7 +198,7 @@ def train(args: RewardArguments, model_args: ModelConfig, training_args: RewardC
     if args.bootstrap:  # each ensemble member sees another resample of the same labels
         rng = random.Random(f"{training_args.seed}:bootstrap")
         train_pairs = [rng.choice(train_pairs) for _ in train_pairs]
-    data_report = {
+    data = {
         **info,
         "train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
         "distinct_train_pairs": len({id(p) for p in train_pairs}),
@@ -455,73 +210,76 @@ def train(args: RewardArguments, model_args: ModelConfig, training_args: RewardC
         if d:
             logger.warning("%s: dropped %s", name, dict(d))
     if not train_pairs:
-        raise ValueError(f"no training pairs left after dropping bad pairs: {data_report}")
-    logger.info("reward model on %d train / %d test pairs from %s", len(train_pairs), len(test_pairs), args.dataset_name)
+        raise DataError(f"no training pairs left after dropping bad pairs: {data}")
+    logger.info("reward model on %d train / %d test pairs from %s", len(train_pairs), len(test_pairs),
+                args.dataset_name)
 
+    torch.manual_seed(training_args.seed)
+    head = head_kwargs(start, tokenizer, args.score_loglik)
+    model = load(start, "reward", dtype=model_args.dtype or "float32", **head)
     peft_config = lora_config(model_args, model) if model_args.use_peft else None
     columns = ["chosen_ids", "rejected_ids"] + (["margin"] if args.margin != "none" else [])  # pre-tokenized
-    to_ds = lambda ps: Dataset.from_list([{k: p[k] for k in columns} for p in ps])  # noqa: E731
-    trainer = RewardTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=to_ds(train_pairs),
-        eval_dataset=to_ds(test_pairs) if test_pairs and training_args.eval_strategy != "no" else None,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[MetricsCallback(out, title=f"reward {out.name}")],
-    )
-    n_params = sum(p.numel() for p in trainer.model.parameters())
-    n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    logger.info("%.2fM params, %.2fM trained%s", n_params / 1e6, n_train / 1e6, " (LoRA + score head)" if peft_config else "")
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, training_args.resume_from_checkpoint))
-    train_seconds = time.time() - t0
 
-    # final/: a standalone seq-cls model (LoRA merged, score head kept), consolidated under ZeRO-3/FSDP
-    final = save_final(trainer, tokenizer, out / "final", adapter_dir=out / "adapter",
-                       auto_class=AutoModelForSequenceClassification, **head)
-    if peft_config is not None and trainer.is_world_process_zero():
-        write_json(out / "adapter" / HEAD_FILE, head)  # what the adapter's base needs to take its score head
-    if not trainer.is_world_process_zero():
-        return {"train_loss": result.training_loss}
-    with zero3_init_disabled():
-        model = AutoModelForSequenceClassification.from_pretrained(str(final)).to(trainer.args.device).eval()
+    def to_ds(pairs: list[dict]) -> Dataset:
+        return Dataset.from_list([{k: p[k] for k in columns} for p in pairs])
 
-    ev: dict[str, Any] = {}
-    curves: dict[str, dict[str, Any]] = {}
-    if test_pairs:
-        m = pair_margins(model, tokenizer, test_pairs, args.eval_batch_size, max_length)
-        ev = margin_metrics(m)
-        curves["held-out split"] = ev
-    if args.eval_world:
-        w = evaluate_world(model, tokenizer, args.world_seed, args.eval_world_prompts, args.eval_batch_size, max_length)
-        ev["world"] = w
-        ev["accuracy_world"] = w["accuracy"]
-        ev["accuracy_style"] = w["accuracy_style"]
-        ev["accuracy_correctness"] = w["accuracy_correctness"]
-        curves["world held-out prompts"] = w
-        if not test_pairs:
-            ev.setdefault("accuracy", w["accuracy"])
-            ev.setdefault("mean_margin", w["mean_margin"])
-    ev["data"] = data_report
-    plot = calibration_plot(curves, out / "calibration.png")
-    if plot:
-        ev["calibration_png"] = str(plot)
-    write_json(out / "eval.json", ev)
-    logger.info(
-        "held-out accuracy %s, world: style %s correctness %s",
-        _fmt(ev.get("accuracy")), _fmt(ev.get("accuracy_style")), _fmt(ev.get("accuracy_correctness")),
-    )
-    summary = {"train_loss": result.training_loss, "params": n_params, "trained_params": n_train,
-               "train_seconds": round(train_seconds, 1), "data": data_report, "eval": ev}
-    write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "eval"})
-    return summary
+    def make_trainer() -> RewardTrainer:
+        out = training_args.output_dir
+        trainer = RewardTrainer(
+            model=model, args=training_args, train_dataset=to_ds(train_pairs),
+            eval_dataset=to_ds(test_pairs) if test_pairs and training_args.eval_strategy != "no" else None,
+            processing_class=tokenizer, peft_config=peft_config,
+            callbacks=[MetricsCallback(out, title=f"reward {out}")],
+        )
+        n_params = sum(p.numel() for p in trainer.model.parameters())
+        n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        data.update(params=n_params, trained_params=n_train)
+        logger.info("%.2fM params, %.2fM trained%s", n_params / 1e6, n_train / 1e6,
+                    " (LoRA + score head)" if peft_config else "")
+        return trainer
+
+    eval_world = world_eval_applies(args.eval_world, args.dataset_name, start) and args.eval_world_prompts > 0
+
+    def evaluate(rm, before) -> dict[str, Any]:
+        ev: dict[str, Any] = {}
+        curves: dict[str, dict[str, Any]] = {}
+        if test_pairs:
+            ev = margin_metrics(pair_margins(rm, tokenizer, test_pairs, args.eval_batch_size, max_length))
+            curves["held-out split"] = ev
+        if eval_world:
+            w = evaluate_world(rm, tokenizer, args.world_seed, args.eval_world_prompts, args.eval_batch_size,
+                               max_length)
+            ev |= {"world": w, "accuracy_world": w["accuracy"], "accuracy_style": w["accuracy_style"],
+                   "accuracy_correctness": w["accuracy_correctness"]}
+            curves["world held-out prompts"] = w
+            if not test_pairs:
+                ev.setdefault("accuracy", w["accuracy"])
+                ev.setdefault("mean_margin", w["mean_margin"])
+        ev["data"] = data
+        plot = calibration_plot(curves, f"{training_args.output_dir}/calibration.png")
+        if plot:
+            ev["calibration_png"] = str(plot)
+        logger.info("held-out accuracy %s, world: style %s correctness %s", _fmt(ev.get("accuracy")),
+                    _fmt(ev.get("accuracy_style")), _fmt(ev.get("accuracy_correctness")))
+        return ev
+
+    def save(trainer, final):
+        from align.distributed import save_final
+
+        final = save_final(trainer, tokenizer, final, adapter_dir=final.parent / "adapter", **head)
+        if peft_config is not None and trainer.is_world_process_zero():
+            write_json(final.parent / "adapter" / HEAD_FILE, head)  # what the adapter's base needs for its head
+        return final
+
+    return run_stage("reward", (args, model_args, training_args), make_trainer, tokenizer, start=start,
+                     evaluate=evaluate, head="reward", data=data, save=save)
 
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> StageResult:
     setup_logging()
     return train(*parse(CONFIG_TYPES, argv))
 

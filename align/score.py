@@ -23,20 +23,22 @@ the response is where the reward is read) and are counted in ``scorer.truncated`
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 import align.model  # noqa: F401  (registers the Auto classes for our decoder)
-from align.generate import as_messages, default_device, load_tokenizer
+from align.config import parse_verb, run_command
+from align.data.prompts import as_messages
+from align.models import default_device, load, load_tokenizer
 
 logger = logging.getLogger("align.score")
 
@@ -47,7 +49,6 @@ HOW_TO_MAKE = (
 )
 
 
-HEAD_FILE = "reward_head.json"  # beside a LoRA reward adapter (align.reward writes it): its base's head config keys
 
 
 class NotARewardModel(ValueError):
@@ -117,22 +118,12 @@ def check_reward_model(path: str | os.PathLike) -> None:
 def load_reward_model(
     path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A reward model (merged if a LoRA adapter dir) in eval mode and its tokenizer."""
+    """A reward model (checked to be one; merged if a LoRA adapter dir) in eval mode, and its tokenizer."""
     check_reward_model(path)
-    p = Path(path)
-    if (p / "adapter_config.json").exists():
-        from peft import AutoPeftModelForSequenceClassification
-
-        head = json.loads((p / HEAD_FILE).read_text()) if (p / HEAD_FILE).exists() else {}
-        head.setdefault("num_labels", 1)
-        model = AutoPeftModelForSequenceClassification.from_pretrained(str(p), dtype=dtype, **head)
-        model = model.merge_and_unload()
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(p), dtype=dtype)
-    tokenizer = load_tokenizer(p)
+    tokenizer = load_tokenizer(path, "reward_model_path")
+    model = load(path, "reward", dtype=dtype, device=device or default_device(), key="reward_model_path")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(device or default_device()).eval()
     return model, tokenizer
 
 
@@ -217,7 +208,8 @@ class RewardScorer:
             ids = ids[-self.max_length :]
         return ids
 
-    def score(self, prompts: str | Messages | Sequence[str | Messages], responses: str | Sequence[str | Messages]) -> list[float]:
+    def score(self, prompts: str | Messages | Sequence[str | Messages],
+              responses: str | Sequence[str | Messages]) -> list[float]:
         """One reward per (prompt, response); a single prompt is broadcast over the responses."""
         if isinstance(responses, str):
             responses = [responses]
@@ -324,36 +316,53 @@ def _pair_of(rec: dict, where: str) -> tuple[Any, Any]:
     raise DataError(f"{where}: need 'prompt' + 'response'/'completion' (or 'messages'); record has {sorted(rec)}")
 
 
+@dataclass(kw_only=True)
+class _Scoring:
+    model: list[str] = field(metadata={"help": "reward model dir (a reward run's final/); several: an ensemble, "
+                                               "scored by its mean reward (and its std as reward_std)"})
+    input: str | None = field(default=None, metadata={"help": "JSONL/JSON file: prompt + response|completion (or "
+                                                              "messages); for rank: prompt + responses (a list)"})
+    output: str | None = field(default=None, metadata={"help": "output JSONL (default: stdout)"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)"})
+    batch_size: int = field(default=32, metadata={"help": "pairs per forward pass"})
+    max_length: int | None = field(default=None, metadata={"help": "keep the last max_length tokens of a pair"})
+
+    def __post_init__(self):
+        self.model = [self.model] if isinstance(self.model, str) else self.model
+
+
+@dataclass(kw_only=True)
+class ScoreArgs(_Scoring):
+    """score (prompt, response) pairs: adds "reward" (and "reward_std" for an ensemble)"""
+
+    prompt: str | None = field(default=None, metadata={"help": "score one pair: the prompt text"})
+    response: str | None = field(default=None, metadata={"help": "score one pair: the response text"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.input is None and (self.prompt is None or self.response is None):
+            raise ValueError("give --input FILE, or --prompt and --response")
+
+
+@dataclass(kw_only=True)
+class RankArgs(_Scoring):
+    """best-of-n: sort each record's responses by reward, best first"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.input is None:
+            raise ValueError("rank needs --input FILE")
+
+
+VERBS = {"score": ScoreArgs, "rank": RankArgs}
+
+
 def main(argv: list[str] | None = None) -> Any:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    mode = "score"
-    if argv and argv[0] in ("rank", "score"):
-        mode = argv.pop(0)
-    ap = argparse.ArgumentParser(
-        prog=f"python -m align.score{' rank' if mode == 'rank' else ''}",
-        description="Score (prompt, response) pairs with a reward model"
-        if mode == "score" else "Best-of-n: sort each record's responses by reward",
-    )
-    ap.add_argument("--model", required=True, nargs="+",
-                    help="reward model dir (a reward run's final/); several: an ensemble, scored by its mean reward "
-                         "(and its std as reward_std)")
-    ap.add_argument("--input", help="JSONL/JSON file: prompt + response|completion (or messages); "
-                    "for rank: prompt + responses (a list)")
-    ap.add_argument("--output", help="output JSONL (default: stdout)")
-    if mode == "score":
-        ap.add_argument("--prompt", help="score one pair: the prompt text")
-        ap.add_argument("--response", help="score one pair: the response text")
-    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    ap.add_argument("--batch-size", "--batch_size", type=int, default=32)
-    ap.add_argument("--max-length", "--max_length", type=int, default=None)
-    a = ap.parse_args(argv)
+    mode, a = run_command(parse_verb, VERBS, argv, prog="python -m align.score", about=__doc__.split("\n\n")[0],
+                          default="score")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    if mode == "score" and a.input is None and (a.prompt is None or a.response is None):
-        ap.error("give --input FILE, or --prompt and --response")
-    if mode == "rank" and a.input is None:
-        ap.error("rank needs --input FILE")
     try:
         kw = {"device": a.device, "batch_size": a.batch_size, "max_length": a.max_length}
         scorer = RewardEnsemble(a.model, **kw)  # one dir: a one-member ensemble
@@ -391,7 +400,7 @@ def main(argv: list[str] | None = None) -> Any:
                 flat_p += [rec["prompt"]] * len(resps)
                 flat_r += resps
             rewards = scorer.score(flat_p, flat_r)
-            for (where, rec), (s, k) in zip(recs, spans):
+            for (_, rec), (s, k) in zip(recs, spans):
                 ranked = sorted(zip(rec["responses"], rewards[s : s + k]), key=lambda t: -t[1])
                 out = {key: v for key, v in rec.items() if key != "responses"}
                 out["responses"] = [{"response": t, "reward": r} for t, r in ranked]

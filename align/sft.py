@@ -15,17 +15,16 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from align.config import parse, run_command
 from align.data.formats import location, read_records, to_conversation
 from align.data.world import World
-from align.distributed import save_final, zero3_init_disabled
 from align.evaluate import evaluate
-from align.generate import load_causal_lm, load_tokenizer
-from align.runs import MetricsCallback, resume_checkpoint, setup_logging, write_config, write_json
+from align.models import check_exists, load, load_tokenizer
+from align.runs import MetricsCallback, setup_logging
+from align.stage import StageResult, log_figures, run_stage
 
 logger = logging.getLogger("align.sft")
 
@@ -97,63 +96,45 @@ class PackedRowsCollator(DataCollatorForLanguageModeling):
         return batch
 
 
-def train(args: SFTArguments, model_args: ModelConfig, training_args: SFTConfig) -> dict[str, Any]:
-    if not model_args.model_name_or_path:
-        raise ValueError("sft needs model_name_or_path: a pretrain run's final/ dir or any HF causal LM")
-    tokenizer = load_tokenizer(args.tokenizer_name_or_path or model_args.model_name_or_path)
-    torch.manual_seed(training_args.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=model_args.dtype)
-    out = Path(training_args.output_dir)
-    write_config(out, args, model_args, training_args)
-
+def train(args: SFTArguments, model_args: ModelConfig, training_args: SFTConfig) -> StageResult:
+    start = check_exists(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(args.tokenizer_name_or_path or start)
     dataset = load_dataset(args)
+    torch.manual_seed(training_args.seed)
+    model = load(start, dtype=model_args.dtype)
     truncated = count_truncated(dataset, tokenizer, training_args.max_length)
     if truncated:
         logger.warning(
             "%d of %d conversations are longer than max_length=%d and are truncated",
             truncated, len(dataset), training_args.max_length,
         )
-    trainer = SFTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-        callbacks=[MetricsCallback(out, title=f"sft {out.name}")],
+
+    def make_trainer() -> SFTTrainer:
+        out = Path(training_args.output_dir)
+        trainer = SFTTrainer(
+            model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
+            peft_config=get_peft_config(model_args), callbacks=[MetricsCallback(out, title=f"sft {out.name}")],
+        )
+        flash = "flash" in str(trainer.model.config._attn_implementation)
+        if training_args.packing and trainer.padding_free and not flash:
+            trainer.data_collator = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id)
+            logger.info("packing: %d conversations in %d rows of <= %d tokens, no attention across conversations",
+                        len(dataset), len(trainer.train_dataset), training_args.max_length)
+        return trainer
+
+    def evaluate_world(policy, before):
+        return evaluate(policy, tokenizer, num_prompts=args.eval_num_prompts,
+                        max_new_tokens=args.eval_max_new_tokens, seed=training_args.seed)
+
+    return run_stage(
+        "sft", (args, model_args, training_args), make_trainer, tokenizer, start=start,
+        evaluate=evaluate_world if args.eval_num_prompts else None,
+        data={"examples": len(dataset), "truncated": truncated},
+        log=lambda r: log_figures(r, ("exact_match", "exact_match_sampled", "preferred_rate")),
     )
-    if training_args.packing and trainer.padding_free and "flash" not in str(trainer.model.config._attn_implementation):
-        trainer.data_collator = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id)
-        logger.info("packing: %d conversations in %d rows of <= %d tokens, no attention across conversations",
-                    len(dataset), len(trainer.train_dataset), training_args.max_length)
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, training_args.resume_from_checkpoint))
-    # final/: one ordinary HF dir, consolidated from ZeRO-3/FSDP shards, LoRA merged (adapter in adapter/).
-    # Every process calls save_final (the gathers are collective); rank 0 writes, evaluates, writes the files.
-    final = save_final(trainer, tokenizer, out / "final", adapter_dir=out / "adapter")
-    if not trainer.is_world_process_zero():
-        return {"train_loss": result.training_loss}
-    with zero3_init_disabled():
-        model, _ = load_causal_lm(final, device=trainer.args.device)
-
-    summary: dict[str, Any] = {
-        "train_loss": result.training_loss,
-        "examples": len(dataset),
-        "truncated": truncated,
-    }
-    if args.eval_num_prompts:
-        summary["eval"] = evaluate(
-            model, tokenizer, num_prompts=args.eval_num_prompts, max_new_tokens=args.eval_max_new_tokens,
-            seed=training_args.seed,
-        )
-        write_json(out / "eval.json", summary["eval"])
-        logger.info(
-            "held-out exact match %.3f (sampled %.3f), preferred rate %.3f",
-            summary["eval"]["exact_match"], summary["eval"]["exact_match_sampled"], summary["eval"]["preferred_rate"],
-        )
-    write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "eval"})
-    return summary
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> StageResult:
     setup_logging()
     return train(*parse(CONFIG_TYPES, argv))
 

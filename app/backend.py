@@ -260,10 +260,10 @@ class Backend:
         key = str(p.resolve())
         with self._models_lock:
             if key not in self._models:
-                from align.generate import load_causal_lm  # lazy: torch is heavy
+                from align.models import default_device, load, load_tokenizer  # lazy: torch is heavy
 
                 try:
-                    self._models[key] = load_causal_lm(str(p))
+                    self._models[key] = (load(p, device=default_device(), key="models"), load_tokenizer(p, "models"))
                 except Exception as e:
                     raise AppError(f"Could not load the model in {path}: {type(e).__name__}: {e}") from e
             return self._models[key]

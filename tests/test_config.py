@@ -123,10 +123,68 @@ def test_every_shipped_config_parses(capsys):
         module = importlib.import_module("app.main" if command == "app" else command)
         types_ = module.CONFIG_TYPES
         if hasattr(module, "config_types"):  # align.dpo: the trainer key picks KTOConfig, CPOConfig, ...
-            types_ = module.config_types(module._peek_trainer([str(path)]))
+
+            types_ = module.config_types(module.peek_trainer([str(path)]))
         parse(types_, [str(path)])
         with pytest.raises(SystemExit) as e:  # and --help lists the command's own keys
             parse(types_, [str(path), "--help"])
         assert e.value.code == 0
         own = types_[0]
         assert f"{own.__name__} (" in capsys.readouterr().out, path
+
+
+# ------------------------------------------------------------------ old names, kebab-case, verbs
+@dataclass
+class Renamed:
+    store_min_labels: int = field(default=1, metadata={"help": "labels a pair needs", "aliases": ["min_labels"]})
+    max_new_tokens: int = 16
+    do_sample: bool = False
+
+
+def test_an_old_name_works_with_a_warning_naming_the_new(tmp_path, caplog):
+    (a,) = parse([Renamed], [write(tmp_path, "min_labels: 3\n")])
+    assert a.store_min_labels == 3
+    assert "c.yaml:1: 'min_labels' is deprecated, use 'store_min_labels'" in caplog.text
+    caplog.clear()
+    (a,) = parse([Renamed], ["--min_labels", "4"])
+    assert a.store_min_labels == 4 and "'--min_labels' is deprecated, use '--store_min_labels'" in caplog.text
+    (a,) = parse([Renamed], [write(tmp_path, "min_labels: 3\n"), "--store_min_labels", "5"])  # command line wins
+    assert a.store_min_labels == 5
+
+
+def test_an_old_name_and_the_new_together_is_an_error_naming_both(tmp_path):
+    with pytest.raises(ConfigError, match=r"command line: 'min_labels' and 'store_min_labels' are the same key"):
+        parse([Renamed], ["--min_labels", "2", "--store_min_labels", "3"])
+    with pytest.raises(ConfigError, match=r"c\.yaml:2: 'store_min_labels' and 'min_labels' are the same key"):
+        parse([Renamed], [write(tmp_path, "store_min_labels: 2\nmin_labels: 3\n")])
+
+
+def test_kebab_case_works_with_a_warning(caplog):
+    (a,) = parse([Renamed], ["--max-new-tokens", "7", "--do-sample", "--min-labels", "2"])
+    assert (a.max_new_tokens, a.do_sample, a.store_min_labels) == (7, True, 2)
+    assert "'--max-new-tokens' is deprecated, use '--max_new_tokens'" in caplog.text
+    assert "'--min-labels' is deprecated, use '--store_min_labels'" in caplog.text
+    with pytest.raises(ConfigError, match="'max-new-tokens' and 'max_new_tokens' are the same key"):
+        parse([Renamed], ["--max-new-tokens", "7", "--max_new_tokens", "8"])
+    with pytest.raises(ConfigError, match=r"unknown key 'max-new-tokenz' \(did you mean"):
+        parse([Renamed], ["--max-new-tokenz", "7"])
+
+
+def test_options_go_anywhere_and_text_keys_are_verbatim(tmp_path):
+    path = write(tmp_path, "max_length: 64\n")
+    args, = parse([Args], ["--ratio", "0.25", path, "--dataset_name", "Q: 3 + 4?", "--tags", "a", "b"])
+    assert (args.max_length, args.ratio, args.dataset_name, args.tags) == (64, 0.25, "Q: 3 + 4?", ["a", "b"])
+    (a,) = parse([Renamed], ["--do_sample", write(tmp_path, "max_new_tokens: 9\n")])  # a bare flag, then the file
+    assert a.do_sample is True and a.max_new_tokens == 9
+    (a,) = parse([Renamed], ["--do_sample", "false"])
+    assert a.do_sample is False
+
+
+def test_peek_reads_one_key_from_the_command_line_or_the_file(tmp_path):
+    from align.config import peek
+
+    path = write(tmp_path, "max_new_tokens: 9\nmin_labels: 2\n")
+    assert peek([Renamed], ["--do_sample", path], "max_new_tokens") == 9  # the file after a bare flag
+    assert peek([Renamed], [path, "--max-new-tokens", "3"], "max_new_tokens") == 3  # the command line wins
+    assert peek([Renamed], [path], "store_min_labels") == 2  # under its old name
+    assert peek([Renamed], [path], "do_sample") is None and peek([Renamed], ["nowhere.yaml"], "do_sample") is None

@@ -263,7 +263,7 @@ def test_save_final_writes_merged_standalone_lora_model(lm_dir, tmp_path):
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from align.distributed import save_final
-    from align.generate import load_tokenizer
+    from align.models import load_tokenizer
 
     torch.manual_seed(0)
     tok = load_tokenizer(lm_dir)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from align import generate as G
 from align import score
+from align.models import load, load_tokenizer
 
 
 def test_generate_then_rank_best_of_n(tiny_lm_dir, tiny_rm_dir, tmp_path, capsys):
@@ -18,7 +20,7 @@ def test_generate_then_rank_best_of_n(tiny_lm_dir, tiny_rm_dir, tmp_path, capsys
             "--do_sample", "--max_new_tokens", "6", "--seed", "1", "--device", "cpu"])
     rows = [json.loads(line) for line in cands.read_text().splitlines()]
     assert [r["id"] for r in rows] == [0, 1] and all(len(r["responses"]) == 3 for r in rows)
-    model, tok = G.load_causal_lm(tiny_lm_dir, device="cpu")
+    model, tok = load(tiny_lm_dir, device="cpu"), load_tokenizer(tiny_lm_dir)
     same = G.generate(model, tok, prompts, max_new_tokens=6, do_sample=True, num_return_sequences=3, seed=1)
     assert [r["responses"] for r in rows] == same  # the library's replies, seeded alike
 
@@ -41,3 +43,94 @@ def test_generate_bad_input_names_the_line(tiny_lm_dir, tmp_path, capsys):
     assert f"{inp}:2: need a 'prompt'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # several greedy replies would be one reply n times
         G.main(["--model", tiny_lm_dir, "--prompt", "hi", "--num_return_sequences", "2"])
+
+
+# ------------------------------------------------------------------ fast path (static cache + CUDA graph)
+def _left_padded(vocab: int, pad: int, device="cpu"):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, vocab, (4, 11), generator=g)
+    mask = torch.ones_like(ids)
+    for row, n_pad in enumerate((0, 3, 7, 1)):  # rows of different lengths, left-padded
+        mask[row, :n_pad] = 0
+    return ids.masked_fill(mask == 0, pad).to(device), mask.to(device)
+
+
+def _fast_vs_hf(model, device="cpu", cuda_graph=None):
+    from align.fastgen import fast_generate
+
+    ids, mask = _left_padded(model.config.vocab_size, 0, device)
+    kw = dict(attention_mask=mask, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, max_new_tokens=20, min_new_tokens=20, **kw)[:, ids.shape[1]:]
+    got = fast_generate(model, ids, mask, max_new_tokens=20, cuda_graph=cuda_graph)
+    assert torch.equal(got, ref), (got, ref)
+    # stop ids: rows end at their first stop token and pad after it, as HF generate does
+    stop = [int(ref[0, 4]), int(ref[2, 9])]
+    ref = model.generate(ids, max_new_tokens=20, eos_token_id=stop, **kw)[:, ids.shape[1]:]
+    got = fast_generate(model, ids, mask, max_new_tokens=20, eos_token_id=stop, sync_every=3, cuda_graph=cuda_graph)
+    assert torch.equal(got[:, : ref.shape[1]], ref) and (got[:, ref.shape[1]:] == 0).all()
+    first = int(torch.isin(got[0], torch.tensor(stop, device=got.device)).nonzero()[0])  # row 0 stops by step 4
+    assert first <= 4 and (got[0, first + 1 :] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["tiny_lm_dir", "tiny_llama_dir"])
+def test_fast_generate_greedy_equals_hf_generate(name, request):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(name)).eval()
+    _fast_vs_hf(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_fast_generate_cuda_graph_equals_hf_generate(tiny_lm_dir, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from align.fastgen import fast_generate
+
+    for d in (tiny_lm_dir, tiny_llama_dir):
+        model = AutoModelForCausalLM.from_pretrained(d).cuda().eval()  # fp32: no argmax flips from rounding
+        _fast_vs_hf(model, "cuda", cuda_graph=True)
+        # bf16: HF's kernels may round differently (another SDPA backend for its masks), so the replayed graph
+        # is checked against the same loop run eagerly, which launches the very same kernels
+        model = model.to(torch.bfloat16)
+        ids, mask = _left_padded(model.config.vocab_size, 0, "cuda")
+        graph = fast_generate(model, ids, mask, max_new_tokens=24, cuda_graph=True)
+        assert torch.equal(graph, fast_generate(model, ids, mask, max_new_tokens=24, cuda_graph=False))
+
+
+def test_fast_generate_sampling(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    from align.fastgen import fast_generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    ids, mask = _left_padded(model.config.vocab_size, 0)
+    greedy = fast_generate(model, ids, mask, max_new_tokens=8)
+    assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=8, do_sample=True, top_k=1), greedy)
+    assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=8, do_sample=True, top_p=1e-6), greedy)
+    runs = [fast_generate(model, ids, mask, max_new_tokens=8, do_sample=True, temperature=5.0,
+                          generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    assert not torch.equal(runs[0], greedy)  # at temperature 5 over a 400-token vocabulary
+
+
+def test_generate_fast_path_gives_the_plain_replies(tiny_lm_dir, tiny_llama_dir):
+    from align.fastgen import supports_fast_generate
+    from align.model import DecoderConfig, DecoderForCausalLM
+
+    prompts = ["What is 3 + 4?", "Hi", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"}]]
+    for d in (tiny_lm_dir, tiny_llama_dir):
+        model, tok = G.load_causal_lm(d, device="cpu")
+        assert supports_fast_generate(model)
+        plain = G.generate(model, tok, prompts, max_new_tokens=10, fast=False)
+        assert G.generate(model, tok, prompts, max_new_tokens=10, fast=True) == plain
+        assert G.generate(model, tok, prompts, max_new_tokens=10) == plain  # CPU default: HF generate
+    moe = DecoderForCausalLM(DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, num_experts=2))
+    assert not supports_fast_generate(moe)  # routing needs the 2D padding mask: HF generate
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1)
+    assert supports_fast_generate(Qwen2ForCausalLM(Qwen2Config(**kw)))
+    sliding = Qwen2Config(**kw, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    assert not supports_fast_generate(Qwen2ForCausalLM(sliding))  # sliding layers need their own mask

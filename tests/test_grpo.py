@@ -24,8 +24,8 @@ torch.set_num_threads(1)
 def tiny_dirs() -> dict[str, str]:
     """A small project tokenizer, a tiny random DecoderForCausalLM and a tiny reward model, saved once."""
     import align.model  # noqa: F401
-    from align.generate import load_tokenizer
     from align.model import DecoderConfig, DecoderForCausalLM, DecoderForSequenceClassification
+    from align.models import load_tokenizer
     from align.tokenizer import TokenizerArguments, train_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="align-rl-tests-"))
@@ -59,7 +59,7 @@ def grpo_config(tmp_path, **kw):
 
 
 def world_dataset(n=16):
-    from align.grpo import prompt_dataset
+    from align.rl import prompt_dataset
 
     return prompt_dataset("world", n, 0)
 
@@ -68,8 +68,8 @@ def grpo_trainer(tmp_path, reward_funcs, **kw):
     from transformers import AutoModelForCausalLM
     from trl import GRPOTrainer
 
-    from align.generate import load_tokenizer
-    from align.rewards import build_reward_funcs
+    from align.models import load_tokenizer
+    from align.reward_funcs import build_reward_funcs
 
     d = tiny_dirs()
     return GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(d["policy"]),
@@ -94,8 +94,8 @@ def test_group_advantages_zero_mean(tmp_path):
 
 
 def test_kl_zero_at_step_zero(tmp_path):
-    from align.generate import load_tokenizer
-    from align.evaluate import sample_with_kl
+    from align.logprobs import sample_with_kl
+    from align.models import load_tokenizer
 
     trainer = grpo_trainer(tmp_path, [low_half], beta=0.1, max_steps=1)
     trainer.train()
@@ -137,12 +137,12 @@ def test_grpo_command_with_lora_rm_and_eval(tmp_path):
         "--max_completion_length", "6", "--save_steps", "1", "--num_prompts", "32", "--eval_num_prompts", "12",
         "--eval_kl_prompts", "6", "--eval_max_new_tokens", "6", "--seed", "0",
     ])
-    ev = summary["eval"]
+    ev = summary.eval
     keys = ["exact_match", "exact_match_sampled", "preferred_rate", "kl_to_reference", "reward/correct",
             "reward/polite"] + (["mean_rm_reward"] if has_rm else [])
     for k in keys:
-        assert k in ev and k in ev["before"], k
-    assert abs(ev["before"]["kl_to_reference"]) < 1e-6
+        assert k in ev and k in summary.before, k
+    assert abs(summary.before["kl_to_reference"]) < 1e-6
     assert json.loads((out / "eval.json").read_text())["before"] is not None
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("rewards/correct/mean" in r and "frac_reward_zero_std" in r for r in rows)
@@ -153,7 +153,8 @@ def test_grpo_command_with_lora_rm_and_eval(tmp_path):
 
 def test_grpo_command_without_rm_on_fresh_words(tmp_path):
     from align.data.world import fresh_words
-    from align.grpo import main, prompt_dataset
+    from align.grpo import main
+    from align.rl import prompt_dataset
 
     d = tiny_dirs()
     summary = main([
@@ -162,7 +163,7 @@ def test_grpo_command_without_rm_on_fresh_words(tmp_path):
         "--max_completion_length", "4", "--num_prompts", "16", "--eval_num_prompts", "4", "--eval_kl_prompts", "2",
         "--eval_max_new_tokens", "4", "--eval_before", "false", "--world_fresh_words", "100",
     ])
-    assert summary["eval"]["before"] is None and "exact_match" in summary["eval"]
+    assert summary.before is None and "exact_match" in summary.eval
     rows = prompt_dataset("world", 90, 0, fresh_words=100).to_list()
     assert {"task", "answer"} <= set(rows[0])
     words = {w.strip("?.:") for r in rows for w in r["prompt"][0]["content"].split()}
@@ -190,7 +191,7 @@ def test_use_vllm_without_vllm_fails_before_any_work(tmp_path):
 
 
 def test_failing_reward_names_reward_and_sample(tmp_path):
-    from align.rewards import RewardError
+    from align.reward_funcs import RewardError
 
     def flaky(prompts, completions, completion_ids=None, **kw):
         return [float("nan")] + [1.0] * (len(completions) - 1)

@@ -10,34 +10,34 @@ from pathlib import Path
 import pytest
 import yaml
 
-from align import loop
+from align import loop, loop_round
 from align.data import world
 
 
 def test_pick_pair():
     scores = [[0.1, 2.0, -1.5, 0.3]]  # one reward model
-    assert loop.pick_pair(scores, "extremes", random.Random(0)) == (1, 2)     # best vs worst
-    assert loop.pick_pair(scores, "uncertainty", random.Random(0)) == (0, 3)  # |0.1 - 0.3| is the smallest
-    i, j = loop.pick_pair(scores, "random", random.Random(0))
+    assert loop_round.pick_pair(scores, "extremes", random.Random(0)) == (1, 2)     # best vs worst
+    assert loop_round.pick_pair(scores, "uncertainty", random.Random(0)) == (0, 3)  # |0.1 - 0.3| is the smallest
+    i, j = loop_round.pick_pair(scores, "random", random.Random(0))
     assert i != j and {i, j} <= set(range(4))
 
 
 def test_pick_pair_by_ensemble_disagreement():
     # two members agree on candidates 0 and 1 and disagree on 2: one ranks it far first, one ties it with 0
     members = [[0.0, 0.2, 4.0], [0.0, 0.2, 0.0]]
-    assert loop.pick_pair(members, "disagreement", random.Random(0)) == (0, 2)  # margin std 2 (as (1, 2)), not 0
-    assert loop.pick_pair(members, "uncertainty", random.Random(0)) == (0, 1)   # mean rewards 0, 0.2, 2
-    assert loop.pick_pair(members, "extremes", random.Random(0)) == (2, 0)
+    assert loop_round.pick_pair(members, "disagreement", random.Random(0)) == (0, 2)  # margin std 2 (as (1, 2)), not 0
+    assert loop_round.pick_pair(members, "uncertainty", random.Random(0)) == (0, 1)   # mean rewards 0, 0.2, 2
+    assert loop_round.pick_pair(members, "extremes", random.Random(0)) == (2, 0)
 
 
 def test_oracle_prefers_helpful_then_correct():
     ex = world.World(0).rl_prompts(1)[0]
     good, rude = world.render(ex, "helpful", True), world.render(ex, "rude", True)
     wrong, wrong2 = world.render(ex, "helpful", False), world.render(ex, "terse", False)
-    assert loop.oracle_choice(ex, good, rude) == "a"
-    assert loop.oracle_choice(ex, wrong, rude) == "b"
-    assert loop.oracle_choice(ex, good, good + " ") == "tie"
-    assert loop.oracle_choice(ex, wrong, wrong2) == "both_bad"
+    assert loop_round.oracle_choice(ex, good, rude) == "a"
+    assert loop_round.oracle_choice(ex, wrong, rude) == "b"
+    assert loop_round.oracle_choice(ex, good, good + " ") == "tie"
+    assert loop_round.oracle_choice(ex, wrong, wrong2) == "both_bad"
 
 
 def test_bad_arguments_say_which():
@@ -94,12 +94,12 @@ def test_rounds_wait_for_human_labels_then_resume(tmp_path, tiny_loop_config, mo
     assert (tmp_path / "loop/round_1/dpo/final/config.json").exists()
 
     # a second round with the simulated annotator; round 1 is not redone
-    monkeypatch.setattr(loop, "oracle_choice", lambda ex, a, b: "a" if len(a) < len(b) else "b")
+    monkeypatch.setattr(loop_round, "oracle_choice", lambda ex, a, b: "a" if len(a) < len(b) else "b")
     report = loop.main([*argv, "--rounds", "2"])
     assert set(report["rounds"]) == {"1", "2"} and report["rounds"]["1"] == r1
     assert report["policy_path"].endswith("round_2/dpo/final")
     with Store(url) as store:
-        assert len(store.labels(annotator=loop.ORACLE)) == report["rounds"]["2"]["pairs"]
+        assert len(store.labels(annotator=loop_round.ORACLE)) == report["rounds"]["2"]["pairs"]
     assert (tmp_path / "loop/loop.png").exists()
     steps = [json.loads(line)["step"] for line in (tmp_path / "loop/metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2]  # the start, then each round
@@ -175,7 +175,7 @@ def test_own_prompts_go_to_the_app(tmp_path, tiny_lm_dir, tiny_rm_dir):
     assert texts <= {f"Name a colour, please ({i})." for i in range(3)}
     with pytest.raises(ValueError, match="no prompts left for round 2"):
         args = loop.LoopArguments(dataset_name=str(prompts), labeller="human", prompts_per_round=3, store_url=url)
-        loop.queue_comparisons(args, 2, Path(tiny_lm_dir), Path(tiny_rm_dir), tmp_path)
+        loop_round.queue_comparisons(args, 2, Path(tiny_lm_dir), Path(tiny_rm_dir), tmp_path)
 
 
 def test_app_runs_the_loop_on_its_labels(tmp_path, tiny_loop_config):
@@ -200,8 +200,8 @@ def test_app_runs_the_loop_on_its_labels(tmp_path, tiny_loop_config):
     assert w["round"] == 1 and w["unlabelled"] == w["comparisons"] > 1 and st["rounds_done"] == 0
     queued = json.loads((tmp_path / "loop/round_1/comparisons.json").read_text())
     with Store(url) as store:  # neither a rule's label nor a human's skip is the human label the round waits for
-        store.ensure_annotator(loop.ORACLE, kind="rule")
-        store.submit_label(queued[0]["comparison_id"], loop.ORACLE, "b")
+        store.ensure_annotator(loop_round.ORACLE, kind="rule")
+        store.submit_label(queued[0]["comparison_id"], loop_round.ORACLE, "b")
         store.ensure_annotator("bob", kind="human")
         store.submit_label(queued[1]["comparison_id"], "bob", "skip")
         assert runner.status()["waiting"]["unlabelled"] == w["comparisons"]
@@ -244,7 +244,7 @@ def test_app_says_when_a_loop_run_failed(tmp_path, tiny_loop_config):
     st = runner.status()
     assert st["exit_code"] == 2 and not st["running"]
     assert "failed (exit code 2)" in status_markdown(st) and "error: " in st["log"]
-    assert "no-such-policy not found" in st["log"] and "Traceback" not in st["log"]
+    assert "policy_path: model '" in st["log"] and "no-such-policy' not found" in st["log"] and "Traceback" not in st["log"]
 
 
 def test_waiting_loop_trains_once_humans_label(tmp_path, tiny_loop_config):

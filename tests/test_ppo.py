@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_grpo import low_half, tiny_dirs, world_dataset
 
-from align.ppo import AdaptiveKLController, PPOConfig, PPOTrainer, compute_gae, masked_whiten, ppo_losses
+from align.ppo_trainer import AdaptiveKLController, PPOConfig, PPOTrainer, compute_gae, masked_whiten, ppo_losses
 
 torch.set_num_threads(1)
 
@@ -26,7 +26,7 @@ def ppo_trainer(tmp_path, reward_funcs, peft=False, value_model=False, **kw):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from align.generate import load_tokenizer
+    from align.models import load_tokenizer
 
     d = tiny_dirs()
     torch.manual_seed(0)
@@ -151,15 +151,15 @@ def test_ppo_command_checkpoint_resume_and_eval(tmp_path):
     main([*argv, "--max_steps", "1"])
     assert (tmp_path / "checkpoint-1" / "trainable.pt").exists()
     summary = main([*argv, "--max_steps", "2"])  # re-run with more steps: resumes from checkpoint-1
-    assert summary["steps"] == 2
+    assert summary.steps == 2
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for k in ("objective/kl", "objective/entropy", "policy/clipfrac_avg", "loss/value_avg", "loss/policy_avg",
               "rewards/correct/mean", "rewards/polite/mean", "objective/kl_coef"):
         assert k in rows[-1], k
-    ev = summary["eval"]
+    ev = summary.eval
     for k in ("exact_match", "exact_match_sampled", "preferred_rate", "kl_to_reference"):
-        assert k in ev and k in ev["before"]
+        assert k in ev and k in summary.before
     assert not has_rm or "mean_rm_reward" in ev
     assert (tmp_path / "final" / "config.json").exists() and not (tmp_path / "final" / "adapter_config.json").exists()
     assert not (tmp_path / "checkpoint-1").exists()  # save_total_limit: 1 in configs/ppo.yaml
@@ -167,7 +167,7 @@ def test_ppo_command_checkpoint_resume_and_eval(tmp_path):
 
 
 def test_failing_reward_names_reward_and_sample(tmp_path):
-    from align.rewards import RewardError
+    from align.reward_funcs import RewardError
 
     def broken(prompts, completions, completion_ids=None, **kw):
         raise KeyError("score")
@@ -180,7 +180,7 @@ def test_failing_reward_names_reward_and_sample(tmp_path):
 def test_separate_value_model_resumes_and_must_share_the_tokenizer(tmp_path):
     import shutil
 
-    from align.generate import load_tokenizer
+    from align.models import load_tokenizer
     from align.ppo import main
 
     d = tiny_dirs()
@@ -191,7 +191,7 @@ def test_separate_value_model_resumes_and_must_share_the_tokenizer(tmp_path):
     state = torch.load(tmp_path / "run" / "checkpoint-1" / "trainable.pt")
     assert any(k.startswith("value_model.model.") for k in state), sorted(state)[:5]  # the whole value model trains
     assert not any(k.startswith("value_head") for k in state)
-    assert main([*argv, "--value_model_path", d["rm"], "--max_steps", "2"])["steps"] == 2  # resumes from checkpoint-1
+    assert main([*argv, "--value_model_path", d["rm"], "--max_steps", "2"]).steps == 2  # resumes from checkpoint-1
 
     other = tmp_path / "rm-other-tokenizer"
     shutil.copytree(d["rm"], other)
@@ -209,7 +209,7 @@ def test_hf_models_left_padded_rollout_logprobs_match_unpadded(tmp_path):
     as the policy does with no padding at all, so position ids follow the attention mask."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForSequenceClassification
 
-    from align.generate import load_tokenizer
+    from align.models import load_tokenizer
 
     d = tiny_dirs()
     tok = load_tokenizer(d["policy"])

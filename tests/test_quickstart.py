@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from align import grpo, quickstart
+from align import quickstart
 from align.config import ConfigError, parse
 
 ROOT = Path(__file__).parents[1]
@@ -13,15 +13,15 @@ def test_stage_args_reach_the_stage_and_pass_its_parser(monkeypatch):
     monkeypatch.chdir(ROOT)
     (q,) = parse(quickstart.CONFIG_TYPES, ["configs/quickstart_gpu.yaml"])
     keys = q.stage_args["grpo"]
-    argv = quickstart._stage_argv(q, "grpo", model_name_or_path="runs/x/dpo/final", max_steps=3)
-    args, model_args, train_args = parse(grpo.CONFIG_TYPES, argv)
+    args, model_args, train_args = quickstart.stage_configs(q, "grpo", model_name_or_path="runs/x/dpo/final",
+                                                            max_steps=3)
     assert args.world_fresh_words == keys["world_fresh_words"] > 0
     assert train_args.per_device_train_batch_size == keys["per_device_train_batch_size"]
     assert train_args.learning_rate == keys["learning_rate"]
     assert train_args.lr_scheduler_type.value == keys["lr_scheduler_type"]
     assert train_args.max_steps == 3 and model_args.model_name_or_path == "runs/x/dpo/final"  # the quickstart's own win
     assert train_args.output_dir == str(Path(q.output_dir) / "grpo")
-    assert quickstart._stage_argv(q, "sft") == ["configs/sft.yaml", "--output_dir", str(Path(q.output_dir) / "sft")]
+    assert quickstart.stage_configs(q, "sft")[-1].output_dir == str(Path(q.output_dir) / "sft")
 
 
 def test_stage_args_bad_input(monkeypatch):
@@ -34,7 +34,7 @@ def test_stage_args_bad_input(monkeypatch):
         parse(quickstart.CONFIG_TYPES, ["configs/quickstart.yaml", "--stage_args", "{grpo: 5}"])
     (q,) = parse(quickstart.CONFIG_TYPES, ["configs/quickstart.yaml", "--stage_args", "{grpo: {max_stepz: 1}}"])
     with pytest.raises(ConfigError, match="max_stepz"):  # the stage's own parser names a wrong key
-        parse(grpo.CONFIG_TYPES, quickstart._stage_argv(q, "grpo"))
+        quickstart.stage_configs(q, "grpo")
 
 
 def test_a_stage_runs_with_its_stage_args_and_the_report_gives_the_gain(tmp_path, monkeypatch):

@@ -280,7 +280,7 @@ def test_smollm2_configs_parse():
         module = importlib.import_module("app.main" if command == "app" else command)
         types_ = module.CONFIG_TYPES
         if hasattr(module, "config_types"):
-            types_ = module.config_types(module._peek_trainer([str(path)]))
+            types_ = module.config_types(module.peek_trainer([str(path)]))
         parse(types_, [str(path)])
 
 

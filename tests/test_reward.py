@@ -10,8 +10,10 @@ import torch
 from datasets import Dataset
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
-from align.reward import (CONFIG_TYPES, RewardArguments, head_kwargs, load_model, margin_metrics, split_of,
-                          train, world_heldout_pairs)
+from align.data.prompts import split_of
+from align.models import load
+from align.reward import CONFIG_TYPES, RewardArguments, head_kwargs, train
+from align.reward_eval import margin_metrics, world_heldout_pairs
 from align.config import parse
 from align.score import RewardScorer, _weight_keys, load_reward_model
 
@@ -57,7 +59,7 @@ def trained(lm_dir, tmp_path_factory):
     """A full fine-tune on 600 world pairs for 40 steps (a few seconds)."""
     out = tmp_path_factory.mktemp("rm_full")
     summary = train(*run_args(lm_dir, out, max_steps=40, max_train_pairs=600, learning_rate=3e-3,
-                              per_device_train_batch_size=16, test_size=0.1, use_peft=False))
+                              per_device_train_batch_size=16, test_fraction=0.1, use_peft=False))
     return out, summary
 
 
@@ -67,11 +69,11 @@ def trained(lm_dir, tmp_path_factory):
 def test_loss_matches_independent_bradley_terry(lm_dir, tmp_path):
     """TRL's compute_loss on a batch == -logsigmoid(r_c - r_r - margin).mean() + c * mean((r_c + r_r)^2),
     with the rewards computed one sequence at a time."""
-    from align.generate import load_tokenizer
+    from align.models import load_tokenizer
 
     tok = load_tokenizer(lm_dir)
     torch.manual_seed(0)
-    model = load_model(ModelConfig(model_name_or_path=str(lm_dir)), head_kwargs(str(lm_dir), tok))
+    model = load(str(lm_dir), "reward", **head_kwargs(str(lm_dir), tok))
     pairs = world_heldout_pairs(0, 4)[:6]
     margins = [0.0, 0.5, -0.3, 1.0, 0.2, 0.0]
     ds = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"], "margin": m}
@@ -114,7 +116,7 @@ def test_margin_metrics_and_calibration():
 
 def test_rm_beats_chance_on_tiny_world_run(trained):
     out, summary = trained
-    ev = summary["eval"]
+    ev = summary.eval
     assert ev["data"]["train_pairs"] == 600 and ev["data"]["test_pairs"] > 100
     assert ev["accuracy"] > 0.6  # held-out split (chance 0.5)
     assert ev["accuracy_style"] > 0.8  # world held-out prompts; style is the easy half
@@ -136,17 +138,17 @@ def test_lora_rm_keeps_its_score_head(lm_dir, tmp_path, score_loglik):
     adapter and the merged final/ give the same rewards, and the head moved from its random init."""
     out = tmp_path / "rm_lora"
     summary = train(*run_args(lm_dir, out, max_steps=15, max_train_pairs=240, learning_rate=1e-2, use_peft=True,
-                              lora_r=4, lora_alpha=8, per_device_train_batch_size=16, test_size=0.1,
+                              lora_r=4, lora_alpha=8, per_device_train_batch_size=16, test_fraction=0.1,
                               eval_world=False, score_loglik=score_loglik))
-    ev = summary["eval"]
-    assert summary["trained_params"] < summary["params"]
+    ev = summary.eval
+    assert summary.data["trained_params"] < summary.data["params"]
     keys = _weight_keys(out / "adapter")
     assert any("score" in k for k in keys), keys  # the head is in the adapter
 
     from align.reward import clean_pairs, load_pairs
-    from align.generate import load_tokenizer
+    from align.models import load_tokenizer
 
-    args = run_args(lm_dir, out, test_size=0.1)[0]
+    args = run_args(lm_dir, out, test_fraction=0.1)[0]
     test = clean_pairs(load_pairs(args)[0]["test"], load_tokenizer(lm_dir), 128)[0]
     merged = RewardScorer(out / "final", device="cpu")
     reloaded = RewardScorer(out / "adapter", device="cpu")  # PEFT reload, merged on load
@@ -159,7 +161,7 @@ def test_lora_rm_keeps_its_score_head(lm_dir, tmp_path, score_loglik):
 
     torch.manual_seed(0)  # train() seeds, then loads: the same random head
     head = head_kwargs(str(lm_dir), merged.tokenizer, score_loglik)
-    init = load_model(ModelConfig(model_name_or_path=str(lm_dir)), head).score
+    init = load(str(lm_dir), "reward", **head).score
     assert not torch.allclose(init.weight, merged.model.score.weight.cpu())
     assert getattr(merged.model.config, "score_loglik", False) is score_loglik  # a Llama final/ has none
     if score_loglik:  # the learned scale of the likelihood term is saved with the adapter, merged and reloaded
@@ -173,12 +175,12 @@ def test_loglik_score_is_head_plus_scaled_response_loglik(lm_dir):
     LM's own (tied embeddings), the response what follows <|assistant|>; right- and left-padded batches agree."""
     from transformers import AutoModelForCausalLM
 
-    from align.generate import load_tokenizer
+    from align.models import load_tokenizer
     from align.score import encode, score_ids
 
     tok = load_tokenizer(lm_dir)
     torch.manual_seed(0)
-    rm = load_model(ModelConfig(model_name_or_path=str(lm_dir)), head_kwargs(str(lm_dir), tok, True)).eval()
+    rm = load(str(lm_dir), "reward", **head_kwargs(str(lm_dir), tok, True)).eval()
     with torch.no_grad():
         rm.score.loglik_scale.fill_(0.7)
     lm = AutoModelForCausalLM.from_pretrained(str(lm_dir)).eval()
@@ -204,13 +206,13 @@ def test_loglik_score_is_head_plus_scaled_response_loglik(lm_dir):
 
 def test_loglik_head_is_align_only_and_has_no_llama_form(lm_dir, tiny_llama_dir, caplog):
     from align.convert import to_llama
-    from align.generate import load_tokenizer
+    from align.models import load_tokenizer
 
     with caplog.at_level("WARNING", logger="align.reward"):  # any HF model: the linear head, said in the log
         head = head_kwargs(tiny_llama_dir, load_tokenizer(tiny_llama_dir), True)
-    llama = load_model(ModelConfig(model_name_or_path=tiny_llama_dir), head)
+    llama = load(tiny_llama_dir, "reward", **head)
     assert type(llama).__name__ == "LlamaForSequenceClassification" and "align's decoder only" in caplog.text
-    rm = load_model(ModelConfig(model_name_or_path=str(lm_dir)), head_kwargs(str(lm_dir), load_tokenizer(lm_dir), True))
+    rm = load(str(lm_dir), "reward", **head_kwargs(str(lm_dir), load_tokenizer(lm_dir), True))
     with pytest.raises(ValueError, match="score_loglik"):
         to_llama(rm)
 
@@ -225,11 +227,11 @@ def test_bad_pairs_are_counted_and_dropped(lm_dir, tmp_path):
     ]
     f = tmp_path / "pairs.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in good + bad))
-    summary = train(*run_args(lm_dir, tmp_path / "rm", dataset_name=str(f), test_size=0.0, max_steps=2,
+    summary = train(*run_args(lm_dir, tmp_path / "rm", dataset_name=str(f), test_fraction=0.0, max_steps=2,
                               eval_world=False, per_device_train_batch_size=4))
     d = json.loads((tmp_path / "rm" / "eval.json").read_text())["data"]
     assert d["dropped_train"] == {"identical": 1, "empty_response": 1, "too_long": 1}
-    assert d["train_pairs"] == 8 and summary["data"] == d
+    assert d["train_pairs"] == 8 and summary.data == d
     assert "dropped, not truncated" in d["drop_rule"]
 
 
@@ -246,19 +248,20 @@ def test_store_source_and_option_convention(lm_dir, tmp_path):
     summary = main([CONFIG, "--model_name_or_path", str(lm_dir), "--store_url", url,
                     "--output_dir", str(tmp_path / "rm"), "--seed", "0", "--max_steps", "2",
                     "--eval_world_prompts", "10", "--dataloader_pin_memory", "false"])
-    ev = summary["eval"]
+    ev = summary.eval
     assert {"accuracy", "accuracy_style", "accuracy_correctness"} <= set(ev)
-    assert ev["data"]["source"] == "store" and ev["data"]["store"]["exported_pairs"] == 200
+    assert ev["data"]["source"] == "store" and ev["data"]["store_report"]["exported_pairs"] == 200
     assert ev["data"]["train_pairs"] + ev["data"]["test_pairs"] == 200 and ev["data"]["test_pairs"] > 0
 
 
 def test_missing_store_and_no_model_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="dataset_name world"):
+    with pytest.raises(FileNotFoundError, match="store_url: no database .* --dataset_name world"):
         from align.reward import load_pairs
 
         load_pairs(RewardArguments(store_url=f"sqlite:///{tmp_path}/nope.db"))
-    with pytest.raises(ValueError, match="model_name_or_path"):
+    with pytest.raises(FileNotFoundError, match="model_name_or_path: no model given"):
         train(RewardArguments(), ModelConfig(), RewardConfig(output_dir=str(tmp_path), bf16=False))
+    assert not list(tmp_path.iterdir())  # nothing written, no empty database left behind
 
 
 def test_world_heldout_pairs_are_built_from_heldout_prompts():
@@ -279,7 +282,7 @@ def test_world_heldout_pairs_are_built_from_heldout_prompts():
 def test_loaded_scorer_matches_training_eval(trained):
     out, summary = trained
     rm, tok = load_reward_model(out / "final", device="cpu")
-    from align.reward import evaluate_world
+    from align.reward_eval import evaluate_world
 
     w = evaluate_world(rm, tok, 0, 40)
-    assert w["accuracy"] == pytest.approx(summary["eval"]["accuracy_world"])
+    assert w["accuracy"] == pytest.approx(summary.eval["accuracy_world"])

@@ -115,15 +115,15 @@ def test_sft_with_lora_on_a_local_llama_dir(tiny_llama_dir, chat_file, tmp_path)
     after = final.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed), changed
-    assert summary["truncated"] == 0
+    assert summary.data["truncated"] == 0
 
 
 def test_sft_reports_truncation(tiny_lm_dir, chat_file, tmp_path):
     n_tokens = len(AutoTokenizer.from_pretrained(tiny_lm_dir)(render_chat(CHAT), add_special_tokens=False)["input_ids"])
     summary = _run(tiny_lm_dir, tmp_path / "run", chat_file, max_length=n_tokens - 4)
-    assert summary["truncated"] == 8
+    assert summary.data["truncated"] == 8
     summary = _run(tiny_lm_dir, tmp_path / "run2", chat_file, max_length=n_tokens)
-    assert summary["truncated"] == 0
+    assert summary.data["truncated"] == 0
 
 
 def _nll_sum(model, batch) -> torch.Tensor:

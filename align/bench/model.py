@@ -6,16 +6,18 @@ Throughput is reported per wall second and, on CPU, per CPU second of this proce
 jobs share the cores). Training: tokens/s of forward + backward + AdamW step on random tokens (batch x seq).
 Generation: new tokens/s of greedy `generate` with the KV cache, a batch of prompts, no early stop.
 Both models are warmed up untimed, then runs alternate (ours, HF, HF, ours, ...) and the best of
-`--repeats` is reported, so start-up costs and background load hit both alike. The ratio column is ours / HF (> 1 = ours faster).
+`--repeats` is reported, so start-up costs and background load hit both alike. The ratio column is ours / HF
+(> 1 = ours faster). On CUDA, train MFU = tokens/s x fwd+bwd FLOPs per token / the device's bf16 peak (by name);
+``--compile`` runs both models' training steps through torch.compile.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import platform
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,7 +29,59 @@ SIZES = {  # few-M parameter configs that run in about a minute on 2 CPU cores
                   num_attention_heads=8, num_key_value_heads=4),
     "medium": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                    num_attention_heads=12, num_key_value_heads=4),
+    # real shapes for the GPU benches (random weights: speed does not depend on them)
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0),
+    "qwen-386m": dict(vocab_size=32000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                      num_attention_heads=14, num_key_value_heads=2, rope_theta=1000000.0),
 }
+# dense bf16/fp16 tensor-core peak FLOP/s by device name (vendor datasheets, no sparsity); fp32 runs use TF32's
+PEAK_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+             "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 125e12, "A10": 125e12,
+             "L40S": 362e12, "L40": 181e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12,
+             "T4": 65e12}
+
+
+def peak_flops(device: torch.device | str) -> float | None:
+    """Datasheet dense bf16 FLOP/s of a CUDA device, looked up by its name; None when unknown or on CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16, key=len, reverse=True):  # most specific name first ("H100 PCIe" before "H100")
+        if key in name:
+            return PEAK_BF16[key]
+    return None
+
+
+def train_flops_per_token(config, seq: int) -> float:
+    """fwd+bwd FLOPs per token: 6 x matmul parameters (embedding lookup excluded, lm head included) plus
+    attention scores and values, 6 x 2 x layers x seq x hidden (PaLM appendix B; causal halving ignored, as there)."""
+    C, L = config.hidden_size, config.num_hidden_layers
+    nh, nkv, hs = config.num_attention_heads, config.num_key_value_heads, C // config.num_attention_heads
+    per_layer = C * nh * hs * 2 + C * nkv * hs * 2 + 3 * C * config.intermediate_size
+    return 6 * (L * per_layer + C * config.vocab_size) + 12 * L * seq * C
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import transformers
+
+    out = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    for name in ("trl", "peft", "datasets", "liger-kernel"):
+        try:
+            out += f", {name} {version(name)}"
+        except PackageNotFoundError:
+            pass
+    return out
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -47,14 +101,16 @@ def _rates(n: int, t0: tuple[float, float]) -> tuple[float, float]:
     return n / (wall - t0[0]), n / max(cpu - t0[1], 1e-9)
 
 
-def train_tokens_per_s(model, batch: torch.Tensor, steps: int, warmup: int = 2) -> tuple[float, float]:
+def train_tokens_per_s(model, batch: torch.Tensor, steps: int, warmup: int = 2,
+                       compile: bool = False) -> tuple[float, float]:
     """(tokens per wall second, tokens per CPU second) of forward+backward+AdamW."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     device = batch.device
+    forward = torch.compile(model) if compile else model
 
     def step():
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss = forward(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -85,7 +141,7 @@ def generate_tokens_per_s(model, prompts: torch.Tensor, new_tokens: int) -> tupl
 
 
 def run(size="small", device="cpu", dtype="fp32", steps=4, batch=8, seq=128, gen_batch=8, prompt_len=32,
-        new_tokens=64, repeats=3, seed=0) -> dict:
+        new_tokens=64, repeats=3, seed=0, compile=False) -> dict:
     device = torch.device(device)
     torch.manual_seed(seed)
     config = DecoderConfig(**SIZES[size], max_position_embeddings=max(seq, prompt_len + new_tokens), eos_token_id=None)
@@ -99,7 +155,7 @@ def run(size="small", device="cpu", dtype="fp32", steps=4, batch=8, seq=128, gen
     # untimed warm-up of both (thread pools, allocator, kernel selection): the first model run pays it otherwise
     for model in (ours, hf):
         m = copy.deepcopy(model)
-        train_tokens_per_s(m, train_batch, steps=1, warmup=1)
+        train_tokens_per_s(m, train_batch, steps=1, warmup=1, compile=compile)
         generate_tokens_per_s(m, prompts, 4)
     results = {name: {"train": (0.0, 0.0), "generate": (0.0, 0.0)} for name in ("ours", "hf")}
     best = lambda a, b: (max(a[0], b[0]), max(a[1], b[1]))  # noqa: E731 best wall, best CPU
@@ -108,12 +164,15 @@ def run(size="small", device="cpu", dtype="fp32", steps=4, batch=8, seq=128, gen
         for name, model in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
             # a fresh copy per repeat: both start from the same weights and optimizer state
             m = copy.deepcopy(model)
-            results[name]["train"] = best(results[name]["train"], train_tokens_per_s(m, train_batch, steps))
+            results[name]["train"] = best(results[name]["train"],
+                                          train_tokens_per_s(m, train_batch, steps, compile=compile))
             results[name]["generate"] = best(results[name]["generate"], generate_tokens_per_s(m, prompts, new_tokens))
     return {
         "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
         "size": size, "params": params, "device": str(device), "dtype": dtype, "threads": torch.get_num_threads(),
-        "train_shape": (batch, seq), "steps": steps, "repeats": repeats, "gen_shape": (gen_batch, prompt_len, new_tokens),
+        "train_shape": (batch, seq), "steps": steps, "repeats": repeats,
+        "gen_shape": (gen_batch, prompt_len, new_tokens), "compile": compile,
+        "peak_flops": peak_flops(device), "flops_per_token": train_flops_per_token(config, seq),
         "results": results,
     }
 
@@ -125,7 +184,8 @@ def format_table(r: dict) -> str:
         + (" ours (CPU-time) | HF (CPU-time) | ours / HF (CPU-time) |" if cpu else ""),
         "|---|---:|---:|---:|" + ("---:|---:|---:|" if cpu else ""),
     ]
-    for key, label in (("train", "train tokens/s (fwd+bwd+AdamW)"), ("generate", "generate tokens/s (greedy, KV cache)")):
+    labels = (("train", "train tokens/s (fwd+bwd+AdamW)"), ("generate", "generate tokens/s (greedy, KV cache)"))
+    for key, label in labels:
         (ours, ours_cpu), (hf, hf_cpu) = r["results"]["ours"][key], r["results"]["hf"][key]
         row = f"| {label} | {ours:,.0f} | {hf:,.0f} | {ours / hf:.2f} |"
         if cpu:
@@ -139,22 +199,39 @@ def format_table(r: dict) -> str:
         f"train: batch {b} x seq {t}, {r['steps']} timed steps; generate: {gb} prompts x {pl} tokens + {nt} new; "
         f"best of {r['repeats']} alternating repeats; 1-min load average at the end {r['load']:.1f}"
     )
+    if r["peak_flops"]:
+        mfu = [r["results"][n]["train"][0] * r["flops_per_token"] / r["peak_flops"] for n in ("ours", "hf")]
+        rows.append(f"\ntrain MFU{' (compiled)' if r['compile'] else ''}: ours {100 * mfu[0]:.1f}%, "
+                    f"HF {100 * mfu[1]:.1f}% of {r['peak_flops'] / 1e12:.0f} TFLOP/s")
     return head + "\n\n" + "\n".join(rows)
 
 
+@dataclass
+class BenchArgs:
+    """ours vs HF Llama: training and generation throughput"""
+
+    device: str = "cpu"
+    dtype: str = field(default="fp32", metadata={"help": f"one of {sorted(DTYPES)}"})
+    steps: int = field(default=4, metadata={"help": "timed training steps per repeat"})
+    size: str = field(default="small", metadata={"help": f"one of {sorted(SIZES)}"})
+    batch: int = 8
+    seq: int = 128
+    new_tokens: int = 64
+    repeats: int = field(default=3, metadata={"help": "interleaved repeats; the best is reported"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile both models for training"})
+
+    def __post_init__(self):
+        for name, allowed in (("dtype", DTYPES), ("size", SIZES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m align.bench model", description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--steps", type=int, default=4, help="timed training steps per repeat")
-    p.add_argument("--size", choices=sorted(SIZES), default="small")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best is reported")
-    args = p.parse_args(argv)
+    from align.config import parse, run_command
+
+    (args,) = run_command(parse, [BenchArgs], argv, prog="python -m align.bench model")
     r = run(size=args.size, device=args.device, dtype=args.dtype, steps=args.steps, batch=args.batch, seq=args.seq,
-            gen_batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats)
+            gen_batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats, compile=args.compile)
     print(format_table(r))
     return 0
 

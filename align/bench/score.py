@@ -1,6 +1,6 @@
 """Throughput of ``align.score.RewardScorer`` vs a straightforward per-example HF loop, same model.
 
-    python -m align.bench score [--device cuda] [--n 512] [--batch-size 64] [--model RM_DIR] [--size small]
+    python -m align.bench score [--device cuda] [--n 512] [--batch_size 64] [--model RM_DIR] [--size small]
 
 Both score the same (prompt, response) pairs -- the chosen and rejected replies of the built-in world's
 held-out prompts -- with the same reward model: ``--model`` (a reward run's final/) or, by default, a
@@ -14,11 +14,11 @@ The two must agree: the largest |difference| of their rewards is printed.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,7 +38,7 @@ def cpu_model() -> str:
 
 def build_default(size: str, device: str) -> RewardScorer:
     from align.model import DecoderConfig, DecoderForSequenceClassification
-    from align.generate import load_tokenizer
+    from align.models import load_tokenizer
     from align.tokenizer import TokenizerArguments, train_tokenizer
 
     tmp = tempfile.mkdtemp(prefix="bench-score-")
@@ -88,16 +88,27 @@ def timed(fn, n: int, device: torch.device) -> tuple[float, float, list[float]]:
     return n / (time.perf_counter() - w0), n / max(time.process_time() - c0, 1e-9), res
 
 
+@dataclass
+class BenchArgs:
+    """RewardScorer vs a per-example HF loop: pairs scored per second"""
+
+    device: str = "cpu"
+    model: str | None = field(default=None, metadata={"help": "a reward model dir (default: a random model of size)"})
+    size: str = field(default="small", metadata={"help": f"one of {sorted(SIZES)}"})
+    n: int = field(default=512, metadata={"help": "(prompt, response) pairs scored per run"})
+    batch_size: int = 64
+    repeats: int = 2
+    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+
+    def __post_init__(self):
+        if self.size not in SIZES:
+            raise ValueError(f"size must be one of {sorted(SIZES)}, got {self.size!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m align.bench score", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--model", default=None, help="a reward model dir (default: a random model of --size)")
-    ap.add_argument("--size", default="small", choices=sorted(SIZES))
-    ap.add_argument("--n", type=int, default=512, help="(prompt, response) pairs scored per run")
-    ap.add_argument("--batch-size", "--batch_size", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    a = ap.parse_args(argv)
+    from align.config import parse, run_command
+
+    (a,) = run_command(parse, [BenchArgs], argv, prog="python -m align.bench score")
     torch.set_num_threads(a.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = torch.device(a.device)

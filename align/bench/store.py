@@ -1,6 +1,6 @@
 """``python -m align.bench store``: preference-store throughput and latency.
 
-Measures, on SQLite (a fresh file) and PostgreSQL (``--pg-url`` or ``$ALIGN_TEST_PG_URL``; a fresh
+Measures, on SQLite (a fresh file) and PostgreSQL (``--pg_url`` or ``$ALIGN_TEST_PG_URL``; a fresh
 schema that is dropped afterwards):
 - label-write latency p50 / p99 (one ``submit_label`` = one committed transaction) with 1, 10 and 50
   concurrent writer processes;
@@ -10,7 +10,6 @@ schema that is dropped afterwards):
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import platform
@@ -19,6 +18,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -119,14 +119,22 @@ def hardware() -> str:
     return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+@dataclass
+class BenchArgs:
+    """preference store: label-write latency, import and export throughput"""
+
+    pg_url: str | None = field(default_factory=lambda: os.environ.get("ALIGN_TEST_PG_URL"),
+                               metadata={"help": "PostgreSQL URL (default: $ALIGN_TEST_PG_URL; none: SQLite only)"})
+    writers: list[int] = field(default_factory=lambda: [1, 10, 50], metadata={"help": "concurrent writer processes"})
+    labels: int = field(default=2000, metadata={"help": "total labels per writer setting"})
+    pairs: int = field(default=100_000, metadata={"help": "pairs for import/export"})
+    no_sqlite: bool = False
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m align.bench store", description=__doc__)
-    p.add_argument("--pg-url", default=os.environ.get("ALIGN_TEST_PG_URL"))
-    p.add_argument("--writers", type=int, nargs="*", default=[1, 10, 50])
-    p.add_argument("--labels", type=int, default=2000, help="total labels per writer setting")
-    p.add_argument("--pairs", type=int, default=100_000, help="pairs for import/export")
-    p.add_argument("--no-sqlite", action="store_true")
-    args = p.parse_args(argv)
+    from align.config import parse, run_command
+
+    (args,) = run_command(parse, [BenchArgs], argv, prog="python -m align.bench store")
     backends = [] if args.no_sqlite else ["sqlite"]
     if args.pg_url:
         backends.append("postgresql")

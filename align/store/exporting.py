@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter, defaultdict
 from typing import Sequence
 
 import sqlalchemy as sa
 
+from align.data.prompts import split_of_hash
 from align.store import schema as S
 
 FORMATS = ("conversational", "standard")
@@ -25,14 +25,6 @@ def render(msgs: list[dict], *, open_assistant: bool = False) -> str:
 
 def _completion(text: str, messages) -> list[dict]:
     return messages if messages else [{"role": "assistant", "content": text}]
-
-
-def split_of(prompt_hash: str, test_fraction: float, seed: str = "") -> str:
-    """'test' for a ``test_fraction`` share of prompts, by a hash of the prompt content."""
-    if test_fraction <= 0:
-        return "train"
-    h = int(hashlib.sha256(f"{seed}{prompt_hash}".encode()).hexdigest()[:12], 16) / 16 ** 12
-    return "test" if h < test_fraction else "train"
 
 
 def aggregate(votes: Counter, min_labels: int, min_agreement: float) -> tuple[str | None, str]:
@@ -112,7 +104,7 @@ def export_rows(store, *, format: str = "conversational", unpaired: bool = False
                     "\n\nAssistant: ") for x in (a, b))
             meta = ({"comparison_id": r.id, "agreement": agreement, "n_labels": n,
                      "source": r.source} if with_meta else {})
-            split = split_of(r.content_hash, test_fraction, seed)
+            split = split_of_hash(r.content_hash, test_fraction, seed)
             out = splits[split]
             if not unpaired:
                 chosen, rejected = (a, b) if choice == "a" else (b, a)

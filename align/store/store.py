@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - Windows: SQLite's busy_timeout alone
     fcntl = None
 
 from align.data.formats import DataError, location, normalize_messages, read_records, to_preference
+from align.data.prompts import content_hash
 from align.store import schema as S
 
 DEFAULT_URL = "sqlite:///data/preferences.db"
@@ -119,7 +120,7 @@ class ImportReport:
     new_labels: int = 0
     duplicates: int = 0          # pairs already in the store with the same label
     conflicts: int = 0           # pairs already labelled the other way by this labeller (kept)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, error) with --skip-bad
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, error) with --skip_bad
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -134,16 +135,14 @@ class ImportReport:
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _canon(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(_canon(obj).encode("utf-8")).hexdigest()
-
-
 def _join(msgs: list[dict]) -> str:
     return "\n\n".join(m["content"] for m in msgs)
+
+
+def storable(text: str) -> str:
+    """Generated text the store accepts: NUL removed (PostgreSQL text cannot hold it), lone surrogates
+    replaced (a byte-level model can emit both). Text people give is checked instead (``check_text``)."""
+    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
 
 
 def check_text(s: Any, where: str, max_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> str:
@@ -161,7 +160,7 @@ def check_text(s: Any, where: str, max_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> s
                         f"{e.start})") from None
     if n > max_bytes:
         raise DataError(f"{where}: text is {n:,} bytes, over the limit of {max_bytes:,} bytes "
-                        "(raise it with max_text_bytes / --max-text-bytes)")
+                        "(raise it with max_text_bytes / --max_text_bytes)")
     return s
 
 
@@ -186,7 +185,7 @@ def _as_completion(resp: str | Sequence[dict], where: str = "response") -> list[
 
 def _completion_cols(msgs: list[dict]) -> dict:
     single = len(msgs) == 1 and msgs[0]["role"] == "assistant"
-    return {"text": _join(msgs), "messages": None if single else msgs, "content_hash": _hash(msgs)}
+    return {"text": _join(msgs), "messages": None if single else msgs, "content_hash": content_hash(msgs)}
 
 
 def _completion_of(text: str, messages: Any) -> list[dict]:
@@ -433,7 +432,7 @@ class Store:
                    tags: Sequence[str] | None = None) -> int:
         """Prompt id (text or chat messages); deduplicated on the content hash of its messages."""
         msgs = _check_messages(_as_prompt(prompt), "prompt", self.max_text_bytes)
-        h = _hash(msgs)
+        h = content_hash(msgs)
         row = {"content_hash": h, "messages": msgs, "source": source,
                "tags": list(tags) if tags else None, "created_at": S.utcnow()}
 
@@ -473,6 +472,21 @@ class Store:
                 raise NotFound(f"no prompt {prompt_id}")
             return rid
         return self._tx(fn)
+
+    def add_candidates(self, prompt: str | Sequence[dict] | int, a: str, b: str, *, model_a: str = "",
+                       model_b: str | None = None, settings: dict | None = None, priority: float | None = 0.0,
+                       source: str | None = None) -> int | None:
+        """Two generated replies to a prompt (text, messages or a prompt id) as a comparison to label: the id,
+        or None when they are the same text (nothing to compare). Generated text is made storable first
+        (``storable``), so a model that emits NUL or a lone surrogate cannot stop a run."""
+        a, b = storable(a), storable(b)
+        model_b = model_a if model_b is None else model_b
+        if model_a == model_b and a.strip() == b.strip():
+            return None
+        pid = prompt if isinstance(prompt, int) else self.add_prompt(prompt, source=source)
+        ra = self.add_response(pid, a, model=model_a, settings=settings)
+        rb = self.add_response(pid, b, model=model_b, settings=settings)
+        return self.add_comparison(pid, ra, rb, priority=priority, source=source)
 
     def add_comparison(self, prompt_id: int, response_a_id: int, response_b_id: int,
                        priority: float | None = 0.0, source: str | None = None, *,
@@ -914,7 +928,7 @@ def _ingest(conn: sa.Connection, items: list[dict], source: str | None, labeller
             # lookups below turn into sequential scans and a big import goes quadratic.
             conn.execute(sa.text("analyze prompts, responses, comparisons, labels"))
         # 1. prompts
-        ph = [_hash(it["prompt"]) for it in chunk]
+        ph = [content_hash(it["prompt"]) for it in chunk]
         pid = dict(conn.execute(sa.select(S.prompts.c.content_hash, S.prompts.c.id)
                                 .where(S.prompts.c.content_hash.in_(set(ph)))).all())
         new = {}

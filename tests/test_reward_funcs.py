@@ -1,4 +1,4 @@
-"""align.rewards: rule rewards on the world's replies, names, weights, the reward model, bad rewards."""
+"""align.reward_funcs: rule rewards on the world's replies, names, weights, the reward model, bad rewards."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from align import rewards as R
+from align import reward_funcs as R
 from align.data import world
 
 EX = world.World(0, n_rl=40).rl_prompts(40)
@@ -48,7 +48,7 @@ def test_length_reward():
 
 
 def test_build_names_and_weights():
-    fs = R.build_reward_funcs(["correct", "polite", "world", "format", "length", "align.rewards:polite"])
+    fs = R.build_reward_funcs(["correct", "polite", "world", "format", "length", "align.reward_funcs:polite"])
     assert [f.__name__ for f in fs] == ["correct", "polite", "world", "format", "length", "polite"]
     total, per = R.score_all(fs[:2], [1.0, 0.5], _prompts(EX[:1]), ["The answer is " + EX[0].answer + "."],
                              **_cols(EX[:1]))

@@ -109,7 +109,7 @@ def well_formed(prompts, completions, completion_ids=None, **columns) -> list[fl
 well_formed.__name__ = "format"
 
 
-def make_length(target: int = 16, tokenizer: Any = None) -> RewardFunc:
+def make_length(target: int = 16) -> RewardFunc:
     """0 for replies of at most ``target`` tokens (completion_ids, else whitespace words), then -1 per ``target`` more."""
 
     def length(prompts, completions, completion_ids=None, **columns) -> list[float]:
@@ -265,3 +265,13 @@ def score_all(
         per[f.__name__] = vals
         total = [t + w * v for t, v in zip(total, vals)]
     return total, per
+
+
+def eval_reward_funcs(names: Sequence[str], reward_model_path: str | list[str] | None,
+                      length_target: int = 16) -> list[Any]:
+    """The training rewards plus, when a reward model is given, 'rm' (the 'mean RM reward' of the evaluation; an
+    ensemble's plain mean)."""
+    names = list(names)
+    if reward_model_path and "rm" not in names:
+        names.append("rm")
+    return build_reward_funcs(names, reward_model_path, length_target=length_target)

@@ -1,0 +1,140 @@
+"""GRPO completions/s: TRL's GRPOTrainer with its defaults (HF generate, no vLLM) vs the same trainer with
+generation routed through align.fastgen (static KV cache + CUDA-graph decode), same model shape and prompts.
+
+    python -m align.bench grpo --device cuda --size smollm2-135m --prompts 8 --num-generations 8 \
+        --max-completion-length 128 --steps 4 --warmup 1
+
+Rows: ``trl`` = LlamaForCausalLM, GRPOConfig defaults but the batch shape above (sampling at T=1, bf16,
+gradient checkpointing); ``align`` = our decoder, the same config, ``model.generate`` through
+``align.fastgen.use_fast_generate``. The reward is a cheap function of the completion, so generation and the
+policy update are what is timed. Random weights rarely sample eos: every completion runs to the maximum
+length in both rows. completions/s = prompts x generations per step / seconds per step, after warm-up steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+
+from align.bench.model import SIZES, device_name, versions
+from align.bench.train import word_tokenizer
+from align.convert import to_llama
+from align.model import DecoderConfig, DecoderForCausalLM
+
+
+def _reward(completions, **kw):  # cheap and deterministic: generation and the update are what is timed
+    return [float(len(c)) / 1000 for c in completions]
+
+
+def run_one(variant: str, base, tok, prompts, device, n_prompts, num_generations, max_completion_length, steps,
+            warmup, compile=False):
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from align.fastgen import use_fast_generate
+
+    ours = variant == "align"
+    model = DecoderForCausalLM(base.config) if ours else to_llama(base)
+    if ours:
+        model.load_state_dict(base.state_dict())
+        assert use_fast_generate(model, compile=compile)
+    model.to(device)
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-grpo-"), max_steps=steps, report_to="none", save_strategy="no",
+        logging_steps=max(steps, 1), disable_tqdm=True, seed=0, use_cpu=device.type == "cpu",
+        bf16=device.type == "cuda", per_device_train_batch_size=n_prompts * num_generations,
+        num_generations=num_generations, max_completion_length=max_completion_length,
+    )
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter())
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer = GRPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=Dataset.from_list(prompts),
+                          processing_class=tok, callbacks=[Clock()])
+    trainer.train()
+    step_s = (times[-1] - times[warmup - 1]) / (steps - warmup) if warmup else None
+    out = {"completions_per_s": n_prompts * num_generations / step_s, "step_s": step_s,
+           "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    del trainer, model
+    return out
+
+
+def run(size="small", device="cpu", n_prompts=2, num_generations=4, max_completion_length=16, prompt_len=32,
+        steps=3, warmup=1, seed=0, json_path=None, compile=False) -> list[dict]:
+    import random
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    config = DecoderConfig(**SIZES[size], max_position_embeddings=prompt_len + max_completion_length + 8,
+                           eos_token_id=1, pad_token_id=0, bos_token_id=2)
+    base = DecoderForCausalLM(config)
+    tok = word_tokenizer(config.vocab_size)
+    rng = random.Random(seed)
+    words = lambda k: " ".join(f"w{rng.randrange(3, config.vocab_size)}" for _ in range(k))  # noqa: E731
+    prompts = [{"prompt": words(rng.randint(8, prompt_len))} for _ in range(n_prompts * steps)]
+    rows = []
+    for v in ("trl", "align"):
+        r = run_one(v, base, tok, prompts, device, n_prompts, num_generations, max_completion_length, steps, warmup,
+                    compile=compile and v == "align")
+        r.update(bench="grpo", variant=v, size=size, params=sum(p.numel() for p in base.parameters()),
+                 device=device_name(device), prompts=n_prompts, num_generations=num_generations,
+                 max_completion_length=max_completion_length, steps=steps, warmup=warmup, versions=versions(),
+                 compile=compile and v == "align")
+        rows.append(r)
+        print(f"grpo {v}: {r['completions_per_s']:.1f} completions/s", flush=True)
+    for r in rows:
+        r["vs_trl"] = r["completions_per_s"] / rows[0]["completions_per_s"]
+        if json_path:
+            with open(json_path, "a") as f:
+                f.write(json.dumps(r) + "\n")
+    print(format_table(rows), flush=True)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    r = rows[0]
+    out = [f"grpo: {r['size']} ({r['params'] / 1e6:.1f}M params), {r['device']}, {r['prompts']} prompts x "
+           f"{r['num_generations']} generations x {r['max_completion_length']} tokens per step, "
+           f"{r['steps'] - r['warmup']} timed steps after {r['warmup']}; {r['versions']}", "",
+           "| variant | completions/s | vs TRL defaults | s/step | peak GiB |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+        out.append(f"| {r['variant']} | {r['completions_per_s']:,.1f} | {r['vs_trl']:.2f} | {r['step_s']:.2f} | "
+                   f"{peak} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m align.bench grpo", description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--prompts", type=int, default=2, help="prompts per step")
+    p.add_argument("--num-generations", type=int, default=4)
+    p.add_argument("--max-completion-length", type=int, default=16)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="align's decode step through torch.compile")
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    if not 1 <= a.warmup < a.steps:
+        p.error(f"need 1 <= --warmup < --steps, got {a.warmup}, {a.steps}")
+    run(size=a.size, device=a.device, n_prompts=a.prompts, num_generations=a.num_generations,
+        max_completion_length=a.max_completion_length, steps=a.steps, warmup=a.warmup, json_path=a.json,
+        compile=a.compile)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

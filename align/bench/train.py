@@ -1,0 +1,259 @@
+"""SFT and DPO throughput: align's settings vs TRL's trainers with their defaults (and with use_liger_kernel),
+on the same random-initialised model shape and the same data, in one process on one device.
+
+    python -m align.bench sft --device cuda --size smollm2-135m --batch 8 --max-length 1024 [--lora]
+    python -m align.bench dpo --device cuda --size smollm2-135m --batch 8 --max-length 1024 [--lora]
+
+Data: synthetic prompt/completion (SFT) or prompt/chosen/rejected (DPO) texts over a word-level tokenizer
+whose vocabulary is the model's, with chat-like lengths (prompt 16..L/4, completion 16..L/2 tokens, uniform),
+so padding costs what it costs on real data; speed does not depend on the words. Rows:
+
+- ``trl``: TRL's trainer with its defaults (bf16 on GPU, gradient checkpointing on, no packing; DPO with a
+  reference model copy) on HF LlamaForCausalLM, what a user would run;
+- ``trl-liger``: the same + ``use_liger_kernel`` (fused RMSNorm/RoPE/SwiGLU), where liger-kernel is installed;
+- ``align``: align's settings on our decoder: SFT packs conversations into rows (``packing``, bfd, kept apart
+  by align.sft.PackedRowsCollator), DPO precomputes the reference log-probs once (``precompute_ref_log_probs``,
+  no reference model in memory); gradient checkpointing as TRL's default;
+- ``align-nogc``: the same without gradient checkpointing (faster, more memory).
+
+tokens/s counts real (non-pad) tokens through the policy per second over the timed steps (after
+``--warmup`` steps); for DPO the reference pre-pass is charged pro rata to the steps. MFU = tokens/s x
+fwd+bwd FLOPs per token / the device's datasheet bf16 peak (DPO's reference forward, 2/6 of that, is not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from align.bench.model import SIZES, device_name, peak_flops, train_flops_per_token, versions
+from align.convert import to_llama
+from align.model import DecoderConfig, DecoderForCausalLM
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer of ``vocab_size`` ids: "w17" <-> 17; 0 pad, 1 eos, 2 bos."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+
+
+def synthetic_rows(kind: str, n: int, vocab_size: int, max_length: int, seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    words = lambda k: " ".join(f"w{rng.randrange(3, vocab_size)}" for _ in range(k))  # noqa: E731
+    hi_p, hi_c = max(16, max_length // 4), max(16, max_length // 2) - 1  # -1: room for eos
+    rows = []
+    for _ in range(n):
+        row = {"prompt": words(rng.randint(16, hi_p))}
+        if kind == "sft":
+            row["completion"] = " " + words(rng.randint(16, hi_c))
+        else:
+            row["chosen"], row["rejected"] = " " + words(rng.randint(16, hi_c)), " " + words(rng.randint(16, hi_c))
+        rows.append(row)
+    return rows
+
+
+class _Timer:
+    """Trainer callback + collator wrapper: real tokens per batch, wall time from step ``warmup`` to the end."""
+
+    def __init__(self, collator, pad_id: int, warmup: int, device: torch.device):
+        self.collator, self.pad_id, self.warmup, self.device = collator, pad_id, warmup, device
+        self.tokens: list[int] = []
+        self.t0 = self.t1 = None
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        self.tokens.append(int((batch["input_ids"] != self.pad_id).sum()))
+        return batch
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class CB(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step == timer.warmup:
+                    timer._sync()
+                    timer.t0 = time.perf_counter()
+
+            def on_train_end(self, args, state, control, **kw):
+                timer._sync()
+                timer.t1 = time.perf_counter()
+
+        return CB()
+
+
+def _lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def run_one(kind: str, variant: str, base: DecoderForCausalLM, tok, rows, device: torch.device, batch: int,
+            max_length: int, steps: int, warmup: int, lora: bool) -> dict[str, Any]:
+    """One trainer run; returns tokens/s over the timed steps, peak memory and the last loss."""
+    from datasets import Dataset
+
+    ours = variant.startswith("align")
+    model = DecoderForCausalLM(base.config) if ours else to_llama(base)
+    if ours:
+        model.load_state_dict(base.state_dict())
+    model.to(device)
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix=f"bench-{kind}-"), max_steps=steps, per_device_train_batch_size=batch,
+        max_length=max_length, report_to="none", save_strategy="no", logging_steps=max(steps, 1), disable_tqdm=True,
+        dataloader_num_workers=0, seed=0, use_cpu=device.type == "cpu", bf16=device.type == "cuda",
+    )
+    if variant == "trl-liger":
+        common["use_liger_kernel"] = True
+    if variant == "align-nogc":
+        common["gradient_checkpointing"] = False
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    data = Dataset.from_list(rows)
+    pre_s = 0.0
+    if kind == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        from align.sft import PackedRowsCollator
+
+        args = SFTConfig(**common, packing=ours)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                             peft_config=_lora() if lora else None)
+        if ours:  # as align.sft does under SDPA: packed rows that cannot see each other
+            trainer.data_collator = PackedRowsCollator(pad_token_id=tok.pad_token_id)
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        # the pre-pass runs without gradients: a 4x larger batch fits in less memory than a training step
+        args = DPOConfig(**common, precompute_ref_log_probs=ours, precompute_ref_batch_size=4 * batch)
+        # TRL loads the reference from the policy's path; a user with an in-memory model passes a copy
+        ref = copy.deepcopy(model) if not ours and not lora else None
+        orig = DPOTrainer._precompute_ref_logps
+
+        def timed(self, *a, **kw):  # the reference pre-pass runs inside __init__: time it for the pro-rata charge
+            nonlocal pre_s
+            t = time.perf_counter()
+            out = orig(self, *a, **kw)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            pre_s += time.perf_counter() - t
+            return out
+
+        DPOTrainer._precompute_ref_logps = timed
+        try:
+            trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tok,
+                                 peft_config=_lora() if lora else None)
+        finally:
+            DPOTrainer._precompute_ref_logps = orig
+    timer = _Timer(trainer.data_collator, tok.pad_token_id, warmup, device)
+    trainer.data_collator = timer
+    trainer.add_callback(timer.callback())
+    result = trainer.train()
+    tokens = sum(timer.tokens[warmup:steps])
+    seconds = timer.t1 - timer.t0
+    if pre_s:  # the pre-pass covered the whole dataset; charge the timed steps' share
+        seconds += pre_s * (steps - warmup) / max(len(trainer.train_dataset) / batch, 1)
+    out = {"tokens_per_s": tokens / seconds, "step_s": seconds / (steps - warmup), "loss": result.training_loss,
+           "tokens_per_step": tokens / (steps - warmup), "pre_pass_s": pre_s,
+           "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    del trainer, model
+    return out
+
+
+def run(kind="sft", size="small", device="cpu", batch=4, max_length=256, steps=6, warmup=2, lora=False,
+        variants=None, seed=0, json_path=None) -> list[dict]:
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    config = DecoderConfig(**SIZES[size], max_position_embeddings=max(max_length, 2048), eos_token_id=1,
+                           pad_token_id=0, bos_token_id=2)
+    base = DecoderForCausalLM(config)
+    tok = word_tokenizer(config.vocab_size)
+    rows = synthetic_rows(kind, 4 * batch * steps, config.vocab_size, max_length, seed)  # packing needs fewer
+    if variants is None:
+        try:
+            import liger_kernel  # noqa: F401
+
+            has_liger = device.type == "cuda"
+        except ImportError:
+            has_liger = False
+        variants = ["trl", *(["trl-liger"] if has_liger else []), "align", "align-nogc"]
+    peak = peak_flops(device)
+    fpt = train_flops_per_token(config, max_length)
+    results = []
+    for v in variants:
+        try:
+            r = run_one(kind, v, base, tok, rows, device, batch, max_length, steps, warmup, lora)
+        except Exception as e:  # noqa: BLE001  one broken variant (say liger vs this transformers) keeps the others
+            print(f"{kind} {v}: FAILED {type(e).__name__}: {e}", flush=True)
+            continue
+        r.update(bench=kind, variant=v, size=size, params=sum(p.numel() for p in base.parameters()),
+                 device=device_name(device), batch=batch, max_length=max_length, steps=steps, warmup=warmup,
+                 lora=lora, mfu=r["tokens_per_s"] * fpt / peak if peak else None, versions=versions())
+        results.append(r)
+        if json_path:
+            with open(json_path, "a") as f:
+                f.write(json.dumps(r) + "\n")
+        print(f"{kind} {v}: {r['tokens_per_s']:,.0f} tokens/s", flush=True)
+    if not results:
+        return results
+    ref = next((r for r in results if r["variant"] == "trl"), results[0])["tokens_per_s"]
+    for r in results:
+        r["vs_trl"] = r["tokens_per_s"] / ref
+    print(format_table(results), flush=True)
+    return results
+
+
+def format_table(rows: list[dict]) -> str:
+    r = rows[0]
+    lora = " (LoRA r16, all linear)" if r["lora"] else ""
+    out = [f"{r['bench']}{lora}: {r['size']} ({r['params'] / 1e6:.1f}M params), "
+           f"{r['device']}, batch {r['batch']}, max_length {r['max_length']}, {r['steps'] - r['warmup']} timed steps "
+           f"after {r['warmup']}; {r['versions']}", "",
+           "| variant | tokens/s | vs TRL defaults | s/step | tokens/step | MFU | peak GiB | loss |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+        out.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['vs_trl']:.2f} | {r['step_s']:.3f} | "
+                   f"{r['tokens_per_step']:,.0f} | {mfu} | {peak} | {r['loss']:.3f} |")
+    return "\n".join(out)
+
+
+def main(kind: str, argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=f"python -m align.bench {kind}", description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--batch", type=int, default=4, help="per-device batch (examples, or packed rows for align)")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps per run, warm-up included")
+    p.add_argument("--warmup", type=int, default=2, help="untimed first steps")
+    p.add_argument("--lora", action="store_true", help="LoRA r16 on all linear layers, for every variant")
+    p.add_argument("--variants", nargs="+", choices=["trl", "trl-liger", "align", "align-nogc"],
+                   help="default: all that apply (trl-liger where liger-kernel and CUDA are there)")
+    p.add_argument("--json", help="append one JSON line per variant to this file")
+    a = p.parse_args(argv)
+    if a.steps <= a.warmup:
+        p.error(f"--steps ({a.steps}) must exceed --warmup ({a.warmup})")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run(kind, size=a.size, device=a.device, batch=a.batch, max_length=a.max_length, steps=a.steps, warmup=a.warmup,
+        lora=a.lora, variants=a.variants, json_path=a.json)
+    return 0

@@ -1,0 +1,111 @@
+"""align.bench's GPU benches at tiny sizes on CPU: they run end to end and measure what they say."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from align.bench import generate as gen_bench
+from align.bench import model as model_bench
+from align.bench import train as train_bench
+
+
+def test_generate_bench_rows_and_greedy_match(tmp_path):
+    out = tmp_path / "gen.jsonl"
+    rows = gen_bench.run(size="small", batches=(1, 3), prompt_len=8, new_tokens=6, repeats=1, json_path=str(out))
+    methods = ("hf", "ours", "ours-on-llama")
+    assert {(r["batch"], r["method"]) for r in rows} == {(b, m) for b in (1, 3) for m in methods}
+    assert len(out.read_text().splitlines()) == len(rows)
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and math.isclose(r["ms_per_step"], 1e3 * r["batch"] / r["tokens_per_s"])
+        assert r["match_hf"] == 1.0, r  # fp32 on CPU: the fast loop's greedy tokens are HF's
+
+
+def test_peak_flops_is_looked_up_by_device_name(monkeypatch):
+    assert model_bench.peak_flops("cpu") is None
+    for name, peak in [("NVIDIA H200", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                       ("Some Future GPU", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None, n=name: n)
+        assert model_bench.peak_flops("cuda") == peak
+
+
+def test_train_flops_per_token_counts_matmul_parameters():
+    from align.model import DecoderConfig, DecoderForCausalLM
+
+    config = DecoderConfig(**model_bench.SIZES["small"])
+    model = DecoderForCausalLM(config)
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # incl. lm head
+    assert model_bench.train_flops_per_token(config, seq=0) == 6 * matmul
+
+
+def test_sft_bench_packing_trains_more_real_tokens_per_step():
+    rows = train_bench.run("sft", size="small", batch=2, max_length=256, steps=3, warmup=1, variants=["trl", "align"])
+    trl, ours = rows
+    assert trl["variant"] == "trl" and trl["vs_trl"] == 1.0
+    # packed rows carry several examples: more real tokens in the same (batch, max_length)
+    assert ours["tokens_per_step"] > 1.3 * trl["tokens_per_step"], (ours, trl)
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_dpo_bench_precomputes_reference_for_align_only():
+    rows = train_bench.run("dpo", size="small", batch=2, max_length=48, steps=3, warmup=1, variants=["trl", "align"])
+    trl, ours = rows
+    assert trl["pre_pass_s"] == 0 and ours["pre_pass_s"] > 0
+    assert trl["tokens_per_step"] == ours["tokens_per_step"]  # the same pairs, unpacked
+    for r in rows:  # policy == reference at step 0: the DPO loss starts at log 2
+        assert r["loss"] == pytest.approx(math.log(2), abs=0.05)
+
+
+def test_word_tokenizer_round_trips_ids():
+    tok = train_bench.word_tokenizer(100)
+    assert tok("w5 w99 w3", add_special_tokens=False)["input_ids"] == [5, 99, 3]
+    assert (tok.pad_token_id, tok.eos_token_id) == (0, 1)
+
+
+def test_grpo_bench_routes_align_generation_through_the_fast_loop(monkeypatch):
+    import align.fastgen as F
+
+    calls = []
+    real = F.fast_generate
+    monkeypatch.setattr(F, "fast_generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    rows = __import__("align.bench.grpo", fromlist=["run"]).run(size="small", n_prompts=2, num_generations=2,
+                                                               max_completion_length=6, steps=2, warmup=1)
+    assert [r["variant"] for r in rows] == ["trl", "align"] and all(r["completions_per_s"] > 0 for r in rows)
+    assert len(calls) == 2 and all(kw["do_sample"] and kw["max_new_tokens"] == 6 for kw in calls)  # one per step
+
+
+def test_generate_like_hf_keeps_the_generate_contract(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from align.fastgen import use_fast_generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    gc = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+    stop = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=[int(plain[1, 9])])
+    plain_stop = model.generate(input_ids=ids, attention_mask=mask, generation_config=stop)
+    assert use_fast_generate(model) and model.generate._align_fast
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, generation_config=gc), plain)
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, generation_config=stop), plain_stop)
+
+
+def test_plot_writes_a_png_and_rejects_files_without_generate_rows(tmp_path):
+    from align.bench import plot
+
+    data = tmp_path / "g.jsonl"
+    for plen in (4, 8):
+        gen_bench.run(size="small", batches=(1, 2), prompt_len=plen, new_tokens=2, repeats=1, json_path=str(data),
+                      only=["ours"])
+    out = tmp_path / "g.png"
+    assert plot.main([str(data), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    empty = tmp_path / "e.jsonl"
+    empty.write_text('{"bench": "sft"}\n')
+    with pytest.raises(SystemExit):
+        plot.main([str(empty), "--out", str(out)])
