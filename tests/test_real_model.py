@@ -185,22 +185,26 @@ def test_load_gguf_equals_the_converted_dir(smollm2):
     with a reward head (same backbone, fresh one-output score head)."""
     from transformers import AutoModelForCausalLM
 
+    from align.models import load, load_tokenizer
+
     x = torch.tensor([[1, 504, 3456, 30, 2]])
     with torch.no_grad():
-        direct = load_gguf(smollm2["gguf"])
+        direct = load(str(smollm2["gguf"]), device="cpu")  # the commands' loader reads .gguf through load_gguf
         want = direct(x).logits
         got = AutoModelForCausalLM.from_pretrained(str(smollm2["dir"])).eval()(x).logits
         assert (got - want).abs().max() < 1e-4
-        rm = load_gguf(smollm2["gguf"], head="reward")
+        assert load_tokenizer(str(smollm2["gguf"])).chat_template is not None
+        rm = load(str(smollm2["gguf"]), head="reward")
         assert type(rm).__name__ == "LlamaForSequenceClassification" and rm.config.num_labels == 1
         assert torch.equal(rm.model.layers[0].mlp.up_proj.weight, direct.model.layers[0].mlp.up_proj.weight)
         assert torch.isfinite(rm(x).logits).all()
 
 
-def test_generate_and_score(smollm2):
-    from align.generate import generate, load_causal_lm
+def test_generate_greedy_answers(smollm2):
+    from align.generate import generate
+    from align.models import load, load_tokenizer
 
-    model, tok = load_causal_lm(smollm2["dir"], device="cpu")
+    model, tok = load(str(smollm2["dir"]), device="cpu"), load_tokenizer(str(smollm2["dir"]))
     [[reply]] = generate(model, tok, ["What is 2+2?"], max_new_tokens=20)
     assert "4" in reply
 
@@ -221,9 +225,9 @@ def test_reward_two_steps_then_score_in_plain_transformers(smollm2, tmp_path):
     from align.score import RewardScorer
 
     out = tmp_path / "rm"
-    summary = main(_rm_argv(smollm2["dir"], out))
-    assert summary["trained_params"] < summary["params"] / 10  # LoRA + the score head
-    assert summary["eval"]["pairs"] > 0 and 0 <= summary["eval"]["accuracy"] <= 1
+    res = main(_rm_argv(smollm2["dir"], out))
+    assert res.data["trained_params"] < res.data["params"] / 10  # LoRA + the score head
+    assert res.eval["pairs"] > 0 and 0 <= res.eval["accuracy"] <= 1
     final = out / "final"
     assert json.loads((final / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
     prompt, replies = "Name a primary color.", ["Red is a primary color.", "Whatever, look it up yourself."]
@@ -252,12 +256,12 @@ def test_dpo_two_steps_writes_a_changed_llama_policy(smollm2, tmp_path):
     from align.dpo import main
 
     out = tmp_path / "dpo"
-    summary = main([str(ROOT / "configs/smollm2/dpo.yaml"), "--model_name_or_path", str(smollm2["dir"]),
+    res = main([str(ROOT / "configs/smollm2/dpo.yaml"), "--model_name_or_path", str(smollm2["dir"]),
                     "--output_dir", str(out), "--dataset_name", str(DATA / "instruction-data-with-preference.json"),
                     "--max_length", "128", "--max_steps", "2", "--per_device_train_batch_size", "2",
                     "--bf16", "false", "--test_fraction", "0", "--win_rate_num_prompts", "0",
                     "--eval_num_prompts", "0", "--logging_steps", "1", "--learning_rate", "1e-3"])
-    assert summary["steps"] == 2 and summary["train_loss"] == summary["train_loss"]  # not NaN
+    assert res.steps == 2 and res.train_loss == res.train_loss  # not NaN
     final = out / "final"
     assert json.loads((final / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     new, old = load_file(str(final / "model.safetensors")), load_file(str(smollm2["dir"] / "model.safetensors"))
