@@ -107,5 +107,4 @@ def test_plot_writes_a_png_and_rejects_files_without_generate_rows(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     empty = tmp_path / "e.jsonl"
     empty.write_text('{"bench": "sft"}\n')
-    with pytest.raises(SystemExit):
-        plot.main([str(empty), "--out", str(out)])
+    assert plot.main([str(empty), "--out", str(out)]) == 2
