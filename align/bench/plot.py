@@ -1,6 +1,6 @@
 """PNG of generation throughput from ``python -m align.bench generate --json FILE`` lines.
 
-    python -m align.bench plot gen.jsonl [more.jsonl ...] --out docs/img/generate.png
+    python -m align.bench plot --files gen.jsonl [more.jsonl ...] --out docs/img/generate.png
 
 Left: tokens/s against batch size, one line per method (at the most common prompt length); right: tokens/s
 against prompt length at each batch size that was run at several prompt lengths (ours and HF).
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 class BenchArgs:
     """PNG of generation throughput from `bench generate --json` files"""
 
-    files: list[str] = field(default_factory=list, metadata={"help": "JSON-lines files", "positional": True})
+    files: list[str] = field(default_factory=list, metadata={"help": "JSON-lines files of `bench generate --json`"})
     out: str = field(default="generate.png", metadata={"help": "the PNG to write"})
 
 
