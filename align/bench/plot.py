@@ -21,6 +21,10 @@ class BenchArgs:
     files: list[str] = field(default_factory=list, metadata={"help": "JSON-lines files of `bench generate --json`"})
     out: str = field(default="generate.png", metadata={"help": "the PNG to write"})
 
+    def __post_init__(self):
+        if isinstance(self.files, str):  # one file given as one word
+            self.files = [self.files]
+
 
 def main(argv: list[str] | None = None) -> int:
     from align.config import parse, run_command
