@@ -148,6 +148,8 @@ class BenchArgs:
     json: str | None = field(default=None, metadata={"help": "append one JSON line per row to this file"})
 
     def __post_init__(self):
+        if isinstance(self.methods, str):  # one method given as one word
+            self.methods = [self.methods]
         for name, allowed in (("dtype", DTYPES), ("size", SIZES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")

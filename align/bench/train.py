@@ -259,6 +259,8 @@ class BenchArgs:
             raise ValueError(f"size must be one of {sorted(SIZES)}, got {self.size!r}")
         if self.steps <= self.warmup:
             raise ValueError(f"steps ({self.steps}) must exceed warmup ({self.warmup})")
+        if isinstance(self.variants, str):  # one variant given as one word
+            self.variants = [self.variants]
         bad = set(self.variants or ()) - {"trl", "trl-liger", "align", "align-nogc"}
         if bad:
             raise ValueError(f"variants: unknown {sorted(bad)}")
