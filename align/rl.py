@@ -142,6 +142,11 @@ def prepare(args: RLArguments, model_args: Any, training_args: Any) -> RLSetup:
     dataset = prompt_dataset(args.dataset_name, args.num_prompts, args.world_seed, args.world_fresh_words)
     torch.manual_seed(training_args.seed)
     model = load(start, dtype=model_args.dtype)
+    if torch.cuda.is_available() and not model_args.use_peft:  # rollouts: static cache + CUDA-graph decode
+        from align.fastgen import use_fast_generate
+
+        if use_fast_generate(model):
+            logger.info("rollouts through align.fastgen (static KV cache, CUDA-graph decode)")
     return RLSetup(start, tokenizer, model, reward_funcs, dataset)
 
 

@@ -175,11 +175,12 @@ def test_score_and_convert_and_bench_parse_their_verbs(caplog, capsys):
 
     with pytest.raises(SystemExit) as e:
         bench_main(["model", "--size", "huge"])
-    assert e.value.code == 2 and "size must be one of ['medium', 'small'], got 'huge'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "size must be one of ['medium', " in err and "got 'huge'" in err
     assert bench_main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "\n  store  python -m align.bench store: preference-store throughput" in out and "\n  model  " in out
-    assert bench_main(["nope"]) == 2 and "expected a bench (model, score, store" in capsys.readouterr().err
+    assert "python -m align.bench store: preference-store throughput" in out and "\n  model " in out
+    assert bench_main(["nope"]) == 2 and "expected a bench (" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # options before the bench's name reach the bench
         bench_main(["--size", "huge", "score"])
     assert e.value.code == 2 and "size must be one of" in capsys.readouterr().err

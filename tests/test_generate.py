@@ -119,7 +119,7 @@ def test_generate_fast_path_gives_the_plain_replies(tiny_lm_dir, tiny_llama_dir)
 
     prompts = ["What is 3 + 4?", "Hi", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"}]]
     for d in (tiny_lm_dir, tiny_llama_dir):
-        model, tok = G.load_causal_lm(d, device="cpu")
+        model, tok = load(d, device="cpu"), load_tokenizer(d)
         assert supports_fast_generate(model)
         plain = G.generate(model, tok, prompts, max_new_tokens=10, fast=False)
         assert G.generate(model, tok, prompts, max_new_tokens=10, fast=True) == plain

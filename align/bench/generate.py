@@ -1,7 +1,7 @@
 """Greedy generation throughput: align's fast path (static KV cache + CUDA-graph decode, align.fastgen) vs
 HF ``generate`` on LlamaForCausalLM with the same config and weights, in one process on one device.
 
-    python -m align.bench generate --device cuda --dtype bf16 --size medium --batch 1 16 64 --new-tokens 256 \
+    python -m align.bench generate --device cuda --dtype bf16 --size medium --batch 1 16 64 --new_tokens 256 \
         [--hf-static] [--json out.jsonl]
 
 Rows per batch size: ``hf`` = LlamaForCausalLM.generate (dynamic cache, eager: what a user runs by default);
@@ -18,9 +18,9 @@ bf16 rounding may flip an argmax; tests/test_generate.py checks equality where r
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -131,20 +131,34 @@ def format_table(rows: list[dict], header: bool = True) -> str:
     return "\n".join(out)
 
 
+@dataclass
+class BenchArgs:
+    """fast generation (align.fastgen) vs HF generate: tokens/s"""
+
+    device: str = "cpu"
+    dtype: str = field(default="fp32", metadata={"help": f"one of {sorted(DTYPES)}"})
+    size: str = field(default="small", metadata={"help": f"one of {sorted(SIZES)}"})
+    batch: list[int] = field(default_factory=lambda: [1, 8], metadata={"help": "batch sizes, one row group each"})
+    prompt_len: int = 32
+    new_tokens: int = 32
+    repeats: int = field(default=3, metadata={"help": "interleaved repeats; the best is reported"})
+    hf_static: bool = field(default=False, metadata={"help": "also HF generate with the static cache (compiled)"})
+    compile: bool = field(default=False, metadata={"help": "also align.fastgen with the decode step compiled"})
+    methods: list[str] | None = field(default=None, metadata={"help": "time only these (hf is always timed)"})
+    json: str | None = field(default=None, metadata={"help": "append one JSON line per row to this file"})
+
+    def __post_init__(self):
+        if isinstance(self.methods, str):  # one method given as one word
+            self.methods = [self.methods]
+        for name, allowed in (("dtype", DTYPES), ("size", SIZES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m align.bench generate", description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--size", choices=sorted(SIZES), default="small")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes, one table row group each")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best is reported")
-    p.add_argument("--hf-static", action="store_true", help="also HF generate with the static cache (compiled)")
-    p.add_argument("--compile", action="store_true", help="also align.fastgen with the decode step compiled")
-    p.add_argument("--methods", nargs="+", help="time only these (hf is always timed: the reference)")
-    p.add_argument("--json", help="append one JSON line per row to this file")
-    a = p.parse_args(argv)
+    from align.config import parse, run_command
+
+    (a,) = run_command(parse, [BenchArgs], argv, prog="python -m align.bench generate")
     run(size=a.size, device=a.device, dtype=a.dtype, batches=a.batch, prompt_len=a.prompt_len,
         new_tokens=a.new_tokens, repeats=a.repeats, hf_static=a.hf_static, compile=a.compile, json_path=a.json,
         only=a.methods)

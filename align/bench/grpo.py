@@ -1,8 +1,8 @@
 """GRPO completions/s: TRL's GRPOTrainer with its defaults (HF generate, no vLLM) vs the same trainer with
 generation routed through align.fastgen (static KV cache + CUDA-graph decode), same model shape and prompts.
 
-    python -m align.bench grpo --device cuda --size smollm2-135m --prompts 8 --num-generations 8 \
-        --max-completion-length 128 --steps 4 --warmup 1
+    python -m align.bench grpo --device cuda --size smollm2-135m --prompts 8 --num_generations 8 \
+        --max_completion_length 128 --steps 4 --warmup 1
 
 Rows: ``trl`` = LlamaForCausalLM, GRPOConfig defaults but the batch shape above (sampling at T=1, bf16,
 gradient checkpointing); ``align`` = our decoder, the same config, ``model.generate`` through
@@ -13,10 +13,10 @@ length in both rows. completions/s = prompts x generations per step / seconds pe
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -116,20 +116,31 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+@dataclass
+class BenchArgs:
+    """GRPO completions/s: TRL defaults vs generation through align.fastgen"""
+
+    device: str = "cpu"
+    size: str = field(default="small", metadata={"help": f"one of {sorted(SIZES)}"})
+    prompts: int = field(default=2, metadata={"help": "prompts per step"})
+    num_generations: int = 4
+    max_completion_length: int = 16
+    steps: int = 3
+    warmup: int = 1
+    compile: bool = field(default=False, metadata={"help": "align's decode step through torch.compile"})
+    json: str | None = None
+
+    def __post_init__(self):
+        if self.size not in SIZES:
+            raise ValueError(f"size must be one of {sorted(SIZES)}, got {self.size!r}")
+        if not 1 <= self.warmup < self.steps:
+            raise ValueError(f"need 1 <= warmup < steps, got {self.warmup}, {self.steps}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m align.bench grpo", description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--size", choices=sorted(SIZES), default="small")
-    p.add_argument("--prompts", type=int, default=2, help="prompts per step")
-    p.add_argument("--num-generations", type=int, default=4)
-    p.add_argument("--max-completion-length", type=int, default=16)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--compile", action="store_true", help="align's decode step through torch.compile")
-    p.add_argument("--json")
-    a = p.parse_args(argv)
-    if not 1 <= a.warmup < a.steps:
-        p.error(f"need 1 <= --warmup < --steps, got {a.warmup}, {a.steps}")
+    from align.config import parse, run_command
+
+    (a,) = run_command(parse, [BenchArgs], argv, prog="python -m align.bench grpo")
     run(size=a.size, device=a.device, n_prompts=a.prompts, num_generations=a.num_generations,
         max_completion_length=a.max_completion_length, steps=a.steps, warmup=a.warmup, json_path=a.json,
         compile=a.compile)

@@ -1,6 +1,6 @@
 """PNG of generation throughput from ``python -m align.bench generate --json FILE`` lines.
 
-    python -m align.bench plot gen.jsonl [more.jsonl ...] --out docs/img/generate.png
+    python -m align.bench plot --files gen.jsonl [more.jsonl ...] --out docs/img/generate.png
 
 Left: tokens/s against batch size, one line per method (at the most common prompt length); right: tokens/s
 against prompt length at each batch size that was run at several prompt lengths (ours and HF).
@@ -8,16 +8,28 @@ against prompt length at each batch size that was run at several prompt lengths 
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class BenchArgs:
+    """PNG of generation throughput from `bench generate --json` files"""
+
+    files: list[str] = field(default_factory=list, metadata={"help": "JSON-lines files of `bench generate --json`"})
+    out: str = field(default="generate.png", metadata={"help": "the PNG to write"})
+
+    def __post_init__(self):
+        if isinstance(self.files, str):  # one file given as one word
+            self.files = [self.files]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m align.bench plot", description=__doc__.splitlines()[0])
-    p.add_argument("files", nargs="+")
-    p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
+    from align.config import parse, run_command
+
+    (a,) = run_command(parse, [BenchArgs], argv, prog="python -m align.bench plot")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [json.loads(line) for f in a.files for line in open(f) if line.strip()]
     rows = [r for r in rows if r.get("bench") == "generate"]
     if not rows:
-        p.error("no generate rows in the files")
+        print(f"error: no generate rows in {a.files}", file=sys.stderr)
+        return 2
     plen = Counter(r["prompt_len"] for r in rows).most_common(1)[0][0]
     by_batch = defaultdict(list)
     for r in rows:

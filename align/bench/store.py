@@ -13,7 +13,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import platform
-import statistics
 import subprocess
 import tempfile
 import time

@@ -1,8 +1,8 @@
 """SFT and DPO throughput: align's settings vs TRL's trainers with their defaults (and with use_liger_kernel),
 on the same random-initialised model shape and the same data, in one process on one device.
 
-    python -m align.bench sft --device cuda --size smollm2-135m --batch 8 --max-length 1024 [--lora]
-    python -m align.bench dpo --device cuda --size smollm2-135m --batch 8 --max-length 1024 [--lora]
+    python -m align.bench sft --device cuda --size smollm2-135m --batch 8 --max_length 1024 [--lora]
+    python -m align.bench dpo --device cuda --size smollm2-135m --batch 8 --max_length 1024 [--lora]
 
 Data: synthetic prompt/completion (SFT) or prompt/chosen/rejected (DPO) texts over a word-level tokenizer
 whose vocabulary is the model's, with chat-like lengths (prompt 16..L/4, completion 16..L/2 tokens, uniform),
@@ -23,13 +23,13 @@ fwd+bwd FLOPs per token / the device's datasheet bf16 peak (DPO's reference forw
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
 import random
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -238,21 +238,39 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main(kind: str, argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=f"python -m align.bench {kind}", description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--size", choices=sorted(SIZES), default="small")
-    p.add_argument("--batch", type=int, default=4, help="per-device batch (examples, or packed rows for align)")
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--steps", type=int, default=6, help="optimizer steps per run, warm-up included")
-    p.add_argument("--warmup", type=int, default=2, help="untimed first steps")
-    p.add_argument("--lora", action="store_true", help="LoRA r16 on all linear layers, for every variant")
-    p.add_argument("--variants", nargs="+", choices=["trl", "trl-liger", "align", "align-nogc"],
-                   help="default: all that apply (trl-liger where liger-kernel and CUDA are there)")
-    p.add_argument("--json", help="append one JSON line per variant to this file")
-    a = p.parse_args(argv)
-    if a.steps <= a.warmup:
-        p.error(f"--steps ({a.steps}) must exceed --warmup ({a.warmup})")
+@dataclass
+class BenchArgs:
+    """training throughput vs TRL's defaults (and Liger)"""
+
+    device: str = "cpu"
+    size: str = field(default="small", metadata={"help": f"one of {sorted(SIZES)}"})
+    batch: int = field(default=4, metadata={"help": "per-device batch (examples, or packed rows for align)"})
+    max_length: int = 256
+    steps: int = field(default=6, metadata={"help": "optimizer steps per run, warm-up included"})
+    warmup: int = field(default=2, metadata={"help": "untimed first steps"})
+    lora: bool = field(default=False, metadata={"help": "LoRA r16 on all linear layers, for every variant"})
+    variants: list[str] | None = field(
+        default=None, metadata={"help": "any of trl, trl-liger, align, align-nogc; default: all that apply "
+                                        "(trl-liger where liger-kernel and CUDA are there)"})
+    json: str | None = field(default=None, metadata={"help": "append one JSON line per variant to this file"})
+
+    def __post_init__(self):
+        if self.size not in SIZES:
+            raise ValueError(f"size must be one of {sorted(SIZES)}, got {self.size!r}")
+        if self.steps <= self.warmup:
+            raise ValueError(f"steps ({self.steps}) must exceed warmup ({self.warmup})")
+        if isinstance(self.variants, str):  # one variant given as one word
+            self.variants = [self.variants]
+        bad = set(self.variants or ()) - {"trl", "trl-liger", "align", "align-nogc"}
+        if bad:
+            raise ValueError(f"variants: unknown {sorted(bad)}")
+
+
+def bench_main(kind: str, argv: list[str] | None = None) -> int:
+    """The sft and dpo benches' command line (``align.bench.sft`` / ``.dpo``)."""
+    from align.config import parse, run_command
+
+    (a,) = run_command(parse, [BenchArgs], argv, prog=f"python -m align.bench {kind}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run(kind, size=a.size, device=a.device, batch=a.batch, max_length=a.max_length, steps=a.steps, warmup=a.warmup,
         lora=a.lora, variants=a.variants, json_path=a.json)
