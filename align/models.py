@@ -112,6 +112,8 @@ def load(
         model = load_gguf(path, head=head, dtype=dtype, **config_kwargs)
     elif _is_adapter(path):
         model = _load_adapter(path, head, dtype, merge_lora, config_kwargs)
+    elif _saved_decoder(path) is not None:
+        model = _load_decoder(path, head, dtype, config_kwargs)
     else:
         auto = AutoModelForCausalLM if head == "causal" else AutoModelForSequenceClassification
         try:
@@ -124,6 +126,26 @@ def load(
     if device is not None:
         model.to(device).eval()
     return model
+
+
+def _saved_decoder(path: str) -> dict | None:
+    """config.json of a Llama-format ``final/`` of align's decoder (``align.convert.make_portable`` marks it
+    ``converted_from``), else None: such a dir loads in plain transformers as Llama, and here as the decoder
+    it was, so a later stage computes exactly what the decoder did."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    config = json.loads(cfg.read_text())
+    return config if config.get("converted_from") == "align_decoder" else None
+
+
+def _load_decoder(path: str, head: str, dtype: Any, config_kwargs: dict) -> PreTrainedModel:
+    from align.model import DecoderConfig, DecoderForCausalLM, DecoderForSequenceClassification
+
+    saved = {k: v for k, v in _saved_decoder(path).items() if k not in ("model_type", "architectures")}
+    config = DecoderConfig.from_dict({**saved, **config_kwargs})
+    cls = DecoderForCausalLM if head == "causal" else DecoderForSequenceClassification
+    return cls.from_pretrained(path, config=config, dtype=dtype)
 
 
 def _load_adapter(path: str, head: str, dtype: Any, merge: bool, config_kwargs: dict) -> PreTrainedModel:
@@ -205,6 +227,8 @@ def model_type(path_or_id: str | os.PathLike) -> str:
     path = str(path_or_id)
     if _is_adapter(path):
         path = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if _saved_decoder(path) is not None:
+        return "align_decoder"
     return AutoConfig.from_pretrained(path).model_type
 
 

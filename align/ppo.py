@@ -20,6 +20,7 @@ from trl import ModelConfig, get_peft_config
 
 from align import reward_funcs as R
 from align.config import parse, run_command
+from align.convert import make_portable
 from align.models import load, load_tokenizer
 from align.ppo_trainer import PPOConfig, PPOTrainer
 from align.rl import RLArguments, evaluator, log_run, prepare
@@ -64,6 +65,7 @@ def save_policy(trainer: PPOTrainer, final: Path) -> Path:
         policy = policy.merge_and_unload()
     policy.save_pretrained(str(final))
     trainer.processing_class.save_pretrained(str(final))
+    make_portable(final)  # loads in plain transformers (align's decoder as Llama where it is Llama-equivalent)
     return final
 
 
