@@ -28,7 +28,7 @@ from transformers.modeling_outputs import (
     MoeCausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
-from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple, logging
 
 from .config import DecoderConfig
@@ -88,11 +88,101 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None, :, :].expand(B, nkv, n_rep, S, hs).reshape(B, nkv * n_rep, S, hs)
 
 
+def _allowed(mask: torch.Tensor | None, T: int, S: int, device) -> torch.Tensor:
+    """A bool (B|1, 1, T, S) mask, True = may attend: the bool mask as is, an additive float mask's zeros, or
+    plain causality (the T queries are the last T of the S keys) when there is none."""
+    if mask is None:
+        return (torch.arange(S, device=device)[None, :] <= torch.arange(S - T, S, device=device)[:, None])[None, None]
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Manual softmax(q k^T * scale + mask) v: slow, but returns the probabilities (B, nh, T, S) for inspection.
+    query (B, nh, T, hs), key/value (B, nkv, S, hs) -> (B, T, nh, hs), probabilities."""
+    k = repeat_kv(key, module.num_key_value_groups)
+    v = repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, k.transpose(2, 3)) * scaling  # (B, nh, T, S)
+    allowed = _allowed(attention_mask, query.shape[2], k.shape[2], query.device)
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
+
+
+@dataclass
+class ChunkedPositions:
+    """Dual chunk attention's rotations (An et al. 2024, https://arxiv.org/abs/2402.17463), from chunk size s and
+    local window w. Keys always sit at p mod s. Queries take one position per kind of key:
+      intra (key in the query's chunk):      p mod s           -> distances 0 .. s-1 (the true ones)
+      successive (key in the previous chunk): min(p mod s + s, s + w) -> the true distance while it is <= s + w
+      inter (key in an earlier chunk):       s + w             -> distances w+1 .. s+w
+    so no query-key distance exceeds s + w. cos/sin are (B, T, hs); chunk ids (B, T) of the queries and (B, S)
+    of every key (cache included)."""
+
+    intra: tuple[torch.Tensor, torch.Tensor]
+    successive: tuple[torch.Tensor, torch.Tensor]
+    inter: tuple[torch.Tensor, torch.Tensor]
+    query_chunk: torch.Tensor
+    key_chunk: torch.Tensor
+
+
+def chunk_masks(allowed: torch.Tensor, pos: ChunkedPositions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split an allowed-mask (B|1, 1, T, S) into the intra, successive and inter keys of each query."""
+    qc, kc = pos.query_chunk[:, None, :, None], pos.key_chunk[:, None, None, :]  # (B, 1, T, 1), (B, 1, 1, S)
+    return allowed & (kc == qc), allowed & (kc == qc - 1), allowed & (kc < qc - 1)
+
+
+def dual_chunk_attention_eager(module, queries, key, value, masks, scaling, dropout=0.0):
+    """The paper's form: one softmax per kind of key, merged exactly through their log-sum-exps.
+    queries: 3 x (B, nh, T, hs) (intra, successive, inter rotations); masks: 3 x (B, 1, T, S) bool."""
+    k = repeat_kv(key, module.num_key_value_groups)
+    v = repeat_kv(value, module.num_key_value_groups)
+    outs, lses = [], []
+    for q, m in zip(queries, masks):
+        scores = (torch.matmul(q, k.transpose(2, 3)) * scaling).float().masked_fill(~m, float("-inf"))  # (B,nh,T,S)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, nh, T, 1); -inf where the kind has no key
+        probs = torch.exp(scores - lse.clamp(min=torch.finfo(scores.dtype).min)).nan_to_num(0.0)
+        probs = F.dropout(probs, p=dropout, training=module.training)
+        outs.append(torch.matmul(probs.to(v.dtype), v))
+        lses.append(lse)
+    lse = torch.logsumexp(torch.stack(lses), dim=0)  # (B, nh, T, 1) over all keys
+    y = sum(torch.exp(part - lse).nan_to_num(0.0).to(o.dtype) * o for part, o in zip(lses, outs))
+    return y.transpose(1, 2).contiguous()  # (B, T, nh, hs)
+
+
+def dual_chunk_attention_sdpa(module, queries, key, value, masks, scaling, dropout=0.0, block: int = 512):
+    """The same on SDPA, in one softmax: the three query rotations side by side (dim 3*hs) against the keys
+    stacked three times with only one rotation's slot filled, so key copy c scores q_c . k. One softmax over all
+    3*S copies, each masked to its kind, is the log-sum-exp merge of the three (no lse out of SDPA needed).
+    Queries go in blocks so the (T, 3S) mask stays small."""
+    B, nkv, S, hs = key.shape
+    zeros = torch.zeros_like(key)
+    k3 = torch.cat([torch.cat([key if c == r else zeros for c in range(3)], dim=-1) for r in range(3)], dim=2)
+    v3 = torch.cat([value] * 3, dim=2)  # (B, nkv, 3S, hs)
+    q3 = torch.cat(queries, dim=-1)  # (B, nh, T, 3hs)
+    mask3 = torch.cat(masks, dim=-1)  # (B|1, 1, T, 3S)
+    mask3 = mask3 | ~mask3.any(dim=-1, keepdim=True)  # a padding query with no key: any finite row, never read
+    gqa = module.num_key_value_groups > 1
+    out = [
+        F.scaled_dot_product_attention(
+            q3[:, :, i : i + block], k3, v3, attn_mask=mask3[:, :, i : i + block],
+            dropout_p=dropout if module.training else 0.0, scale=scaling, enable_gqa=gqa,
+        )
+        for i in range(0, q3.shape[2], block)
+    ]
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous()  # (B, T, nh, hs)
+
+
 class Attention(nn.Module):
-    """Causal self-attention with RoPE, GQA and a KV cache, on torch's scaled_dot_product_attention."""
+    """Causal self-attention with RoPE, GQA and a KV cache. The attention function comes from transformers'
+    registry by `config._attn_implementation` (sdpa, eager, flash_attention_2, ...), as in Llama; with
+    `dca_chunk_size` set, dual chunk attention (eager or SDPA form) instead."""
+
+    is_causal = True  # read by the registry's functions
 
     def __init__(self, config: DecoderConfig, layer_idx: int) -> None:
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -110,33 +200,34 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (B, T, C)
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin (B, T, hs)
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | ChunkedPositions,  # cos, sin (B, T, hs)
         attention_mask: torch.Tensor | None,  # (B, 1, T, S) bool/float, or None = plain causal
         cache: Cache | None = None,
+        **kwargs,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hs) past + new
-
-        is_causal = attention_mask is None and T > 1
-        if is_causal and k.shape[2] > T:  # empty static-cache slots after the prompt (sdpa is top-left aligned)
-            k, v = k[:, :, :T], v[:, :, :T]
-        k = repeat_kv(k, self.num_key_value_groups)  # (B, nh, S, hs)
-        v = repeat_kv(v, self.num_key_value_groups)  # (B, nh, S, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attention_mask,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            is_causal=is_causal,
-            scale=self.scaling,
-        )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hs) re-assemble heads
-        return self.o_proj(y)
+        dropout = self.attention_dropout if self.training else 0.0
+        if isinstance(position_embeddings, ChunkedPositions):
+            pos = position_embeddings
+            # keys at p mod s (the cache holds them so rotated: no re-rotation at decode time)
+            q_intra, k = apply_rotary_pos_emb(q, k, *pos.intra)
+            queries = (q_intra, apply_rotary_pos_emb(q, q, *pos.successive)[0], apply_rotary_pos_emb(q, q, *pos.inter)[0])
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hs) past + new
+            masks = chunk_masks(_allowed(attention_mask, T, k.shape[2], x.device), pos)
+            fn = dual_chunk_attention_eager if self.config._attn_implementation == "eager" else dual_chunk_attention_sdpa
+            y = fn(self, queries, k, v, masks, self.scaling, dropout)
+        else:
+            q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hs) past + new
+            fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+            # sdpa: native GQA (enable_gqa) where torch's kernels take it, repeat_kv otherwise (transformers decides)
+            y, _ = fn(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)  # (B, T, nh, hs)
+        return self.o_proj(y.reshape(B, T, -1))  # (B, T, nh*hs) re-assembled heads
 
 
 class DecoderLayer(GradientCheckpointingLayer):
@@ -152,6 +243,7 @@ class DecoderLayer(GradientCheckpointingLayer):
         )
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.dropout = nn.Dropout(config.residual_dropout)  # on each branch before its residual add (GPT-2)
 
     def forward(
         self,
@@ -163,11 +255,11 @@ class DecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         x = hidden_states
-        x = x + self.self_attn(self.input_layernorm(x), position_embeddings, attention_mask, cache)
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), position_embeddings, attention_mask, cache))
         if not self.is_moe:
-            return x + self.mlp(self.post_attention_layernorm(x)), None, None
+            return x + self.dropout(self.mlp(self.post_attention_layernorm(x))), None, None
         y, aux_loss, dropped = self.mlp(self.post_attention_layernorm(x), token_mask)
-        return x + y, aux_loss, dropped
+        return x + self.dropout(y), aux_loss, dropped
 
 
 # --------------------------------------------------------------------------------------- models
@@ -180,8 +272,9 @@ class DecoderPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
-    _supports_flash_attn = False
+    _supports_flash_attn = True  # through the registry; used only where flash-attn is installed
     _supports_flex_attn = False
+    _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
         """normal(0, initializer_range) for Linear/Embedding, ones for RMSNorm (PreTrainedModel's default),
@@ -205,6 +298,7 @@ class DecoderModel(DecoderPreTrainedModel):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.embed_dropout = nn.Dropout(config.embedding_dropout)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
@@ -216,6 +310,25 @@ class DecoderModel(DecoderPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
+
+    def chunked_positions(
+        self, x: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None, S: int
+    ) -> ChunkedPositions:
+        """Dual chunk attention's rotations for the queries at position_ids (B, T) and the chunk of each of the S
+        keys (positions from a 2D padding mask when there is one, as for the queries; else 0 .. S-1)."""
+        s, w = self.config.dca_chunk_size, self.config.dca_local_window
+        in_chunk = position_ids % s  # (B, T)
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] == S:
+            key_pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+        else:
+            key_pos = torch.arange(S, device=x.device)[None]  # (1, S)
+        return ChunkedPositions(
+            intra=self.rotary_emb(x, in_chunk),
+            successive=self.rotary_emb(x, (in_chunk + s).clamp(max=s + w)),
+            inter=self.rotary_emb(x, torch.full_like(position_ids, s + w)),
+            query_chunk=position_ids // s,
+            key_chunk=key_pos // s,
+        )
 
     @can_return_tuple
     def forward(
@@ -270,8 +383,11 @@ class DecoderModel(DecoderPreTrainedModel):
         if self.config.num_experts and attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -T:].bool()  # (B, T) MoE routes real tokens only
 
-        x = inputs_embeds
-        position_embeddings = self.rotary_emb(x, position_ids)  # cos, sin (B, T, hs)
+        x = self.embed_dropout(inputs_embeds)
+        if self.config.dca_chunk_size is not None:
+            position_embeddings = self.chunked_positions(x, position_ids, attention_mask, past + T)
+        else:
+            position_embeddings = self.rotary_emb(x, position_ids)  # cos, sin (B, T, hs)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )

@@ -1,0 +1,176 @@
+"""Passkey retrieval past the trained length: RoPE scaling and dual chunk attention side by side.
+
+    python -m align.bench context [--out runs/bench_context] [--quick] [--samples N] [--device cpu]
+
+A tiny decoder is trained here (once; re-runs load `OUT/model/`) at `--train-len` tokens on filler text with a
+hidden five-digit key, then asked for the key at 1x, 2x, 4x, 8x and 16x that length, the key at five depths.
+Each method is the same weights under another config: plain RoPE, linear interpolation, dynamic NTK, YaRN,
+dual chunk attention (ChunkLlama, https://arxiv.org/abs/2402.17463) and YaRN + dual chunk attention. The
+scaled RoPE variants get factor = length / train_len. Greedy decoding with the KV cache; a sample counts when
+all five digits come back. Writes OUT/results.json, OUT/context.png (accuracy heat-maps, depth x length)
+and prints the table with the KV-cache memory of each length (measured after the prompt, and by the formula
+2 * layers * batch * kv_heads * length * head_dim * bytes).
+
+The vocabulary is a word list built here (digits, the filler's words, the needle's words): the point is the
+positions, not the tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from align.model import DecoderConfig, DecoderForCausalLM
+
+FILLER = [  # the classic passkey haystack (Mohtashami & Jaggi 2023, https://arxiv.org/abs/2305.16300)
+    "the grass is green .", "the sky is blue .", "the sun is yellow .", "here we go .", "there and back again .",
+]
+NEEDLE = "the pass key is : {key} . remember it ."
+QUESTION = "what is the pass key ? pass key :"
+KEY_LEN = 5
+WORDS = ["<pad>", "<bos>", "<eos>", *"0123456789"] + sorted(
+    {w for s in [*FILLER, NEEDLE.replace("{key}", ""), QUESTION] for w in s.split()}
+)
+VOCAB = {w: i for i, w in enumerate(WORDS)}
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)  # where the needle sits in the haystack (fraction of the filler before it)
+MULTIPLES = (1, 2, 4, 8, 16)
+METHODS = ("rope", "linear", "dynamic", "yarn", "dca", "yarn+dca")
+
+
+def encode(text: str) -> list[int]:
+    return [VOCAB[w] for w in text.split()]
+
+
+def sample(length: int, depth: float, g: torch.Generator) -> tuple[list[int], list[int]]:
+    """(prompt ids, key ids): <bos> filler... needle filler... question, `length - KEY_LEN` tokens in all, so that
+    prompt + answer is exactly `length` tokens. The key's digits are distinct (no ambiguous copy)."""
+    key = [VOCAB[str(int(d))] for d in torch.randperm(10, generator=g)[:KEY_LEN]]
+    needle = encode(NEEDLE.replace("{key}", ""))
+    colon = needle.index(VOCAB[":"]) + 1
+    needle = needle[:colon] + key + needle[colon:]
+    question = encode(QUESTION)
+    n_fill = length - KEY_LEN - 1 - len(needle) - len(question)
+    if n_fill < 0:
+        raise ValueError(f"length {length} is too short for the needle and question ({length - n_fill} tokens)")
+    fill: list[int] = []
+    while len(fill) < n_fill:
+        fill += encode(FILLER[int(torch.randint(len(FILLER), (1,), generator=g))])
+    fill = fill[:n_fill]
+    at = round(depth * n_fill)
+    return [VOCAB["<bos>"], *fill[:at], *needle, *fill[at:], *question], key
+
+
+def batch(n: int, length: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n training rows (n, length) at uniform random depths, and the answer mask (n, length) over the key's
+    second copy (the positions whose next-token target is a digit of the answer)."""
+    rows, mask = [], torch.zeros(n, length, dtype=torch.bool)
+    for i in range(n):
+        prompt, key = sample(length, float(torch.rand((), generator=g)), g)
+        rows.append(prompt + key)
+        mask[i, len(prompt) - 1 : length - 1] = True
+    return torch.tensor(rows), mask
+
+
+def model_config(train_len: int, size: str) -> DecoderConfig:
+    width, layers = {"tiny": (32, 2), "small": (128, 2)}[size]
+    return DecoderConfig(
+        vocab_size=len(WORDS), hidden_size=width, intermediate_size=width * 2, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=train_len,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+
+
+@torch.no_grad()
+def accuracy(model, length: int, depths=DEPTHS, samples: int = 8, seed: int = 1234,
+             batch_size: int = 8) -> dict[float, float]:
+    """Fraction of samples whose five digits come back exactly (greedy, KV cache), per depth."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = {}
+    for d in depths:
+        g = torch.Generator().manual_seed(seed + int(d * 1000))
+        cases = [sample(length, d, g) for _ in range(samples)]
+        hits = 0
+        for i in range(0, samples, batch_size):
+            chunk = cases[i : i + batch_size]
+            prompts = torch.tensor([p for p, _ in chunk], device=device)
+            gen = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=KEY_LEN,
+                                 min_new_tokens=KEY_LEN, do_sample=False, use_cache=True, pad_token_id=0)
+            hits += sum(gen[j, -KEY_LEN:].tolist() == key for j, (_, key) in enumerate(chunk))
+        out[d] = hits / samples
+    return out
+
+
+def train(out_dir: Path, train_len: int = 256, size: str = "small", steps: int = 3000, batch_size: int = 16,
+          lr: float = 2e-3, device: str = "cpu", seed: int = 0, target: float = 0.98, log=print) -> DecoderForCausalLM:
+    """Train (or load from out_dir/model) the passkey model at train_len. Stops early once greedy retrieval at
+    train_len is >= target on 64 held-out samples (checked every 250 steps)."""
+    path = out_dir / "model"
+    if (path / "config.json").exists():
+        log(f"loading the trained passkey model from {path}")
+        return DecoderForCausalLM.from_pretrained(path).to(device)
+    torch.manual_seed(seed)
+    model = DecoderForCausalLM(model_config(train_len, size)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    warmup = min(100, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    g = torch.Generator().manual_seed(seed)
+    t0, history = time.perf_counter(), []
+    for step in range(1, steps + 1):
+        model.train()
+        x, answer = batch(batch_size, train_len, g)
+        x, answer = x.to(device), answer.to(device)
+        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+        targets = x[:, 1:]
+        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        answer = answer[:, :-1].reshape(-1)
+        # LM loss everywhere (it grows the previous-token heads retrieval builds on) + the answer's own loss
+        loss = lm.mean() + lm[answer].mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 250 == 0 or step == steps:
+            acc = accuracy(model, train_len, depths=(0.1, 0.5, 0.9), samples=24, seed=99)
+            mean = sum(acc.values()) / len(acc)
+            history.append({"step": step, "loss": loss.item(), "answer_loss": lm[answer].mean().item(), "acc": mean})
+            log(f"step {step}: loss {loss.item():.3f} answer loss {lm[answer].mean().item():.3f} "
+                f"retrieval@{train_len} {mean:.2f} ({time.perf_counter() - t0:.0f}s)")
+            if mean >= target:
+                break
+    model.save_pretrained(path)
+    (path / "train.json").write_text(json.dumps({"seconds": time.perf_counter() - t0, "history": history,
+                                                 "threads": torch.get_num_threads(), "device": device}, indent=1))
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m align.bench context", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/bench_context", help="output dir (the trained model is kept in OUT/model)")
+    p.add_argument("--quick", action="store_true", help="tiny model, 64 tokens, few steps (tests, seconds)")
+    p.add_argument("--train-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3000, help="training steps at most (stops early at --target)")
+    p.add_argument("--samples", type=int, default=10, help="samples per (method, length, depth)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        train(out, train_len=32, size="tiny", steps=40, batch_size=8, device=args.device)
+    else:
+        train(out, train_len=args.train_len, steps=args.steps, device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
