@@ -154,21 +154,137 @@ def train(out_dir: Path, train_len: int = 256, size: str = "small", steps: int =
     return model
 
 
+def method_config(base: DecoderConfig, method: str, length: int) -> DecoderConfig:
+    """The trained model's config under `method` at `length`: scaled RoPE gets factor length / trained length;
+    dual chunk attention takes ChunkLlama's defaults for a trained length c: chunk s = 5c/8, local window
+    w = c/8, so the longest distance, s + w, is 3c/4."""
+    c = base.max_position_embeddings
+    factor = max(1.0, length / c)
+    theta = base.rope_parameters["rope_theta"]
+    rope = {"rope_type": "default", "rope_theta": theta}
+    if method == "linear":
+        rope = {"rope_type": "linear", "rope_theta": theta, "factor": factor}
+    elif method == "dynamic":  # NTK-aware, theta grown with the running length (transformers' usual factor 2)
+        rope = {"rope_type": "dynamic", "rope_theta": theta, "factor": 2.0}
+    elif method in ("yarn", "yarn+dca"):
+        rope = {"rope_type": "yarn", "rope_theta": theta, "factor": factor, "original_max_position_embeddings": c}
+    dca = dict(dca_chunk_size=5 * c // 8, dca_local_window=c // 8) if method.endswith("dca") else {}
+    kwargs = {k: v for k, v in base.to_diff_dict().items() if k in DecoderConfig.__dataclass_fields__}
+    kwargs.update(rope_parameters=rope, **{"dca_chunk_size": None, "dca_local_window": None, **dca})
+    return DecoderConfig(**kwargs)
+
+
+def kv_cache_bytes(model, length: int) -> tuple[int, int]:
+    """(measured bytes of the KV cache after a `length`-token prompt, batch 1; the formula's
+    2 * layers * batch * kv_heads * length * head_dim * bytes)."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        cache = model(input_ids=torch.full((1, length), VOCAB["the"], device=device), use_cache=True).cache
+    measured = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    elem = next(model.parameters()).element_size()
+    return measured, 2 * cfg.num_hidden_layers * 1 * cfg.num_key_value_heads * length * cfg.head_dim * elem
+
+
+def evaluate(model, multiples=MULTIPLES, methods=METHODS, samples: int = 10, log=print) -> dict:
+    c = model.config.max_position_embeddings
+    device = next(model.parameters()).device
+    results = {"train_len": c, "samples": samples, "depths": list(DEPTHS), "lengths": [m * c for m in multiples],
+               "accuracy": {}, "kv_cache": {}}
+    for length in results["lengths"]:
+        results["kv_cache"][length] = dict(zip(("measured", "formula"), kv_cache_bytes(model, length)))
+    for method in methods:
+        results["accuracy"][method] = {}
+        for length in results["lengths"]:
+            m = DecoderForCausalLM(method_config(model.config, method, length)).to(device).eval()
+            m.load_state_dict(model.state_dict())
+            t0 = time.perf_counter()
+            acc = accuracy(m, length, samples=samples)
+            results["accuracy"][method][length] = acc
+            log(f"{method:9s} {length:6d} tokens: {sum(acc.values()) / len(acc):.2f} "
+                f"by depth {[round(a, 2) for a in acc.values()]} ({time.perf_counter() - t0:.0f}s)")
+    return results
+
+
+def format_table(r: dict) -> str:
+    lengths, c = r["lengths"], r["train_len"]
+    head = "| method | " + " | ".join(f"{n // c}x ({n})" for n in lengths) + " |"
+    rows = [head, "|---|" + "---:|" * len(lengths)]
+    for method, by_len in r["accuracy"].items():
+        cells = [sum(by_len[n].values()) / len(by_len[n]) for n in lengths]
+        rows.append(f"| {method} | " + " | ".join(f"{a:.2f}" for a in cells) + " |")
+    kv = r["kv_cache"]
+    rows.append("| KV cache, measured (KiB, batch 1) | "
+                + " | ".join(f"{kv[n]['measured'] / 1024:.0f}" for n in lengths) + " |")
+    rows.append("| KV cache, formula (KiB) | " + " | ".join(f"{kv[n]['formula'] / 1024:.0f}" for n in lengths) + " |")
+    return "\n".join(rows)
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods, lengths, depths = list(r["accuracy"]), r["lengths"], r["depths"]
+    cols = 3
+    rows = math.ceil(len(methods) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, method in zip(axes.flat, methods):
+        grid = [[r["accuracy"][method][n][d] for n in lengths] for d in depths]  # (depth, length)
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, a in enumerate(row):
+                ax.text(j, i, f"{a:.1f}", ha="center", va="center", fontsize=7)
+        ax.set_title(method, fontsize=9)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+        ax.set_xlabel("context (tokens)", fontsize=7)
+        ax.set_ylabel("key depth", fontsize=7)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    fig.suptitle(f"passkey retrieval, trained at {r['train_len']} tokens ({r['samples']} samples a cell)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def run(out: Path, quick: bool = False, samples: int = 10, steps: int = 3000, train_len: int = 256,
+        device: str = "cpu", log=print) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    if quick:
+        model = train(out, train_len=32, size="tiny", steps=30, batch_size=8, device=device, log=log)
+        results = evaluate(model, multiples=(1, 4), samples=2, log=log)
+    else:
+        model = train(out, train_len=train_len, steps=steps, device=device, log=log)
+        results = evaluate(model, samples=samples, log=log)
+    results.update(threads=torch.get_num_threads(), torch=torch.__version__, device=device,
+                   cpu=platform.processor() or platform.machine())
+    train_info = out / "model" / "train.json"
+    if train_info.exists():
+        results["training"] = json.loads(train_info.read_text())
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / "context.png")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m align.bench context", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/bench_context", help="output dir (the trained model is kept in OUT/model)")
-    p.add_argument("--quick", action="store_true", help="tiny model, 64 tokens, few steps (tests, seconds)")
+    p.add_argument("--quick", action="store_true", help="tiny model at 32 tokens, 1x and 4x, 2 samples (seconds)")
     p.add_argument("--train-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=3000, help="training steps at most (stops early at --target)")
+    p.add_argument("--steps", type=int, default=3000, help="training steps at most (stops early once retrieval "
+                   "at the trained length is >= 0.98)")
     p.add_argument("--samples", type=int, default=10, help="samples per (method, length, depth)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.quick:
-        train(out, train_len=32, size="tiny", steps=40, batch_size=8, device=args.device)
-    else:
-        train(out, train_len=args.train_len, steps=args.steps, device=args.device)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    r = run(Path(args.out), quick=args.quick, samples=args.samples, steps=args.steps, train_len=args.train_len,
+            device=args.device)
+    print(f"\ntorch {r['torch']}, {r['cpu']}, device {r['device']}, {r['threads']} threads; "
+          f"accuracy = all five digits right, mean over {len(r['depths'])} depths x {r['samples']} samples")
+    print(format_table(r))
+    print(f"heat-map: {Path(args.out) / 'context.png'}")
     return 0
 
 
