@@ -69,13 +69,24 @@ def sample(length: int, depth: float, g: torch.Generator) -> tuple[list[int], li
 
 
 def batch(n: int, length: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """n training rows (n, length) at uniform random depths, and the answer mask (n, length) over the key's
-    second copy (the positions whose next-token target is a digit of the answer)."""
+    """n training rows (n, length) and the answer mask (n, length) over the positions whose next-token target is
+    a digit of an answer. Half the rows are one sample of `length` tokens; the other half pack two samples of
+    random lengths (like packed pretraining documents), so questions occur at every position below `length`,
+    not only at its end. Needle depths are uniform."""
+    shortest = KEY_LEN + 1 + len(encode(NEEDLE.replace("{key}", ""))) + len(encode(QUESTION)) + 4
     rows, mask = [], torch.zeros(n, length, dtype=torch.bool)
     for i in range(n):
-        prompt, key = sample(length, float(torch.rand((), generator=g)), g)
-        rows.append(prompt + key)
-        mask[i, len(prompt) - 1 : length - 1] = True
+        first = length
+        if i % 2 and length >= 2 * shortest:
+            first = int(torch.randint(shortest, length - shortest + 1, (1,), generator=g))
+        row: list[int] = []
+        for part in (first, length - first):
+            if part == 0:
+                continue
+            prompt, key = sample(part, float(torch.rand((), generator=g)), g)
+            mask[i, len(row) + len(prompt) - 1 : len(row) + part - 1] = True
+            row += prompt + key
+        rows.append(row)
     return torch.tensor(rows), mask
 
 

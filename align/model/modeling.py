@@ -150,26 +150,35 @@ def dual_chunk_attention_eager(module, queries, key, value, masks, scaling, drop
     return y.transpose(1, 2).contiguous()  # (B, T, nh, hs)
 
 
-def dual_chunk_attention_sdpa(module, queries, key, value, masks, scaling, dropout=0.0, block: int = 512):
-    """The same on SDPA, in one softmax: the three query rotations side by side (dim 3*hs) against the keys
-    stacked three times with only one rotation's slot filled, so key copy c scores q_c . k. One softmax over all
-    3*S copies, each masked to its kind, is the log-sum-exp merge of the three (no lse out of SDPA needed).
-    Queries go in blocks so the (T, 3S) mask stays small."""
-    B, nkv, S, hs = key.shape
-    zeros = torch.zeros_like(key)
-    k3 = torch.cat([torch.cat([key if c == r else zeros for c in range(3)], dim=-1) for r in range(3)], dim=2)
-    v3 = torch.cat([value] * 3, dim=2)  # (B, nkv, 3S, hs)
+def _key_span(key_chunk: torch.Tensor, lo, hi) -> tuple[int, int]:
+    """The index range [a, b) of the keys in chunks lo..hi of any row (positions grow along the keys)."""
+    hit = ((key_chunk >= lo) & (key_chunk <= hi)).any(dim=0).nonzero()
+    return (int(hit[0]), int(hit[-1]) + 1) if len(hit) else (0, 0)
+
+
+def dual_chunk_attention_sdpa(module, queries, key, value, masks, pos, scaling, dropout=0.0, block: int = 256):
+    """The same on SDPA, in one softmax per block of queries: the three query rotations side by side (dim 3*hs)
+    against three key slices, each zero-padded into its rotation's slot (so slice r scores q_r . k): the
+    query block's own chunks (intra), the chunks before them (successive) and everything earlier (inter). One
+    softmax over the three slices, each masked to its kind, is exactly the log-sum-exp merge of three softmaxes,
+    with no lse needed out of SDPA. The intra and successive slices are about a chunk long each, so the cost
+    is ~2x plain attention, not 3x3."""
+    hs = key.shape[-1]
     q3 = torch.cat(queries, dim=-1)  # (B, nh, T, 3hs)
-    mask3 = torch.cat(masks, dim=-1)  # (B|1, 1, T, 3S)
-    mask3 = mask3 | ~mask3.any(dim=-1, keepdim=True)  # a padding query with no key: any finite row, never read
-    gqa = module.num_key_value_groups > 1
-    out = [
-        F.scaled_dot_product_attention(
-            q3[:, :, i : i + block], k3, v3, attn_mask=mask3[:, :, i : i + block],
-            dropout_p=dropout if module.training else 0.0, scale=scaling, enable_gqa=gqa,
-        )
-        for i in range(0, q3.shape[2], block)
-    ]
+    out = []
+    for i in range(0, q3.shape[2], block):
+        qc = pos.query_chunk[:, i : i + block]  # (B|1, t)
+        lo, hi = qc.min(), qc.max()
+        spans = (_key_span(pos.key_chunk, lo, hi), _key_span(pos.key_chunk, lo - 1, hi - 1),
+                 _key_span(pos.key_chunk, -1, hi - 2))
+        k3 = torch.cat([F.pad(key[:, :, a:b], (r * hs, (2 - r) * hs)) for r, (a, b) in enumerate(spans)], dim=2)
+        v3 = torch.cat([value[:, :, a:b] for a, b in spans], dim=2)  # (B, nkv, S', hs)
+        m3 = torch.cat([m[:, :, i : i + block, a:b] for m, (a, b) in zip(masks, spans)], dim=-1)  # (B|1, 1, t, S')
+        m3 = m3 | ~m3.any(dim=-1, keepdim=True)  # a padding query with no key: any finite row, never read
+        out.append(F.scaled_dot_product_attention(
+            q3[:, :, i : i + block], k3, v3, attn_mask=m3, dropout_p=dropout if module.training else 0.0,
+            scale=scaling, enable_gqa=module.num_key_value_groups > 1,
+        ))
     return torch.cat(out, dim=2).transpose(1, 2).contiguous()  # (B, T, nh, hs)
 
 
@@ -218,8 +227,10 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hs) past + new
             masks = chunk_masks(_allowed(attention_mask, T, k.shape[2], x.device), pos)
-            fn = dual_chunk_attention_eager if self.config._attn_implementation == "eager" else dual_chunk_attention_sdpa
-            y = fn(self, queries, k, v, masks, self.scaling, dropout)
+            if self.config._attn_implementation == "eager":
+                y = dual_chunk_attention_eager(self, queries, k, v, masks, self.scaling, dropout)
+            else:
+                y = dual_chunk_attention_sdpa(self, queries, k, v, masks, pos, self.scaling, dropout)
         else:
             q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
             if cache is not None:
