@@ -74,6 +74,30 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str | Messa
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
+def fit_context(ids: list[list[int]], limit: int | None, max_new_tokens: int, overflow: str) -> list[list[int]]:
+    """Prompts that fit `limit` (the model's usable context, align.model.rope.usable_context) with room for
+    max_new_tokens: overflow="truncate" keeps each long prompt's last tokens (its end, where the question and
+    the generation prompt are) and logs how many were cut; overflow="error" refuses with a ValueError."""
+    if overflow not in ("truncate", "error"):
+        raise ValueError(f"context_overflow must be 'truncate' or 'error', got {overflow!r}")
+    if limit is None:
+        return ids
+    room = limit - max_new_tokens
+    if room <= 0:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the model's usable "
+                         f"context of {limit} tokens")
+    long = [i for i, x in enumerate(ids) if len(x) > room]
+    if not long:
+        return ids
+    what = (f"{len(long)} of {len(ids)} prompts are longer than the usable context ({limit} tokens) less "
+            f"max_new_tokens ({max_new_tokens}): {room}; the longest has {max(len(ids[i]) for i in long)} tokens")
+    if overflow == "error":
+        raise ValueError(f"{what} (prompt indices {long[:10]}); pass context_overflow='truncate' to cut them")
+    cut = sum(len(ids[i]) - room for i in long)
+    logging.getLogger("align.generate").warning("%s; cut %d tokens from their left", what, cut)
+    return [x[-room:] if len(x) > room else x for x in ids]
+
+
 @torch.inference_mode()
 def generate(
     model: PreTrainedModel,
@@ -89,11 +113,17 @@ def generate(
     batch_size: int = 64,
     stop_token_ids: Sequence[int] = (),
     seed: int | None = None,
+    context_overflow: str = "truncate",
 ) -> list[list[str]]:
-    """Replies to each prompt: ``num_return_sequences`` strings per prompt, special tokens removed."""
+    """Replies to each prompt: ``num_return_sequences`` strings per prompt, special tokens removed.
+
+    A prompt longer than the model's usable context (less max_new_tokens) is cut from the left with a warning
+    (``context_overflow="truncate"``) or refused with a ValueError (``"error"``); see `fit_context`."""
     if seed is not None:
         torch.manual_seed(seed)
-    ids = prompt_ids(tokenizer, prompts)
+    from align.model.rope import usable_context
+
+    ids = fit_context(prompt_ids(tokenizer, prompts), usable_context(model.config), max_new_tokens, context_overflow)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch: less padding
     eos = [tokenizer.eos_token_id, *stop_token_ids]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

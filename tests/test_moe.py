@@ -180,7 +180,8 @@ def test_gshard_random_second_expert_skips_weak_seconds_in_training_only():
     probs = moe.router(x.reshape(-1, 32)).softmax(-1)
     w, idx = probs.topk(2, dim=-1)
     g2 = w[:, 1] / w.sum(-1)  # (N,) in (0, 1/2]
-    first_only = torch.stack([moe.experts[i](x[0, n]) for n, i in enumerate(idx[:, 0].tolist())]) * (w[:, 0] / w.sum(-1))[:, None]
+    first_only = torch.stack([moe.experts[i](x[0, n]) for n, i in enumerate(idx[:, 0].tolist())])
+    first_only = first_only * (w[:, 0] / w.sum(-1))[:, None]
     moe.train()
     torch.manual_seed(3)
     out = moe(x)[0].reshape(-1, 32).detach()

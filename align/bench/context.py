@@ -18,6 +18,7 @@ positions, not the tokenizer.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -43,6 +44,7 @@ VOCAB = {w: i for i, w in enumerate(WORDS)}
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)  # where the needle sits in the haystack (fraction of the filler before it)
 MULTIPLES = (1, 2, 4, 8, 16)
 METHODS = ("rope", "linear", "dynamic", "yarn", "dca", "yarn+dca")
+_print = functools.partial(print, flush=True)  # progress lines show up in a redirected log at once
 
 
 def encode(text: str) -> list[int]:
@@ -73,7 +75,7 @@ def batch(n: int, length: int, g: torch.Generator) -> tuple[torch.Tensor, torch.
     a digit of an answer. Half the rows are one sample of `length` tokens; the other half pack two samples of
     random lengths (like packed pretraining documents), so questions occur at every position below `length`,
     not only at its end. Needle depths are uniform."""
-    shortest = KEY_LEN + 1 + len(encode(NEEDLE.replace("{key}", ""))) + len(encode(QUESTION)) + 4
+    shortest = 2 * KEY_LEN + 1 + len(encode(NEEDLE.replace("{key}", ""))) + len(encode(QUESTION)) + 4
     rows, mask = [], torch.zeros(n, length, dtype=torch.bool)
     for i in range(n):
         first = length
@@ -121,7 +123,7 @@ def accuracy(model, length: int, depths=DEPTHS, samples: int = 8, seed: int = 12
 
 
 def train(out_dir: Path, train_len: int = 256, size: str = "small", steps: int = 3000, batch_size: int = 16,
-          lr: float = 2e-3, device: str = "cpu", seed: int = 0, target: float = 0.98, log=print) -> DecoderForCausalLM:
+          lr: float = 2e-3, device: str = "cpu", seed: int = 0, target: float = 0.98, log=_print) -> DecoderForCausalLM:
     """Train (or load from out_dir/model) the passkey model at train_len. Stops early once greedy retrieval at
     train_len is >= target on 64 held-out samples (checked every 250 steps)."""
     path = out_dir / "model"
@@ -197,7 +199,7 @@ def kv_cache_bytes(model, length: int) -> tuple[int, int]:
     return measured, 2 * cfg.num_hidden_layers * 1 * cfg.num_key_value_heads * length * cfg.head_dim * elem
 
 
-def evaluate(model, multiples=MULTIPLES, methods=METHODS, samples: int = 10, log=print) -> dict:
+def evaluate(model, multiples=MULTIPLES, methods=METHODS, samples: int = 10, log=_print) -> dict:
     c = model.config.max_position_embeddings
     device = next(model.parameters()).device
     results = {"train_len": c, "samples": samples, "depths": list(DEPTHS), "lengths": [m * c for m in multiples],
@@ -261,7 +263,7 @@ def plot(r: dict, path: Path) -> None:
 
 
 def run(out: Path, quick: bool = False, samples: int = 10, steps: int = 3000, train_len: int = 256,
-        device: str = "cpu", log=print) -> dict:
+        device: str = "cpu", log=_print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if quick:
         model = train(out, train_len=32, size="tiny", steps=30, batch_size=8, device=device, log=log)

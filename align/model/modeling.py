@@ -117,13 +117,15 @@ class ChunkedPositions:
       successive (key in the previous chunk): min(p mod s + s, s + w) -> the true distance while it is <= s + w
       inter (key in an earlier chunk):       s + w             -> distances w+1 .. s+w
     so no query-key distance exceeds s + w. cos/sin are (B, T, hs); chunk ids (B, T) of the queries and (B, S)
-    of every key (cache included)."""
+    of every key (cache included); the remapped integer positions are kept for inspection and tests."""
 
     intra: tuple[torch.Tensor, torch.Tensor]
     successive: tuple[torch.Tensor, torch.Tensor]
     inter: tuple[torch.Tensor, torch.Tensor]
     query_chunk: torch.Tensor
     key_chunk: torch.Tensor
+    query_positions: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # intra, successive, inter (B, T)
+    key_positions: torch.Tensor  # (B|1, S) p mod s
 
 
 def chunk_masks(allowed: torch.Tensor, pos: ChunkedPositions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -223,7 +225,8 @@ class Attention(nn.Module):
             pos = position_embeddings
             # keys at p mod s (the cache holds them so rotated: no re-rotation at decode time)
             q_intra, k = apply_rotary_pos_emb(q, k, *pos.intra)
-            queries = (q_intra, apply_rotary_pos_emb(q, q, *pos.successive)[0], apply_rotary_pos_emb(q, q, *pos.inter)[0])
+            q_succ = apply_rotary_pos_emb(q, q, *pos.successive)[0]
+            queries = (q_intra, q_succ, apply_rotary_pos_emb(q, q, *pos.inter)[0])
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hs) past + new
             masks = chunk_masks(_allowed(attention_mask, T, k.shape[2], x.device), pos)
@@ -333,12 +336,13 @@ class DecoderModel(DecoderPreTrainedModel):
             key_pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
         else:
             key_pos = torch.arange(S, device=x.device)[None]  # (1, S)
+        q_pos = (in_chunk, (in_chunk + s).clamp(max=s + w), torch.full_like(position_ids, s + w))
         return ChunkedPositions(
-            intra=self.rotary_emb(x, in_chunk),
-            successive=self.rotary_emb(x, (in_chunk + s).clamp(max=s + w)),
-            inter=self.rotary_emb(x, torch.full_like(position_ids, s + w)),
+            *(self.rotary_emb(x, p) for p in q_pos),
             query_chunk=position_ids // s,
             key_chunk=key_pos // s,
+            query_positions=q_pos,
+            key_positions=key_pos % s,
         )
 
     @can_return_tuple
@@ -503,7 +507,9 @@ class ScoreHead(nn.Linear):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__(config.hidden_size, config.num_labels, bias=False)
         self.loglik_scale = (
-            nn.Parameter(torch.full((config.num_labels,), float(config.score_loglik_init))) if config.score_loglik else None
+            nn.Parameter(torch.full((config.num_labels,), float(config.score_loglik_init)))
+            if config.score_loglik
+            else None
         )
 
     def forward(self, h: torch.Tensor, loglik: torch.Tensor | None = None) -> torch.Tensor:  # (B, C), (B,)

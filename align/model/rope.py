@@ -29,7 +29,8 @@ class RotaryEmbedding(nn.Module):
         # state read by `dynamic_rope_update` (dynamic NTK grows/resets inv_freq with the sequence length)
         self.max_seq_len_cached = config.max_position_embeddings
         self.original_max_seq_len = config.max_position_embeddings
-        init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        default = self.compute_default_rope_parameters
+        init_fn = default if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
         inv_freq, self.attention_scaling = init_fn(config)  # (hs/2,), float
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
