@@ -175,15 +175,16 @@ def test_eager_sdpa_and_native_gqa_agree(ref):
     assert eager.config._attn_implementation == "eager"
     torch.testing.assert_close(eager(x, attention_mask=mask).logits[1, 5:], sdpa[1, 5:], **TOL)
     torch.testing.assert_close(eager(x).logits, plain, **TOL)
-    # the eager path returns the probabilities: rows sum to 1 and nothing is seen of the future
-    layer = eager.model.layers[0].self_attn
-    h = eager.model.embed_tokens(x)
-    q = layer.q_proj(h).view(2, 24, 4, 8).transpose(1, 2)
-    k = layer.k_proj(h).view(2, 24, 2, 8).transpose(1, 2)
-    from align.model.modeling import eager_attention_forward
-
-    _, probs = eager_attention_forward(layer, q, k, k, None, scaling=8**-0.5)
-    assert torch.allclose(probs.sum(-1), torch.ones(2, 4, 24)) and probs.triu(1).abs().max() == 0
+    # the eager path returns the probabilities: rows sum to 1, nothing of the future, nothing of the padding
+    out = eager(x, attention_mask=mask, output_attentions=True)
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (2, 4, 24, 24)
+    for p in out.attentions:
+        assert torch.allclose(p.sum(-1)[1, :, 5:], torch.ones(4, 19))
+        assert p[0].triu(1).abs().max() == 0 and p[1, :, 5:].triu(6).abs().max() == 0  # row 1: query r is at r + 5
+        assert p[1, :, 5:, :5].abs().max() == 0
+    assert eager(x).attentions is None
+    with pytest.raises(ValueError, match="output_attentions needs attn_implementation='eager'"):
+        ref(x, output_attentions=True)
 
 
 def test_unknown_attention_implementation_is_refused(ref):

@@ -122,10 +122,11 @@ def accuracy(model, length: int, depths=DEPTHS, samples: int = 8, seed: int = 12
     return out
 
 
-def train(out_dir: Path, train_len: int = 256, size: str = "small", steps: int = 3000, batch_size: int = 16,
-          lr: float = 2e-3, device: str = "cpu", seed: int = 0, target: float = 0.98, log=_print) -> DecoderForCausalLM:
-    """Train (or load from out_dir/model) the passkey model at train_len. Stops early once greedy retrieval at
-    train_len is >= target on 64 held-out samples (checked every 250 steps)."""
+def train(out_dir: Path, train_len: int = 256, size: str = "small", steps: int = 2500, batch_size: int = 16,
+          lr: float = 2e-3, device: str = "cpu", seed: int = 0, log=_print) -> DecoderForCausalLM:
+    """Train (or load from out_dir/model) the passkey model at train_len for `steps` steps (cosine to 0), logging
+    greedy retrieval at train_len on 80 held-out samples, 16 at each depth, every 250 steps. Training on after
+    retrieval first reaches 1.0 sharpens the copy heads, which is what keeps it alive among 16x more keys."""
     path = out_dir / "model"
     if (path / "config.json").exists():
         log(f"loading the trained passkey model from {path}")
@@ -154,13 +155,11 @@ def train(out_dir: Path, train_len: int = 256, size: str = "small", steps: int =
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % 250 == 0 or step == steps:
-            acc = accuracy(model, train_len, depths=(0.1, 0.5, 0.9), samples=24, seed=99)
+            acc = accuracy(model, train_len, depths=DEPTHS, samples=16, seed=99)
             mean = sum(acc.values()) / len(acc)
             history.append({"step": step, "loss": loss.item(), "answer_loss": lm[answer].mean().item(), "acc": mean})
             log(f"step {step}: loss {loss.item():.3f} answer loss {lm[answer].mean().item():.3f} "
                 f"retrieval@{train_len} {mean:.2f} ({time.perf_counter() - t0:.0f}s)")
-            if mean >= target:
-                break
     model.save_pretrained(path)
     (path / "train.json").write_text(json.dumps({"seconds": time.perf_counter() - t0, "history": history,
                                                  "threads": torch.get_num_threads(), "device": device}, indent=1))
@@ -262,7 +261,7 @@ def plot(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run(out: Path, quick: bool = False, samples: int = 10, steps: int = 3000, train_len: int = 256,
+def run(out: Path, quick: bool = False, samples: int = 10, steps: int = 2500, train_len: int = 256,
         device: str = "cpu", log=_print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if quick:
@@ -286,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/bench_context", help="output dir (the trained model is kept in OUT/model)")
     p.add_argument("--quick", action="store_true", help="tiny model at 32 tokens, 1x and 4x, 2 samples (seconds)")
     p.add_argument("--train-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=3000, help="training steps at most (stops early once retrieval "
-                   "at the trained length is >= 0.98)")
+    p.add_argument("--steps", type=int, default=2500, help="training steps")
     p.add_argument("--samples", type=int, default=10, help="samples per (method, length, depth)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)

@@ -207,6 +207,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, C, bias=bias)
         self.o_proj.scaled_init = True  # residual projection: init std / sqrt(2 * n_layer)
+        self.keep_probs = False  # set by DecoderModel for output_attentions (eager only)
+        self.last_probs: torch.Tensor | None = None  # (B, nh, T, S) of the last forward when keep_probs
 
     def forward(
         self,
@@ -240,7 +242,8 @@ class Attention(nn.Module):
                 k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hs) past + new
             fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
             # sdpa: native GQA (enable_gqa) where torch's kernels take it, repeat_kv otherwise (transformers decides)
-            y, _ = fn(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)  # (B, T, nh, hs)
+            y, probs = fn(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)  # (B,T,nh,hs)
+            self.last_probs = probs if self.keep_probs else None
         return self.o_proj(y.reshape(B, T, -1))  # (B, T, nh*hs) re-assembled heads
 
 
@@ -356,6 +359,7 @@ class DecoderModel(DecoderPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         past_key_values: Cache | None = None,
+        output_attentions: bool | None = None,  # the attention probabilities of every layer (eager only)
         **kwargs,  # trainer extras (num_items_in_batch, ...) are ignored here
     ) -> DecoderModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
@@ -407,6 +411,12 @@ class DecoderModel(DecoderPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         all_hidden = [] if output_hidden_states else None
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        if output_attentions and (self.config._attn_implementation != "eager" or self.config.dca_chunk_size):
+            raise ValueError("output_attentions needs attn_implementation='eager' and no dual chunk attention, got "
+                             f"{self.config._attn_implementation!r}, dca_chunk_size={self.config.dca_chunk_size}")
+        for layer in self.layers:
+            layer.self_attn.keep_probs = bool(output_attentions)
         aux_losses, dropped = [], []
         for layer in self.layers:
             if all_hidden is not None:
@@ -429,6 +439,7 @@ class DecoderModel(DecoderPreTrainedModel):
             last_hidden_state=x,
             cache=cache,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            attentions=tuple(layer.self_attn.last_probs for layer in self.layers) if output_attentions else None,
             aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
             dropped_tokens=torch.stack(dropped).sum() if dropped else None,
         )
@@ -471,6 +482,7 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,  # 0 = all; generate() asks for the last position only
         output_hidden_states: bool | None = None,
         past_key_values: Cache | None = None,
+        output_attentions: bool | None = None,
         **kwargs,  # num_items_in_batch (Trainer gradient accumulation) goes to the loss
     ) -> DecoderCausalLMOutput:
         out: DecoderModelOutput = self.model(
@@ -481,6 +493,7 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         h = slice_logits_to_keep(out.last_hidden_state, logits_to_keep)
         logits = self.lm_head(h)  # (B, T', V)
@@ -496,6 +509,7 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
             logits=logits,
             cache=out.cache,
             hidden_states=out.hidden_states,
+            attentions=out.attentions,
             dropped_tokens=out.dropped_tokens,
         )
 
