@@ -229,6 +229,9 @@ class Attention(nn.Module):
             q_intra, k = apply_rotary_pos_emb(q, k, *pos.intra)
             q_succ = apply_rotary_pos_emb(q, q, *pos.successive)[0]
             queries = (q_intra, q_succ, apply_rotary_pos_emb(q, q, *pos.inter)[0])
+            if self.config._attn_implementation not in ("sdpa", "eager"):
+                raise ValueError("dual chunk attention runs on attn_implementation 'sdpa' or 'eager', got "
+                                 f"{self.config._attn_implementation!r}")
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hs) past + new
             masks = chunk_masks(_allowed(attention_mask, T, k.shape[2], x.device), pos)
