@@ -14,11 +14,7 @@ from align import generate as G
 from align.bench import context as bench
 from align.convert import to_llama
 from align.model import DecoderConfig, DecoderForCausalLM
-from align.model.modeling import (
-    chunk_masks,
-    dual_chunk_attention_eager,
-    dual_chunk_attention_sdpa,
-)
+from align.model.modeling import chunk_masks
 from align.model.rope import apply_rotary_pos_emb, usable_context
 
 V = 64
@@ -104,36 +100,46 @@ def test_no_query_key_distance_exceeds_the_trained_length(ref):
     assert true_dist[allowed[:, 0]].max() > 3 * (s + w)  # and the sequence did go far past it
 
 
-def test_dca_attention_equals_a_brute_force_reference(ref):
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_dca_attention_equals_a_brute_force_reference(ref, impl):
     """Against a from-scratch reference: every (query, key) scored with RoPE at its remapped positions, masked
-    by chunk, one softmax. Both the eager (log-sum-exp merge) and the SDPA form, the latter over several
-    query blocks and with left padding."""
-    s, w, T, hs = 6, 2, 30, 8
-    m = same_weights(ref, dca_chunk_size=s, dca_local_window=w)
+    by chunk, the logits of a query at position p past the trained length c times (0.1 ln((p+1)/c) + 1)^2, one
+    softmax. Through the Attention module: eager (log-sum-exp merge) and SDPA (one softmax; several query
+    blocks), with left padding."""
+    import align.model.modeling as modeling
+
+    s, w, T, c, hs = 6, 2, 30, 12, 8
+    m = same_weights(ref, dca_chunk_size=s, dca_local_window=w, max_position_embeddings=c)
+    m.config._attn_implementation = impl
     attn = m.model.layers[0].self_attn
     x, mask = left_padded(ids(T=T), [0, 4])
     pos_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     h = m.model.embed_tokens(x)
     pos = m.model.chunked_positions(h, pos_ids, mask, T)
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, n, T, hs, generator=g) for n in (4, 2, 2))
-    q_rot = [apply_rotary_pos_emb(q, q, *cs)[0] for cs in (pos.intra, pos.successive, pos.inter)]
-    k_rot = apply_rotary_pos_emb(k, k, *pos.intra)[1]
     allowed = mask[:, None, None, :].bool() & (torch.arange(T)[None, :] <= torch.arange(T)[:, None])[None, None]
-    masks = chunk_masks(allowed, pos)
 
-    k_full, v_full = k_rot.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)  # (B, 4, T, hs)
+    q = attn.q_proj(h).view(2, T, 4, hs).transpose(1, 2)
+    k = attn.k_proj(h).view(2, T, 2, hs).transpose(1, 2).repeat_interleave(2, dim=1)  # (B, nh, T, hs)
+    v = attn.v_proj(h).view(2, T, 2, hs).transpose(1, 2).repeat_interleave(2, dim=1)
+    rope = m.model.rotary_emb
+    k_rot = apply_rotary_pos_emb(k, k, *rope(h, pos_ids % s))[1]
+    temperature = (0.1 * torch.log(((pos_ids + 1) / c).clamp(min=1.0)) + 1) ** 2  # (B, T)
+    assert temperature.max() > 1.1  # the sequence does go past c
     scores = torch.full((2, 4, T, T), float("-inf"))
-    for qr, km in zip(q_rot, masks):
-        part = qr @ k_full.transpose(2, 3) * hs**-0.5
-        scores = torch.where(km, part, scores)
-    want = (scores.softmax(-1) @ v_full).transpose(1, 2)  # (B, T, nh, hs)
+    q_positions = (pos_ids % s, (pos_ids % s + s).clamp(max=s + w), torch.full_like(pos_ids, s + w))
+    for qp, kind in zip(q_positions, chunk_masks(allowed, pos)):
+        part = apply_rotary_pos_emb(q, q, *rope(h, qp))[0] @ k_rot.transpose(2, 3) * hs**-0.5
+        scores = torch.where(kind, part * temperature[:, None, :, None], scores)
+    want = attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, T, -1))  # (B, T, C)
 
-    eager = dual_chunk_attention_eager(attn, q_rot, k_rot, v, masks, hs**-0.5)
-    sdpa = dual_chunk_attention_sdpa(attn, q_rot, k_rot, v, masks, pos, hs**-0.5, block=7)
+    blocks = modeling.dual_chunk_attention_sdpa.__defaults__
+    modeling.dual_chunk_attention_sdpa.__defaults__ = (0.0, 7)  # query blocks of 7: five of them
+    try:
+        got = attn(h, pos, allowed)
+    finally:
+        modeling.dual_chunk_attention_sdpa.__defaults__ = blocks
     real = mask.bool()  # padding queries are never read
-    torch.testing.assert_close(eager[real], want[real], **TOL)
-    torch.testing.assert_close(sdpa[real], want[real], **TOL)
+    torch.testing.assert_close(got[real], want[real], **TOL)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])

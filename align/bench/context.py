@@ -180,7 +180,9 @@ def method_config(base: DecoderConfig, method: str, length: int) -> DecoderConfi
         rope = {"rope_type": "dynamic", "rope_theta": theta, "factor": 2.0}
     elif method in ("yarn", "yarn+dca"):
         rope = {"rope_type": "yarn", "rope_theta": theta, "factor": factor, "original_max_position_embeddings": c}
-    dca = dict(dca_chunk_size=5 * c // 8, dca_local_window=c // 8) if method.endswith("dca") else {}
+    dca = {}
+    if method.endswith("dca"):  # YaRN brings its own attention temperature: DCA's is for plain RoPE only
+        dca = dict(dca_chunk_size=5 * c // 8, dca_local_window=c // 8, dca_attention_scaling=method == "dca")
     kwargs = {k: v for k, v in base.to_diff_dict().items() if k in DecoderConfig.__dataclass_fields__}
     kwargs.update(rope_parameters=rope, **{"dca_chunk_size": None, "dca_local_window": None, **dca})
     return DecoderConfig(**kwargs)

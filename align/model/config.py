@@ -60,6 +60,9 @@ class DecoderConfig(PretrainedConfig):
     # below max_position_embeddings. None = off (ordinary attention).
     dca_chunk_size: int | None = None
     dca_local_window: int | None = None  # successive-chunk window w; None -> max_position_embeddings // 8
+    # YaRN's attention temperature under DCA, as ChunkLlama applies it: a query at position p > trained length c
+    # has its logits scaled by (0.1 ln(p / c) + 1)^2, against the dilution of attention over many more keys
+    dca_attention_scaling: bool = True
     # Usable context for generation (align.generate cuts or refuses longer prompts); None -> derived:
     # max_position_embeddings x the RoPE factor of scaled RoPE, none (unlimited) with dual chunk attention.
     max_context_length: int | None = None

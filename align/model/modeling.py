@@ -126,6 +126,7 @@ class ChunkedPositions:
     key_chunk: torch.Tensor
     query_positions: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # intra, successive, inter (B, T)
     key_positions: torch.Tensor  # (B|1, S) p mod s
+    query_scale: torch.Tensor | None = None  # (B, T) logit multiplier (the attention temperature), None = 1
 
 
 def chunk_masks(allowed: torch.Tensor, pos: ChunkedPositions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -229,6 +230,8 @@ class Attention(nn.Module):
             q_intra, k = apply_rotary_pos_emb(q, k, *pos.intra)
             q_succ = apply_rotary_pos_emb(q, q, *pos.successive)[0]
             queries = (q_intra, q_succ, apply_rotary_pos_emb(q, q, *pos.inter)[0])
+            if pos.query_scale is not None:
+                queries = tuple(qq * pos.query_scale[:, None, :, None].to(qq.dtype) for qq in queries)
             if self.config._attn_implementation not in ("sdpa", "eager"):
                 raise ValueError("dual chunk attention runs on attn_implementation 'sdpa' or 'eager', got "
                                  f"{self.config._attn_implementation!r}")
@@ -343,12 +346,17 @@ class DecoderModel(DecoderPreTrainedModel):
         else:
             key_pos = torch.arange(S, device=x.device)[None]  # (1, S)
         q_pos = (in_chunk, (in_chunk + s).clamp(max=s + w), torch.full_like(position_ids, s + w))
+        scale = None
+        if self.config.dca_attention_scaling:  # (0.1 ln(seen / c) + 1)^2 past the trained length c, else 1
+            seen = (position_ids + 1).float() / self.config.max_position_embeddings
+            scale = (0.1 * torch.log(seen.clamp(min=1.0)) + 1.0) ** 2  # (B, T)
         return ChunkedPositions(
             *(self.rotary_emb(x, p) for p in q_pos),
             query_chunk=position_ids // s,
             key_chunk=key_pos // s,
             query_positions=q_pos,
             key_positions=key_pos % s,
+            query_scale=scale,
         )
 
     @can_return_tuple
