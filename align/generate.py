@@ -35,6 +35,30 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str | Messa
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
+def fit_context(ids: list[list[int]], limit: int | None, max_new_tokens: int, overflow: str) -> list[list[int]]:
+    """Prompts that fit `limit` (the model's usable context, align.model.rope.usable_context) with room for
+    max_new_tokens: overflow="truncate" keeps each long prompt's last tokens (its end, where the question and
+    the generation prompt are) and logs how many were cut; overflow="error" refuses with a ValueError."""
+    if overflow not in ("truncate", "error"):
+        raise ValueError(f"context_overflow must be 'truncate' or 'error', got {overflow!r}")
+    if limit is None:
+        return ids
+    room = limit - max_new_tokens
+    if room <= 0:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the model's usable "
+                         f"context of {limit} tokens")
+    long = [i for i, x in enumerate(ids) if len(x) > room]
+    if not long:
+        return ids
+    what = (f"{len(long)} of {len(ids)} prompts are longer than the usable context ({limit} tokens) less "
+            f"max_new_tokens ({max_new_tokens}): {room}; the longest has {max(len(ids[i]) for i in long)} tokens")
+    if overflow == "error":
+        raise ValueError(f"{what} (prompt indices {long[:10]}); pass context_overflow='truncate' to cut them")
+    cut = sum(len(ids[i]) - room for i in long)
+    logging.getLogger("align.generate").warning("%s; cut %d tokens from their left", what, cut)
+    return [x[-room:] if len(x) > room else x for x in ids]
+
+
 @torch.inference_mode()
 def generate(
     model: PreTrainedModel,
@@ -52,20 +76,25 @@ def generate(
     seed: int | None = None,
     fast: bool | None = None,
     compile: bool = False,
+    context_overflow: str = "truncate",
 ) -> list[list[str]]:
     """Replies to each prompt: ``num_return_sequences`` strings per prompt, special tokens removed.
 
     ``fast``: static KV cache + CUDA-graph decode (align.fastgen); None = on for CUDA models it supports,
     HF ``generate`` otherwise (CPU, MoE, PEFT-wrapped). Greedy replies are the same either way. ``compile``: the
     fast path's decode step through torch.compile as well (2x faster decode on an H200, ~15 s of compile per
-    new batch shape: for long or repeated generation)."""
+    new batch shape: for long or repeated generation). A prompt longer than the model's usable context (less
+    max_new_tokens) is cut from the left with a warning (``context_overflow="truncate"``) or refused with a
+    ValueError (``"error"``); see `fit_context`."""
     from align.fastgen import fast_generate, supports_fast_generate
 
     if fast is None:
         fast = model.device.type == "cuda" and supports_fast_generate(model)
     if seed is not None:
         torch.manual_seed(seed)
-    ids = prompt_ids(tokenizer, prompts)
+    from align.model.rope import usable_context
+
+    ids = fit_context(prompt_ids(tokenizer, prompts), usable_context(model.config), max_new_tokens, context_overflow)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch: less padding
     eos = [tokenizer.eos_token_id, *stop_token_ids]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -125,8 +154,9 @@ def read_prompts(path: str) -> list[tuple[dict, str | Messages]]:
 class GenerateArgs:
     """``python -m align.generate``: replies from a causal LM for a prompts file, or for one prompt."""
 
-    model: str = dataclasses.field(
-        metadata={"help": "a run's final/, any HF causal LM dir or hub id, a LoRA adapter dir"})
+    model_name_or_path: str = dataclasses.field(
+        metadata={"help": "a run's final/, any HF causal LM dir or hub id, a LoRA adapter dir, a .gguf file",
+                  "aliases": ["model"]})
     input: str | None = dataclasses.field(
         default=None, metadata={"help": "JSONL/JSON file, datasets dir: records with a 'prompt' (text or messages)"})
     output: str | None = dataclasses.field(
@@ -142,8 +172,13 @@ class GenerateArgs:
     batch_size: int = 64
     device: str | None = dataclasses.field(
         default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)"})
+    context_overflow: str = dataclasses.field(
+        default="truncate", metadata={"help": "a prompt past the model's usable context: 'truncate' (cut from the "
+                                              "left, with a warning and a count) or 'error'"})
 
     def __post_init__(self):
+        if self.context_overflow not in ("truncate", "error"):
+            raise ValueError(f"context_overflow must be 'truncate' or 'error', got {self.context_overflow!r}")
         if (self.input is None) == (self.prompt is None):
             raise ValueError("give --input FILE or --prompt TEXT")
         if self.num_return_sequences > 1 and not self.do_sample:
@@ -160,14 +195,16 @@ def main(argv: list[str] | None = None) -> Any:
 
     try:
         rows = read_prompts(a.input) if a.input else [({"prompt": a.prompt}, a.prompt)]
-        model, tok = load(a.model, device=a.device or default_device(), key="model"), load_tokenizer(a.model, "model")
-    except (DataError, FileNotFoundError) as e:
+        model = load(a.model_name_or_path, device=a.device or default_device())
+        tok = load_tokenizer(a.model_name_or_path, "model_name_or_path")
+    except (DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     replies = generate(model, tok, [p for _, p in rows], max_new_tokens=a.max_new_tokens, do_sample=a.do_sample,
                        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                       num_return_sequences=a.num_return_sequences, batch_size=a.batch_size, seed=a.seed)
+                       num_return_sequences=a.num_return_sequences, batch_size=a.batch_size, seed=a.seed,
+                       context_overflow=a.context_overflow)
     n = sum(map(len, replies))
     logging.getLogger("align.generate").info("%d replies in %.2fs on %s", n, time.perf_counter() - t0, model.device)
     if a.prompt is not None:

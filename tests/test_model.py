@@ -79,7 +79,8 @@ def test_module_names_follow_llama():
     names = {n for n, _ in lm().named_parameters()}
     for name in (
         "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.o_proj.weight",
-        "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
         "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight", "model.norm.weight",
     ):
         assert name in names, name
@@ -255,7 +256,8 @@ def test_sampling_and_stop_ids():
     assert torch.equal(m.generate(x, attention_mask=mask, do_sample=True, top_k=1, max_new_tokens=10), greedy)
     # stop on any of several eos ids: row 0 stops at its 3rd greedy token, the rest is padding
     stop = int(greedy[0, 6])
-    out = m.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=10, eos_token_id=[stop, 63], pad_token_id=0)
+    out = m.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=10, eos_token_id=[stop, 63],
+                     pad_token_id=0)
     first = (greedy[0, 4:] == stop).nonzero()[0].item()
     assert out[0, 4 + first].item() == stop and (out[0, 5 + first:] == 0).all()
 

@@ -169,3 +169,35 @@ def test_moe_refuses_llama_conversion():
     m = DecoderForCausalLM(moe_config())
     with pytest.raises(ValueError, match="num_experts=4"):
         to_llama(m)
+
+
+def test_gshard_random_second_expert_skips_weak_seconds_in_training_only():
+    """second_expert_policy='random': a second choice with gate g2 (renormalised over the two) serves its token
+    with probability min(1, 2*g2); the output then equals first-expert-only for the skipped tokens."""
+    torch.manual_seed(0)
+    moe = MoEFeedForward(moe_config(second_expert_policy="random", expert_capacity_factor=None))
+    x = torch.randn(1, 4000, 32)
+    probs = moe.router(x.reshape(-1, 32)).softmax(-1)
+    w, idx = probs.topk(2, dim=-1)
+    g2 = w[:, 1] / w.sum(-1)  # (N,) in (0, 1/2]
+    first_only = torch.stack([moe.experts[i](x[0, n]) for n, i in enumerate(idx[:, 0].tolist())])
+    first_only = first_only * (w[:, 0] / w.sum(-1))[:, None]
+    moe.train()
+    torch.manual_seed(3)
+    out = moe(x)[0].reshape(-1, 32).detach()
+    skipped = (out - first_only.detach()).abs().amax(-1) < 1e-5  # (N,) the second expert added nothing
+    rate = skipped.float().mean().item()
+    expected = (1 - (2 * g2).clamp(max=1)).mean().item()
+    assert expected > 0.05 and abs(rate - expected) < 0.03, (rate, expected)
+    # the weaker the second choice, the likelier the skip
+    assert skipped[g2 < 0.25].float().mean() > skipped[g2 > 0.4].float().mean()
+    moe.eval()  # deterministic top-2 at evaluation
+    out_eval = moe(x)[0].reshape(-1, 32)
+    assert ((out_eval - first_only).abs().amax(-1) > 1e-5).all()
+
+
+def test_second_expert_policy_is_validated():
+    with pytest.raises(ValueError, match="second_expert_policy"):
+        moe_config(second_expert_policy="sampling")
+    with pytest.raises(ValueError, match="num_experts_per_tok=2"):
+        moe_config(second_expert_policy="random", num_experts_per_tok=1)

@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 
 from transformers import PretrainedConfig
 
+from .rope import usable_context
+
 # RoPE variants the rotary embedding implements (see align/model/rope.py)
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
@@ -44,9 +46,26 @@ class DecoderConfig(PretrainedConfig):
     attention_bias: bool = False  # LLaMA has no biases in q/k/v/o
     mlp_bias: bool = False  # ... nor in the MLP
     attention_dropout: float = 0.0  # dropout on attention probabilities (0 for pretraining at scale)
+    embedding_dropout: float = 0.0  # dropout on the token embeddings (GPT-2/nanoGPT's `drop`)
+    residual_dropout: float = 0.0  # dropout on each residual branch (attention and MLP outputs) before the add
     initializer_range: float = 0.02  # std of normal init (GPT-2); o_proj/down_proj get /sqrt(2*layers)
     tie_word_embeddings: bool = True  # share lm_head with embed_tokens (saves vocab*hidden params)
     use_cache: bool = True  # return a KV cache from forward (generation)
+    # --- attention and long context ------------------------------------------------------------------
+    # The attention function is chosen by `attn_implementation` (PretrainedConfig's own, as in Llama): "sdpa"
+    # (default), "eager" (manual softmax: returns the probabilities, for inspection), "flash_attention_2"
+    # where installed -- through transformers' attention-function registry.
+    # Dual chunk attention (An et al. 2024, https://arxiv.org/abs/2402.17463; Qwen2.5-1M): positions are cut into
+    # chunks of dca_chunk_size; no query-key distance exceeds dca_chunk_size + dca_local_window, which must stay
+    # below max_position_embeddings. None = off (ordinary attention).
+    dca_chunk_size: int | None = None
+    dca_local_window: int | None = None  # successive-chunk window w; None -> max_position_embeddings // 8
+    # YaRN's attention temperature under DCA, as ChunkLlama applies it: a query at position p > trained length c
+    # has its logits scaled by (0.1 ln(p / c) + 1)^2, against the dilution of attention over many more keys
+    dca_attention_scaling: bool = True
+    # Usable context for generation (align.generate cuts or refuses longer prompts); None -> derived:
+    # max_position_embeddings x the RoPE factor of scaled RoPE, none (unlimited) with dual chunk attention.
+    max_context_length: int | None = None
     # --- mixture of experts (num_experts = 0 -> dense) --------------------------------------------
     num_experts: int = 0  # experts per MoE layer; 0 = every layer is a dense SwiGLU MLP
     num_experts_per_tok: int = 2  # top-k routing (Mixtral/GShard use 2)
@@ -55,6 +74,9 @@ class DecoderConfig(PretrainedConfig):
     expert_capacity_factor: float | None = 1.25  # training capacity (Switch); None = no dropping
     eval_capacity_factor: float | None = None  # capacity in eval/generation; None = no dropping
     router_noise: float = 0.0  # std of Gaussian noise on router logits in training (noisy top-k)
+    # "all": every token goes to its top-k experts; "random" (GShard, top-2 only): in training the second
+    # expert serves a token with probability min(1, 2 * its renormalised gate), so weak seconds are skipped
+    second_expert_policy: str = "all"
     router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss added to the LM loss (0 if dense)
     # --- sequence classification (reward models) --------------------------------------------------
     # Add a learned multiple of the response's mean token log-likelihood under the model's own (tied) LM
@@ -106,6 +128,30 @@ class DecoderConfig(PretrainedConfig):
                     raise ValueError(f"{name} must be > 0 or None (no capacity limit), got {value}")
             if self.router_noise < 0:
                 raise ValueError(f"router_noise must be >= 0, got {self.router_noise}")
+        for name in ("attention_dropout", "embedding_dropout", "residual_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if self.second_expert_policy not in ("all", "random"):
+            raise ValueError(f"second_expert_policy must be 'all' or 'random', got {self.second_expert_policy!r}")
+        if self.second_expert_policy == "random" and self.num_experts and self.num_experts_per_tok != 2:
+            raise ValueError("second_expert_policy='random' (GShard) needs num_experts_per_tok=2, got "
+                             f"{self.num_experts_per_tok}")
+        if self.max_context_length is not None:
+            _positive(self, "max_context_length")
+        if self.dca_chunk_size is not None:
+            _positive(self, "dca_chunk_size")
+            if self.dca_local_window is None:
+                self.dca_local_window = self.max_position_embeddings // 8
+            w, s = self.dca_local_window, self.dca_chunk_size
+            if not isinstance(w, int) or not 0 <= w < s:
+                raise ValueError(f"dca_local_window must be an integer in [0, dca_chunk_size={s}), got {w!r}")
+            if s + w >= self.max_position_embeddings:
+                raise ValueError(
+                    f"dual chunk attention needs dca_chunk_size + dca_local_window ({s} + {w}) < "
+                    f"max_position_embeddings ({self.max_position_embeddings}): that sum is the longest "
+                    "query-key distance it produces"
+                )
         if self.score_loglik and not self.tie_word_embeddings:
             raise ValueError("score_loglik reads the LM head through the tied embeddings: it needs "
                              f"tie_word_embeddings=True, got {self.tie_word_embeddings}")
@@ -135,6 +181,11 @@ class DecoderConfig(PretrainedConfig):
     @rope_theta.setter
     def rope_theta(self, value: float) -> None:
         self.rope_parameters = {**(self.rope_parameters or {"rope_type": "default"}), "rope_theta": value}
+
+    @property
+    def usable_context(self) -> int | None:
+        """Longest prompt + generation this config is meant for (None: no limit). See max_context_length."""
+        return usable_context(self)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Layer `layer_idx` uses the MoE feed-forward (every moe_layer_freq-th layer, 1-based)."""

@@ -28,7 +28,7 @@ from transformers.modeling_outputs import (
     MoeCausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
-from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple, logging
 
 from .config import DecoderConfig
@@ -88,11 +88,113 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None, :, :].expand(B, nkv, n_rep, S, hs).reshape(B, nkv * n_rep, S, hs)
 
 
+def _allowed(mask: torch.Tensor | None, T: int, S: int, device) -> torch.Tensor:
+    """A bool (B|1, 1, T, S) mask, True = may attend: the bool mask as is, an additive float mask's zeros, or
+    plain causality (the T queries are the last T of the S keys) when there is none."""
+    if mask is None:
+        return (torch.arange(S, device=device)[None, :] <= torch.arange(S - T, S, device=device)[:, None])[None, None]
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Manual softmax(q k^T * scale + mask) v: slow, but returns the probabilities (B, nh, T, S) for inspection.
+    query (B, nh, T, hs), key/value (B, nkv, S, hs) -> (B, T, nh, hs), probabilities."""
+    k = repeat_kv(key, module.num_key_value_groups)
+    v = repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, k.transpose(2, 3)) * scaling  # (B, nh, T, S)
+    allowed = _allowed(attention_mask, query.shape[2], k.shape[2], query.device)
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
+
+
+@dataclass
+class ChunkedPositions:
+    """Dual chunk attention's rotations (An et al. 2024, https://arxiv.org/abs/2402.17463), from chunk size s and
+    local window w. Keys always sit at p mod s. Queries take one position per kind of key:
+      intra (key in the query's chunk):      p mod s           -> distances 0 .. s-1 (the true ones)
+      successive (key in the previous chunk): min(p mod s + s, s + w) -> the true distance while it is <= s + w
+      inter (key in an earlier chunk):       s + w             -> distances w+1 .. s+w
+    so no query-key distance exceeds s + w. cos/sin are (B, T, hs); chunk ids (B, T) of the queries and (B, S)
+    of every key (cache included); the remapped integer positions are kept for inspection and tests."""
+
+    intra: tuple[torch.Tensor, torch.Tensor]
+    successive: tuple[torch.Tensor, torch.Tensor]
+    inter: tuple[torch.Tensor, torch.Tensor]
+    query_chunk: torch.Tensor
+    key_chunk: torch.Tensor
+    query_positions: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # intra, successive, inter (B, T)
+    key_positions: torch.Tensor  # (B|1, S) p mod s
+    query_scale: torch.Tensor | None = None  # (B, T) logit multiplier (the attention temperature), None = 1
+
+
+def chunk_masks(allowed: torch.Tensor, pos: ChunkedPositions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split an allowed-mask (B|1, 1, T, S) into the intra, successive and inter keys of each query."""
+    qc, kc = pos.query_chunk[:, None, :, None], pos.key_chunk[:, None, None, :]  # (B, 1, T, 1), (B, 1, 1, S)
+    return allowed & (kc == qc), allowed & (kc == qc - 1), allowed & (kc < qc - 1)
+
+
+def dual_chunk_attention_eager(module, queries, key, value, masks, scaling, dropout=0.0):
+    """The paper's form: one softmax per kind of key, merged exactly through their log-sum-exps.
+    queries: 3 x (B, nh, T, hs) (intra, successive, inter rotations); masks: 3 x (B, 1, T, S) bool."""
+    k = repeat_kv(key, module.num_key_value_groups)
+    v = repeat_kv(value, module.num_key_value_groups)
+    outs, lses = [], []
+    for q, m in zip(queries, masks):
+        scores = (torch.matmul(q, k.transpose(2, 3)) * scaling).float().masked_fill(~m, float("-inf"))  # (B,nh,T,S)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, nh, T, 1); -inf where the kind has no key
+        probs = torch.exp(scores - lse.clamp(min=torch.finfo(scores.dtype).min)).nan_to_num(0.0)
+        probs = F.dropout(probs, p=dropout, training=module.training)
+        outs.append(torch.matmul(probs.to(v.dtype), v))
+        lses.append(lse)
+    lse = torch.logsumexp(torch.stack(lses), dim=0)  # (B, nh, T, 1) over all keys
+    y = sum(torch.exp(part - lse).nan_to_num(0.0).to(o.dtype) * o for part, o in zip(lses, outs))
+    return y.transpose(1, 2).contiguous()  # (B, T, nh, hs)
+
+
+def _key_span(key_chunk: torch.Tensor, lo, hi) -> tuple[int, int]:
+    """The index range [a, b) of the keys in chunks lo..hi of any row (positions grow along the keys)."""
+    hit = ((key_chunk >= lo) & (key_chunk <= hi)).any(dim=0).nonzero()
+    return (int(hit[0]), int(hit[-1]) + 1) if len(hit) else (0, 0)
+
+
+def dual_chunk_attention_sdpa(module, queries, key, value, masks, pos, scaling, dropout=0.0, block: int = 256):
+    """The same on SDPA, in one softmax per block of queries: the three query rotations side by side (dim 3*hs)
+    against three key slices, each zero-padded into its rotation's slot (so slice r scores q_r . k): the
+    query block's own chunks (intra), the chunks before them (successive) and everything earlier (inter). One
+    softmax over the three slices, each masked to its kind, is exactly the log-sum-exp merge of three softmaxes,
+    with no lse needed out of SDPA. The intra and successive slices are about a chunk long each, so the cost
+    is ~2x plain attention, not 3x3."""
+    hs = key.shape[-1]
+    q3 = torch.cat(queries, dim=-1)  # (B, nh, T, 3hs)
+    out = []
+    for i in range(0, q3.shape[2], block):
+        qc = pos.query_chunk[:, i : i + block]  # (B|1, t)
+        lo, hi = qc.min(), qc.max()
+        spans = (_key_span(pos.key_chunk, lo, hi), _key_span(pos.key_chunk, lo - 1, hi - 1),
+                 _key_span(pos.key_chunk, -1, hi - 2))
+        k3 = torch.cat([F.pad(key[:, :, a:b], (r * hs, (2 - r) * hs)) for r, (a, b) in enumerate(spans)], dim=2)
+        v3 = torch.cat([value[:, :, a:b] for a, b in spans], dim=2)  # (B, nkv, S', hs)
+        m3 = torch.cat([m[:, :, i : i + block, a:b] for m, (a, b) in zip(masks, spans)], dim=-1)  # (B|1, 1, t, S')
+        m3 = m3 | ~m3.any(dim=-1, keepdim=True)  # a padding query with no key: any finite row, never read
+        out.append(F.scaled_dot_product_attention(
+            q3[:, :, i : i + block], k3, v3, attn_mask=m3, dropout_p=dropout if module.training else 0.0,
+            scale=scaling, enable_gqa=module.num_key_value_groups > 1,
+        ))
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous()  # (B, T, nh, hs)
+
+
 class Attention(nn.Module):
-    """Causal self-attention with RoPE, GQA and a KV cache, on torch's scaled_dot_product_attention."""
+    """Causal self-attention with RoPE, GQA and a KV cache. The attention function comes from transformers'
+    registry by `config._attn_implementation` (sdpa, eager, flash_attention_2, ...), as in Llama; with
+    `dca_chunk_size` set, dual chunk attention (eager or SDPA form) instead."""
+
+    is_causal = True  # read by the registry's functions
 
     def __init__(self, config: DecoderConfig, layer_idx: int) -> None:
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -106,37 +208,49 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, C, bias=bias)
         self.o_proj.scaled_init = True  # residual projection: init std / sqrt(2 * n_layer)
+        self.keep_probs = False  # set by DecoderModel for output_attentions (eager only)
+        self.last_probs: torch.Tensor | None = None  # (B, nh, T, S) of the last forward when keep_probs
 
     def forward(
         self,
         x: torch.Tensor,  # (B, T, C)
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin (B, T, hs)
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | ChunkedPositions,  # cos, sin (B, T, hs)
         attention_mask: torch.Tensor | None,  # (B, 1, T, S) bool/float, or None = plain causal
         cache: Cache | None = None,
+        **kwargs,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hs) past + new
-
-        is_causal = attention_mask is None and T > 1
-        if is_causal and k.shape[2] > T:  # empty static-cache slots after the prompt (sdpa is top-left aligned)
-            k, v = k[:, :, :T], v[:, :, :T]
-        k = repeat_kv(k, self.num_key_value_groups)  # (B, nh, S, hs)
-        v = repeat_kv(v, self.num_key_value_groups)  # (B, nh, S, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attention_mask,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            is_causal=is_causal,
-            scale=self.scaling,
-        )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hs) re-assemble heads
-        return self.o_proj(y)
+        dropout = self.attention_dropout if self.training else 0.0
+        if isinstance(position_embeddings, ChunkedPositions):
+            pos = position_embeddings
+            # keys at p mod s (the cache holds them so rotated: no re-rotation at decode time)
+            q_intra, k = apply_rotary_pos_emb(q, k, *pos.intra)
+            q_succ = apply_rotary_pos_emb(q, q, *pos.successive)[0]
+            queries = (q_intra, q_succ, apply_rotary_pos_emb(q, q, *pos.inter)[0])
+            if pos.query_scale is not None:
+                queries = tuple(qq * pos.query_scale[:, None, :, None].to(qq.dtype) for qq in queries)
+            if self.config._attn_implementation not in ("sdpa", "eager"):
+                raise ValueError("dual chunk attention runs on attn_implementation 'sdpa' or 'eager', got "
+                                 f"{self.config._attn_implementation!r}")
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hs) past + new
+            masks = chunk_masks(_allowed(attention_mask, T, k.shape[2], x.device), pos)
+            if self.config._attn_implementation == "eager":
+                y = dual_chunk_attention_eager(self, queries, k, v, masks, self.scaling, dropout)
+            else:
+                y = dual_chunk_attention_sdpa(self, queries, k, v, masks, pos, self.scaling, dropout)
+        else:
+            q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hs) past + new
+            fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+            # sdpa: native GQA (enable_gqa) where torch's kernels take it, repeat_kv otherwise (transformers decides)
+            y, probs = fn(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)  # (B,T,nh,hs)
+            self.last_probs = probs if self.keep_probs else None
+        return self.o_proj(y.reshape(B, T, -1))  # (B, T, nh*hs) re-assembled heads
 
 
 class DecoderLayer(GradientCheckpointingLayer):
@@ -152,6 +266,7 @@ class DecoderLayer(GradientCheckpointingLayer):
         )
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.dropout = nn.Dropout(config.residual_dropout)  # on each branch before its residual add (GPT-2)
 
     def forward(
         self,
@@ -163,11 +278,11 @@ class DecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         x = hidden_states
-        x = x + self.self_attn(self.input_layernorm(x), position_embeddings, attention_mask, cache)
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), position_embeddings, attention_mask, cache))
         if not self.is_moe:
-            return x + self.mlp(self.post_attention_layernorm(x)), None, None
+            return x + self.dropout(self.mlp(self.post_attention_layernorm(x))), None, None
         y, aux_loss, dropped = self.mlp(self.post_attention_layernorm(x), token_mask)
-        return x + y, aux_loss, dropped
+        return x + self.dropout(y), aux_loss, dropped
 
 
 # --------------------------------------------------------------------------------------- models
@@ -180,8 +295,9 @@ class DecoderPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
-    _supports_flash_attn = False
+    _supports_flash_attn = True  # through the registry; used only where flash-attn is installed
     _supports_flex_attn = False
+    _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
         """normal(0, initializer_range) for Linear/Embedding, ones for RMSNorm (PreTrainedModel's default),
@@ -205,6 +321,7 @@ class DecoderModel(DecoderPreTrainedModel):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.embed_dropout = nn.Dropout(config.embedding_dropout)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
@@ -217,6 +334,31 @@ class DecoderModel(DecoderPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    def chunked_positions(
+        self, x: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None, S: int
+    ) -> ChunkedPositions:
+        """Dual chunk attention's rotations for the queries at position_ids (B, T) and the chunk of each of the S
+        keys (positions from a 2D padding mask when there is one, as for the queries; else 0 .. S-1)."""
+        s, w = self.config.dca_chunk_size, self.config.dca_local_window
+        in_chunk = position_ids % s  # (B, T)
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] == S:
+            key_pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+        else:
+            key_pos = torch.arange(S, device=x.device)[None]  # (1, S)
+        q_pos = (in_chunk, (in_chunk + s).clamp(max=s + w), torch.full_like(position_ids, s + w))
+        scale = None
+        if self.config.dca_attention_scaling:  # (0.1 ln(seen / c) + 1)^2 past the trained length c, else 1
+            seen = (position_ids + 1).float() / self.config.max_position_embeddings
+            scale = (0.1 * torch.log(seen.clamp(min=1.0)) + 1.0) ** 2  # (B, T)
+        return ChunkedPositions(
+            *(self.rotary_emb(x, p) for p in q_pos),
+            query_chunk=position_ids // s,
+            key_chunk=key_pos // s,
+            query_positions=q_pos,
+            key_positions=key_pos % s,
+            query_scale=scale,
+        )
+
     @can_return_tuple
     def forward(
         self,
@@ -228,6 +370,7 @@ class DecoderModel(DecoderPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         past_key_values: Cache | None = None,
+        output_attentions: bool | None = None,  # the attention probabilities of every layer (eager only)
         **kwargs,  # trainer extras (num_items_in_batch, ...) are ignored here
     ) -> DecoderModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
@@ -270,12 +413,21 @@ class DecoderModel(DecoderPreTrainedModel):
         if self.config.num_experts and attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -T:].bool()  # (B, T) MoE routes real tokens only
 
-        x = inputs_embeds
-        position_embeddings = self.rotary_emb(x, position_ids)  # cos, sin (B, T, hs)
+        x = self.embed_dropout(inputs_embeds)
+        if self.config.dca_chunk_size is not None:
+            position_embeddings = self.chunked_positions(x, position_ids, attention_mask, past + T)
+        else:
+            position_embeddings = self.rotary_emb(x, position_ids)  # cos, sin (B, T, hs)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         all_hidden = [] if output_hidden_states else None
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        if output_attentions and (self.config._attn_implementation != "eager" or self.config.dca_chunk_size):
+            raise ValueError("output_attentions needs attn_implementation='eager' and no dual chunk attention, got "
+                             f"{self.config._attn_implementation!r}, dca_chunk_size={self.config.dca_chunk_size}")
+        for layer in self.layers:
+            layer.self_attn.keep_probs = bool(output_attentions)
         aux_losses, dropped = [], []
         for layer in self.layers:
             if all_hidden is not None:
@@ -298,6 +450,7 @@ class DecoderModel(DecoderPreTrainedModel):
             last_hidden_state=x,
             cache=cache,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            attentions=tuple(layer.self_attn.last_probs for layer in self.layers) if output_attentions else None,
             aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
             dropped_tokens=torch.stack(dropped).sum() if dropped else None,
         )
@@ -340,6 +493,7 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,  # 0 = all; generate() asks for the last position only
         output_hidden_states: bool | None = None,
         past_key_values: Cache | None = None,
+        output_attentions: bool | None = None,
         **kwargs,  # num_items_in_batch (Trainer gradient accumulation) goes to the loss
     ) -> DecoderCausalLMOutput:
         out: DecoderModelOutput = self.model(
@@ -350,6 +504,7 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         h = slice_logits_to_keep(out.last_hidden_state, logits_to_keep)
         logits = self.lm_head(h)  # (B, T', V)
@@ -365,6 +520,7 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
             logits=logits,
             cache=out.cache,
             hidden_states=out.hidden_states,
+            attentions=out.attentions,
             dropped_tokens=out.dropped_tokens,
         )
 
@@ -376,7 +532,9 @@ class ScoreHead(nn.Linear):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__(config.hidden_size, config.num_labels, bias=False)
         self.loglik_scale = (
-            nn.Parameter(torch.full((config.num_labels,), float(config.score_loglik_init))) if config.score_loglik else None
+            nn.Parameter(torch.full((config.num_labels,), float(config.score_loglik_init)))
+            if config.score_loglik
+            else None
         )
 
     def forward(self, h: torch.Tensor, loglik: torch.Tensor | None = None) -> torch.Tensor:  # (B, C), (B,)

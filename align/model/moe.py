@@ -7,6 +7,9 @@
   an expert takes at most ceil(capacity_factor * tokens * k / num_experts) token assignments per batch.
   First choices are served before second choices, earlier tokens before later ones; assignments over
   capacity are dropped -- the token gets nothing from that expert and passes through the residual.
+- Stochastic second expert (GShard, Algorithm 1; `second_expert_policy="random"`, top-2, training only): the
+  second choice serves a token only with probability min(1, 2 * g2 / (g1 + g2)), so a token that clearly
+  prefers its first expert spends no capacity on its second; a skipped second adds nothing (no renormalisation).
 - Load-balancing loss (Switch, eq. 4): num_experts * sum_i f_i * P_i, where f_i is the fraction of
   assignments routed to expert i and P_i the mean router probability of expert i. It is 1.0 when
   routing is perfectly balanced (f_i = P_i = 1/E) and grows as routing collapses.
@@ -43,6 +46,7 @@ class MoEFeedForward(nn.Module):
         self.capacity_factor = config.expert_capacity_factor  # training
         self.eval_capacity_factor = config.eval_capacity_factor  # eval / generation
         self.router_noise = config.router_noise
+        self.second_expert_policy = getattr(config, "second_expert_policy", "all")
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(
             SwiGLU(config.hidden_size, config.moe_intermediate_size, config.mlp_bias) for _ in range(config.num_experts)
@@ -74,6 +78,11 @@ class MoEFeedForward(nn.Module):
         valid = torch.ones(N, dtype=torch.bool, device=x.device) if token_mask is None else token_mask.reshape(-1)
         n_valid = valid.sum()  # () routed tokens (tensor: no host sync)
         assign = F.one_hot(topk_idx, E) * valid[:, None, None]  # (N, k, E) 0/1
+        routed = assign  # the balance loss sees the router's choices, before GShard's skip and capacity
+        if self.training and self.second_expert_policy == "random":
+            # GShard: dispatch the 2nd choice with probability 2 * g2 (g renormalised over the two; certain at g2 = 1/2)
+            keep2 = torch.rand_like(weights[:, 1]) < 2 * weights[:, 1]  # (N,)
+            assign = torch.cat([assign[:, :1], assign[:, 1:] * keep2[:, None, None]], dim=1)
 
         # Capacity: position of each assignment in its expert's queue, choice-rank major (all 1st choices
         # first), token order within a rank.
@@ -89,7 +98,7 @@ class MoEFeedForward(nn.Module):
 
         # Switch load-balancing loss over the routed (non-pad) tokens, before capacity dropping.
         denom = n_valid.clamp(min=1).float()
-        f = assign.sum(dim=(0, 1)).float() / (denom * k)  # (E,) fraction of assignments per expert
+        f = routed.sum(dim=(0, 1)).float() / (denom * k)  # (E,) fraction of assignments per expert
         P = (probs * valid[:, None]).sum(dim=0) / denom  # (E,) mean router probability per expert
         aux_loss = E * (f * P).sum()
 

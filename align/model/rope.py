@@ -29,7 +29,8 @@ class RotaryEmbedding(nn.Module):
         # state read by `dynamic_rope_update` (dynamic NTK grows/resets inv_freq with the sequence length)
         self.max_seq_len_cached = config.max_position_embeddings
         self.original_max_seq_len = config.max_position_embeddings
-        init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        default = self.compute_default_rope_parameters
+        init_fn = default if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
         inv_freq, self.attention_scaling = init_fn(config)  # (hs/2,), float
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
@@ -63,3 +64,21 @@ def apply_rotary_pos_emb(q, k, cos, sin):
     """Rotate q (B, nh, T, hs) and k (B, nkv, T, hs) by the angles in cos/sin (B, T, hs)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hs) broadcasts over heads
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def usable_context(config) -> int | None:
+    """The longest prompt + generation a causal-LM config is meant for, any HF config: `max_context_length` if
+    set; None (no limit) under dual chunk attention; else max_position_embeddings, or the trained length x the
+    factor of a scaled RoPE (linear, dynamic, yarn, llama3). None when the config names no length at all."""
+    if getattr(config, "max_context_length", None) is not None:
+        return config.max_context_length
+    if getattr(config, "dca_chunk_size", None) is not None:
+        return None  # dual chunk attention keeps every query-key distance inside the trained range
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos is None:
+        return None
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) == "default" or not rope.get("factor"):
+        return max_pos
+    trained = rope.get("original_max_position_embeddings") or max_pos
+    return max(max_pos, int(trained * rope["factor"]))
