@@ -90,6 +90,9 @@ def to_llama(model: DecoderForCausalLM | DecoderForSequenceClassification) -> Pr
     if getattr(config, "score_loglik", False):
         raise ValueError("to_llama: a reward model with score_loglik (the response log-likelihood term) has no Llama "
                          "equivalent; LlamaForSequenceClassification has only the linear score head")
+    if config.dca_chunk_size is not None:
+        raise ValueError(f"to_llama: dual chunk attention (dca_chunk_size={config.dca_chunk_size}) has no Llama "
+                         "equivalent; Llama's attention would see distances past the trained length")
     llama_cls = PAIRS.get(type(model))
     if llama_cls is None:
         raise ValueError(f"to_llama: expected one of {[c.__name__ for c in PAIRS]}, got {type(model).__name__}")
@@ -290,6 +293,8 @@ def not_llama_reason(model: PreTrainedModel) -> str | None:
         return f"mixture of experts (num_experts={config.num_experts})"
     if getattr(config, "score_loglik", False):
         return "score_loglik (the response log-likelihood term of the reward head)"
+    if config.dca_chunk_size is not None:
+        return f"dual chunk attention (dca_chunk_size={config.dca_chunk_size})"
     if type(model) not in PAIRS:
         return f"{type(model).__name__} has no Llama counterpart"
     return None

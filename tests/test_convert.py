@@ -142,3 +142,15 @@ def test_merge_lora_into_hf_seq_cls(tmp_path):
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     assert type(merged) is LlamaForSequenceClassification
     torch.testing.assert_close(merged(x).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dual_chunk_attention_has_no_llama_equivalent():
+    from align.convert import not_llama_reason, to_llama
+    from align.model import DecoderConfig, DecoderForCausalLM
+
+    model = DecoderForCausalLM(DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                             dca_chunk_size=32, dca_local_window=8))
+    with pytest.raises(ValueError, match="dual chunk attention"):
+        to_llama(model)
+    assert "dual chunk attention" in not_llama_reason(model)

@@ -16,6 +16,7 @@ from align.convert import to_llama
 from align.model import DecoderConfig, DecoderForCausalLM
 from align.model.modeling import chunk_masks
 from align.model.rope import apply_rotary_pos_emb, usable_context
+from align.models import load, load_tokenizer
 
 V = 64
 TOL = dict(atol=1e-4, rtol=1e-4)  # fp32 batched sums differ by CPU vendor
@@ -252,7 +253,7 @@ def test_fit_context_cuts_left_or_refuses(caplog):
 
 
 def test_generate_cuts_a_prompt_past_the_models_context(tiny_lm_dir, caplog):
-    model, tok = G.load_causal_lm(tiny_lm_dir, device="cpu")
+    model, tok = load(tiny_lm_dir, device="cpu"), load_tokenizer(tiny_lm_dir)
     limit = model.config.usable_context  # 256
     long_prompt = "three plus four is seven . " * 80
     assert len(G.prompt_ids(tok, [long_prompt])[0]) > limit
