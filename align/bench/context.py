@@ -17,13 +17,13 @@ positions, not the tokenizer.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
 import os
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -282,15 +282,23 @@ def run(out: Path, quick: bool = False, samples: int = 10, steps: int = 2500, tr
     return results
 
 
+@dataclass
+class BenchArgs:
+    """passkey retrieval past the trained length: RoPE scalings and dual chunk attention"""
+
+    out: str = field(default="runs/bench_context", metadata={"help": "output dir (the trained model is kept in "
+                                                                      "OUT/model)"})
+    quick: bool = field(default=False, metadata={"help": "tiny model at 32 tokens, 1x and 4x, 2 samples (seconds)"})
+    train_len: int = 256
+    steps: int = field(default=2500, metadata={"help": "training steps"})
+    samples: int = field(default=10, metadata={"help": "samples per (method, length, depth)"})
+    device: str = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m align.bench context", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/bench_context", help="output dir (the trained model is kept in OUT/model)")
-    p.add_argument("--quick", action="store_true", help="tiny model at 32 tokens, 1x and 4x, 2 samples (seconds)")
-    p.add_argument("--train-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=2500, help="training steps")
-    p.add_argument("--samples", type=int, default=10, help="samples per (method, length, depth)")
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
+    from align.config import parse, run_command
+
+    (args,) = run_command(parse, [BenchArgs], argv, prog="python -m align.bench context")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     r = run(Path(args.out), quick=args.quick, samples=args.samples, steps=args.steps, train_len=args.train_len,
             device=args.device)
