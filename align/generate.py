@@ -136,8 +136,17 @@ def generate(
 
 # ------------------------------------------------------------------------------------------ command
 def read_prompts(path: str) -> list[tuple[dict, str | Messages]]:
-    """(record, prompt) for each record of a data file; a record without a usable prompt is a DataError."""
-    from align.data.formats import DataError, location, normalize_messages, read_records
+    """(record, prompt) for each record of a data file: its ``prompt`` (text or messages), else the prompt of a
+    preference record in any format the store imports (so the shared preference files give RL prompts); a record
+    with neither is a DataError naming the file and line."""
+    from align.data.formats import (
+        DataError,
+        detect_preference,
+        location,
+        normalize_messages,
+        read_records,
+        to_preference,
+    )
 
     out = []
     for key, rec in read_records(path):
@@ -145,7 +154,11 @@ def read_prompts(path: str) -> list[tuple[dict, str | Messages]]:
         if isinstance(prompt, list):
             prompt = normalize_messages(prompt, where, "prompt")
         elif not isinstance(prompt, str):
-            raise DataError(f"{where}: need a 'prompt' (text or messages); record has {sorted(rec)}")
+            if detect_preference(rec) == "unknown":
+                raise DataError(f"{where}: need a 'prompt' (text or messages) or a preference record; record has "
+                                f"{sorted(rec)}")
+            prompt = to_preference(rec, where)["prompt"]
+            rec = {k: v for k, v in rec.items() if k not in ("chosen", "rejected")}  # not reward-function columns
         out.append((rec, prompt))
     return out
 

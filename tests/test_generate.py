@@ -134,3 +134,20 @@ def test_generate_fast_path_gives_the_plain_replies(tiny_lm_dir, tiny_llama_dir)
     assert supports_fast_generate(Qwen2ForCausalLM(Qwen2Config(**kw)))
     sliding = Qwen2Config(**kw, use_sliding_window=True, sliding_window=16, max_window_layers=1)
     assert not supports_fast_generate(Qwen2ForCausalLM(sliding))  # sliding layers need their own mask
+
+
+def test_preference_files_give_prompts(tmp_path):
+    """RL and the loop read prompts from any preference file the store imports; a record with none is named."""
+    from align.data.formats import DataError
+
+    f = tmp_path / "pairs.jsonl"
+    hh = {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi?\n\nAssistant: Go."}
+    alpaca = {"instruction": "Add 2 and 3.", "input": "", "chosen": "5", "rejected": "6"}
+    f.write_text(json.dumps(hh) + "\n" + json.dumps(alpaca) + "\n")
+    rows = G.read_prompts(str(f))
+    assert [p for _, p in rows] == [[{"role": "user", "content": "Hi?"}], [{"role": "user", "content": "Add 2 and 3."}]]
+    assert "chosen" not in rows[0][0] and rows[1][0]["instruction"] == "Add 2 and 3."
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "no prompt"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: need a 'prompt'"):
+        G.read_prompts(str(bad))
