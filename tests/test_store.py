@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from align.store import (DataError, LabelExists, NotFound, RequestIdConflict, Store, StoreError)
+from align.store import schema as S
 from conftest_store import store, store_url  # noqa: F401  (fixtures)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "preference"
@@ -44,9 +45,9 @@ def test_sqlite_defaults(tmp_path, monkeypatch):
         assert c.exec_driver_sql("pragma journal_mode").scalar() == "wal"
         assert c.exec_driver_sql("pragma foreign_keys").scalar() == 1
         assert c.exec_driver_sql("pragma busy_timeout").scalar() == 30000
-    assert s.schema_version() == 1
+    assert s.schema_version() == S.LATEST == 2
     s.init()  # idempotent
-    assert s.schema_version() == 1
+    assert s.schema_version() == S.LATEST == 2
     s.close()
 
 

@@ -68,6 +68,7 @@ class Annotator:
     role: str
     kind: str
     created_at: datetime | None = None
+    paused: bool = False
 
 
 @dataclass(frozen=True)
@@ -382,7 +383,7 @@ class Store:
                        write=False)
         if row is None:
             raise NotFound(f"no annotator named {name!r}")
-        return Annotator(row.id, row.name, row.role, row.kind, row.created_at)
+        return Annotator(row.id, row.name, row.role, row.kind, row.created_at, bool(row.paused))
 
     def ensure_annotator(self, name: str, kind: str = "rule", role: str = "annotator") -> Annotator:
         """Get or create a password-less labeller (for AI / rule / dataset labels)."""
@@ -402,7 +403,7 @@ class Store:
                                 .order_by(S.annotators.c.id)).all()
             return [{"id": r.id, "name": r.name, "role": r.role, "kind": r.kind,
                      "labels": r.labels, "has_password": bool(r.password_hash),
-                     "created_at": r.created_at} for r in rows]
+                     "paused": bool(r.paused), "created_at": r.created_at} for r in rows]
         return self._tx(fn, write=False)
 
     def verify_annotator(self, name: str, password: str) -> Annotator | None:
@@ -411,7 +412,8 @@ class Store:
                                            .where(S.annotators.c.name == name)).first(),
                        write=False)
         ok = verify_password(password, row.password_hash if row else None)
-        return Annotator(row.id, row.name, row.role, row.kind, row.created_at) if ok else None
+        return Annotator(row.id, row.name, row.role, row.kind, row.created_at,
+                         bool(row.paused)) if ok else None
 
     def set_password(self, name: str, password: str) -> None:
         self._update_annotator(name, password_hash=hash_password(password))
@@ -420,6 +422,10 @@ class Store:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self._update_annotator(name, role=role)
+
+    def set_paused(self, name: str, paused: bool) -> None:
+        """A paused annotator keeps their account and labels but gets no pairs (app)."""
+        self._update_annotator(name, paused=bool(paused))
 
     def _update_annotator(self, name: str, **values) -> None:
         n = self._tx(lambda c: c.execute(S.annotators.update()
@@ -611,6 +617,117 @@ class Store:
             return [_label_row(r) for r in conn.execute(q.order_by(S.labels.c.id))]
         return self._tx(fn, write=False)
 
+    # ---------------------------------------------------------------------- gold, re-asks
+    def set_gold(self, comparison_id: int, answer: str | None, source: str | None = None) -> None:
+        """Mark a comparison as a known-answer (gold) pair (``answer`` 'a' | 'b' | 'tie' |
+        'both_bad', about responses A/B), or unmark it with ``answer=None``. Gold pairs leave the
+        normal queue; the app mixes them into every annotator's queue (``next_gold``)."""
+        if answer is not None and answer not in CHOICES[:4]:
+            raise ValueError(f"gold answer must be one of {CHOICES[:4]} or None, got {answer!r}")
+
+        def fn(conn):
+            if conn.execute(sa.select(S.comparisons.c.id)
+                            .where(S.comparisons.c.id == comparison_id)).first() is None:
+                raise NotFound(f"no comparison {comparison_id}")
+            conn.execute(S.gold.delete().where(S.gold.c.comparison_id == comparison_id))
+            if answer is not None:
+                conn.execute(S.gold.insert().values(comparison_id=comparison_id, answer=answer,
+                                                    source=source, created_at=S.utcnow()))
+        self._tx(fn)
+
+    def gold(self) -> dict[int, str]:
+        """comparison id -> known answer."""
+        return dict(self._tx(lambda c: c.execute(sa.select(S.gold.c.comparison_id, S.gold.c.answer))
+                             .all(), write=False))
+
+    def import_gold(self, path: str | os.PathLike, *, source: str | None = None) -> int:
+        """A preference file's pairs as gold pairs (the file's chosen response is the answer);
+        returns how many. Bad records raise ``DataError`` naming file and line; nothing is stored."""
+        path = Path(path)
+        items = []
+        for key, rec in read_records(path):
+            where = location(path, key)
+            pref = to_preference(rec, where)
+            for k in ("prompt", "chosen", "rejected"):
+                _check_messages(pref[k], f"{where}: field '{k}'", self.max_text_bytes)
+            items.append(pref)
+        lab = self.ensure_annotator("gold", kind="rule")
+        src = source or path.name
+
+        def fn(conn):
+            cids = _ingest(conn, items, src, lab.id, None, ImportReport(file=str(path)))
+            answers = dict(conn.execute(sa.select(S.labels.c.comparison_id, S.labels.c.choice).where(
+                S.labels.c.annotator_id == lab.id, S.labels.c.comparison_id.in_(set(cids)))).all())
+            conn.execute(S.gold.delete().where(S.gold.c.comparison_id.in_(set(cids))))
+            _insert_ignore(conn, S.gold, [{"comparison_id": cid, "answer": answers[cid], "source": src,
+                                           "created_at": S.utcnow()} for cid in dict.fromkeys(cids)])
+            return len(set(cids))
+        return self._tx(fn)
+
+    def next_gold(self, annotator: str | int, rng: random.Random | None = None) -> Comparison | None:
+        """A random gold pair ``annotator`` has not labelled yet (None when none is left)."""
+        def fn(conn):
+            aid = self._aid(conn, annotator)
+            mine = sa.exists().where(S.labels.c.comparison_id == S.gold.c.comparison_id,
+                                     S.labels.c.annotator_id == aid)
+            cids = conn.execute(sa.select(S.gold.c.comparison_id).where(~mine)).scalars().all()
+            return _load_comparison(conn, (rng or random).choice(cids)) if cids else None
+        return self._tx(fn, write=False)
+
+    def next_reask(self, annotator: str | int, min_gap: int = 5,
+                   rng: random.Random | None = None) -> Label | None:
+        """One of ``annotator``'s decisive labels (a/b, side known) not asked again yet and at
+        least ``min_gap`` labels old: the app shows that pair again with the sides swapped."""
+        def fn(conn):
+            aid = self._aid(conn, annotator)
+            L = S.labels
+            recent = (sa.select(L.c.id).where(L.c.annotator_id == aid).order_by(L.c.id.desc())
+                      .limit(1).offset(min_gap).scalar_subquery())
+            asked = sa.exists().where(S.reasks.c.label_id == L.c.id)
+            ids = conn.execute(sa.select(L.c.id).where(
+                L.c.annotator_id == aid, L.c.choice.in_(DECISIVE), L.c.left_side.is_not(None),
+                L.c.id <= recent, ~asked)).scalars().all()
+            return _label_by(conn, L.c.id == (rng or random).choice(ids)) if ids else None
+        return self._tx(fn, write=False)
+
+    def submit_reask(self, label_id: int, choice: str, *, left: str | None = None,
+                     seconds: float | None = None, request_id: str | None = None) -> int:
+        """Store the answer to a re-ask of label ``label_id`` (same annotator, same pair; ``choice``
+        about responses A/B). Idempotent on ``request_id``; one re-ask per label. Returns its id."""
+        if choice not in CHOICES:
+            raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
+        if left not in (None, "a", "b"):
+            raise ValueError(f"left must be 'a', 'b' or None, got {left!r}")
+
+        def fn(conn):
+            orig = _label_by(conn, S.labels.c.id == label_id)
+            if orig is None:
+                raise NotFound(f"no label {label_id} (undone meanwhile?)")
+            R = S.reasks.c
+            same = R.label_id == label_id
+            if request_id is not None:
+                same = same | (R.request_id == request_id)
+            got = conn.execute(sa.select(R.id).where(same)).scalar()
+            if got is not None:
+                return got
+            return conn.execute(S.reasks.insert().values(
+                label_id=label_id, annotator_id=orig.annotator_id, comparison_id=orig.comparison_id,
+                choice=choice, left_side=left, seconds=seconds, request_id=request_id,
+                created_at=S.utcnow()).returning(R.id)).scalar()
+        return self._tx(fn)
+
+    def delete_reask(self, reask_id: int) -> None:
+        self._tx(lambda c: c.execute(S.reasks.delete().where(S.reasks.c.id == reask_id)))
+
+    def reasks(self) -> list[dict]:
+        """Every re-ask beside the label it repeats."""
+        R, L, A = S.reasks, S.labels, S.annotators
+        q = (sa.select(R.c.id, R.c.label_id, R.c.comparison_id, R.c.choice, R.c.left_side,
+                       L.c.choice.label("first_choice"), L.c.left_side.label("first_left"),
+                       A.c.name.label("annotator"))
+             .join(L, L.c.id == R.c.label_id).join(A, A.c.id == R.c.annotator_id).order_by(R.c.id))
+        return [dict(r._mapping) for r in self._tx(lambda c: c.execute(q).all(), write=False)]
+
     # ------------------------------------------------------------------------------ queue
     def _queue_filter(self, aid: int, overlap: int):
         c, l, an = S.comparisons, S.labels.alias("l_me"), S.annotators
@@ -619,7 +736,8 @@ class Store:
         humans = (sa.select(sa.func.count()).select_from(lh.join(an, an.c.id == lh.c.annotator_id))
                   .where(lh.c.comparison_id == c.c.id, lh.c.choice != "skip",
                          an.c.kind == "human").scalar_subquery())
-        return sa.and_(c.c.priority.is_not(None), ~mine, humans < overlap)
+        gold = sa.exists().where(S.gold.c.comparison_id == c.c.id)  # served apart (next_gold)
+        return sa.and_(c.c.priority.is_not(None), ~mine, humans < overlap, ~gold)
 
     def next_comparison(self, annotator: str | int, overlap: int = 1) -> Comparison | None:
         """The next comparison for ``annotator``: queued (priority not NULL), not yet labelled by
