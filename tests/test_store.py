@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest_store import *  # noqa: F403  (fixtures store, store_url)
 
-from align.store import (DataError, LabelExists, NotFound, RequestIdConflict, Store, StoreError)
+from align.store import DataError, LabelExists, NotFound, RequestIdConflict, Store, StoreError
 from align.store import schema as S
-from conftest_store import store, store_url  # noqa: F401  (fixtures)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "preference"
 needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")

@@ -7,10 +7,11 @@ import random
 
 import pytest
 import sqlalchemy as sa
+from conftest_store import *  # noqa: F403  (fixtures store, store_url)
+from conftest_store import fresh_url
 
 from align.store import NotFound, Store
 from align.store import schema as S
-from conftest_store import fresh_url, store, store_url  # noqa: F401  (fixtures)
 
 
 def _pairs(store, n):

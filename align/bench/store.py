@@ -14,7 +14,6 @@ import argparse
 import multiprocessing as mp
 import os
 import platform
-import statistics
 import subprocess
 import tempfile
 import time

@@ -15,10 +15,9 @@ import random
 import secrets
 import threading
 import time
-from contextlib import contextmanager, nullcontext
 from base64 import b64decode, b64encode
-from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -730,9 +729,9 @@ class Store:
 
     # ------------------------------------------------------------------------------ queue
     def _queue_filter(self, aid: int, overlap: int):
-        c, l, an = S.comparisons, S.labels.alias("l_me"), S.annotators
+        c, lm, an = S.comparisons, S.labels.alias("l_me"), S.annotators
         lh = S.labels.alias("l_h")
-        mine = sa.exists().where(l.c.comparison_id == c.c.id, l.c.annotator_id == aid)
+        mine = sa.exists().where(lm.c.comparison_id == c.c.id, lm.c.annotator_id == aid)
         humans = (sa.select(sa.func.count()).select_from(lh.join(an, an.c.id == lh.c.annotator_id))
                   .where(lh.c.comparison_id == c.c.id, lh.c.choice != "skip",
                          an.c.kind == "human").scalar_subquery())
@@ -844,14 +843,16 @@ class Store:
                     seed: str = "", kinds: Sequence[str] | None = None,
                     annotators: Sequence[str] | None = None, sources: Sequence[str] | None = None,
                     comparison_ids: Sequence[int] | None = None, both_bad: str = "drop",
-                    with_meta: bool = False) -> tuple[dict, dict]:
+                    with_meta: bool = False, aggregate: str = "majority",
+                    soft: bool = False) -> tuple[dict, dict]:
         """``({"train": rows, "test": rows}, report)``; see ``export``."""
         from align.store.exporting import export_rows
         self._ensure()
         return export_rows(self, format=format, unpaired=unpaired, min_labels=min_labels,
                            min_agreement=min_agreement, test_fraction=test_fraction, seed=seed,
                            kinds=kinds, annotators=annotators, sources=sources,
-                           comparison_ids=comparison_ids, both_bad=both_bad, with_meta=with_meta)
+                           comparison_ids=comparison_ids, both_bad=both_bad, with_meta=with_meta,
+                           aggregate=aggregate, soft=soft)
 
     def export(self, path: str | os.PathLike | None = None, **options) -> Any:
         """Export labelled pairs in TRL's preference format.
@@ -863,6 +864,10 @@ class Store:
         winners 'tie' / 'both_bad' (``both_bad='negatives'`` keeps both as KTO negatives when
         ``unpaired``). A label 'a' means response A is better, whichever side was shown left.
         ``format``: 'conversational' (message lists, default) or 'standard' (strings).
+        ``aggregate='reliability'``: instead of the majority, weigh each annotator by their accuracy
+        estimated with a one-coin Dawid–Skene model (``align.store.reliability``; gold pairs
+        anchor it). ``soft``: add ``p_chosen`` (probability that chosen beats rejected) and
+        ``weight`` (|2·p_chosen − 1|) to paired rows.
         ``unpaired``: KTO rows ``{prompt, completion, label}``. ``test_fraction``: deterministic
         split on the prompt's hash (a prompt never lands in both splits).
 
@@ -900,6 +905,13 @@ class Store:
         from align.store.stats import compute_stats
         self._ensure()
         return compute_stats(self)
+
+    def annotator_quality(self) -> list[dict]:
+        """Per-annotator speed, gold accuracy, self-consistency, agreement and position bias
+        (``align.store.stats.annotator_quality``)."""
+        from align.store.stats import annotator_quality
+        self._ensure()
+        return annotator_quality(self)
 
 
 # ------------------------------------------------------------------------------- module helpers
@@ -1060,7 +1072,7 @@ def _ingest(conn: sa.Connection, items: list[dict], source: str | None, labeller
         pids = sorted({k[0] for k in rows})
         r = S.responses.c
 
-        def load_resp():
+        def load_resp(r=r, pids=pids, rows=rows):
             return {(x.prompt_id, x.content_hash, x.model): x.id for x in conn.execute(
                 sa.select(r.id, r.prompt_id, r.content_hash, r.model)
                 .where(r.prompt_id.in_(pids), r.content_hash.in_({k[1] for k in rows})))}
@@ -1073,7 +1085,7 @@ def _ingest(conn: sa.Connection, items: list[dict], source: str | None, labeller
         # 3. comparisons (either orientation); A/B order of new ones is a hash coin flip
         c = S.comparisons.c
 
-        def load_comp():
+        def load_comp(c=c, pids=pids):
             got = {}
             for x in conn.execute(sa.select(c.id, c.prompt_id, c.response_a_id, c.response_b_id)
                                   .where(c.prompt_id.in_(pids)).order_by(c.id)):
@@ -1102,7 +1114,7 @@ def _ingest(conn: sa.Connection, items: list[dict], source: str | None, labeller
         have = dict(conn.execute(sa.select(S.labels.c.comparison_id, S.labels.c.choice).where(
             S.labels.c.annotator_id == labeller_id, S.labels.c.comparison_id.in_(cids))).all())
         new_l = {}
-        for key, ch, rj in pairs:
+        for key, ch, _rj in pairs:
             cid, a = comp[key]
             choice = "a" if a == ch else "b"  # chosen == rejected (2 HH records): 'a', a == b
             out.append(cid)
