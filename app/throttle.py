@@ -82,7 +82,7 @@ class LoginThrottle:
         """Seconds before ``name`` (from ``address``) may try again; 0 = now."""
         now = self.clock()
         with self._lock:
-            return max((self._get(k, now).until - now for k in self._keys(name, address)), default=0.0)
+            return max([0.0] + [self._get(k, now).until - now for k in self._keys(name, address)])
 
     def locked(self, name: str, address: str | None = None) -> bool:
         now = self.clock()
