@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 from datasets import Dataset
+from test_reward import build_assets, run_args
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
 from align.generate import load_tokenizer
 from align.reward import SoftLabelRewardTrainer, clean_pairs, head_kwargs, load_model, train, world_heldout_pairs
 from align.score import RewardScorer
-from test_reward import build_assets, run_args
 
 torch.set_num_threads(1)
 
@@ -26,8 +26,9 @@ def _trainer(cls, lm_dir, tmp_path, rows):
     tok = load_tokenizer(lm_dir)
     torch.manual_seed(0)
     model = load_model(ModelConfig(model_name_or_path=str(lm_dir)), head_kwargs(str(lm_dir), tok))
-    args = RewardConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(rows), center_rewards_coefficient=None,
-                        activation_checkpointing=False, bf16=False, report_to="none", dataloader_pin_memory=False)
+    args = RewardConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(rows),
+                        center_rewards_coefficient=None, activation_checkpointing=False, bf16=False,
+                        report_to="none", dataloader_pin_memory=False)
     kept, _ = clean_pairs(rows, tok, None)
     cols = [k for k in ("chosen_ids", "rejected_ids", "p_chosen", "weight") if k in kept[0]]
     tr = cls(model=model, args=args, train_dataset=Dataset.from_list([{k: p[k] for k in cols} for p in kept]),

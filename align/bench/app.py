@@ -46,17 +46,22 @@ def seed(url: str, annotators: int, pairs: int) -> list[str]:
 
 
 class Server:
-    def __init__(self, url: str, port: int, log: Path, extra: list[str]):
-        self.cmd = [sys.executable, "-m", "app", str(ROOT / "configs/app.yaml"), "--db", url, "--host",
-                    "127.0.0.1", "--port", str(port), "--guidelines", str(ROOT / "docs/guidelines.md"), *extra]
-        self.base = f"http://127.0.0.1:{port}"
-        self.log = log
+    def __init__(self, url: str, log: Path, extra: list[str]):
+        self.url, self.extra, self.log = url, extra, log
+        self.base = ""
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
+        """Start the app on a free port (a restart takes a new one: Gradio will not bind a port that
+        the killed server's connections still hold in TIME_WAIT). Clients read ``base`` per request."""
+        from app.testing import free_port
+
+        port = free_port()
+        cmd = [sys.executable, "-m", "app", str(ROOT / "configs/app.yaml"), "--db", self.url, "--host", "127.0.0.1",
+               "--port", str(port), "--guidelines", str(ROOT / "docs/guidelines.md"), *self.extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdout=open(self.log, "a"),
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
+        self.base = f"http://127.0.0.1:{port}"
 
     async def ready(self, client, timeout: float = 120.0) -> float:
         import httpx
@@ -64,7 +69,8 @@ class Server:
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the app exited with {self.proc.returncode}; see {self.log}")
+                tail = "".join(self.log.read_text().splitlines(keepends=True)[-15:])
+                raise RuntimeError(f"the app exited with {self.proc.returncode}:\n{tail}")
             try:
                 if (await client.get(self.base + "/", timeout=2)).status_code == 200:
                     return time.perf_counter() - t0
@@ -106,7 +112,6 @@ async def annotator(client, server: Server, name: str, n: int, think: tuple[floa
                     rng: random.Random) -> None:
     import httpx
 
-    api = server.base + "/gradio_api/run/"
     info: dict = {}
     session = None
     done = 0
@@ -114,7 +119,7 @@ async def annotator(client, server: Server, name: str, n: int, think: tuple[floa
         try:
             if session is None:  # log in (again, after a restart: sessions live in the server's memory)
                 session = uuid.uuid4().hex
-                r = await client.post(api + "login", json={"data": [name, "pw-" + name, None],
+                r = await client.post(server.base + "/gradio_api/run/login", json={"data": [name, "pw-" + name, None],
                                                            "session_hash": session})
                 info = _info(r.json())
                 if info.get("user") != name:
@@ -125,8 +130,8 @@ async def annotator(client, server: Server, name: str, n: int, think: tuple[floa
                 await asyncio.sleep(rng.uniform(*think))
             cid, choice = info["comparison_id"], rng.choice(["A", "B", "A", "B", "tie"])
             t = time.perf_counter()
-            r = await client.post(api + "submit", json={"data": [choice, info["request_id"], "", None, None],
-                                                        "session_hash": session})
+            body = {"data": [choice, info["request_id"], "", None, None], "session_hash": session}
+            r = await client.post(server.base + "/gradio_api/run/submit", json=body)
             dt = time.perf_counter() - t
             nxt = _info(r.json()) if r.status_code == 200 else {}
             if r.status_code != 200 or "error" in nxt or not str(nxt.get("message", "")).startswith("✓ Saved"):
@@ -187,8 +192,6 @@ def lost(url: str, acked: list[tuple[str, int]]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from app.testing import free_port
-
     p = argparse.ArgumentParser(prog="python -m align.bench app", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--annotators", type=int, default=50)
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         url = args.db or f"sqlite:///{tmp}/bench-app.db"
         names = seed(url, args.annotators, args.annotators * args.labels * len(args.phases) + 100)
-        server = Server(url, free_port(), Path(tmp) / "server.log", ["--gold_rate", "0", "--reask_rate", "0"])
+        server = Server(url, Path(tmp) / "server.log", ["--gold_rate", "0", "--reask_rate", "0"])
         server.start()
         rows = []
         try:
