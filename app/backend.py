@@ -130,6 +130,7 @@ class Backend:
         self._locks_guard = threading.Lock()
         self._models: dict[str, Any] = {}
         self._models_lock = threading.Lock()
+        self._progress_cache: dict[str, tuple[float, dict]] = {}
 
     def _lock(self, user: str) -> threading.Lock:
         with self._locks_guard:
@@ -243,11 +244,27 @@ class Backend:
         return f"{n} gold pairs from {Path(file).name} (the file's chosen response is the answer)."
 
     # ---------------------------------------------------------------------- label path
-    def _progress(self, user: str) -> dict:
-        return _store_call("Could not read progress", self.store.progress, user, self.overlap)
+    PROGRESS_TTL = 15.0  # s: counting the open queue scans every queued pair; the header can lag a little
+
+    def _progress(self, user: str, labelled: int = 0) -> dict:
+        """The header's counts, from the store at most every ``PROGRESS_TTL`` s per annotator and
+        moved along locally in between (``labelled``: +1 after a label, -1 after an undo)."""
+        now = time.monotonic()
+        with self._locks_guard:
+            got = self._progress_cache.get(user)
+            if got is not None and now - got[0] < self.PROGRESS_TTL:
+                done = max(0, got[1]["done"] + labelled)
+                left = max(0, got[1]["remaining"] - labelled)
+                p = {"done": done, "remaining": left, "assigned": done + left}
+                self._progress_cache[user] = (got[0], p)
+                return p
+        p = _store_call("Could not read progress", self.store.progress, user, self.overlap)
+        with self._locks_guard:
+            self._progress_cache[user] = (time.monotonic(), p)
+        return p
 
     def next_view(self, session: Session, *, comparison_id: int | None = None,
-                  left: str | None = None, reask_of: int | None = None) -> View:
+                  left: str | None = None, reask_of: int | None = None, labelled: int = 0) -> View:
         """Show the next pair (or ``comparison_id``, e.g. after undo) with a random left side.
 
         While the annotator's queue is not empty, a ``gold_rate`` share of pairs are gold pairs and
@@ -278,7 +295,7 @@ class Backend:
                 if lab is not None:
                     comp = _store_call("Could not load the pair", self.store.get_comparison, lab.comparison_id)
                     left, reask_of = ("b" if lab.left == "a" else "a"), lab.id
-        prog = self._progress(session.user)
+        prog = self._progress(session.user, labelled)
         if comp is None:
             session.shown = None
             return View([], "", "", None, None, "", None, prog["done"], prog["assigned"], prog["remaining"])
@@ -306,6 +323,7 @@ class Backend:
             store_choice = {"A": shown.left, "B": "b" if shown.left == "a" else "a"}.get(choice, choice)
             seconds = round(time.monotonic() - shown.shown_at, 3)
             rationale = (rationale or "").strip() or None
+            labelled = 0
             try:
                 if shown.reask_of is not None:
                     rid = _store_call("Could not save your label", self.store.submit_reask, shown.reask_of,
@@ -315,7 +333,7 @@ class Backend:
                     _store_call("Could not save your label", self.store.submit_label, shown.comparison_id,
                                 session.user, store_choice, left=shown.left, rationale=rationale,
                                 confidence=confidence, seconds=seconds, request_id=request_id)
-                    session.last_reask = None
+                    session.last_reask, labelled = None, 1
                 msg = f"Saved: {CHOICE_TEXT[choice]}"
             except LabelExists:  # labelled in another tab meanwhile: keep that one
                 msg = "You had already labelled this pair (kept your earlier label)"
@@ -324,7 +342,7 @@ class Backend:
             session.handled[request_id] = shown.comparison_id
             if len(session.handled) > 50:
                 session.handled.pop(next(iter(session.handled)))
-            return self.next_view(session), msg
+            return self.next_view(session, labelled=labelled), msg
 
     def undo(self, session: Session) -> tuple[View, str]:
         """Delete the annotator's last label and show that pair again, same sides as before."""
@@ -340,7 +358,7 @@ class Backend:
             if last is None:
                 return self.next_view(session) if session.shown is None else self.current_view(session), \
                     "Nothing to undo"
-            view = self.next_view(session, comparison_id=last.comparison_id, left=last.left)
+            view = self.next_view(session, comparison_id=last.comparison_id, left=last.left, labelled=-1)
             what = {"a": "A", "b": "B"}.get(last.choice, last.choice)
             if last.choice in ("a", "b") and last.left in ("a", "b"):  # say it in displayed sides
                 what = "A" if last.choice == last.left else "B"

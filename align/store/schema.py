@@ -77,6 +77,9 @@ comparisons = sa.Table(
     sa.UniqueConstraint("prompt_id", "response_a_id", "response_b_id", name="uq_comparisons_pair"),
     sa.Index("ix_comparisons_queue", "priority", "id"),
 )
+# v2: the queue's order (priority desc, id), so "the next pair" walks the index and stops at the first
+# open one instead of sorting every queued comparison on each click.
+ix_comparisons_next = sa.Index("ix_comparisons_next", comparisons.c.priority.desc(), comparisons.c.id)
 
 labels = sa.Table(
     "labels", metadata,
@@ -134,11 +137,12 @@ def _v1(conn: sa.Connection) -> None:
 
 
 def _v2(conn: sa.Connection) -> None:
-    """annotators.paused; tables gold and reasks. A database made by v1 lacks the column (a fresh
+    """annotators.paused; tables gold and reasks; the queue-order index. A database made by v1 lacks the column (a fresh
     one gets it from v1's create_all, which uses today's table definition)."""
     if "paused" not in {c["name"] for c in sa.inspect(conn).get_columns("annotators")}:
         conn.execute(sa.text("alter table annotators add column paused boolean not null default false"))
     metadata.create_all(conn, tables=[gold, reasks])
+    ix_comparisons_next.create(conn, checkfirst=True)
 
 
 MIGRATIONS: list[tuple[int, callable]] = [
