@@ -282,7 +282,9 @@ class Backend:
             who = _store_call("Could not read the account", self.store.get_annotator, session.user)
             if who.paused:
                 session.shown = None
-                return View([], "", "", None, None, "", None, 0, 0, 0, paused=True)
+                prog = self._progress(session.user, labelled)
+                return View([], "", "", None, None, "", None, prog["done"], prog["assigned"], prog["remaining"],
+                            paused=True)
             comp = _store_call("Could not fetch the next pair", self.store.next_comparison,
                                session.user, self.overlap)
             r = self.rng.random()

@@ -166,16 +166,17 @@ def build_app(args) -> gr.Blocks:
                 out.update({header: header_html(s.user, s.role, title=title), rid: "",
                             pair_col: gr.update(visible=logged), empty_col: gr.update(visible=False)})
                 return out
-            chat = chat_messages(v.prompt)
-            multi = len(v.prompt) > 1
-            out.update({
-                header: header_html(s.user, s.role, v.done, v.assigned, v.remaining, title),
-                prompt_md: gr.update(value="" if multi or not chat else chat[0]["content"], visible=not multi),
-                prompt_box: gr.update(value=chat if multi else [], visible=multi),
-                left_md: response_markdown(v.left_text, v.left_messages),
-                right_md: response_markdown(v.right_text, v.right_messages), rid: v.request_id,
-                pair_col: gr.update(visible=not v.empty), empty_col: gr.update(visible=v.empty),
-                empty_md: PAUSED_MD if v.paused else EMPTY_MD})
+            out.update({header: header_html(s.user, s.role, v.done, v.assigned, v.remaining, title),
+                        rid: v.request_id, pair_col: gr.update(visible=not v.empty),
+                        empty_col: gr.update(visible=v.empty), empty_md: PAUSED_MD if v.paused else EMPTY_MD})
+            if not v.empty:  # (an empty queue leaves the hidden cards as they were)
+                chat = chat_messages(v.prompt)
+                multi = len(v.prompt) > 1
+                out.update({
+                    prompt_md: gr.update(value="" if multi or not chat else chat[0]["content"], visible=not multi),
+                    prompt_box: gr.update(value=chat if multi else [], visible=multi),
+                    left_md: response_markdown(v.left_text, v.left_messages),
+                    right_md: response_markdown(v.right_text, v.right_messages)})
             return out
 
         def client_address(request: gr.Request | None) -> str | None:

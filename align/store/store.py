@@ -312,10 +312,11 @@ class Store:
         delay = 0.005
         for attempt in range(self.retries):
             try:
-                with self._write_lock() if write else nullcontext():
-                    with self.engine.connect() as conn:
-                        if write:
-                            conn.execution_options(align_write=True)
+                with self.engine.connect() as conn:
+                    if write:
+                        conn.execution_options(align_write=True)
+                    # the lock covers BEGIN..COMMIT only, not the pool's checkout / reset-on-return
+                    with self._write_lock() if write else nullcontext():
                         with conn.begin():
                             return fn(conn)
             except sa.exc.DBAPIError as e:
