@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--sources", nargs="*")
     exp.add_argument("--both-bad", choices=["drop", "negatives"], default="drop")
     exp.add_argument("--with-meta", action="store_true")
+    exp.add_argument("--aggregate", choices=["majority", "reliability"], default="majority",
+                     help="reliability: weigh annotators by their estimated accuracy (Dawid-Skene, gold-anchored)")
+    exp.add_argument("--soft", action="store_true", help="add p_chosen (soft label) and weight to paired rows")
     exp.add_argument("--dataset", metavar="DIR", help="save a datasets.Dataset here instead")
 
     st = sub.add_parser("stats", help="counts, agreement, position bias")
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                         unpaired=args.unpaired, min_labels=args.min_labels,
                         min_agreement=args.min_agreement, test_fraction=args.test_fraction,
                         seed=args.seed, kinds=args.kinds, annotators=args.annotators,
-                        sources=args.sources, both_bad=args.both_bad, with_meta=args.with_meta)
+                        sources=args.sources, both_bad=args.both_bad, with_meta=args.with_meta,
+                        aggregate=args.aggregate, soft=args.soft)
             if args.dataset:
                 ds = store.export(None, **opts)
                 ds.save_to_disk(args.dataset)
