@@ -159,24 +159,38 @@ def build_app(args) -> gr.Blocks:
                 return out
             s, v = screen.session or Session(), screen.view
             logged = bool(s.user)
-            out.update({state: s, logout_btn: gr.update(visible=logged), login_col: gr.update(visible=not logged),
-                        main_col: gr.update(visible=logged), admin_tab: gr.update(visible=s.is_admin),
-                        rationale: "", confidence: None})
+            empty = v is not None and v.empty
+            multi = v is not None and not v.empty and len(v.prompt) > 1
+            out.update({state: s, rationale: "", confidence: None})
+            # Visibility changes only when it differs from what this page shows: Gradio rebuilds the
+            # block's config (JSON schemas included) for every visibility update, which was 29% of the
+            # server's time per click.
+            shown = s.ui.setdefault("visible", {})
+            vis = {logout_btn: logged, login_col: not logged, main_col: logged, admin_tab: s.is_admin,
+                   pair_col: logged and not empty, empty_col: logged and empty}
+            if v is not None and not v.empty:
+                vis.update({prompt_md: not multi, prompt_box: multi})
+            for comp, on in vis.items():
+                if shown.get(comp._id) != on:
+                    out[comp] = gr.update(visible=on)
+                    shown[comp._id] = on
             if v is None:
-                out.update({header: header_html(s.user, s.role, title=title), rid: "",
-                            pair_col: gr.update(visible=logged), empty_col: gr.update(visible=False)})
+                out.update({header: header_html(s.user, s.role, title=title), rid: ""})
                 return out
             out.update({header: header_html(s.user, s.role, v.done, v.assigned, v.remaining, title),
-                        rid: v.request_id, pair_col: gr.update(visible=not v.empty),
-                        empty_col: gr.update(visible=v.empty), empty_md: PAUSED_MD if v.paused else EMPTY_MD})
-            if not v.empty:  # (an empty queue leaves the hidden cards as they were)
-                chat = chat_messages(v.prompt)
-                multi = len(v.prompt) > 1
-                out.update({
-                    prompt_md: gr.update(value="" if multi or not chat else chat[0]["content"], visible=not multi),
-                    prompt_box: gr.update(value=chat if multi else [], visible=multi),
-                    left_md: response_markdown(v.left_text, v.left_messages),
-                    right_md: response_markdown(v.right_text, v.right_messages)})
+                        rid: v.request_id})
+            if v.empty:  # (an empty queue leaves the hidden cards as they were)
+                out[empty_md] = PAUSED_MD if v.paused else EMPTY_MD
+                return out
+            chat = chat_messages(v.prompt)
+            values = {prompt_md: "" if multi or not chat else chat[0]["content"], prompt_box: chat if multi else []}
+            for comp, value in values.items():
+                if comp in out:  # its visibility changes too
+                    out[comp] = gr.update(value=value, visible=out[comp]["visible"])
+                elif (comp is prompt_box) == multi:  # the hidden one keeps its old value
+                    out[comp] = value
+            out.update({left_md: response_markdown(v.left_text, v.left_messages),
+                        right_md: response_markdown(v.right_text, v.right_messages)})
             return out
 
         def client_address(request: gr.Request | None) -> str | None:
