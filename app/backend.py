@@ -157,6 +157,14 @@ class Backend:
         self.throttle.succeeded(name, address)
         return Session(user=who.name, role=who.role, last_seen=self.clock())
 
+    def health(self) -> tuple[bool, str]:
+        """(True, the store) when the store answers, else (False, why)."""
+        try:
+            self.store.schema_version()
+            return True, repr(self.store)
+        except Exception as e:  # any driver's error means "not healthy"
+            return False, f"{type(e).__name__}: {e}"
+
     def has_accounts(self) -> bool:
         try:
             return any(a.get("has_password") for a in self.store.list_annotators())
