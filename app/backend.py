@@ -62,7 +62,6 @@ class Session:
     handled: dict[str, int] = field(default_factory=dict)  # request_id -> comparison id, recent
     last_seen: float = 0.0  # Backend.clock() of the last request (idle expiry)
     last_reask: tuple[int, Shown] | None = None  # (reask id, what was shown) for undo
-    ui: dict = field(default_factory=dict)  # the UI's memory of what the page shows (app.ui)
 
     @property
     def is_admin(self) -> bool:

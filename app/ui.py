@@ -95,11 +95,12 @@ def build_app(args) -> gr.Blocks:
                 with gr.Tab("Label", id="label"):
                     with gr.Accordion("Guidelines — how to judge a pair", open=False, elem_id="al-guidelines"):
                         gr.Markdown(_guidelines(args.guidelines))
-                    with gr.Column(visible=True) as pair_col:
+                    mode = gr.HTML(_mode_html(None), elem_id="al-mode", padding=False)
+                    with gr.Column(elem_id="al-pair-col"):
                         gr.HTML('<div class="al-section-title">Prompt</div>', padding=False)
                         prompt_md = gr.Markdown("", elem_id="al-prompt-text", elem_classes="al-prompt-text",
                                                 container=False, sanitize_html=True, line_breaks=True, max_height=300)
-                        prompt_box = gr.Chatbot(show_label=False, height="auto", max_height=340, visible=False,
+                        prompt_box = gr.Chatbot(show_label=False, height="auto", max_height=340,
                                                 elem_id="al-prompt", elem_classes="al-prompt", buttons=[],
                                                 feedback_options=None, allow_tags=False, sanitize_html=True,
                                                 group_consecutive_messages=False, line_breaks=True)
@@ -127,7 +128,7 @@ def build_app(args) -> gr.Blocks:
                                 btn_skip = gr.Button("Skip   [5]", elem_id="btn-skip", size="sm", variant="secondary")
                                 btn_undo = gr.Button("↶ Undo   [U]", elem_id="btn-undo", size="sm", variant="secondary")
                         gr.HTML(KEY_HINT, padding=False)
-                    with gr.Column(visible=False, elem_classes="al-empty") as empty_col:
+                    with gr.Column(elem_classes="al-empty", elem_id="al-empty-col"):
                         empty_md = gr.Markdown(EMPTY_MD, elem_id="al-empty-text")
                         refresh_btn = gr.Button("Check again", variant="primary", size="sm", elem_id="al-refresh")
                     status = gr.Markdown("", elem_id="al-status", elem_classes="al-status")
@@ -140,12 +141,17 @@ def build_app(args) -> gr.Blocks:
                     wire_admin = _admin_tab(args, backend, state, export_dir)
 
         # --------------------------------------------------------------- the annotator screen
-        screen_outs = [state, header, logout_btn, login_col, main_col, admin_tab, prompt_md, prompt_box, left_md,
-                       right_md, rid, rationale, confidence, status, pair_col, empty_col, empty_md, info]
-        login_outs = [*screen_outs, pw_box, login_msg]
+        # The label path's outputs are value components only, and each screen gives all of them: in
+        # Gradio 6 a skipped output or a visibility update rebuilds that block's config (pydantic JSON
+        # schemas included) for the session — that was 30–40% of the server's time per click. Which of
+        # pair / empty queue and text / chat prompt shows is switched by CSS on ``mode``'s classes
+        # (static/app.css); only sign-in and sign-out change visibility.
+        label_outs = [state, header, mode, prompt_md, prompt_box, left_md, right_md, rid, rationale, confidence,
+                      status, empty_md, info]
+        login_outs = [*label_outs, logout_btn, login_col, main_col, admin_tab, pw_box, login_msg]
 
-        def show(screen: H.Screen) -> dict:
-            """A ``Screen`` -> updates of the components it changes (the rest stay as they are)."""
+        def show(screen: H.Screen, layout: bool = False) -> dict:
+            """A ``Screen`` -> component updates; ``layout``: also the signed-in / signed-out layout."""
             out: dict = {info: screen.data()}
             if screen.error is not None:
                 gr.Warning(screen.error)
@@ -159,37 +165,23 @@ def build_app(args) -> gr.Blocks:
                 return out
             s, v = screen.session or Session(), screen.view
             logged = bool(s.user)
-            empty = v is not None and v.empty
-            multi = v is not None and not v.empty and len(v.prompt) > 1
-            out.update({state: s, rationale: "", confidence: None})
-            # Visibility changes only when it differs from what this page shows: Gradio rebuilds the
-            # block's config (JSON schemas included) for every visibility update, which was 29% of the
-            # server's time per click.
-            shown = s.ui.setdefault("visible", {})
-            vis = {logout_btn: logged, login_col: not logged, main_col: logged, admin_tab: s.is_admin,
-                   pair_col: logged and not empty, empty_col: logged and empty}
-            if v is not None and not v.empty:
-                vis.update({prompt_md: not multi, prompt_box: multi})
-            for comp, on in vis.items():
-                if shown.get(comp._id) != on:
-                    out[comp] = gr.update(visible=on)
-                    shown[comp._id] = on
-            if v is None:
-                out.update({header: header_html(s.user, s.role, title=title), rid: ""})
+            if layout:
+                out.update({logout_btn: gr.update(visible=logged), login_col: gr.update(visible=not logged),
+                            main_col: gr.update(visible=logged), admin_tab: gr.update(visible=s.is_admin)})
+            out.update({state: s, rationale: "", confidence: None, mode: _mode_html(v), rid: "",
+                        empty_md: PAUSED_MD if v is not None and v.paused else EMPTY_MD})
+            if v is None:  # signed out
+                out.update({header: header_html(None, None, title=title), prompt_md: "", prompt_box: [],
+                            left_md: "", right_md: ""})
                 return out
-            out.update({header: header_html(s.user, s.role, v.done, v.assigned, v.remaining, title),
-                        rid: v.request_id})
-            if v.empty:  # (an empty queue leaves the hidden cards as they were)
-                out[empty_md] = PAUSED_MD if v.paused else EMPTY_MD
+            out[header] = header_html(s.user, s.role, v.done, v.assigned, v.remaining, title)
+            if v.empty:  # the hidden cards keep their text (skipped: rare, so its cost does not matter)
                 return out
             chat = chat_messages(v.prompt)
-            values = {prompt_md: "" if multi or not chat else chat[0]["content"], prompt_box: chat if multi else []}
-            for comp, value in values.items():
-                if comp in out:  # its visibility changes too
-                    out[comp] = gr.update(value=value, visible=out[comp]["visible"])
-                elif (comp is prompt_box) == multi:  # the hidden one keeps its old value
-                    out[comp] = value
-            out.update({left_md: response_markdown(v.left_text, v.left_messages),
+            multi = len(v.prompt) > 1
+            out.update({rid: v.request_id, prompt_md: "" if multi or not chat else chat[0]["content"],
+                        prompt_box: chat if multi else [],
+                        left_md: response_markdown(v.left_text, v.left_messages),
                         right_md: response_markdown(v.right_text, v.right_messages)})
             return out
 
@@ -197,10 +189,10 @@ def build_app(args) -> gr.Blocks:
             return getattr(getattr(request, "client", None), "host", None)
 
         def do_login(name: str, password: str, session: Session, request: gr.Request):
-            return show(H.login(backend, session, name, password, client_address(request)))
+            return show(H.login(backend, session, name, password, client_address(request)), layout=True)
 
         def do_logout(session: Session):
-            return show(H.logout(backend, session))
+            return show(H.logout(backend, session), layout=True)
 
         def do_submit(choice: str, request_id: str, why: str, conf, session: Session):
             return show(H.submit(backend, session, choice, request_id, why, conf))
@@ -212,7 +204,7 @@ def build_app(args) -> gr.Blocks:
             return fn
 
         label_inputs = [rid, rationale, confidence, state]
-        fast = dict(outputs=screen_outs, show_progress="hidden", trigger_mode="once", queue=False)
+        fast = dict(outputs=label_outs, show_progress="hidden", trigger_mode="once", queue=False)
         login_btn.click(do_login, [name_box, pw_box, state], login_outs, api_name="login", concurrency_limit=8)
         pw_box.submit(do_login, [name_box, pw_box, state], login_outs, api_visibility="private")
         logout_btn.click(do_logout, [state], login_outs, api_name="logout")
@@ -224,6 +216,15 @@ def build_app(args) -> gr.Blocks:
         demo.load(None, js=(STATIC / "shortcuts.js").read_text())
         wire_admin()
     return demo
+
+
+def _mode_html(view) -> str:
+    """What the label tab shows, as classes that static/app.css switches on (pair or empty queue; a
+    one-message prompt as text or a conversation as a chat)."""
+    if view is None or view.empty:
+        return '<div class="al-mode al-mode-empty"></div>'
+    chat = "al-chat-multi" if len(view.prompt) > 1 else "al-chat-single"
+    return f'<div class="al-mode al-mode-pair {chat}"></div>'
 
 
 PAUSED_MD = """## Paused
