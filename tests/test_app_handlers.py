@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from app import handlers as H  # noqa: E402
-from app.backend import AppError, Backend, Session, Store  # noqa: E402
+from app.backend import Backend, Session, Store  # noqa: E402
 from app.testing import seed_store  # noqa: E402
 from app.throttle import LoginThrottle, ThrottlePolicy  # noqa: E402
 
@@ -253,4 +253,3 @@ def test_annotator_aware_export_has_soft_labels(tmp_path):
     assert n.ok and "annotator-aware" in n.message and {"p_chosen", "weight"} <= set(rows[0])
     with pytest.raises(ValueError, match="aggregate must be one of"):
         store.export_rows(aggregate="vote")
-    assert AppError

@@ -140,7 +140,7 @@ def hardware() -> str:
         model = next(line.split(":", 1)[1].strip() for line in
                      subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
                      if line.startswith("Model name"))
-    except Exception:
+    except (OSError, StopIteration):  # no lscpu, or no model line
         model = platform.processor() or "unknown CPU"
     return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 

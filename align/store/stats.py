@@ -97,7 +97,7 @@ def agreement(by_item: dict[int, dict[str, str]]) -> dict:
         kappa = None
         try:
             kappa = _num(cohens_kappa(table, return_results=False))
-        except Exception:  # degenerate table (one category only)
+        except (ValueError, ArithmeticError, IndexError):  # degenerate table (one category only)
             kappa = None
         out["cohen"].append({"annotators": [x, y], "shared": len(pairs),
                              "observed_agreement": _num(agree), "kappa": kappa})
@@ -109,7 +109,7 @@ def agreement(by_item: dict[int, dict[str, str]]) -> dict:
             out["fleiss_kappa"] = _num(fleiss_kappa(table, method="fleiss"))
         out["fleiss_raters_per_item"] = m
         out["fleiss_items"] = len(data)
-    except Exception:
+    except (ValueError, ArithmeticError, IndexError):  # degenerate data: undefined, reported as null
         out["fleiss_kappa"] = None
     try:
         import krippendorff
@@ -125,7 +125,7 @@ def agreement(by_item: dict[int, dict[str, str]]) -> dict:
             out["krippendorff_alpha"] = _num(krippendorff.alpha(
                 reliability_data=rel, level_of_measurement="nominal",
                 value_domain=list(range(len(CATS)))))
-    except Exception:
+    except (ImportError, ValueError, ArithmeticError):  # not installed, or one value only: null
         out["krippendorff_alpha"] = None
     return out
 

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import secrets
+import sqlite3
 import threading
 import time
 from base64 import b64decode, b64encode
@@ -216,10 +217,11 @@ def verify_password(password: str, stored: str | None) -> bool:
         ok = True
     try:
         algo, n, r, p, salt, dk = stored.split("$")
-        assert algo == "scrypt"
+        if algo != "scrypt":
+            return False
         got = hashlib.scrypt(password.encode("utf-8"), salt=b64decode(salt), n=int(n), r=int(r),
                              p=int(p), dklen=len(b64decode(dk)))
-    except Exception:
+    except (ValueError, TypeError, MemoryError):  # a malformed stored hash (binascii.Error is a ValueError)
         return False
     return hmac.compare_digest(got, b64decode(dk)) and ok
 
@@ -937,7 +939,7 @@ def _sqlite_setup(engine: sa.Engine, busy_timeout_ms: int, synchronous: str) -> 
                 if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                     cur.execute("PRAGMA journal_mode=WAL")
                 break
-            except Exception:  # locked while another process switches it
+            except sqlite3.OperationalError:  # locked while another process switches it
                 time.sleep(0.05)
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute(f"PRAGMA synchronous={synchronous}")
