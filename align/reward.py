@@ -42,6 +42,7 @@ from align.preferences import PreferenceDataArguments, load_preferences
 from align.reward_eval import calibration_plot, evaluate_world, margin_metrics, pair_margins
 from align.runs import MetricsCallback, setup_logging, write_json
 from align.score import encode
+from align.soft_labels import SOFT_COLUMNS, SoftLabelRewardTrainer
 from align.stage import StageResult, run_stage
 
 logger = logging.getLogger("align.reward")
@@ -116,7 +117,12 @@ def _margin_of(pref: dict, raw: dict, args: RewardArguments, where: str) -> floa
 
 def load_pairs(args: RewardArguments) -> tuple[dict[str, list[dict]], dict[str, Any]]:
     """``({"train": pairs, "test": pairs}, info)``; pairs are conversational ``{prompt, chosen, rejected}``."""
-    extra = None if args.margin == "none" else lambda p, r, w: {"margin": _margin_of(p, r, args, w)}
+    def extra(pref: dict, rec: dict, where: str) -> dict:
+        row = {k: float(rec[k]) for k in SOFT_COLUMNS if k in rec}  # the store's soft-label export
+        if args.margin != "none":
+            row["margin"] = _margin_of(pref, rec, args, where)
+        return row
+
     return load_preferences(args, extra=extra)
 
 
@@ -219,13 +225,14 @@ def train(args: RewardArguments, model_args: ModelConfig, training_args: RewardC
     model = load(start, "reward", dtype=model_args.dtype or "float32", **head)
     peft_config = lora_config(model_args, model) if model_args.use_peft else None
     columns = ["chosen_ids", "rejected_ids"] + (["margin"] if args.margin != "none" else [])  # pre-tokenized
+    columns += [c for c in SOFT_COLUMNS if all(c in p for p in train_pairs + test_pairs)]  # soft labels
 
     def to_ds(pairs: list[dict]) -> Dataset:
         return Dataset.from_list([{k: p[k] for k in columns} for p in pairs])
 
     def make_trainer() -> RewardTrainer:
         out = training_args.output_dir
-        trainer = RewardTrainer(
+        trainer = SoftLabelRewardTrainer(
             model=model, args=training_args, train_dataset=to_ds(train_pairs),
             eval_dataset=to_ds(test_pairs) if test_pairs and training_args.eval_strategy != "no" else None,
             processing_class=tokenizer, peft_config=peft_config,

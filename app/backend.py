@@ -10,7 +10,8 @@ retried request stores one label, and a stale click can never land on the next p
 
 from __future__ import annotations
 
-import json
+import logging
+import math
 import random
 import secrets
 import threading
@@ -26,6 +27,9 @@ try:  # the store package exports Store; fall back to the module while it is bei
 except ImportError:  # pragma: no cover
     from align.store.store import Store
 from align.store.store import LabelExists, NotFound, StoreError
+from app.throttle import LoginThrottle
+
+log = logging.getLogger("align.app")
 
 # What the annotator clicks -> the store's choice. 'A'/'B' are the *displayed* sides.
 DISPLAY_CHOICES = ("A", "B", "tie", "both_bad", "skip")
@@ -45,6 +49,7 @@ class Shown:
     comparison_id: int
     left: str  # 'a' | 'b': which of the comparison's responses is on the left (card "A")
     shown_at: float  # time.monotonic() when it was sent
+    reask_of: int | None = None  # a swapped re-ask of this label id (stored apart, in reasks)
 
 
 @dataclass
@@ -55,6 +60,8 @@ class Session:
     role: str | None = None
     shown: Shown | None = None
     handled: dict[str, int] = field(default_factory=dict)  # request_id -> comparison id, recent
+    last_seen: float = 0.0  # Backend.clock() of the last request (idle expiry)
+    last_reask: tuple[int, Shown] | None = None  # (reask id, what was shown) for undo
 
     @property
     def is_admin(self) -> bool:
@@ -75,6 +82,7 @@ class View:
     done: int
     assigned: int
     remaining: int
+    paused: bool = False  # the admin paused this annotator: nothing to label
 
     @property
     def empty(self) -> bool:
@@ -89,46 +97,81 @@ def _store_call(what: str, fn: Callable, *a, **kw):
         raise
     except StoreError as e:
         raise AppError(f"{what}: {e}") from e
-    except Exception as e:  # sqlalchemy OperationalError etc.: store unreachable / locked / broken
+    except Exception as e:  # any DB-API / SQLAlchemy error (driver-specific classes): store unreachable
         msg = str(e).splitlines()[0][:300]
         raise AppError(f"{what}: the preference store is not reachable ({type(e).__name__}: {msg}). "
                        "Nothing was lost; try again in a moment.") from e
 
 
 class Backend:
-    """One per app process: owns the ``Store`` and the candidate-generation models."""
+    """One per app process: owns the ``Store``, the login throttle and the generation models.
 
-    def __init__(self, store: Store, *, overlap: int = 1, rng: random.Random | None = None):
+    ``gold_rate`` / ``reask_rate``: shares of served pairs that are gold pairs / swapped re-asks
+    of the annotator's own labels (at least ``reask_gap`` labels old). ``idle_timeout``: seconds
+    of inactivity after which a session must log in again (0 = never). ``clock`` drives expiry
+    and the throttle (injectable for tests).
+    """
+
+    def __init__(self, store: Store, *, overlap: int = 1, rng: random.Random | None = None,
+                 gold_rate: float = 0.0, reask_rate: float = 0.0, reask_gap: int = 5,
+                 idle_timeout: float = 0.0, throttle: LoginThrottle | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if not (0 <= gold_rate <= 1 and 0 <= reask_rate <= 1 and gold_rate + reask_rate <= 1):
+            raise ValueError(f"gold_rate and reask_rate must be in [0, 1] with a sum <= 1, got "
+                             f"{gold_rate} and {reask_rate}")
         self.store = store
         self.overlap = overlap
         self.rng = rng or random.Random(secrets.randbits(64))
+        self.gold_rate, self.reask_rate, self.reask_gap = gold_rate, reask_rate, reask_gap
+        self.idle_timeout = idle_timeout
+        self.clock = clock
+        self.throttle = throttle or LoginThrottle(clock=clock)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._models: dict[str, Any] = {}
         self._models_lock = threading.Lock()
+        self._progress_cache: dict[str, tuple[float, dict]] = {}
 
     def _lock(self, user: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(user, threading.Lock())
 
     # ------------------------------------------------------------------------- accounts
-    def login(self, session: Session, name: str, password: str) -> Session:
+    def login(self, session: Session, name: str, password: str, address: str | None = None) -> Session:
+        """A new session for ``name``; throttled per name and per client ``address``. The answer is
+        the same whether the name exists or not."""
         name = (name or "").strip()
         if not name or not password:
             raise AppError("Enter your name and password.")
+        wait = self.throttle.wait(name, address)
+        if wait > 0:
+            raise AppError(_wait_message(wait, self.throttle.locked(name, address)))
         who = _store_call("Login failed", self.store.verify_annotator, name, password)
         if who is None:
-            raise AppError("Wrong name or password.")
-        return Session(user=who.name, role=who.role)
+            wait = self.throttle.failed(name, address)
+            msg = "Wrong name or password."
+            if wait > 0:
+                msg += " " + _wait_message(wait, self.throttle.locked(name, address))
+            raise AppError(msg)
+        self.throttle.succeeded(name, address)
+        return Session(user=who.name, role=who.role, last_seen=self.clock())
+
+    def health(self) -> tuple[bool, str]:
+        """(True, the store) when the store answers, else (False, why)."""
+        try:
+            self.store.schema_version()
+            return True, repr(self.store)
+        except Exception as e:  # any driver's error means "not healthy"
+            return False, f"{type(e).__name__}: {e}"
 
     def has_accounts(self) -> bool:
         try:
             return any(a.get("has_password") for a in self.store.list_annotators())
-        except Exception:
-            return True  # don't claim "no accounts" when the store is down
+        except Exception:  # any store failure: don't claim "no accounts" when the store is down
+            return True
 
     def add_annotator(self, session: Session, name: str, password: str, role: str) -> str:
-        self._require_admin(session)
+        self.require_admin(session)
         name = (name or "").strip()
         if not name or not password:
             raise AppError("An account needs a name and a password.")
@@ -137,31 +180,137 @@ class Backend:
         _store_call("Could not add the account", self.store.add_annotator, name, password, role)
         return f"Added {role} **{name}**."
 
+    def people(self, session: Session) -> list[dict]:
+        self.require_admin(session)
+        return _store_call("Could not list the accounts", self.store.list_annotators)
+
+    def set_paused(self, session: Session, name: str, paused: bool) -> str:
+        """Pause (no more pairs; labels kept) or resume an annotator."""
+        self.require_admin(session)
+        name = (name or "").strip()
+        if not name:
+            raise AppError("Pick an annotator first.")
+        try:
+            _store_call("Could not change the account", self.store.set_paused, name, paused)
+        except NotFound as e:
+            raise AppError(f"No annotator named {name!r}.") from e
+        log.warning("admin %r %s annotator %r", session.user, "paused" if paused else "resumed", name)
+        return f"{'Paused' if paused else 'Resumed'} **{name}**."
+
+    def unlock(self, session: Session, name: str) -> str:
+        """Clear an account's failed-login count and lock-out."""
+        self.require_admin(session)
+        name = (name or "").strip()
+        if not name:
+            raise AppError("Pick an account first.")
+        had = self.throttle.unlock(name)
+        return f"Unlocked **{name}**." if had else f"**{name}** had no failed sign-ins."
+
+    def dashboard(self, session: Session) -> dict:
+        """What the dashboard shows: labels, store stats, accounts, per-annotator quality, lock-outs."""
+        self.require_admin(session)
+        labels = _store_call("Could not read the labels", self.store.labels)
+        try:
+            stats = self.store.stats()
+        except (StoreError, ImportError, ValueError, ArithmeticError) as e:  # extras: plots come from labels
+            log.warning("stats unavailable: %s", e)
+            stats = None
+        quality = _store_call("Could not compute annotator statistics", self.store.annotator_quality)
+        return {"labels": labels, "stats": stats, "people": self.people(session), "quality": quality,
+                "blocked": self.throttle.blocked()}
+
+    # ------------------------------------------------------------------------- gold pairs
+    def mark_gold(self, session: Session, comparison_ids: str, answer: str) -> str:
+        """Mark comparisons (ids separated by commas/spaces) with a known answer, given in the
+        store's A/B terms ('a' | 'b' | 'tie' | 'both_bad'; 'none' unmarks)."""
+        self.require_admin(session)
+        try:
+            ids = [int(x) for x in (comparison_ids or "").replace(",", " ").split()]
+        except ValueError as e:
+            raise AppError(f"Comparison ids must be numbers separated by commas, got {comparison_ids!r}.") from e
+        if not ids:
+            raise AppError("Give the ids of the comparisons to mark.")
+        ans = None if answer in (None, "", "none") else answer
+        for cid in ids:
+            try:
+                _store_call("Could not mark the gold pair", self.store.set_gold, cid, ans, source="app")
+            except NotFound as e:
+                raise AppError(f"No comparison {cid}.") from e
+            except ValueError as e:
+                raise AppError(str(e)) from e
+        return (f"Marked {len(ids)} pair(s) as gold (answer {ans!r})." if ans
+                else f"Unmarked {len(ids)} pair(s).")
+
+    def import_gold(self, session: Session, file: str | None) -> str:
+        self.require_admin(session)
+        if not file:
+            raise AppError("Upload a preference file (.jsonl / .json) first.")
+        try:
+            n = _store_call("Gold import failed", self.store.import_gold, file, source=Path(file).name)
+        except DataError as e:
+            raise AppError(f"Nothing imported — {_short_path(str(e), file)}") from e
+        return f"{n} gold pairs from {Path(file).name} (the file's chosen response is the answer)."
+
     # ---------------------------------------------------------------------- label path
-    def _progress(self, user: str) -> dict:
-        return _store_call("Could not read progress", self.store.progress, user, self.overlap)
+    PROGRESS_TTL = 15.0  # s: counting the open queue scans every queued pair; the header can lag a little
+
+    def _progress(self, user: str, labelled: int = 0) -> dict:
+        """The header's counts, from the store at most every ``PROGRESS_TTL`` s per annotator and
+        moved along locally in between (``labelled``: +1 after a label, -1 after an undo)."""
+        now = time.monotonic()
+        with self._locks_guard:
+            got = self._progress_cache.get(user)
+            if got is not None and now - got[0] < self.PROGRESS_TTL:
+                done = max(0, got[1]["done"] + labelled)
+                left = max(0, got[1]["remaining"] - labelled)
+                p = {"done": done, "remaining": left, "assigned": done + left}
+                self._progress_cache[user] = (got[0], p)
+                return p
+        p = _store_call("Could not read progress", self.store.progress, user, self.overlap)
+        with self._locks_guard:
+            self._progress_cache[user] = (time.monotonic(), p)
+        return p
 
     def next_view(self, session: Session, *, comparison_id: int | None = None,
-                  left: str | None = None) -> View:
-        """Show the next queued pair (or ``comparison_id``, e.g. after undo) with a random left side."""
+                  left: str | None = None, reask_of: int | None = None, labelled: int = 0) -> View:
+        """Show the next pair (or ``comparison_id``, e.g. after undo) with a random left side.
+
+        While the annotator's queue is not empty, a ``gold_rate`` share of pairs are gold pairs and
+        a ``reask_rate`` share re-ask one of their older labels with the sides swapped; the screen
+        is the same for all three (the annotator cannot tell them apart)."""
         self._require_user(session)
+        comp = None
         if comparison_id is not None:
             try:
                 comp = _store_call("Could not load the pair", self.store.get_comparison, comparison_id)
             except NotFound:
-                comp = None
-        else:
+                comp, reask_of = None, None
+        if comp is None:
+            reask_of = None
+            who = _store_call("Could not read the account", self.store.get_annotator, session.user)
+            if who.paused:
+                session.shown = None
+                prog = self._progress(session.user, labelled)
+                return View([], "", "", None, None, "", None, prog["done"], prog["assigned"], prog["remaining"],
+                            paused=True)
             comp = _store_call("Could not fetch the next pair", self.store.next_comparison,
                                session.user, self.overlap)
-        if comp is None and comparison_id is not None:
-            comp = _store_call("Could not fetch the next pair", self.store.next_comparison,
-                               session.user, self.overlap)
-        prog = self._progress(session.user)
+            r = self.rng.random()
+            if comp is not None and r < self.gold_rate:
+                comp = _store_call("Could not fetch the next pair", self.store.next_gold, session.user,
+                                   self.rng) or comp
+            elif comp is not None and r < self.gold_rate + self.reask_rate:
+                lab = _store_call("Could not fetch the next pair", self.store.next_reask, session.user,
+                                  self.reask_gap, self.rng)
+                if lab is not None:
+                    comp = _store_call("Could not load the pair", self.store.get_comparison, lab.comparison_id)
+                    left, reask_of = ("b" if lab.left == "a" else "a"), lab.id
+        prog = self._progress(session.user, labelled)
         if comp is None:
             session.shown = None
             return View([], "", "", None, None, "", None, prog["done"], prog["assigned"], prog["remaining"])
         left = left if left in ("a", "b") else self.rng.choice("ab")
-        session.shown = Shown(secrets.token_hex(12), comp.id, left, time.monotonic())
+        session.shown = Shown(secrets.token_hex(12), comp.id, left, time.monotonic(), reask_of)
         a, b = comp.response_a, comp.response_b
         lm, rm = (a, b) if left == "a" else (b, a)
         return View(comp.prompt, _text(lm), _text(rm), lm, rm, session.shown.request_id, comp.id,
@@ -184,10 +333,17 @@ class Backend:
             store_choice = {"A": shown.left, "B": "b" if shown.left == "a" else "a"}.get(choice, choice)
             seconds = round(time.monotonic() - shown.shown_at, 3)
             rationale = (rationale or "").strip() or None
+            labelled = 0
             try:
-                _store_call("Could not save your label", self.store.submit_label, shown.comparison_id,
-                            session.user, store_choice, left=shown.left, rationale=rationale,
-                            confidence=confidence, seconds=seconds, request_id=request_id)
+                if shown.reask_of is not None:
+                    rid = _store_call("Could not save your label", self.store.submit_reask, shown.reask_of,
+                                      store_choice, left=shown.left, seconds=seconds, request_id=request_id)
+                    session.last_reask = (rid, shown)
+                else:
+                    _store_call("Could not save your label", self.store.submit_label, shown.comparison_id,
+                                session.user, store_choice, left=shown.left, rationale=rationale,
+                                confidence=confidence, seconds=seconds, request_id=request_id)
+                    session.last_reask, labelled = None, 1
                 msg = f"Saved: {CHOICE_TEXT[choice]}"
             except LabelExists:  # labelled in another tab meanwhile: keep that one
                 msg = "You had already labelled this pair (kept your earlier label)"
@@ -196,17 +352,23 @@ class Backend:
             session.handled[request_id] = shown.comparison_id
             if len(session.handled) > 50:
                 session.handled.pop(next(iter(session.handled)))
-            return self.next_view(session), msg
+            return self.next_view(session, labelled=labelled), msg
 
     def undo(self, session: Session) -> tuple[View, str]:
         """Delete the annotator's last label and show that pair again, same sides as before."""
         self._require_user(session)
         with self._lock(session.user):
+            if session.last_reask is not None:  # the last answer was a re-ask: take that back
+                rid, shown = session.last_reask
+                session.last_reask = None
+                _store_call("Could not undo", self.store.delete_reask, rid)
+                return (self.next_view(session, comparison_id=shown.comparison_id, left=shown.left,
+                                       reask_of=shown.reask_of), "Undid your last label")
             last = _store_call("Could not undo", self.store.undo_last, session.user)
             if last is None:
                 return self.next_view(session) if session.shown is None else self.current_view(session), \
                     "Nothing to undo"
-            view = self.next_view(session, comparison_id=last.comparison_id, left=last.left)
+            view = self.next_view(session, comparison_id=last.comparison_id, left=last.left, labelled=-1)
             what = {"a": "A", "b": "B"}.get(last.choice, last.choice)
             if last.choice in ("a", "b") and last.left in ("a", "b"):  # say it in displayed sides
                 what = "A" if last.choice == last.left else "B"
@@ -219,7 +381,7 @@ class Backend:
             return self.next_view(session)
         s = session.shown
         rid, shown_at = s.request_id, s.shown_at
-        view = self.next_view(session, comparison_id=s.comparison_id, left=s.left)
+        view = self.next_view(session, comparison_id=s.comparison_id, left=s.left, reask_of=s.reask_of)
         if session.shown is not None and session.shown.comparison_id == s.comparison_id:
             session.shown.request_id, session.shown.shown_at = rid, shown_at
             view.request_id = rid
@@ -229,8 +391,13 @@ class Backend:
     def _require_user(self, session: Session) -> None:
         if session is None or not session.user:
             raise AppError("Please log in first.")
+        now = self.clock()
+        if self.idle_timeout and now - session.last_seen > self.idle_timeout:
+            session.user = session.role = session.shown = None
+            raise AppError("Your session expired after inactivity; please log in again.")
+        session.last_seen = now
 
-    def _require_admin(self, session: Session) -> None:
+    def require_admin(self, session: Session) -> None:
         self._require_user(session)
         if not session.is_admin:
             raise AppError("Only admins can do this.")
@@ -238,7 +405,7 @@ class Backend:
     def add_prompts(self, session: Session, text: str | None, file: str | None,
                     source: str = "app") -> list[int]:
         """Store prompts from pasted text (one per line) and/or a JSON/JSONL file; their ids."""
-        self._require_admin(session)
+        self.require_admin(session)
         prompts = parse_prompts(text, file)
         if not prompts:
             raise AppError("No prompts: paste one per line or upload a .jsonl file.")
@@ -264,7 +431,7 @@ class Backend:
 
                 try:
                     self._models[key] = (load(p, device=default_device(), key="models"), load_tokenizer(p, "models"))
-                except Exception as e:
+                except Exception as e:  # a broken dir fails in transformers/safetensors/torch in many ways
                     raise AppError(f"Could not load the model in {path}: {type(e).__name__}: {e}") from e
             return self._models[key]
 
@@ -274,7 +441,7 @@ class Backend:
                        progress: Callable[[float, str], None] | None = None) -> dict:
         """Two candidates per prompt (two samples of one model, or one from each of two), stored as
         responses with model id and settings, then one queued comparison per prompt."""
-        self._require_admin(session)
+        self.require_admin(session)
         if not prompt_ids:
             raise AppError("No prompts to generate for.")
         if max_new_tokens < 1 or not 0 <= temperature <= 5 or not 0 < top_p <= 1:
@@ -301,7 +468,7 @@ class Backend:
                     texts = generate(model, tok, chunk, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                      temperature=temperature or 1.0, top_p=top_p,
                                      num_return_sequences=n_each, seed=seed)
-                except Exception as e:
+                except Exception as e:  # torch/tokenizer errors of any class: show them, keep the app
                     raise AppError(f"Generation with {name} failed: {type(e).__name__}: {e}") from e
                 for j, replies in enumerate(texts):
                     outs[start + j].extend((name, _storable(t)) for t in replies)
@@ -324,33 +491,38 @@ class Backend:
         return {"prompts": len(prompt_ids), "comparisons": made, "identical": same}
 
     def import_pairs(self, session: Session, file: str | None, queue: bool, priority: float = 0.0) -> str:
-        self._require_admin(session)
+        self.require_admin(session)
         if not file:
             raise AppError("Upload a preference file (.jsonl / .json) first.")
         try:
-            report = self.store.import_file(file, source=Path(file).name,
-                                            priority=priority if queue else None)
+            report = _store_call("Import failed", self.store.import_file, file, source=Path(file).name,
+                                 priority=priority if queue else None)
         except DataError as e:
             raise AppError(f"Nothing imported — {_short_path(str(e), file)}") from e
-        except Exception as e:
-            _store_call("Import failed", _raise, e)
         return report.summary().replace(str(file), Path(file).name)
 
     def export(self, session: Session, out_dir: str | Path, *, format: str = "conversational",
-               min_labels: int = 1, min_agreement: float = 0.0, kinds: Sequence[str] | None = None
-               ) -> tuple[Path, str]:
-        self._require_admin(session)
+               min_labels: int = 1, min_agreement: float = 0.0, kinds: Sequence[str] | None = None,
+               aggregate: str = "majority") -> tuple[Path, str]:
+        """TRL preference rows; ``aggregate`` 'majority' or 'reliability' (annotator-aware, with
+        ``p_chosen`` and ``weight`` columns)."""
+        self.require_admin(session)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"preferences-{format}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        path = out_dir / f"preferences-{format}-{aggregate}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
         res = _store_call("Export failed", self.store.export, path, format=format, min_labels=min_labels,
-                          min_agreement=min_agreement, kinds=list(kinds) if kinds else None)
+                          min_agreement=min_agreement, kinds=list(kinds) if kinds else None,
+                          aggregate=aggregate, soft=aggregate == "reliability")
         n = sum(res.get("files", {}).values()) if isinstance(res, dict) else "?"
-        return path, f"Exported **{n}** pairs in TRL {format} format → `{path.name}`"
+        how = "annotator-aware (soft labels)" if aggregate == "reliability" else "majority vote"
+        return path, f"Exported **{n}** pairs ({how}) in TRL {format} format → `{path.name}`"
 
 
-def _raise(e: Exception):
-    raise e
+def _wait_message(wait: float, locked: bool) -> str:
+    if locked:
+        return (f"Too many failed sign-ins: sign-in is locked for {math.ceil(wait / 60)} min "
+                "(an admin can unlock it).")
+    return f"Too many failed sign-ins: wait {math.ceil(wait)} s before trying again."
 
 
 def _short_path(msg: str, path: str) -> str:
@@ -402,6 +574,3 @@ def _prompt_of(rec: dict, where: str):
     raise DataError(f"{where}: no prompt field (expected one of {', '.join(PROMPT_KEYS)}; "
                     f"record has {sorted(rec)})")
 
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, default=str)

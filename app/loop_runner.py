@@ -17,7 +17,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-
 LOG = "app_runs.log"  # in the loop's output_dir
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,6 +56,13 @@ class AppArguments:
     loop_config: str = field(default="configs/loop.yaml",
                              metadata={"help": "The loop the admin's Loop tab runs (align.loop), on this db with "
                                        "labeller human."})
+    gold_rate: float = field(default=0.05, metadata={"help": "Share of the pairs shown to an annotator that are "
+                                                     "gold pairs (known answer; admin → Gold pairs)."})
+    reask_rate: float = field(default=0.05, metadata={"help": "Share of the pairs shown that re-ask one of the "
+                                                      "annotator's own earlier labels with the sides swapped."})
+    reask_gap: int = field(default=20, metadata={"help": "A label is re-asked only after this many newer labels."})
+    session_idle_minutes: float = field(default=120.0, metadata={"help": "Log a session out after this many "
+                                                                 "idle minutes (0 = never)."})
     serve: bool = field(default=True, metadata={"help": "Start the server (false: only create accounts)."})
 
     def __post_init__(self):
@@ -76,6 +82,13 @@ class AppArguments:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not (0 <= self.gold_rate <= 1 and 0 <= self.reask_rate <= 1 and self.gold_rate + self.reask_rate <= 1):
+            raise ValueError(f"gold_rate and reask_rate must be in [0, 1] with a sum <= 1, got {self.gold_rate} "
+                             f"and {self.reask_rate}")
+        if self.reask_gap < 0:
+            raise ValueError(f"reask_gap must be >= 0, got {self.reask_gap}")
+        if self.session_idle_minutes < 0:
+            raise ValueError(f"session_idle_minutes must be >= 0, got {self.session_idle_minutes}")
         for key in ("create_admin", "create_annotator"):
             v = getattr(self, key)
             if v is not None and (":" not in v or not v.split(":", 1)[0].strip() or not v.split(":", 1)[1]):
@@ -88,8 +101,8 @@ CONFIG_TYPES = (AppArguments,)
 def create_accounts(args: AppArguments, store=None) -> list[str]:
     """Create the accounts named by ``create_admin`` / ``create_annotator``; existing ones get the
     new password and role. Returns what was done, one line each."""
-    from app.backend import Store
     from align.store.store import NotFound
+    from app.backend import Store
 
     store = store or Store(args.db)
     done = []
@@ -119,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             for line in create_accounts(args):
                 print(f"{line} in {args.db}")
-        except Exception as e:
+        except Exception as e:  # store errors of any driver: one line, not a traceback
             sys.exit(f"error: cannot create the account in {args.db}: {e}")
     if not args.serve:
         return

@@ -3,23 +3,25 @@
 Named API endpoints (``gradio_client.Client(url).predict(..., api_name=...)``; one client = one
 session, so call ``/login`` first): ``/login``, ``/logout``, ``/next``, ``/submit`` (choice in
 A | B | tie | both_bad | skip, the displayed pair's request id, rationale, confidence), ``/undo``,
-``/generate``, ``/import_pairs``, ``/dashboard``, ``/export``, ``/add_account``, ``/loop_run`` (rounds, wait).
+``/generate``, ``/import_pairs``, ``/dashboard``, ``/export``, ``/add_account``, ``/annotator_action``
+(name, pause | resume | unlock), ``/mark_gold`` (ids, answer), ``/import_gold``, ``/loop_run`` (rounds, wait).
+
+This file only lays out components and wires them: every handler is a plain function in
+``app.handlers`` returning a dataclass, which the small ``_show_*`` functions here map onto components.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import tempfile
-import traceback
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from app import dashboard as D
-from app.backend import AppError, Backend, Session, Store, View, parse_prompts
-from app.loop_runner import LoopRunner, rounds_table, status_markdown
+from app import handlers as H
+from app.backend import Backend, Session, Store
+from app.loop_runner import LoopRunner
 from app.render import chat_messages, header_html, response_markdown
 
 log = logging.getLogger("align.app")
@@ -49,7 +51,8 @@ def _guidelines(path: str) -> str:
 
 def _card_head(letter: str, hint: str) -> str:
     cls = "al-card-letter b" if letter == "B" else "al-card-letter"
-    return f'<div class="al-card-head"><span class="{cls}">{letter}</span><span class="al-card-hint">{hint}</span></div>'
+    return (f'<div class="al-card-head"><span class="{cls}">{letter}</span>'
+            f'<span class="al-card-hint">{hint}</span></div>')
 
 
 EMPTY_MD = """## All done — nothing left to label
@@ -63,11 +66,11 @@ def build_app(args) -> gr.Blocks:
     store = Store(args.db)
     try:
         store.init()
-    except Exception as e:  # keep serving: the login screen says what is wrong
+    except Exception as e:  # any driver's error: keep serving, the login screen says what is wrong
         log.warning("store %s not ready: %s", args.db, e)
-    backend = Backend(store, overlap=args.overlap)
+    backend = Backend(store, overlap=args.overlap, gold_rate=args.gold_rate, reask_rate=args.reask_rate,
+                      reask_gap=args.reask_gap, idle_timeout=60 * args.session_idle_minutes)
     export_dir = Path(args.export_dir) if args.export_dir else Path(tempfile.mkdtemp(prefix="align-export-"))
-    guidelines = _guidelines(args.guidelines)
     title = args.title
 
     with gr.Blocks(title=title, analytics_enabled=False, fill_width=True) as demo:
@@ -91,15 +94,16 @@ def build_app(args) -> gr.Blocks:
             with gr.Tabs():
                 with gr.Tab("Label", id="label"):
                     with gr.Accordion("Guidelines — how to judge a pair", open=False, elem_id="al-guidelines"):
-                        gr.Markdown(guidelines)
-                    with gr.Column(visible=True) as pair_col:
+                        gr.Markdown(_guidelines(args.guidelines))
+                    mode = gr.HTML(_mode_html(None), elem_id="al-mode", padding=False)
+                    with gr.Column(elem_id="al-pair-col"):
                         gr.HTML('<div class="al-section-title">Prompt</div>', padding=False)
                         prompt_md = gr.Markdown("", elem_id="al-prompt-text", elem_classes="al-prompt-text",
                                                 container=False, sanitize_html=True, line_breaks=True, max_height=300)
-                        prompt_box = gr.Chatbot(show_label=False, height="auto", max_height=340, visible=False,
+                        prompt_box = gr.Chatbot(show_label=False, height="auto", max_height=340,
                                                 elem_id="al-prompt", elem_classes="al-prompt", buttons=[],
-                                                feedback_options=None, allow_tags=False, sanitize_html=True, group_consecutive_messages=False,
-                                                line_breaks=True)
+                                                feedback_options=None, allow_tags=False, sanitize_html=True,
+                                                group_consecutive_messages=False, line_breaks=True)
                         with gr.Row(equal_height=True, elem_classes="al-cards"):
                             with gr.Column(elem_classes="al-card"):
                                 gr.HTML(_card_head("A", "Response A"), padding=False)
@@ -124,8 +128,8 @@ def build_app(args) -> gr.Blocks:
                                 btn_skip = gr.Button("Skip   [5]", elem_id="btn-skip", size="sm", variant="secondary")
                                 btn_undo = gr.Button("↶ Undo   [U]", elem_id="btn-undo", size="sm", variant="secondary")
                         gr.HTML(KEY_HINT, padding=False)
-                    with gr.Column(visible=False, elem_classes="al-empty") as empty_col:
-                        gr.Markdown(EMPTY_MD)
+                    with gr.Column(elem_classes="al-empty", elem_id="al-empty-col"):
+                        empty_md = gr.Markdown(EMPTY_MD, elem_id="al-empty-text")
                         refresh_btn = gr.Button("Check again", variant="primary", size="sm", elem_id="al-refresh")
                     status = gr.Markdown("", elem_id="al-status", elem_classes="al-status")
                     rid = gr.Textbox(visible=False, elem_id="al-rid")
@@ -134,80 +138,64 @@ def build_app(args) -> gr.Blocks:
                     info = gr.JSON(visible=False)  # the screen as data, for API clients and tests
 
                 with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
-                    admin = _admin_tab(args, backend, state, export_dir)
+                    wire_admin = _admin_tab(args, backend, state, export_dir)
 
-        # --------------------------------------------------------------- wiring
-        screen_outs = [state, header, logout_btn, login_col, main_col, admin_tab, prompt_md, prompt_box, left_md,
-                       right_md, rid, rationale, confidence, status, pair_col, empty_col, info]
-        n_screen = len(screen_outs)
+        # --------------------------------------------------------------- the annotator screen
+        # The label path's outputs are value components only, and each screen gives all of them: in
+        # Gradio 6 a skipped output or a visibility update rebuilds that block's config (pydantic JSON
+        # schemas included) for the session — that was 30–40% of the server's time per click. Which of
+        # pair / empty queue and text / chat prompt shows is switched by CSS on ``mode``'s classes
+        # (static/app.css); only sign-in and sign-out change visibility.
+        label_outs = [state, header, mode, prompt_md, prompt_box, left_md, right_md, rid, rationale, confidence,
+                      status, empty_md, info]
+        login_outs = [*label_outs, logout_btn, login_col, main_col, admin_tab, pw_box, login_msg]
 
-        def screen(session: Session, view: View | None, msg: str = "", clear_inputs: bool = True) -> tuple:
-            logged = bool(session.user)
-            data = {"user": session.user, "role": session.role, "message": msg}
-            if view is None:
-                head = header_html(session.user, session.role, title=title)
-                chat, left, right, r, empty = [], "", "", "", False
-                multi = False
-            else:
-                data.update(request_id=view.request_id, comparison_id=view.comparison_id, empty=view.empty,
-                            prompt=view.prompt, left=view.left_text, right=view.right_text, done=view.done,
-                            assigned=view.assigned, remaining=view.remaining)
-                head = header_html(session.user, session.role, view.done, view.assigned, view.remaining, title)
-                chat = chat_messages(view.prompt)
-                multi = len(view.prompt) > 1
-                left = response_markdown(view.left_text, view.left_messages)
-                right = response_markdown(view.right_text, view.right_messages)
-                r, empty = view.request_id, view.empty
-            return (session, head, gr.update(visible=logged), gr.update(visible=not logged),
-                    gr.update(visible=logged), gr.update(visible=session.is_admin),
-                    gr.update(value="" if multi or not chat else chat[0]["content"], visible=not multi),
-                    gr.update(value=chat if multi else [], visible=multi), left, right, r,
-                    "" if clear_inputs else gr.skip(), None if clear_inputs else gr.skip(), msg,
-                    gr.update(visible=logged and not empty), gr.update(visible=logged and empty), data)
+        def show(screen: H.Screen, layout: bool = False) -> dict:
+            """A ``Screen`` -> component updates; ``layout``: also the signed-in / signed-out layout."""
+            out: dict = {info: screen.data()}
+            if screen.error is not None:
+                gr.Warning(screen.error)
+            if screen.message is not None:
+                out[status] = screen.message
+            if screen.login_message is not None:
+                out[login_msg] = screen.login_message
+            if screen.clear_password:
+                out[pw_box] = ""
+            if screen.keep:
+                return out
+            s, v = screen.session or Session(), screen.view
+            logged = bool(s.user)
+            if layout:
+                out.update({logout_btn: gr.update(visible=logged), login_col: gr.update(visible=not logged),
+                            main_col: gr.update(visible=logged), admin_tab: gr.update(visible=s.is_admin)})
+            out.update({state: s, rationale: "", confidence: None, mode: _mode_html(v), rid: "",
+                        empty_md: PAUSED_MD if v is not None and v.paused else EMPTY_MD})
+            if v is None:  # signed out
+                out.update({header: header_html(None, None, title=title), prompt_md: "", prompt_box: [],
+                            left_md: "", right_md: ""})
+                return out
+            out[header] = header_html(s.user, s.role, v.done, v.assigned, v.remaining, title)
+            if v.empty:  # the hidden cards keep their text (skipped: rare, so its cost does not matter)
+                return out
+            chat = chat_messages(v.prompt)
+            multi = len(v.prompt) > 1
+            out.update({rid: v.request_id, prompt_md: "" if multi or not chat else chat[0]["content"],
+                        prompt_box: chat if multi else [],
+                        left_md: response_markdown(v.left_text, v.left_messages),
+                        right_md: response_markdown(v.right_text, v.right_messages)})
+            return out
 
-        def keep(msg: Any, error: str | None = None) -> tuple:
-            """Leave the screen as it is; show ``msg`` in the status line (and ``error`` to API clients)."""
-            out = [gr.skip()] * n_screen
-            out[screen_outs.index(status)] = msg
-            if error is not None:
-                out[screen_outs.index(info)] = {"error": error}
-            return tuple(out)
+        def client_address(request: gr.Request | None) -> str | None:
+            return getattr(getattr(request, "client", None), "host", None)
 
-        def guarded(fn):
-            @functools.wraps(fn)
-            def run(*a):
-                try:
-                    return fn(*a)
-                except AppError as e:
-                    gr.Warning(str(e))
-                    return keep(f"⚠️ {e}", str(e))
-                except Exception as e:  # never let one bad request take the page down
-                    log.error("%s failed:\n%s", fn.__name__, traceback.format_exc())
-                    gr.Warning(f"Unexpected error: {type(e).__name__}: {e}")
-                    return keep(f"⚠️ Unexpected error: {type(e).__name__}: {e}", f"{type(e).__name__}: {e}")
-            return run
-
-        def do_login(name: str, password: str, session: Session):
-            try:
-                session = backend.login(session, name, password)
-                view = backend.next_view(session)
-            except AppError as e:
-                msg = str(e)
-                if msg.startswith("Wrong") and not backend.has_accounts():
-                    msg += (" There are no accounts yet: create one with `python -m app configs/app.yaml "
-                            "--create_admin NAME:PASSWORD --serve false`.")
-                return (*keep("", msg), "", f"⚠️ {msg}")
-            return (*screen(session, view), "", "")
+        def do_login(name: str, password: str, session: Session, request: gr.Request):
+            return show(H.login(backend, session, name, password, client_address(request)), layout=True)
 
         def do_logout(session: Session):
-            return (*screen(Session(), None), "", "")
+            return show(H.logout(backend, session), layout=True)
 
-        @guarded
         def do_submit(choice: str, request_id: str, why: str, conf, session: Session):
-            view, msg = backend.submit(session, choice, request_id, why, conf)
-            if view is None:  # duplicate click: already handled, the screen has moved on
-                return keep(gr.skip())
-            return screen(session, view, f"✓ {msg} · press U to undo")
+            return show(H.submit(backend, session, choice, request_id, why, conf))
 
         def clicked(choice: str):
             def fn(request_id, why, conf, session):
@@ -215,42 +203,47 @@ def build_app(args) -> gr.Blocks:
             fn.__name__ = f"choose_{choice}"
             return fn
 
-        @guarded
-        def do_next(session: Session):
-            return screen(session, backend.current_view(session))
-
-        @guarded
-        def do_undo(session: Session):
-            view, msg = backend.undo(session)
-            return screen(session, view, f"↶ {msg}")
-
         label_inputs = [rid, rationale, confidence, state]
-        fast = dict(outputs=screen_outs, show_progress="hidden", trigger_mode="once", queue=False,
-                    )
-        login_outs = [*screen_outs, pw_box, login_msg]
+        fast = dict(outputs=label_outs, show_progress="hidden", trigger_mode="once", queue=False)
         login_btn.click(do_login, [name_box, pw_box, state], login_outs, api_name="login", concurrency_limit=8)
         pw_box.submit(do_login, [name_box, pw_box, state], login_outs, api_visibility="private")
         logout_btn.click(do_logout, [state], login_outs, api_name="logout")
         for btn, choice in ((btn_a, "A"), (btn_b, "B"), (btn_tie, "tie"), (btn_bad, "both_bad"), (btn_skip, "skip")):
             btn.click(clicked(choice), label_inputs, api_visibility="private", **fast)
         submit_btn.click(do_submit, [choice_box, *label_inputs], api_name="submit", **fast)
-        btn_undo.click(do_undo, [state], api_name="undo", **fast)
-        refresh_btn.click(do_next, [state], api_name="next", **fast)
+        btn_undo.click(lambda session: show(H.undo(backend, session)), [state], api_name="undo", **fast)
+        refresh_btn.click(lambda session: show(H.show_next(backend, session)), [state], api_name="next", **fast)
         demo.load(None, js=(STATIC / "shortcuts.js").read_text())
-        admin.wire()
+        wire_admin()
     return demo
 
 
-class _Admin:
-    def __init__(self):
-        self.wire = lambda: None
+def _mode_html(view) -> str:
+    """What the label tab shows, as classes that static/app.css switches on (pair or empty queue; a
+    one-message prompt as text or a conversation as a chat)."""
+    if view is None or view.empty:
+        return '<div class="al-mode al-mode-empty"></div>'
+    chat = "al-chat-multi" if len(view.prompt) > 1 else "al-chat-single"
+    return f'<div class="al-mode al-mode-pair {chat}"></div>'
 
 
-def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path) -> _Admin:
-    """The admin sub-tabs; every handler re-checks the role on the server."""
+PAUSED_MD = """## Paused
+
+Your admin has paused labelling for your account. Your labels so far are saved; press **Check again**
+once the admin has resumed it."""
+
+
+def _notice(n: H.Notice) -> str:
+    if not n.ok:
+        gr.Warning(n.message.removeprefix("⚠️ "))
+    return n.message
+
+
+def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path):
+    """Lay out the admin sub-tabs; returns a function that wires them (called once every component
+    of the page exists). Every handler re-checks the role on the server."""
     models = list(args.models) + ["", ""]
     runner = LoopRunner(args.loop_config, args.db)
-    admin = _Admin()
     with gr.Tabs():
         with gr.Tab("Prompts → pairs"):
             gr.Markdown("Add prompts and generate **two candidates per prompt** — two samples of one model, "
@@ -285,10 +278,34 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path) -> _Ad
                 imp_priority = gr.Number(label="priority", value=0.0)
             imp_btn = gr.Button("Import", variant="primary")
             imp_msg = gr.Markdown("")
+        with gr.Tab("Gold pairs"):
+            gr.Markdown(f"Pairs with a **known answer**, mixed into every annotator's queue ({args.gold_rate:.0%} of "
+                        f"the pairs shown; swapped re-asks of their own earlier labels: {args.reask_rate:.0%}). "
+                        "Annotators cannot tell them from other pairs; the dashboard shows each one's gold "
+                        "accuracy. Answers are about the stored responses A/B (the export's `comparison_id`).")
+            with gr.Row():
+                gold_ids = gr.Textbox(label="Comparison ids (comma separated)", elem_id="al-gold-ids")
+                gold_answer = gr.Radio(["a", "b", "tie", "both_bad", "none"], value="a", label="Known answer",
+                                       elem_id="al-gold-answer")
+                gold_btn = gr.Button("Mark as gold", variant="primary", elem_id="al-gold-mark", scale=0)
+            gold_file = gr.File(label="…or import a preference file as gold (chosen = the answer)",
+                                file_types=[".jsonl", ".json", ".gz"], type="filepath", height=110)
+            gold_imp_btn = gr.Button("Import gold pairs", variant="secondary")
+            gold_msg = gr.Markdown("", elem_id="al-gold-msg")
         with gr.Tab("Dashboard") as dash_tab:
             with gr.Row():
                 dash_summary = gr.Markdown("Press refresh.")
-                dash_btn = gr.Button("↻ Refresh", size="sm", scale=0, min_width=100)
+                dash_btn = gr.Button("↻ Refresh", size="sm", scale=0, min_width=100, elem_id="al-dash-refresh")
+            quality = gr.Dataframe(headers=H.QUALITY_HEADERS, label="Annotators (left share 50% = no position bias; "
+                                   "est. accuracy: Dawid–Skene)", interactive=False, elem_id="al-quality")
+            with gr.Row():
+                who = gr.Textbox(label="Annotator", scale=2, elem_id="al-who")
+                pause_btn = gr.Button("Pause", size="sm", scale=0, min_width=90, elem_id="al-pause")
+                resume_btn = gr.Button("Resume", size="sm", scale=0, min_width=90, elem_id="al-resume")
+                unlock_btn = gr.Button("Unlock sign-in", size="sm", scale=0, min_width=130, elem_id="al-unlock")
+            who_msg = gr.Markdown("", elem_id="al-who-msg")
+            blocked = gr.Dataframe(headers=["kind", "account / address", "failed sign-ins", "wait (s)"],
+                                   label="Failed sign-ins", interactive=False)
             with gr.Row():
                 p_time = gr.Plot(show_label=False)
                 p_dist = gr.Plot(show_label=False)
@@ -297,7 +314,7 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path) -> _Ad
                 p_secs = gr.Plot(show_label=False)
             agree = gr.Dataframe(headers=["annotator 1", "annotator 2", "pairs", "agreement", "Cohen κ"],
                                  label="Agreement (pairs both labelled, skips left out)", interactive=False)
-            people = gr.Dataframe(headers=["name", "role", "kind", "labels"], label="Labellers",
+            people = gr.Dataframe(headers=["name", "role", "kind", "labels", "status"], label="Labellers",
                                   interactive=False)
         with gr.Tab("Loop") as loop_tab:
             gr.Markdown("The closed loop on this store (`align.loop`, config `" + args.loop_config + "`): the "
@@ -323,10 +340,14 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path) -> _Ad
                                   elem_id="al-loop-log")
             loop_timer = gr.Timer(3.0, active=False)
         with gr.Tab("Export"):
-            gr.Markdown("Majority vote per comparison over non-skip labels; ties, both-bad and split votes "
-                        "are dropped. Rows are TRL preference rows (`prompt`, `chosen`, `rejected`).")
+            gr.Markdown("Rows are TRL preference rows (`prompt`, `chosen`, `rejected`). **Majority vote** per "
+                        "comparison over non-skip labels (ties, both-bad and split votes are dropped), or "
+                        "**annotator-aware**: each annotator weighed by their estimated accuracy (Dawid–Skene, "
+                        "anchored by gold pairs), with a soft label `p_chosen` and a `weight` per row.")
             with gr.Row():
                 exp_format = gr.Dropdown(["conversational", "standard"], value="conversational", label="format")
+                exp_agg = gr.Radio([("majority vote", "majority"), ("annotator-aware", "reliability")],
+                                   value="majority", label="aggregation")
                 exp_humans = gr.Checkbox(label="human labels only", value=True)
                 exp_min = gr.Number(label="min labels per pair", value=1, precision=0, minimum=1)
             exp_btn = gr.Button("Export", variant="primary")
@@ -340,114 +361,86 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path) -> _Ad
             acc_btn = gr.Button("Add account", variant="primary")
             acc_msg = gr.Markdown("")
 
-    def err(e: Exception) -> str:
-        if not isinstance(e, AppError):
-            log.error("admin action failed:\n%s", traceback.format_exc())
-        msg = str(e) if isinstance(e, AppError) else f"Unexpected error: {type(e).__name__}: {e}"
-        gr.Warning(msg)
-        return f"⚠️ {msg}"
-
-    def do_generate(session, text, file, ma, mb, temp, tp, mnt, prio, progress=gr.Progress()):
-        try:
-            backend._require_admin(session)
-            prompts = parse_prompts(text, file)  # check the input and the models before storing anything
-            if not prompts:
-                raise AppError("No prompts: paste one per line or upload a .jsonl file.")
-            progress(0, desc="loading models")
-            backend.load_model(ma or "")
-            if (mb or "").strip():
-                backend.load_model(mb)
-            ids = backend.add_prompts(session, text, file)
-            res = backend.generate_pairs(session, ids, ma or "", mb, temperature=float(temp or 0),
-                                         top_p=float(tp or 1), max_new_tokens=int(mnt or 1),
-                                         priority=float(prio or 0), seed=args.seed,
-                                         progress=lambda f, d: progress(f, desc=d))
-        except Exception as e:
-            return err(e), gr.skip(), gr.skip()
-        msg = f"✓ {res['prompts']} prompts → **{res['comparisons']} new pairs** queued"
-        if res["identical"]:
-            msg += f" · {res['identical']} prompts got two identical candidates (not queued; raise temperature)"
-        return msg, "", None
+    def do_generate(session, text, file, ma, mb, temp, tp, mnt, prio, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
+        n = H.generate(backend, session, text, file, ma, mb, temp, tp, mnt, prio, seed=args.seed,
+                       progress=lambda f, d: progress(f, desc=d))
+        return {gen_msg: _notice(n), **({prompts_text: "", prompts_file: None} if n.ok else {})}
 
     def do_import(session, file, queue, prio):
-        try:
-            return "✓ " + backend.import_pairs(session, file, bool(queue), float(prio or 0)), None
-        except Exception as e:
-            return err(e), gr.skip()
+        n = H.import_pairs(backend, session, file, queue, prio)
+        return {imp_msg: _notice(n), **({imp_file: None} if n.ok else {})}
+
+    def do_gold(session, ids, answer):
+        return {gold_msg: _notice(H.mark_gold(backend, session, ids, answer))}
+
+    def do_gold_import(session, file):
+        n = H.import_gold(backend, session, file)
+        return {gold_msg: _notice(n), **({gold_file: None} if n.ok else {})}
 
     def do_dashboard(session):
-        try:
-            backend._require_admin(session)
-            labels = backend.store.labels()
-            try:
-                stats = backend.store.stats()
-            except Exception as e:  # stats are extras: the plots come from the labels
-                log.warning("stats unavailable: %s", e)
-                stats = None
-            people_rows = [[a["name"], a["role"], a["kind"], a["labels"]] for a in backend.store.list_annotators()]
-        except Exception as e:
-            return (err(e), *[gr.skip()] * 6)
-        return (D.summary_markdown(stats, labels), D.labels_over_time(labels), D.label_distribution(labels),
-                D.position_bias(labels), D.seconds_per_label(labels), D.agreement_table(stats, labels) or None,
-                people_rows)
+        d = H.dashboard(backend, session)
+        if d.error is not None:
+            gr.Warning(d.error)
+            return {dash_summary: d.summary}
+        f = d.figures
+        return {dash_summary: d.summary, p_time: f["time"], p_dist: f["dist"], p_bias: f["bias"], p_secs: f["secs"],
+                agree: d.agreement, people: d.people, quality: d.quality, blocked: d.blocked}
 
-    def do_export(session, fmt, humans, min_labels):
-        try:
-            path, msg = backend.export(session, export_dir, format=fmt, min_labels=int(min_labels or 1),
-                                       kinds=["human"] if humans else None)
-            return str(path), "✓ " + msg
-        except Exception as e:
-            return None, err(e)
+    def annotator(action: str):
+        def fn(session, name):
+            n = H.annotator_action(backend, session, name, action)
+            out = {who_msg: _notice(n)}
+            if n.ok:
+                out.update(do_dashboard(session))
+            return out
+        fn.__name__ = f"annotator_{action}"
+        return fn
+
+    def do_export(session, fmt, humans, min_labels, agg):
+        n = H.export(backend, session, export_dir, fmt, humans, min_labels, aggregate=agg or "majority")
+        return {exp_msg: _notice(n), exp_file: n.path}
 
     def do_account(session, name, pw, role):
-        try:
-            msg = backend.add_annotator(session, name, pw, role)
-            rows = [[a["name"], a["role"], a["kind"], a["labels"]] for a in backend.store.list_annotators()]
-            return "✓ " + msg, "", "", rows
-        except Exception as e:
-            return err(e), gr.skip(), gr.skip(), gr.skip()
+        n = H.add_account(backend, session, name, pw, role)
+        return {acc_msg: _notice(n), **({acc_name: "", acc_pw: "", people: n.people} if n.ok else {})}
 
-    def loop_err(e: Exception) -> str:  # a bad config or a run already going: say so, no traceback
-        return err(AppError(str(e)) if isinstance(e, (RuntimeError, OSError, ValueError)) else e)
-
-    def do_loop_status(session):
-        try:
-            backend._require_admin(session)
-            st = runner.status()
-        except Exception as e:
-            return loop_err(e), *[gr.skip()] * 4, gr.Timer(active=False)
-        return (status_markdown(st), st["plot"], rounds_table(st["report"]) or None, st["log"], st["rounds"],
-                gr.Timer(active=st["running"]))
-
-    def do_loop_run(session, rounds, wait):
-        try:
-            backend._require_admin(session)
-            gr.Info(runner.start(int(rounds) if rounds else None, wait=bool(wait)))
-        except Exception as e:
-            loop_err(e)
-        return do_loop_status(session)
+    def show_loop(ls: H.LoopScreen) -> dict:
+        if ls.error is not None:
+            gr.Warning(ls.error)
+            return {loop_md: ls.message, loop_timer: gr.Timer(active=False)}
+        return {loop_md: ls.message, loop_plot: ls.plot, loop_table: ls.table, loop_log: ls.log,
+                loop_rounds: ls.rounds, loop_timer: gr.Timer(active=ls.running)}
 
     def wire():
         loop_outs = [loop_md, loop_plot, loop_table, loop_log, loop_rounds, loop_timer]
-        loop_btn.click(do_loop_run, [state, loop_rounds, loop_wait], loop_outs, api_name="loop_run",
-                       concurrency_limit=1)
+        loop_btn.click(lambda s, r, w: show_loop(H.loop_run(backend, s, runner, r, w)),
+                       [state, loop_rounds, loop_wait], loop_outs, api_name="loop_run", concurrency_limit=1)
         for ev in (loop_refresh.click, loop_tab.select, loop_timer.tick):
-            ev(do_loop_status, [state], loop_outs, api_visibility="private", concurrency_limit=2)
+            ev(lambda s: show_loop(H.loop_status(backend, s, runner)), [state], loop_outs,
+               api_visibility="private", concurrency_limit=2)
         gen_btn.click(do_generate, [state, prompts_text, prompts_file, model_a, model_b, temperature, top_p,
                                     max_new, priority], [gen_msg, prompts_text, prompts_file],
                       api_name="generate", concurrency_limit=1, concurrency_id="generate")
         imp_btn.click(do_import, [state, imp_file, imp_queue, imp_priority], [imp_msg, imp_file],
                       api_name="import_pairs", concurrency_limit=2)
-        dash_outs = [dash_summary, p_time, p_dist, p_bias, p_secs, agree, people]
+        gold_btn.click(do_gold, [state, gold_ids, gold_answer], [gold_msg], api_name="mark_gold")
+        gold_imp_btn.click(do_gold_import, [state, gold_file], [gold_msg, gold_file], api_name="import_gold")
+        dash_outs = [dash_summary, p_time, p_dist, p_bias, p_secs, agree, people, quality, blocked]
         dash_btn.click(do_dashboard, [state], dash_outs, api_name="dashboard", concurrency_limit=2)
         dash_tab.select(do_dashboard, [state], dash_outs, api_visibility="private", concurrency_limit=2)
-        exp_btn.click(do_export, [state, exp_format, exp_humans, exp_min], [exp_file, exp_msg], api_name="export",
+        for btn, action in ((pause_btn, "pause"), (resume_btn, "resume"), (unlock_btn, "unlock")):
+            btn.click(annotator(action), [state, who], [who_msg, *dash_outs], api_visibility="private",
                       concurrency_limit=2)
+        api_action = gr.Textbox(visible=False)
+        api_btn = gr.Button(visible=False)
+        api_btn.click(lambda s, n, a: {who_msg: _notice(H.annotator_action(backend, s, n, a))},
+                      [state, who, api_action], [who_msg], api_name="annotator_action")
+        exp_btn.click(do_export, [state, exp_format, exp_humans, exp_min, exp_agg], [exp_file, exp_msg],
+                      api_name="export", concurrency_limit=2)
         acc_btn.click(do_account, [state, acc_name, acc_pw, acc_role], [acc_msg, acc_name, acc_pw, people],
                       api_name="add_account")
 
-    admin.wire = wire
-    return admin
+    return wire
 
 
 def create_fastapi_app(args):
@@ -461,11 +454,8 @@ def create_fastapi_app(args):
 
     @api.get("/healthz")
     def healthz():
-        try:
-            demo.align_backend.store.schema_version()
-            return {"ok": True, "store": repr(demo.align_backend.store)}
-        except Exception as e:
-            return JSONResponse({"ok": False, "error": f"{type(e).__name__}: {e}"}, status_code=503)
+        ok, what = demo.align_backend.health()
+        return {"ok": True, "store": what} if ok else JSONResponse({"ok": False, "error": what}, status_code=503)
 
     demo.queue(default_concurrency_limit=8)
     return gr.mount_gradio_app(api, demo, path="/", root_path=args.root_path or None, **launch_kwargs(args))

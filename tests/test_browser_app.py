@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from app.backend import Store  # noqa: E402
-from app.testing import XSS, seed_store, serve  # noqa: E402
+from app.testing import seed_store, serve  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -113,8 +112,10 @@ def test_label_with_buttons_keys_undo_skip_and_no_script_runs(browser, app, tmp_
     assert "Another, and show" in page.inner_text("#al-prompt")
     shot(page, tmp_path, "04_chat_pair")
     # time from key press to the next pair on screen
-    page.evaluate("""() => { window.__lat = []; window.__k = null; const card = document.querySelector('#al-left [data-testid="markdown"]');
-        document.addEventListener('keydown', () => { window.__k = performance.now(); window.__txt = card.innerText; }, true);
+    page.evaluate("""() => { window.__lat = []; window.__k = null;
+        const card = document.querySelector('#al-left [data-testid="markdown"]');
+        document.addEventListener('keydown', () => { window.__k = performance.now(); window.__txt = card.innerText; },
+                                  true);
         new MutationObserver(() => { if (window.__k !== null && card.innerText !== window.__txt) {
             window.__lat.push(performance.now() - window.__k); window.__k = null; } })
             .observe(card, {childList: true, subtree: true, characterData: true}); }""")

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest_store import *  # noqa: F403  (fixtures store, store_url)
 
-from align.store import (DataError, LabelExists, NotFound, RequestIdConflict, Store, StoreError)
-from conftest_store import store, store_url  # noqa: F401  (fixtures)
+from align.store import DataError, LabelExists, NotFound, RequestIdConflict, Store, StoreError
+from align.store import schema as S
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "preference"
 needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
@@ -44,9 +45,9 @@ def test_sqlite_defaults(tmp_path, monkeypatch):
         assert c.exec_driver_sql("pragma journal_mode").scalar() == "wal"
         assert c.exec_driver_sql("pragma foreign_keys").scalar() == 1
         assert c.exec_driver_sql("pragma busy_timeout").scalar() == 30000
-    assert s.schema_version() == 1
+    assert s.schema_version() == S.LATEST == 2
     s.init()  # idempotent
-    assert s.schema_version() == 1
+    assert s.schema_version() == S.LATEST == 2
     s.close()
 
 

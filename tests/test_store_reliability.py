@@ -15,11 +15,12 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from conftest_store import *  # noqa: F403  (fixtures store, store_url)
+from conftest_store import BACKENDS, fresh_url
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from align.store import DataError, Store
-from conftest_store import BACKENDS, fresh_url, store_url  # noqa: F401  (fixtures)
 
 WRITERS, LABELS = 50, 200
 

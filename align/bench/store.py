@@ -46,7 +46,30 @@ def _writer(url: str, wid: int, cids: list[int], go, out) -> None:
     store.close()
 
 
-def bench_writes(url: str, writers: int, per_writer: int) -> dict:
+def _raw_writer(path: str, wid: int, aid: int, cids: list[int], go, out) -> None:
+    """The reference: the same label row written with the sqlite3 module alone (WAL, synchronous=FULL,
+    BEGIN IMMEDIATE, busy_timeout), i.e. what a durable committed INSERT costs without the store."""
+    import sqlite3
+
+    con = sqlite3.connect(path, timeout=30, isolation_level=None)
+    con.execute("pragma journal_mode=WAL")
+    con.execute("pragma synchronous=FULL")
+    con.execute("pragma busy_timeout=30000")
+    sql = ("insert into labels (comparison_id, annotator_id, choice, left_side, seconds, request_id, created_at) "
+           "values (?, ?, ?, 'a', 1.0, ?, ?) on conflict do nothing")
+    lat = []
+    go.wait()
+    for i, cid in enumerate(cids):
+        t = time.perf_counter()
+        con.execute("begin immediate")
+        con.execute(sql, (cid, aid, "a" if (i + wid) % 2 else "b", f"raw{wid}-{cid}", "2026-01-01 00:00:00"))
+        con.execute("commit")
+        lat.append(time.perf_counter() - t)
+    out.put(lat)
+    con.close()
+
+
+def bench_writes(url: str, writers: int, per_writer: int, raw: bool = False) -> dict:
     store = Store(url).init()
     items = [{"prompt": f"bench prompt {i} {uuid.uuid4().hex}", "chosen": "x", "rejected": "y"}
              for i in range(per_writer)]
@@ -54,12 +77,16 @@ def bench_writes(url: str, writers: int, per_writer: int) -> dict:
     with store.engine.connect() as c:
         cids = [r[0] for r in c.execute(sa.text(
             "select id from comparisons where source='bench-writes' order by id"))][-per_writer:]
-    for w in range(writers):
-        store.ensure_annotator(f"w{w}", kind="human")
+    tag = "raw" if raw else "w"
+    aids = [store.ensure_annotator(f"{tag}{w}", kind="human").id for w in range(writers)]
     store.close()
     ctx = mp.get_context("fork")
     go, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_writer, args=(url, w, cids, go, out)) for w in range(writers)]
+    if raw:
+        path = sa.make_url(url).database
+        procs = [ctx.Process(target=_raw_writer, args=(path, w, aids[w], cids, go, out)) for w in range(writers)]
+    else:
+        procs = [ctx.Process(target=_writer, args=(url, w, cids, go, out)) for w in range(writers)]
     for p in procs:
         p.start()
     time.sleep(0.5)
@@ -113,7 +140,7 @@ def hardware() -> str:
         model = next(line.split(":", 1)[1].strip() for line in
                      subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
                      if line.startswith("Model name"))
-    except Exception:
+    except (OSError, StopIteration):  # no lscpu, or no model line
         model = platform.processor() or "unknown CPU"
     return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
@@ -128,6 +155,8 @@ class BenchArgs:
     labels: int = field(default=2000, metadata={"help": "total labels per writer setting"})
     pairs: int = field(default=100_000, metadata={"help": "pairs for import/export"})
     no_sqlite: bool = False
+    no_raw: bool = field(default=False, metadata={"help": "skip the raw sqlite3 reference writers"})
+    writes_only: bool = field(default=False, metadata={"help": "only the label-write latency runs"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,11 +176,15 @@ def main(argv: list[str] | None = None) -> int:
                 url, drop = _pg_fresh(args.pg_url)
             try:
                 for w in args.writers:
-                    r = bench_writes(url, w, max(1, args.labels // w))
-                    rows.append((be, f"label write, {w} writer(s)",
-                                 f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
-                                 f"{r['labels_per_s']:.0f} labels/s ({r['labels']} labels)"))
-                    print(*rows[-1], sep=" | ", flush=True)
+                    for raw in ([False, True] if be == "sqlite" and not args.no_raw else [False]):
+                        r = bench_writes(url, w, max(1, args.labels // w), raw=raw)
+                        what = "raw sqlite3 (reference)" if raw else "label write (Store.submit_label)"
+                        rows.append((be, f"{what}, {w} writer(s)",
+                                     f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
+                                     f"{r['labels_per_s']:.0f} labels/s ({r['labels']} labels)"))
+                        print(*rows[-1], sep=" | ", flush=True)
+                if args.writes_only:
+                    continue
                 r = bench_import(url, args.pairs)
                 if "hh_rows_per_s" in r:
                     rows.append((be, "import HH-RLHF file (2,354 records)",

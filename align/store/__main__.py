@@ -65,6 +65,10 @@ class Export(_Db):
     sources: list[str] | None = field(default=None, metadata={"help": "only pairs of these sources"})
     both_bad: Literal["drop", "negatives"] = field(default="drop", metadata={"help": "what a both-bad label makes"})
     with_meta: bool = field(default=False, metadata={"help": "add comparison id, agreement, labels, source"})
+    aggregate: Literal["majority", "reliability"] = field(
+        default="majority", metadata={"help": "reliability: weigh annotators by their estimated accuracy "
+                                              "(Dawid-Skene, gold-anchored)"})
+    soft: bool = field(default=False, metadata={"help": "add p_chosen (soft label) and weight to paired rows"})
     dataset: str | None = field(default=None, metadata={"help": "save a datasets.Dataset in this dir instead"})
 
     def __post_init__(self):
@@ -170,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                         unpaired=args.unpaired, min_labels=args.min_labels,
                         min_agreement=args.min_agreement, test_fraction=args.test_fraction,
                         seed=args.split_seed, kinds=args.kinds, annotators=args.annotators,
-                        sources=args.sources, both_bad=args.both_bad, with_meta=args.with_meta)
+                        sources=args.sources, both_bad=args.both_bad, with_meta=args.with_meta,
+                        aggregate=args.aggregate, soft=args.soft)
             if args.dataset:
                 ds = store.export(None, **opts)
                 ds.save_to_disk(args.dataset)

@@ -11,6 +11,7 @@ from align.data.prompts import split_of_hash
 from align.store import schema as S
 
 FORMATS = ("conversational", "standard")
+AGGREGATES = ("majority", "reliability")
 _ROLE_TAG = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
 
@@ -27,7 +28,7 @@ def _completion(text: str, messages) -> list[dict]:
     return messages if messages else [{"role": "assistant", "content": text}]
 
 
-def aggregate(votes: Counter, min_labels: int, min_agreement: float) -> tuple[str | None, str]:
+def majority(votes: Counter, min_labels: int, min_agreement: float) -> tuple[str | None, str]:
     """Majority vote over non-skip votes -> (winner, reason-if-dropped)."""
     n = sum(votes.values())
     if n == 0 or n < min_labels:
@@ -45,7 +46,11 @@ def export_rows(store, *, format: str = "conversational", unpaired: bool = False
                 seed: str = "", kinds: Sequence[str] | None = None,
                 annotators: Sequence[str] | None = None, sources: Sequence[str] | None = None,
                 comparison_ids: Sequence[int] | None = None, both_bad: str = "drop",
-                with_meta: bool = False) -> tuple[dict, dict]:
+                with_meta: bool = False, aggregate: str = "majority", soft: bool = False) -> tuple[dict, dict]:
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    if aggregate == "reliability" and unpaired:
+        raise ValueError("aggregate='reliability' makes paired rows; use it without unpaired")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if both_bad not in ("drop", "negatives"):
@@ -71,8 +76,14 @@ def export_rows(store, *, format: str = "conversational", unpaired: bool = False
         for cid, choice, n in conn.execute(q):
             votes[cid][choice] += n
         winners: dict[int, tuple[str, float, int]] = {}
+        p_a: dict[int, float] = {}  # P(response A is better), for soft labels
+        if aggregate == "reliability":
+            _reliability(conn, votes, q, min_labels, min_agreement, winners, p_a, report)
+            votes = {}
         for cid, v in votes.items():
-            win, why = aggregate(v, min_labels, min_agreement)
+            if v["a"] + v["b"]:
+                p_a[cid] = v["a"] / (v["a"] + v["b"])
+            win, why = majority(v, min_labels, min_agreement)
             if win is None:
                 report[why] += 1
             elif win == "tie" or (win == "both_bad" and not (unpaired and both_bad == "negatives")):
@@ -106,6 +117,10 @@ def export_rows(store, *, format: str = "conversational", unpaired: bool = False
                      "source": r.source} if with_meta else {})
             split = split_of_hash(r.content_hash, test_fraction, seed)
             out = splits[split]
+            if soft and not unpaired:  # soft label: P(chosen beats rejected); weight: how decided
+                pc = p_a.get(r.id, 1.0 if choice == "a" else 0.0)
+                pc = pc if choice == "a" else 1 - pc
+                meta = {**meta, "p_chosen": round(pc, 6), "weight": round(abs(2 * pc - 1), 6)}
             if not unpaired:
                 chosen, rejected = (a, b) if choice == "a" else (b, a)
                 out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, **meta})
@@ -119,3 +134,30 @@ def export_rows(store, *, format: str = "conversational", unpaired: bool = False
             report["exported_pairs"] += 1
     report["train_rows"], report["test_rows"] = len(splits["train"]), len(splits["test"])
     return splits, {"report": dict(report)}
+
+
+def _reliability(conn, votes: dict, q, min_labels: int, min_agreement: float, winners: dict, p_a: dict,
+                 report: Counter) -> None:
+    """Annotator-aware winners: one-coin Dawid–Skene over the decisive labels that the vote query
+    ``q`` selected (same labellers and comparisons), gold pairs clamped to their answer."""
+    from align.store.reliability import dawid_skene
+
+    L, A = S.labels, S.annotators
+    per = (q.with_only_columns(L.c.comparison_id, A.c.name, L.c.choice).group_by(None)
+           .where(L.c.choice.in_(("a", "b"))))
+    gold = dict(conn.execute(sa.select(S.gold.c.comparison_id, S.gold.c.answer)).all())
+    agg = dawid_skene(conn.execute(per).all(), gold)
+    for cid, v in votes.items():
+        n = v["a"] + v["b"]
+        if cid not in agg.p_a or n < min_labels:
+            report["too_few_labels" if n < min_labels or not n else "no_majority"] += 1
+            continue
+        p = agg.p_a[cid]
+        win, share = ("a", p) if p >= 0.5 else ("b", 1 - p)
+        if p == 0.5:
+            report["no_majority"] += 1
+        elif share < min_agreement:
+            report["low_agreement"] += 1
+        else:
+            winners[cid], p_a[cid] = (win, share, n), p
+    report["annotators_weighted"] = len(agg.accuracy)

@@ -36,6 +36,7 @@ annotators = sa.Table(
     sa.Column("kind", sa.String(10), nullable=False, default="human"),
     sa.Column("password_hash", sa.String(300)),
     _created(),
+    sa.Column("paused", sa.Boolean, nullable=False, default=False, server_default=sa.false()),  # v2
     sa.CheckConstraint("role in ('admin', 'annotator')", name="ck_annotators_role"),
     sa.CheckConstraint("kind in ('human', 'ai', 'rule')", name="ck_annotators_kind"),
 )
@@ -76,6 +77,9 @@ comparisons = sa.Table(
     sa.UniqueConstraint("prompt_id", "response_a_id", "response_b_id", name="uq_comparisons_pair"),
     sa.Index("ix_comparisons_queue", "priority", "id"),
 )
+# v2: the queue's order (priority desc, id), so "the next pair" walks the index and stops at the first
+# open one instead of sorting every queued comparison on each click.
+ix_comparisons_next = sa.Index("ix_comparisons_next", comparisons.c.priority.desc(), comparisons.c.id)
 
 labels = sa.Table(
     "labels", metadata,
@@ -96,6 +100,35 @@ labels = sa.Table(
     sa.Index("ix_labels_annotator", "annotator_id", "id"),
 )
 
+# v2: known-answer (gold) pairs and swapped re-asks, for per-annotator quality.
+gold = sa.Table(
+    "gold", metadata,
+    sa.Column("comparison_id", sa.Integer, sa.ForeignKey("comparisons.id", ondelete="CASCADE"),
+              primary_key=True, autoincrement=False),
+    sa.Column("answer", sa.String(10), nullable=False),  # 'a' | 'b' | 'tie' | 'both_bad'
+    sa.Column("source", sa.String(500)),
+    _created(),
+    sa.CheckConstraint("answer in ('a', 'b', 'tie', 'both_bad')", name="ck_gold_answer"),
+)
+
+reasks = sa.Table(
+    "reasks", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    # the label asked again (undoing it drops its re-asks)
+    sa.Column("label_id", sa.Integer, sa.ForeignKey("labels.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("annotator_id", sa.Integer, sa.ForeignKey("annotators.id"), nullable=False),
+    sa.Column("comparison_id", sa.Integer, sa.ForeignKey("comparisons.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("choice", sa.String(10), nullable=False),  # about responses A/B, like labels.choice
+    sa.Column("left_side", sa.String(1)),
+    sa.Column("seconds", sa.Float),
+    sa.Column("request_id", sa.String(200), unique=True),
+    _created(),
+    sa.UniqueConstraint("label_id", name="uq_reasks_once"),
+    sa.CheckConstraint("choice in ('a', 'b', 'tie', 'both_bad', 'skip')", name="ck_reasks_choice"),
+    sa.Index("ix_reasks_annotator", "annotator_id", "id"),
+)
+
 V1_TABLES = [annotators, prompts, responses, comparisons, labels]
 
 
@@ -103,8 +136,18 @@ def _v1(conn: sa.Connection) -> None:
     metadata.create_all(conn, tables=V1_TABLES)
 
 
+def _v2(conn: sa.Connection) -> None:
+    """annotators.paused; tables gold and reasks; the queue-order index. A database made by v1 lacks the column (a fresh
+    one gets it from v1's create_all, which uses today's table definition)."""
+    if "paused" not in {c["name"] for c in sa.inspect(conn).get_columns("annotators")}:
+        conn.execute(sa.text("alter table annotators add column paused boolean not null default false"))
+    metadata.create_all(conn, tables=[gold, reasks])
+    ix_comparisons_next.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[tuple[int, callable]] = [
     (1, _v1),
+    (2, _v2),
 ]
 LATEST = MIGRATIONS[-1][0]
 

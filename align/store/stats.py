@@ -35,7 +35,8 @@ def _num(x) -> float | None:
 def compute_stats(store) -> dict:
     L, A = S.labels, S.annotators
     with store.engine.connect() as conn, conn.begin():
-        count = lambda t: conn.execute(sa.select(sa.func.count()).select_from(t)).scalar()
+        def count(t):
+            return conn.execute(sa.select(sa.func.count()).select_from(t)).scalar()
         counts = {"prompts": count(S.prompts), "responses": count(S.responses),
                   "comparisons": count(S.comparisons), "labels": count(L),
                   "annotators": count(A),
@@ -96,7 +97,7 @@ def agreement(by_item: dict[int, dict[str, str]]) -> dict:
         kappa = None
         try:
             kappa = _num(cohens_kappa(table, return_results=False))
-        except Exception:  # degenerate table (one category only)
+        except (ValueError, ArithmeticError, IndexError):  # degenerate table (one category only)
             kappa = None
         out["cohen"].append({"annotators": [x, y], "shared": len(pairs),
                              "observed_agreement": _num(agree), "kappa": kappa})
@@ -108,7 +109,7 @@ def agreement(by_item: dict[int, dict[str, str]]) -> dict:
             out["fleiss_kappa"] = _num(fleiss_kappa(table, method="fleiss"))
         out["fleiss_raters_per_item"] = m
         out["fleiss_items"] = len(data)
-    except Exception:
+    except (ValueError, ArithmeticError, IndexError):  # degenerate data: undefined, reported as null
         out["fleiss_kappa"] = None
     try:
         import krippendorff
@@ -124,6 +125,66 @@ def agreement(by_item: dict[int, dict[str, str]]) -> dict:
             out["krippendorff_alpha"] = _num(krippendorff.alpha(
                 reliability_data=rel, level_of_measurement="nominal",
                 value_domain=list(range(len(CATS)))))
-    except Exception:
+    except (ImportError, ValueError, ArithmeticError):  # not installed, or one value only: null
         out["krippendorff_alpha"] = None
+    return out
+
+
+def annotator_quality(store, *, idle_gap: float = 300.0) -> list[dict]:
+    """Per annotator: labels, labels per active hour (gaps over ``idle_gap`` s count as breaks),
+    median seconds per label, gold accuracy, self-consistency on swapped re-asks, agreement with
+    the majority of the others, left-side share of decisive labels (0.5 = no position bias), the
+    Dawid–Skene accuracy estimate and whether the admin paused them."""
+    from align.store.reliability import dawid_skene
+
+    L, A = S.labels, S.annotators
+    with store.engine.connect() as conn, conn.begin():
+        rows = conn.execute(sa.select(L.c.comparison_id, L.c.choice, L.c.left_side, L.c.seconds,
+                                      L.c.created_at, A.c.name, A.c.kind)
+                            .join(A, A.c.id == L.c.annotator_id).order_by(L.c.id)).all()
+        people = conn.execute(sa.select(A.c.name, A.c.kind, A.c.role, A.c.paused).order_by(A.c.id)).all()
+        gold = dict(conn.execute(sa.select(S.gold.c.comparison_id, S.gold.c.answer)).all())
+    reasks = store.reasks()
+    by_name: dict[str, list] = defaultdict(list)
+    by_item: dict[int, dict[str, str]] = defaultdict(dict)
+    for r in rows:
+        by_name[r.name].append(r)
+        if r.choice != "skip":
+            by_item[r.comparison_id][r.name] = r.choice
+    ds = dawid_skene(((r.comparison_id, r.name, r.choice) for r in rows if r.kind == "human"), gold)
+    re_by: dict[str, list] = defaultdict(list)
+    for x in reasks:
+        re_by[x["annotator"]].append(x)
+    out = []
+    for p in people:
+        mine = by_name.get(p.name, [])
+        if p.kind != "human" and not mine:
+            continue
+        secs = [r.seconds for r in mine if r.seconds is not None]
+        times = sorted(r.created_at for r in mine if r.created_at is not None)
+        active = sum(min((t2 - t1).total_seconds(), idle_gap) for t1, t2 in zip(times, times[1:]))
+        g = [(r.choice == gold[r.comparison_id]) for r in mine if r.comparison_id in gold and r.choice != "skip"]
+        rs = [x["choice"] == x["first_choice"] for x in re_by.get(p.name, [])
+              if "skip" not in (x["choice"], x["first_choice"])]
+        agree = []
+        for r in mine:
+            if r.choice == "skip":
+                continue
+            others = Counter(c for n, c in by_item[r.comparison_id].items() if n != p.name)
+            top = others.most_common(2)
+            if top and (len(top) == 1 or top[0][1] > top[1][1]):
+                agree.append(r.choice == top[0][0])
+        sided = [(r.choice, r.left_side) for r in mine if r.choice in ("a", "b") and r.left_side in ("a", "b")]
+        sided += [(x["choice"], x["left_side"]) for x in re_by.get(p.name, [])
+                  if x["choice"] in ("a", "b") and x["left_side"] in ("a", "b")]
+        out.append({
+            "name": p.name, "kind": p.kind, "role": p.role, "paused": bool(p.paused), "labels": len(mine),
+            "labels_per_hour": _num(3600 * (len(times) - 1) / active) if active > 0 else None,
+            "seconds_per_label": _num(statistics.median(secs)) if secs else None,
+            "gold_n": len(g), "gold_accuracy": _num(sum(g) / len(g)) if g else None,
+            "reasks_n": len(rs), "self_consistency": _num(sum(rs) / len(rs)) if rs else None,
+            "agreement_n": len(agree), "agreement": _num(sum(agree) / len(agree)) if agree else None,
+            "left_share": _num(sum(c == s for c, s in sided) / len(sided)) if sided else None,
+            "estimated_accuracy": _num(ds.accuracy[p.name]) if p.name in ds.accuracy else None,
+        })
     return out

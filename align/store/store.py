@@ -13,12 +13,12 @@ import json
 import os
 import random
 import secrets
+import sqlite3
 import threading
 import time
-from contextlib import contextmanager, nullcontext
 from base64 import b64decode, b64encode
-from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -69,6 +69,7 @@ class Annotator:
     role: str
     kind: str
     created_at: datetime | None = None
+    paused: bool = False
 
 
 @dataclass(frozen=True)
@@ -215,10 +216,11 @@ def verify_password(password: str, stored: str | None) -> bool:
         ok = True
     try:
         algo, n, r, p, salt, dk = stored.split("$")
-        assert algo == "scrypt"
+        if algo != "scrypt":
+            return False
         got = hashlib.scrypt(password.encode("utf-8"), salt=b64decode(salt), n=int(n), r=int(r),
                              p=int(p), dklen=len(b64decode(dk)))
-    except Exception:
+    except (ValueError, TypeError, MemoryError):  # a malformed stored hash (binascii.Error is a ValueError)
         return False
     return hmac.compare_digest(got, b64decode(dk)) and ok
 
@@ -261,7 +263,9 @@ class Store:
                 Path(db).parent.mkdir(parents=True, exist_ok=True)
                 if fcntl is not None:
                     self._lock_path = db + "-writelock"
-            self.engine = sa.create_engine(u, echo=echo,
+            # No rollback on returning a connection to the pool: every use ends in COMMIT or
+            # ROLLBACK already (_tx), and that extra round trip was ~3% of a label write.
+            self.engine = sa.create_engine(u, echo=echo, pool_reset_on_return=None,
                                            connect_args={"timeout": busy_timeout_ms / 1000})
             _sqlite_setup(self.engine, busy_timeout_ms, synchronous)
         else:
@@ -270,6 +274,7 @@ class Store:
             self.engine = sa.create_engine(u, echo=echo, pool_size=2, max_overflow=8)
         self._ready = False
         self._annotator_ids: dict[str, int] = {}
+        self._queue_cache = None
 
     # ------------------------------------------------------------------------ plumbing
     def __enter__(self) -> "Store":
@@ -310,10 +315,11 @@ class Store:
         delay = 0.005
         for attempt in range(self.retries):
             try:
-                with self._write_lock() if write else nullcontext():
-                    with self.engine.connect() as conn:
-                        if write:
-                            conn.execution_options(align_write=True)
+                with self.engine.connect() as conn:
+                    if write:
+                        conn.execution_options(align_write=True)
+                    # the lock covers BEGIN..COMMIT only, not the pool's checkout / reset-on-return
+                    with self._write_lock() if write else nullcontext():
                         with conn.begin():
                             return fn(conn)
             except sa.exc.DBAPIError as e:
@@ -381,7 +387,7 @@ class Store:
                        write=False)
         if row is None:
             raise NotFound(f"no annotator named {name!r}")
-        return Annotator(row.id, row.name, row.role, row.kind, row.created_at)
+        return Annotator(row.id, row.name, row.role, row.kind, row.created_at, bool(row.paused))
 
     def ensure_annotator(self, name: str, kind: str = "rule", role: str = "annotator") -> Annotator:
         """Get or create a password-less labeller (for AI / rule / dataset labels)."""
@@ -401,7 +407,7 @@ class Store:
                                 .order_by(S.annotators.c.id)).all()
             return [{"id": r.id, "name": r.name, "role": r.role, "kind": r.kind,
                      "labels": r.labels, "has_password": bool(r.password_hash),
-                     "created_at": r.created_at} for r in rows]
+                     "paused": bool(r.paused), "created_at": r.created_at} for r in rows]
         return self._tx(fn, write=False)
 
     def verify_annotator(self, name: str, password: str) -> Annotator | None:
@@ -410,7 +416,8 @@ class Store:
                                            .where(S.annotators.c.name == name)).first(),
                        write=False)
         ok = verify_password(password, row.password_hash if row else None)
-        return Annotator(row.id, row.name, row.role, row.kind, row.created_at) if ok else None
+        return Annotator(row.id, row.name, row.role, row.kind, row.created_at,
+                         bool(row.paused)) if ok else None
 
     def set_password(self, name: str, password: str) -> None:
         self._update_annotator(name, password_hash=hash_password(password))
@@ -419,6 +426,10 @@ class Store:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self._update_annotator(name, role=role)
+
+    def set_paused(self, name: str, paused: bool) -> None:
+        """A paused annotator keeps their account and labels but gets no pairs (app)."""
+        self._update_annotator(name, paused=bool(paused))
 
     def _update_annotator(self, name: str, **values) -> None:
         n = self._tx(lambda c: c.execute(S.annotators.update()
@@ -625,15 +636,127 @@ class Store:
             return [_label_row(r) for r in conn.execute(q.order_by(S.labels.c.id))]
         return self._tx(fn, write=False)
 
+    # ---------------------------------------------------------------------- gold, re-asks
+    def set_gold(self, comparison_id: int, answer: str | None, source: str | None = None) -> None:
+        """Mark a comparison as a known-answer (gold) pair (``answer`` 'a' | 'b' | 'tie' |
+        'both_bad', about responses A/B), or unmark it with ``answer=None``. Gold pairs leave the
+        normal queue; the app mixes them into every annotator's queue (``next_gold``)."""
+        if answer is not None and answer not in CHOICES[:4]:
+            raise ValueError(f"gold answer must be one of {CHOICES[:4]} or None, got {answer!r}")
+
+        def fn(conn):
+            if conn.execute(sa.select(S.comparisons.c.id)
+                            .where(S.comparisons.c.id == comparison_id)).first() is None:
+                raise NotFound(f"no comparison {comparison_id}")
+            conn.execute(S.gold.delete().where(S.gold.c.comparison_id == comparison_id))
+            if answer is not None:
+                conn.execute(S.gold.insert().values(comparison_id=comparison_id, answer=answer,
+                                                    source=source, created_at=S.utcnow()))
+        self._tx(fn)
+
+    def gold(self) -> dict[int, str]:
+        """comparison id -> known answer."""
+        return dict(self._tx(lambda c: c.execute(sa.select(S.gold.c.comparison_id, S.gold.c.answer))
+                             .all(), write=False))
+
+    def import_gold(self, path: str | os.PathLike, *, source: str | None = None) -> int:
+        """A preference file's pairs as gold pairs (the file's chosen response is the answer);
+        returns how many. Bad records raise ``DataError`` naming file and line; nothing is stored."""
+        path = Path(path)
+        items = []
+        for key, rec in read_records(path):
+            where = location(path, key)
+            pref = to_preference(rec, where)
+            for k in ("prompt", "chosen", "rejected"):
+                _check_messages(pref[k], f"{where}: field '{k}'", self.max_text_bytes)
+            items.append(pref)
+        lab = self.ensure_annotator("gold", kind="rule")
+        src = source or path.name
+
+        def fn(conn):
+            cids = _ingest(conn, items, src, lab.id, None, ImportReport(file=str(path)))
+            answers = dict(conn.execute(sa.select(S.labels.c.comparison_id, S.labels.c.choice).where(
+                S.labels.c.annotator_id == lab.id, S.labels.c.comparison_id.in_(set(cids)))).all())
+            conn.execute(S.gold.delete().where(S.gold.c.comparison_id.in_(set(cids))))
+            _insert_ignore(conn, S.gold, [{"comparison_id": cid, "answer": answers[cid], "source": src,
+                                           "created_at": S.utcnow()} for cid in dict.fromkeys(cids)])
+            return len(set(cids))
+        return self._tx(fn)
+
+    def next_gold(self, annotator: str | int, rng: random.Random | None = None) -> Comparison | None:
+        """A random gold pair ``annotator`` has not labelled yet (None when none is left)."""
+        def fn(conn):
+            aid = self._aid(conn, annotator)
+            mine = sa.exists().where(S.labels.c.comparison_id == S.gold.c.comparison_id,
+                                     S.labels.c.annotator_id == aid)
+            cids = conn.execute(sa.select(S.gold.c.comparison_id).where(~mine)).scalars().all()
+            return _load_comparison(conn, (rng or random).choice(cids)) if cids else None
+        return self._tx(fn, write=False)
+
+    def next_reask(self, annotator: str | int, min_gap: int = 5,
+                   rng: random.Random | None = None) -> Label | None:
+        """One of ``annotator``'s decisive labels (a/b, side known) not asked again yet and at
+        least ``min_gap`` labels old: the app shows that pair again with the sides swapped."""
+        def fn(conn):
+            aid = self._aid(conn, annotator)
+            L = S.labels
+            recent = (sa.select(L.c.id).where(L.c.annotator_id == aid).order_by(L.c.id.desc())
+                      .limit(1).offset(min_gap).scalar_subquery())
+            asked = sa.exists().where(S.reasks.c.label_id == L.c.id)
+            ids = conn.execute(sa.select(L.c.id).where(
+                L.c.annotator_id == aid, L.c.choice.in_(DECISIVE), L.c.left_side.is_not(None),
+                L.c.id <= recent, ~asked)).scalars().all()
+            return _label_by(conn, L.c.id == (rng or random).choice(ids)) if ids else None
+        return self._tx(fn, write=False)
+
+    def submit_reask(self, label_id: int, choice: str, *, left: str | None = None,
+                     seconds: float | None = None, request_id: str | None = None) -> int:
+        """Store the answer to a re-ask of label ``label_id`` (same annotator, same pair; ``choice``
+        about responses A/B). Idempotent on ``request_id``; one re-ask per label. Returns its id."""
+        if choice not in CHOICES:
+            raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
+        if left not in (None, "a", "b"):
+            raise ValueError(f"left must be 'a', 'b' or None, got {left!r}")
+
+        def fn(conn):
+            orig = _label_by(conn, S.labels.c.id == label_id)
+            if orig is None:
+                raise NotFound(f"no label {label_id} (undone meanwhile?)")
+            R = S.reasks.c
+            same = R.label_id == label_id
+            if request_id is not None:
+                same = same | (R.request_id == request_id)
+            got = conn.execute(sa.select(R.id).where(same)).scalar()
+            if got is not None:
+                return got
+            return conn.execute(S.reasks.insert().values(
+                label_id=label_id, annotator_id=orig.annotator_id, comparison_id=orig.comparison_id,
+                choice=choice, left_side=left, seconds=seconds, request_id=request_id,
+                created_at=S.utcnow()).returning(R.id)).scalar()
+        return self._tx(fn)
+
+    def delete_reask(self, reask_id: int) -> None:
+        self._tx(lambda c: c.execute(S.reasks.delete().where(S.reasks.c.id == reask_id)))
+
+    def reasks(self) -> list[dict]:
+        """Every re-ask beside the label it repeats."""
+        R, L, A = S.reasks, S.labels, S.annotators
+        q = (sa.select(R.c.id, R.c.label_id, R.c.comparison_id, R.c.choice, R.c.left_side,
+                       L.c.choice.label("first_choice"), L.c.left_side.label("first_left"),
+                       A.c.name.label("annotator"))
+             .join(L, L.c.id == R.c.label_id).join(A, A.c.id == R.c.annotator_id).order_by(R.c.id))
+        return [dict(r._mapping) for r in self._tx(lambda c: c.execute(q).all(), write=False)]
+
     # ------------------------------------------------------------------------------ queue
     def _queue_filter(self, aid: int, overlap: int):
-        c, l, an = S.comparisons, S.labels.alias("l_me"), S.annotators
+        c, lm, an = S.comparisons, S.labels.alias("l_me"), S.annotators
         lh = S.labels.alias("l_h")
-        mine = sa.exists().where(l.c.comparison_id == c.c.id, l.c.annotator_id == aid)
+        mine = sa.exists().where(lm.c.comparison_id == c.c.id, lm.c.annotator_id == aid)
         humans = (sa.select(sa.func.count()).select_from(lh.join(an, an.c.id == lh.c.annotator_id))
                   .where(lh.c.comparison_id == c.c.id, lh.c.choice != "skip",
                          an.c.kind == "human").scalar_subquery())
-        return sa.and_(c.c.priority.is_not(None), ~mine, humans < overlap)
+        gold = sa.exists().where(S.gold.c.comparison_id == c.c.id)  # served apart (next_gold)
+        return sa.and_(c.c.priority.is_not(None), ~mine, humans < overlap, ~gold)
 
     def next_comparison(self, annotator: str | int, overlap: int = 1) -> Comparison | None:
         """The next comparison for ``annotator``: queued (priority not NULL), not yet labelled by
@@ -641,12 +764,20 @@ class Store:
         No reservation: two annotators may get the same last slot; both labels are kept."""
         def fn(conn):
             aid = self._aid(conn, annotator)
-            cid = conn.execute(sa.select(S.comparisons.c.id)
-                               .where(self._queue_filter(aid, overlap))
-                               .order_by(S.comparisons.c.priority.desc(), S.comparisons.c.id)
-                               .limit(1)).scalar()
+            cid = conn.execute(self._queue_stmts()[0], {"aid": aid, "overlap": overlap}).scalar()
             return None if cid is None else _load_comparison(conn, cid)
         return self._tx(fn, write=False)
+
+    def _queue_stmts(self):
+        """(next id, open count) statements with ``aid`` / ``overlap`` bind parameters, built once:
+        building the correlated subqueries anew cost ~4 ms per click."""
+        if self._queue_cache is None:
+            flt = self._queue_filter(sa.bindparam("aid"), sa.bindparam("overlap"))
+            c = S.comparisons.c
+            self._queue_cache = (
+                sa.select(c.id).where(flt).order_by(c.priority.desc(), c.id).limit(1),
+                sa.select(sa.func.count()).select_from(S.comparisons).where(flt))
+        return self._queue_cache
 
     def progress(self, annotator: str | int, overlap: int = 1) -> dict:
         """``{"done": labels by annotator, "remaining": queue left for them, "assigned": sum}``."""
@@ -654,8 +785,7 @@ class Store:
             aid = self._aid(conn, annotator)
             done = conn.execute(sa.select(sa.func.count())
                                 .where(S.labels.c.annotator_id == aid)).scalar()
-            left = conn.execute(sa.select(sa.func.count()).select_from(S.comparisons)
-                                .where(self._queue_filter(aid, overlap))).scalar()
+            left = conn.execute(self._queue_stmts()[1], {"aid": aid, "overlap": overlap}).scalar()
             return {"done": done, "remaining": left, "assigned": done + left}
         return self._tx(fn, write=False)
 
@@ -740,14 +870,16 @@ class Store:
                     seed: str = "", kinds: Sequence[str] | None = None,
                     annotators: Sequence[str] | None = None, sources: Sequence[str] | None = None,
                     comparison_ids: Sequence[int] | None = None, both_bad: str = "drop",
-                    with_meta: bool = False) -> tuple[dict, dict]:
+                    with_meta: bool = False, aggregate: str = "majority",
+                    soft: bool = False) -> tuple[dict, dict]:
         """``({"train": rows, "test": rows}, report)``; see ``export``."""
         from align.store.exporting import export_rows
         self._ensure()
         return export_rows(self, format=format, unpaired=unpaired, min_labels=min_labels,
                            min_agreement=min_agreement, test_fraction=test_fraction, seed=seed,
                            kinds=kinds, annotators=annotators, sources=sources,
-                           comparison_ids=comparison_ids, both_bad=both_bad, with_meta=with_meta)
+                           comparison_ids=comparison_ids, both_bad=both_bad, with_meta=with_meta,
+                           aggregate=aggregate, soft=soft)
 
     def export(self, path: str | os.PathLike | None = None, **options) -> Any:
         """Export labelled pairs in TRL's preference format.
@@ -759,6 +891,10 @@ class Store:
         winners 'tie' / 'both_bad' (``both_bad='negatives'`` keeps both as KTO negatives when
         ``unpaired``). A label 'a' means response A is better, whichever side was shown left.
         ``format``: 'conversational' (message lists, default) or 'standard' (strings).
+        ``aggregate='reliability'``: instead of the majority, weigh each annotator by their accuracy
+        estimated with a one-coin Dawid–Skene model (``align.store.reliability``; gold pairs
+        anchor it). ``soft``: add ``p_chosen`` (probability that chosen beats rejected) and
+        ``weight`` (|2·p_chosen − 1|) to paired rows.
         ``unpaired``: KTO rows ``{prompt, completion, label}``. ``test_fraction``: deterministic
         split on the prompt's hash (a prompt never lands in both splits).
 
@@ -797,6 +933,13 @@ class Store:
         self._ensure()
         return compute_stats(self)
 
+    def annotator_quality(self) -> list[dict]:
+        """Per-annotator speed, gold accuracy, self-consistency, agreement and position bias
+        (``align.store.stats.annotator_quality``)."""
+        from align.store.stats import annotator_quality
+        self._ensure()
+        return annotator_quality(self)
+
 
 # ------------------------------------------------------------------------------- module helpers
 def _sqlite_setup(engine: sa.Engine, busy_timeout_ms: int, synchronous: str) -> None:
@@ -810,7 +953,7 @@ def _sqlite_setup(engine: sa.Engine, busy_timeout_ms: int, synchronous: str) -> 
                 if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                     cur.execute("PRAGMA journal_mode=WAL")
                 break
-            except Exception:  # locked while another process switches it
+            except sqlite3.OperationalError:  # locked while another process switches it
                 time.sleep(0.05)
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute(f"PRAGMA synchronous={synchronous}")
@@ -956,7 +1099,7 @@ def _ingest(conn: sa.Connection, items: list[dict], source: str | None, labeller
         pids = sorted({k[0] for k in rows})
         r = S.responses.c
 
-        def load_resp():
+        def load_resp(r=r, pids=pids, rows=rows):
             return {(x.prompt_id, x.content_hash, x.model): x.id for x in conn.execute(
                 sa.select(r.id, r.prompt_id, r.content_hash, r.model)
                 .where(r.prompt_id.in_(pids), r.content_hash.in_({k[1] for k in rows})))}
@@ -969,7 +1112,7 @@ def _ingest(conn: sa.Connection, items: list[dict], source: str | None, labeller
         # 3. comparisons (either orientation); A/B order of new ones is a hash coin flip
         c = S.comparisons.c
 
-        def load_comp():
+        def load_comp(c=c, pids=pids):
             got = {}
             for x in conn.execute(sa.select(c.id, c.prompt_id, c.response_a_id, c.response_b_id)
                                   .where(c.prompt_id.in_(pids)).order_by(c.id)):
@@ -998,7 +1141,7 @@ def _ingest(conn: sa.Connection, items: list[dict], source: str | None, labeller
         have = dict(conn.execute(sa.select(S.labels.c.comparison_id, S.labels.c.choice).where(
             S.labels.c.annotator_id == labeller_id, S.labels.c.comparison_id.in_(cids))).all())
         new_l = {}
-        for key, ch, rj in pairs:
+        for key, ch, _rj in pairs:
             cid, a = comp[key]
             choice = "a" if a == ch else "b"  # chosen == rejected (2 HH records): 'a', a == b
             out.append(cid)
