@@ -108,3 +108,24 @@ def test_plot_writes_a_png_and_rejects_files_without_generate_rows(tmp_path):
     empty = tmp_path / "e.jsonl"
     empty.write_text('{"bench": "sft"}\n')
     assert plot.main(["--files", str(empty), "--out", str(out)]) == 2
+
+
+def test_annotator_aware_labels_beat_majority_vote_with_careless_annotators(capsys):
+    """bench annotators: 5 careful, 3 random and 2 length-biased simulated annotators on world pairs."""
+    import re
+
+    from align.bench import annotators
+
+    assert annotators.main(["--pairs", "120", "--gold", "10", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    acc = {m: float(a) for m, a in re.findall(r"^(majority|reliability): \d+ pairs exported, label accuracy ([\d.]+)",
+                                              out, re.M)}
+    assert acc["reliability"] > acc["majority"], out
+
+
+def test_app_bench_loses_no_label(capsys):
+    """bench app, flat out with two annotators against a real server: every acknowledged label is stored."""
+    from align.bench import app as app_bench
+
+    assert app_bench.main(["--annotators", "2", "--labels", "3", "--phases", "flat"]) == 0
+    assert "lost 0" in capsys.readouterr().out

@@ -15,11 +15,11 @@ the true labels, as a ceiling) and scored on pairs from the world's held-out pro
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.bench.store import hardware
@@ -98,34 +98,40 @@ def tiny_base(out: Path) -> Path:
 
 
 def train_rm(lm: Path, data: Path, out: Path, steps: int, eval_prompts: int, seed: int) -> dict:
-    from align.config import parse
+    from align.config import configure
     from align.reward import CONFIG_TYPES, train
 
-    argv = [str(ROOT / "configs/reward.yaml"), "--model_name_or_path", str(lm), "--output_dir", str(out),
-            "--dataset_name", str(data), "--test_size", "0", "--eval_world_prompts", str(eval_prompts),
-            "--max_steps", str(steps), "--per_device_train_batch_size", "32", "--learning_rate", "3e-3",
-            "--use_peft", "false", "--score_loglik", "false", "--logging_steps", "50", "--save_steps", "100000",
-            "--dataloader_pin_memory", "false", "--seed", str(seed)]
-    ev = train(*parse(CONFIG_TYPES, argv))["eval"]
+    ev = train(*configure(
+        CONFIG_TYPES, ROOT / "configs/reward.yaml", model_name_or_path=str(lm), output_dir=str(out),
+        dataset_name=str(data), test_fraction=0.0, eval_world=True, eval_world_prompts=eval_prompts, max_steps=steps,
+        per_device_train_batch_size=32, learning_rate=3e-3, use_peft=False, score_loglik=False, logging_steps=50,
+        save_steps=100000, dataloader_pin_memory=False, seed=seed,
+    )).eval
     return {k: ev.get(k) for k in ("accuracy_world", "accuracy_style", "accuracy_correctness")}
 
 
+@dataclass
+class BenchArgs:
+    """majority vote vs annotator-aware labels, with simulated annotators"""
+
+    pairs: int = 1500
+    gold: int = 40
+    labels_per_pair: int = 3
+    careful: int = 5
+    careful_accuracy: float = 0.9
+    random: int = 3
+    longer: int = 2
+    train: bool = field(default=False, metadata={"help": "also train a tiny reward model on each export"})
+    steps: int = 150
+    eval_prompts: int = 300
+    seed: int = 0
+    out: str | None = field(default=None, metadata={"help": "keep the store, exports and RM runs here"})
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m align.bench annotators", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", type=int, default=1500)
-    p.add_argument("--gold", type=int, default=40)
-    p.add_argument("--labels-per-pair", type=int, default=3)
-    p.add_argument("--careful", type=int, default=5)
-    p.add_argument("--careful-accuracy", type=float, default=0.9)
-    p.add_argument("--random", type=int, default=3)
-    p.add_argument("--longer", type=int, default=2)
-    p.add_argument("--train", action="store_true", help="also train a tiny reward model on each export")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--eval-prompts", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="keep the store, exports and RM runs here")
-    args = p.parse_args(argv)
+    from align.config import parse, run_command
+
+    (args,) = run_command(parse, [BenchArgs], argv, prog="python -m align.bench annotators")
     from align.store import Store
 
     with tempfile.TemporaryDirectory() as tmp:

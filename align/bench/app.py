@@ -14,7 +14,6 @@ comes back) p50 / p99 and labels/s, and checks that every acknowledged label (a 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import random
@@ -24,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.bench.store import _pct, hardware
@@ -200,18 +200,32 @@ def lost(url: str, acked: list[tuple[str, int]]) -> int:
     return sum(a not in have for a in acked)
 
 
+@dataclass
+class BenchArgs:
+    """N annotator sessions against a running app over HTTP: click-to-next-pair latency, kill -9, lost labels"""
+
+    annotators: int = 50
+    labels: int = field(default=20, metadata={"help": "labels per annotator in each phase"})
+    think: list[float] = field(default_factory=lambda: [2.0, 6.0],
+                               metadata={"help": "human pace: MIN MAX seconds before each click, uniform"})
+    phases: list[str] = field(default_factory=lambda: ["human", "flat"], metadata={"help": "human and/or flat"})
+    no_kill: bool = field(default=False, metadata={"help": "do not kill -9 the server in the human phase"})
+    db: str | None = field(default=None, metadata={"help": "SQLAlchemy URL (default: a fresh SQLite file)"})
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.phases, str):  # one phase as one word
+            self.phases = [self.phases]
+        if set(self.phases) - {"human", "flat"}:
+            raise ValueError(f"phases must be human and/or flat, got {self.phases}")
+        if len(self.think) != 2:
+            raise ValueError(f"think takes MIN MAX seconds, got {self.think}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m align.bench app", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--annotators", type=int, default=50)
-    p.add_argument("--labels", type=int, default=20, help="labels per annotator in each phase")
-    p.add_argument("--think", type=float, nargs=2, default=[2.0, 6.0], metavar=("MIN", "MAX"),
-                   help="human pace: seconds before each click, uniform")
-    p.add_argument("--phases", nargs="+", default=["human", "flat"], choices=["human", "flat"])
-    p.add_argument("--no-kill", action="store_true", help="do not kill -9 the server in the human phase")
-    p.add_argument("--db", default=None, help="SQLAlchemy URL (default: a fresh SQLite file)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    from align.config import parse, run_command
+
+    (args,) = run_command(parse, [BenchArgs], argv, prog="python -m align.bench app")
     with tempfile.TemporaryDirectory() as tmp:
         url = args.db or f"sqlite:///{tmp}/bench-app.db"
         names = seed(url, args.annotators, args.annotators * args.labels * len(args.phases) + 100)
