@@ -471,24 +471,16 @@ class Backend:
                 except Exception as e:  # torch/tokenizer errors of any class: show them, keep the app
                     raise AppError(f"Generation with {name} failed: {type(e).__name__}: {e}") from e
                 for j, replies in enumerate(texts):
-                    outs[start + j].extend((name, _storable(t)) for t in replies)
+                    outs[start + j].extend((name, t) for t in replies)
                 done += len(chunk)
                 if progress:
                     progress(done / total, f"{name}: {done}/{total}")
-        made, same = 0, 0
-        for pid, pair in zip(prompt_ids, outs):
-            (ma, ta), (mb, tb) = pair[0], pair[1]
-            if ma == mb and ta.strip() == tb.strip():
-                same += 1
-                continue
-            ra = _store_call("Could not store a response", self.store.add_response, pid, ta, model=ma,
-                             settings=settings)
-            rb = _store_call("Could not store a response", self.store.add_response, pid, tb, model=mb,
-                             settings=settings)
-            _store_call("Could not store a comparison", self.store.add_comparison, pid, ra, rb,
-                        priority=priority, source="app:generate")
-            made += 1
-        return {"prompts": len(prompt_ids), "comparisons": made, "identical": same}
+        made = 0
+        for pid, ((ma, ta), (mb, tb)) in zip(prompt_ids, outs):
+            cid = _store_call("Could not store a comparison", self.store.add_candidates, pid, ta, tb, model_a=ma,
+                              model_b=mb, settings=settings, priority=priority, source="app:generate")
+            made += cid is not None
+        return {"prompts": len(prompt_ids), "comparisons": made, "identical": len(prompt_ids) - made}
 
     def import_pairs(self, session: Session, file: str | None, queue: bool, priority: float = 0.0) -> str:
         self.require_admin(session)
@@ -527,11 +519,6 @@ def _wait_message(wait: float, locked: bool) -> str:
 
 def _short_path(msg: str, path: str) -> str:
     return msg.replace(str(path), Path(path).name)
-
-
-def _storable(text: str) -> str:
-    """Generated text the store accepts: no NUL, no lone surrogates (a byte-level model can emit both)."""
-    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
 
 
 def _text(messages: list[dict]) -> str:
