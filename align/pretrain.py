@@ -20,9 +20,9 @@ from trl import ModelConfig
 
 from align.config import parse, run_command
 from align.data.world import World
-from align.models import load, load_tokenizer
-from align.model import DecoderConfig, DecoderForCausalLM
 from align.distributed import save_final
+from align.model import DecoderConfig, DecoderForCausalLM
+from align.models import load, load_tokenizer
 from align.runs import MetricsCallback, resume_checkpoint, setup_logging, write_config, write_json
 
 logger = logging.getLogger("align.pretrain")

@@ -143,8 +143,9 @@ def test_dpo_lora_ddp_two_processes_matches_one(lm_dir, data_files, tmp_path):
 
 def _assert_loadable(final: Path) -> None:
     """final/ is an ordinary HF dir: loads with AutoModelForCausalLM, no adapter files."""
-    import align.model  # noqa: F401
     from transformers import AutoModelForCausalLM
+
+    import align.model  # noqa: F401
 
     assert (final / "config.json").exists() and not (final / "adapter_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(str(final))
@@ -258,10 +259,10 @@ def test_fsdp_config_parses_into_fsdp2_full_state_dict(plugins):
 def test_save_final_writes_merged_standalone_lora_model(lm_dir, tmp_path):
     """save_final (the path commands take under ZeRO-3/FSDP): adapter/ via Trainer.save_model, then a merge
     into a freshly loaded base on the main process; final/ gives the trained model's logits."""
-    import align.model  # noqa: F401
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
+    import align.model  # noqa: F401
     from align.distributed import save_final
     from align.models import load_tokenizer
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from align.data.formats import (DataError, detect_preference, location, read_records,
-                                to_conversation, to_preference)
+from align.data.formats import DataError, detect_preference, location, read_records, to_conversation, to_preference
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PREF = SHARED / "preference"

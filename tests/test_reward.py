@@ -10,11 +10,11 @@ import torch
 from datasets import Dataset
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
+from align.config import parse
 from align.data.prompts import split_of
 from align.models import load
 from align.reward import CONFIG_TYPES, RewardArguments, head_kwargs, train
 from align.reward_eval import margin_metrics, world_heldout_pairs
-from align.config import parse
 from align.score import RewardScorer, _weight_keys, load_reward_model
 
 torch.set_num_threads(1)
@@ -145,8 +145,8 @@ def test_lora_rm_keeps_its_score_head(lm_dir, tmp_path, score_loglik):
     keys = _weight_keys(out / "adapter")
     assert any("score" in k for k in keys), keys  # the head is in the adapter
 
-    from align.reward import clean_pairs, load_pairs
     from align.models import load_tokenizer
+    from align.reward import clean_pairs, load_pairs
 
     args = run_args(lm_dir, out, test_fraction=0.1)[0]
     test = clean_pairs(load_pairs(args)[0]["test"], load_tokenizer(lm_dir), 128)[0]
