@@ -23,108 +23,26 @@ the response is where the reward is read) and are counted in ``scorer.truncated`
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import align.model  # noqa: F401  (registers the Auto classes for our decoder)
 from align.config import parse_verb, run_command
 from align.data.prompts import as_messages
-from align.models import default_device, load, load_tokenizer
+from align.models import NotARewardModel, load_reward_model
 
 logger = logging.getLogger("align.score")
 
 Messages = list[dict[str, str]]
-HOW_TO_MAKE = (
-    "train one with `python -m align.reward configs/reward.yaml --model_name_or_path {path} "
-    "--output_dir runs/reward` and pass its final/ dir"
-)
 
 
-
-
-class NotARewardModel(ValueError):
-    """A model dir that has no reward (score) head; the message says how to make one."""
-
-
-# ------------------------------------------------------------------------------------------ loading
-def _weight_keys(path: Path) -> set[str] | None:
-    """Parameter names stored in a model / adapter dir (safetensors or torch .bin), None if unknown."""
-    keys: set[str] = set()
-    found = False
-    for f in sorted(path.glob("*.safetensors")):
-        from safetensors import safe_open
-
-        with safe_open(str(f), "pt") as sf:
-            keys.update(sf.keys())
-        found = True
-    for f in sorted(path.glob("*.bin")):
-        if f.name == "training_args.bin":  # Trainer.save_model writes it beside the weights
-            continue
-        keys.update(torch.load(str(f), map_location="cpu", weights_only=True).keys())
-        found = True
-    for index in path.glob("*.index.json"):
-        keys.update(json.loads(index.read_text()).get("weight_map", {}))
-        found = True
-    return keys if found else None
-
-
-def check_reward_model(path: str | os.PathLike) -> None:
-    """Raise ``NotARewardModel`` (saying how to make one) unless ``path`` holds a reward model:
-    a sequence-classification model with one label and a trained score head, or a SEQ_CLS LoRA
-    adapter that saved its score head (``modules_to_save``)."""
-    p = Path(path)
-    if not p.is_dir():
-        raise FileNotFoundError(f"reward model '{path}' not found: give a reward run's final/ dir")
-    adapter = p / "adapter_config.json"
-    if adapter.exists():
-        cfg = json.loads(adapter.read_text())
-        keys = _weight_keys(p) or set()
-        if cfg.get("task_type") != "SEQ_CLS" or not any(".score." in k or k.startswith("score.") for k in keys):
-            raise NotARewardModel(
-                f"{path}: a LoRA adapter without a trained score head (task_type={cfg.get('task_type')!r}; "
-                "a reward adapter needs task_type SEQ_CLS and modules_to_save=['score']); "
-                + HOW_TO_MAKE.format(path=cfg.get("base_model_name_or_path") or path)
-            )
-        return
-    if not (p / "config.json").exists():
-        raise NotARewardModel(f"{path}: no config.json, not a model dir; " + HOW_TO_MAKE.format(path="MODEL_DIR"))
-    config = AutoConfig.from_pretrained(str(p))
-    archs = list(getattr(config, "architectures", None) or [])
-    keys = _weight_keys(p)
-    has_head = keys is None or any(k == "score.weight" or k.endswith(".score.weight") for k in keys)
-    if not any(a.endswith("ForSequenceClassification") for a in archs) or not has_head:
-        raise NotARewardModel(
-            f"{path}: not a reward model (architectures {archs or 'unknown'}, "
-            f"{'a' if has_head else 'no'} score head): it looks like a "
-            f"{'causal LM' if any(a.endswith('ForCausalLM') for a in archs) else 'model without a reward head'}; "
-            + HOW_TO_MAKE.format(path=path)
-        )
-    if getattr(config, "num_labels", 1) != 1:
-        raise NotARewardModel(
-            f"{path}: a classifier with num_labels={config.num_labels}, a reward model has one output; "
-            + HOW_TO_MAKE.format(path=path)
-        )
-
-
-def load_reward_model(
-    path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A reward model (checked to be one; merged if a LoRA adapter dir) in eval mode, and its tokenizer."""
-    check_reward_model(path)
-    tokenizer = load_tokenizer(path, "reward_model_path")
-    model = load(path, "reward", dtype=dtype, device=device or default_device(), key="reward_model_path")
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
 
 
 # ------------------------------------------------------------------------------------------ encoding

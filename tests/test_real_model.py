@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.convert import REAL_EXTRA, load_gguf, make_portable, smollm2_gguf
+from align.convert import make_portable
+from align.gguf import REAL_EXTRA, load_gguf, smollm2_gguf
 from align.model import DecoderConfig, DecoderForCausalLM, DecoderForSequenceClassification
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,10 +12,10 @@ from trl import ModelConfig, RewardConfig, RewardTrainer
 
 from align.config import parse
 from align.data.prompts import split_of
-from align.models import load
+from align.models import _weight_keys, load, load_reward_model
 from align.reward import CONFIG_TYPES, RewardArguments, head_kwargs, train
 from align.reward_eval import margin_metrics, world_heldout_pairs
-from align.score import RewardScorer, _weight_keys, load_reward_model
+from align.score import RewardScorer
 
 torch.set_num_threads(1)
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "reward.yaml")

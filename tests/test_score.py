@@ -9,7 +9,8 @@ import pytest
 import torch
 from test_reward import build_assets
 
-from align.score import NotARewardModel, RewardScorer, check_reward_model, encode, main
+from align.models import NotARewardModel, check_reward_model
+from align.score import RewardScorer, encode, main
 
 torch.set_num_threads(1)
 
