@@ -216,7 +216,8 @@ class EvaluateArguments:
         if isinstance(self.models, str):
             self.models = [self.models]
         if not self.models:
-            raise ValueError("models is empty: give one or more model dirs, e.g. --models '[runs/quickstart/sft/final]'")
+            raise ValueError("models is empty: give one or more model dirs, "
+                             "e.g. --models '[runs/quickstart/sft/final]'")
         if self.num_prompts < 1 or self.kl_prompts < 0:
             raise ValueError(f"num_prompts must be >= 1 and kl_prompts >= 0, got {self.num_prompts}, {self.kl_prompts}")
         labels = [label for label, _ in self.labelled()]
@@ -277,7 +278,8 @@ def run(args: EvaluateArguments) -> dict[str, dict[str, Any]]:
         del model
     write_json(out / "eval.json", results)
     table = markdown_table(results)
-    (out / "eval.md").write_text(f"Held-out world prompts: {args.num_prompts} (world seed {args.world_seed}).\n\n" + table)
+    (out / "eval.md").write_text(
+        f"Held-out world prompts: {args.num_prompts} (world seed {args.world_seed}).\n\n" + table)
     compare_plot(results, out / "eval.png", title=f"{len(results)} models, {args.num_prompts} held-out prompts")
     print("\n" + table + f"\n{out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval.png'}")
     return results

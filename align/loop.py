@@ -99,7 +99,8 @@ class LoopArguments:
                                          "or 'ppo' / 'grpo' (online RL against the round's new reward model)."})
     reward_ensemble: int = field(
         default=1, metadata={"help": "Reward models trained per round; beyond the first, each has its own seed and a "
-                                     "bootstrap resample of the labels (for 'disagreement' and rm_uncertainty_penalty)."})
+                                     "bootstrap resample of the labels (for 'disagreement' and "
+                                     "rm_uncertainty_penalty)."})
     rm_uncertainty_penalty: float = field(
         default=0.0, metadata={"help": "ppo / grpo with reward_ensemble > 1: the reward is the ensemble's mean minus "
                                        "this times its std."})

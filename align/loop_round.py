@@ -78,7 +78,8 @@ def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_models: 
     candidates = [(row, rs) for row, rs in candidates if len(rs) >= 2]  # identical samples: nothing to compare
     selection = args.selection
     if selection == "disagreement" and len(reward_models) == 1:  # round 0's judge is one model: nothing to disagree
-        logger.warning("round %d: one reward model (%s), so 'uncertainty' picks this round's pairs", k, reward_models[0])
+        logger.warning("round %d: one reward model (%s), so 'uncertainty' picks this round's pairs",
+                       k, reward_models[0])
         selection = "uncertainty"
     scorer = RewardEnsemble(reward_models)
     flat = scorer.score_members([row["prompt"] for row, rs in candidates for _ in rs],

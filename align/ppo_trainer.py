@@ -166,7 +166,8 @@ class PPOConfig(TrainingArguments):
 
 
 class AdaptiveKLController:
-    """Ziegler et al. 2019, sec. 2.2: beta <- beta * (1 + K_beta * e_t * n / horizon), e_t = clip(KL/target - 1, +-0.2)."""
+    """Ziegler et al. 2019, sec. 2.2: beta <- beta * (1 + K_beta * e_t * n / horizon),
+    e_t = clip(KL/target - 1, +-0.2)."""
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):
         self.value, self.target, self.horizon = init_kl_coef, target, horizon
@@ -248,18 +249,21 @@ def ppo_losses(
 
 
 class PolicyWithValueHead(nn.Module):
-    """The policy plus a linear value head on its last hidden states: ``forward -> (logits, values)``, (B, S, V), (B, S)."""
+    """The policy plus a linear value head on its last hidden states: ``forward -> (logits, values)``,
+    (B, S, V), (B, S)."""
 
     def __init__(self, policy: nn.Module, init_std: float = 0.0):
         super().__init__()
         self.policy = policy
         config = policy.config.get_text_config() if hasattr(policy.config, "get_text_config") else policy.config
         self.value_head = nn.Linear(config.hidden_size, 1)
-        nn.init.normal_(self.value_head.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.value_head.weight)
+        nn.init.normal_(self.value_head.weight, std=init_std) if init_std > 0 else nn.init.zeros_(
+            self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         self.config = policy.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.policy(**masked_inputs(self.policy, input_ids, attention_mask), output_hidden_states=True,
                           use_cache=False)
         h = out.hidden_states[-1]
@@ -287,7 +291,8 @@ class PolicyAndValueModel(nn.Module):
             raise ValueError(f"value model {type(value_model).__name__}: its score head has {head.out_features} "
                              "labels, a value needs 1")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.policy(**masked_inputs(self.policy, input_ids, attention_mask), use_cache=False).logits
         backbone = getattr(self.value_model, self.value_model.base_model_prefix)
         h = backbone(**masked_inputs(backbone, input_ids, attention_mask), use_cache=False).last_hidden_state

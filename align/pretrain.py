@@ -32,7 +32,8 @@ logger = logging.getLogger("align.pretrain")
 class PretrainArguments:
     dataset_name: str = field(
         default="world",
-        metadata={"help": "'world' (the built-in task world's corpus), a .txt/.json/.jsonl(.gz) file or a datasets dir."},
+        metadata={"help": "'world' (the built-in task world's corpus), a .txt/.json/.jsonl(.gz) file "
+                          "or a datasets dir."},
     )
     text_field: str = field(default="text", metadata={"help": "Field holding the text in JSON records / datasets."})
     tokenizer_name_or_path: str | None = field(
@@ -114,7 +115,8 @@ def train(args: PretrainArguments, model_args: ModelConfig, training_args: Train
     """Pretrain and write ``output_dir`` (config, metrics, plot, checkpoints, final/). Returns the summary."""
     tok_path = args.tokenizer_name_or_path or model_args.model_name_or_path
     if not tok_path:
-        raise ValueError("pretrain needs tokenizer_name_or_path (or model_name_or_path): run `python -m align.tokenizer` first")
+        raise ValueError("pretrain needs tokenizer_name_or_path (or model_name_or_path): "
+                         "run `python -m align.tokenizer` first")
     tokenizer = load_tokenizer(tok_path)
     torch.manual_seed(training_args.seed)
     model = build_model(args, model_args, tokenizer)

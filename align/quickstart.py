@@ -172,7 +172,8 @@ def run(q: QuickstartArguments) -> dict[str, Any]:
     if "store" in q.stages:
         print(
             f"\nThe store {q.store_url} holds the loop's pairs. Label them in the app:\n"
-            f"  .venv/bin/python -m app configs/app.yaml --db {q.store_url} --create_admin admin:CHANGE-ME --serve false\n"
+            f"  .venv/bin/python -m app configs/app.yaml --db {q.store_url} "
+            f"--create_admin admin:CHANGE-ME --serve false\n"
             f"  .venv/bin/python -m app configs/app.yaml --db {q.store_url}\n"
             f"then open http://127.0.0.1:7860 and log in."
         )

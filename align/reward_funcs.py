@@ -79,7 +79,8 @@ def _example(i: int, columns: dict[str, Any], name: str) -> world.Example:
 
 def correct(prompts, completions, completion_ids=None, **columns) -> list[float]:
     """1.0 if the reply holds the right answer (any style), else 0.0."""
-    return [float(world.check(_example(i, columns, "correct"), text_of(c))["correct"]) for i, c in enumerate(completions)]
+    return [float(world.check(_example(i, columns, "correct"), text_of(c))["correct"])
+            for i, c in enumerate(completions)]
 
 
 def polite(prompts, completions, completion_ids=None, **columns) -> list[float]:
@@ -110,7 +111,8 @@ well_formed.__name__ = "format"
 
 
 def make_length(target: int = 16) -> RewardFunc:
-    """0 for replies of at most ``target`` tokens (completion_ids, else whitespace words), then -1 per ``target`` more."""
+    """0 for replies of at most ``target`` tokens (completion_ids, else whitespace words),
+    then -1 per ``target`` more."""
 
     def length(prompts, completions, completion_ids=None, **columns) -> list[float]:
         out = []
@@ -244,7 +246,8 @@ def validate_weights(names: Sequence[Any], weights: Sequence[float] | None) -> l
         return [1.0] * len(names)
     if len(weights) != len(names):
         raise ValueError(
-            f"reward_weights has {len(weights)} values for {len(names)} reward_funcs {list(names)}; give one weight each"
+            f"reward_weights has {len(weights)} values for {len(names)} reward_funcs {list(names)}; "
+            f"give one weight each"
         )
     return [float(w) for w in weights]
 

@@ -45,7 +45,8 @@ class TokenizerArguments:
         "help": "'world' (the built-in task world) or a path: .txt, .json/.jsonl (records with "
                 "`text_field`), or a `datasets` directory saved with save_to_disk."})
     text_field: str = field(default="text", metadata={"help": "Field holding the text in JSON/JSONL/datasets corpora."})
-    vocab_size: int = field(default=384, metadata={"help": "Vocabulary size including the 7 special tokens and 256 bytes."})
+    vocab_size: int = field(
+        default=384, metadata={"help": "Vocabulary size including the 7 special tokens and 256 bytes."})
     min_frequency: int = field(default=2, metadata={"help": "Minimum pair frequency for a BPE merge."})
     output_dir: str = field(default="runs/tokenizer", metadata={"help": "Where the tokenizer is saved."})
     world_seed: int = field(default=0, metadata={"help": "Seed of the built-in world when corpus='world'."})

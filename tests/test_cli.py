@@ -216,4 +216,5 @@ def test_a_missing_required_key_is_named(capsys):
 
     with pytest.raises(SystemExit) as e:
         generate.main(["--prompt", "hi"])
-    assert e.value.code == 2 and capsys.readouterr().err == "error: command line: GenerateArgs needs --model_name_or_path\n"
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "error: command line: GenerateArgs needs --model_name_or_path\n")

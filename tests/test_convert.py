@@ -111,7 +111,8 @@ def test_merge_lora_into_our_decoder(tmp_path):
     DecoderForCausalLM(tiny()).save_pretrained(tmp_path / "base")
     (tmp_path / "base" / "tokenizer_config.json").write_text("{}")
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False))
     peft.save_pretrained(tmp_path / "adapter")
     x = ids()
     expected = peft.eval()(input_ids=x).logits

@@ -70,7 +70,8 @@ def test_a_missing_model_names_its_key_and_the_command_that_makes_it():
     assert made_by("runs/x/reward/final") == "python -m align.reward configs/reward.yaml --output_dir runs/x/reward"
     assert made_by("somewhere/else") == ""
     with pytest.raises(MissingInput, match=r"model_name_or_path: model 'runs/quickstart/dpo/final' not found; make it "
-                                           r"with `python -m align.dpo configs/dpo.yaml --output_dir runs/quickstart/dpo` "
+                                           r"with `python -m align.dpo configs/dpo.yaml "
+                                           r"--output_dir runs/quickstart/dpo` "
                                            r"or `make quickstart`$"):
         load("runs/quickstart/dpo/final")
     with pytest.raises(MissingInput, match="hub id"):

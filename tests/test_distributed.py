@@ -129,7 +129,9 @@ def test_sft_ddp_two_processes_matches_one(lm_dir, data_files, tmp_path):
 @pytest.mark.slow
 def test_dpo_lora_ddp_two_processes_matches_one(lm_dir, data_files, tmp_path):
     """DPO with LoRA (reference = adapter disabled) under 2-process DDP: same losses; final/ is merged."""
-    argv = [str(ROOT / "configs" / "dpo.yaml"), "--model_name_or_path", str(lm_dir), "--dataset_name", str(data_files["dpo"]), "--test_fraction", "0", "--use_peft", "true", "--lora_dropout", "0",
+    argv = [str(ROOT / "configs" / "dpo.yaml"), "--model_name_or_path", str(lm_dir),
+            "--dataset_name", str(data_files["dpo"]), "--test_fraction", "0", "--use_peft", "true",
+            "--lora_dropout", "0",
             "--lora_r", "4", "--max_length", "96", "--reward_model_path", "", "--win_rate_num_prompts", "0",
             # sigmoid alone: a mean over pairs, equal per process. (The `sft` term of configs/dpo.yaml's
             # [sigmoid, sft] is a token mean *per process* in TRL, so N x b differs slightly from 1 x N*b.)

@@ -325,7 +325,8 @@ def test_empty_store_says_what_to_do(tmp_path):
 
 def test_bad_file_record_names_line(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps({"prompt": "p"}) + "\n")
+    path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
+                    + json.dumps({"prompt": "p"}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl:2"):
         P.read_preference_file(str(path))
 

@@ -34,7 +34,8 @@ def test_evaluate_command_compares_models_on_the_same_prompts(tmp_path, tiny_lm_
 
     from align.evaluate import evaluate, main
 
-    argv = ["configs/evaluate.yaml", "--output_dir", str(tmp_path / "ev"), "--models", f"[a={tiny_lm_dir}, b={tiny_lm_dir}]",
+    argv = ["configs/evaluate.yaml", "--output_dir", str(tmp_path / "ev"),
+            "--models", f"[a={tiny_lm_dir}, b={tiny_lm_dir}]",
             "--reward_model_path", tiny_rm_dir, "--reference_model_path", tiny_lm_dir, "--num_prompts", "6",
             "--kl_prompts", "3", "--max_new_tokens", "6"]
     results = main(argv)

@@ -52,7 +52,8 @@ def grpo_config(tmp_path, **kw):
     from trl import GRPOConfig
 
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=16, num_generations=4, max_completion_length=8,
-                learning_rate=3e-2, lr_scheduler_type="constant", max_steps=2, logging_steps=1, save_strategy="no", report_to="none",
+                learning_rate=3e-2, lr_scheduler_type="constant", max_steps=2, logging_steps=1, save_strategy="no",
+                report_to="none",
                 activation_checkpointing=False, bf16=False, beta=0.0, seed=0, disable_tqdm=True)
     base.update(kw)
     return GRPOConfig(**base)

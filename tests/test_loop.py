@@ -124,7 +124,8 @@ def test_rl_rounds_learn_from_the_new_reward_model(tmp_path, tiny_loop_config, t
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert any("rewards/rm/mean" in r for r in rows)
         assert {"exact_match", "preferred_rate"} <= set(report["rounds"][str(k)]["policy"])
-    with pytest.raises(ValueError, match=f"round_1 was trained with policy_trainer {trainer}, and this run asks for dpo"):
+    with pytest.raises(ValueError,
+                       match=f"round_1 was trained with policy_trainer {trainer}, and this run asks for dpo"):
         loop.main([str(tiny_loop_config()), "--rounds", "3"])  # a 3rd round with another step: refused
 
 
@@ -244,7 +245,8 @@ def test_app_says_when_a_loop_run_failed(tmp_path, tiny_loop_config):
     st = runner.status()
     assert st["exit_code"] == 2 and not st["running"]
     assert "failed (exit code 2)" in status_markdown(st) and "error: " in st["log"]
-    assert "policy_path: model '" in st["log"] and "no-such-policy' not found" in st["log"] and "Traceback" not in st["log"]
+    assert "policy_path: model '" in st["log"] and "no-such-policy' not found" in st["log"]
+    assert "Traceback" not in st["log"]
 
 
 def test_waiting_loop_trains_once_humans_label(tmp_path, tiny_loop_config):

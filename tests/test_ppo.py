@@ -42,14 +42,14 @@ def test_gae_matches_hand_computation():
     r = torch.tensor([[0.1, -0.2, 1.0, 5.0]])
     v = torch.tensor([[0.5, 0.4, 0.3, 9.0]])
     m = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    g, l = 0.9, 0.8
+    g, lam = 0.9, 0.8
     d2 = 1.0 + g * 0.0 - 0.3  # last real token bootstraps from 0: the padding's value and reward are masked
     d1 = -0.2 + g * 0.3 - 0.4
     d0 = 0.1 + g * 0.4 - 0.5
     a2 = d2
-    a1 = d1 + g * l * a2
-    a0 = d0 + g * l * a1
-    adv, ret = compute_gae(r, v, m, g, l)
+    a1 = d1 + g * lam * a2
+    a0 = d0 + g * lam * a1
+    adv, ret = compute_gae(r, v, m, g, lam)
     assert torch.allclose(adv, torch.tensor([[a0, a1, a2, 0.0]]), atol=1e-6)
     assert torch.allclose(ret, torch.tensor([[a0 + 0.5, a1 + 0.4, a2 + 0.3, 0.0]]), atol=1e-6)
     # gamma = lambda = 1: advantage = (sum of rewards to go) - V_t

@@ -120,7 +120,8 @@ def test_rm_beats_chance_on_tiny_world_run(trained):
     assert ev["data"]["train_pairs"] == 600 and ev["data"]["test_pairs"] > 100
     assert ev["accuracy"] > 0.6  # held-out split (chance 0.5)
     assert ev["accuracy_style"] > 0.8  # world held-out prompts; style is the easy half
-    for key in ("accuracy", "accuracy_style", "accuracy_correctness", "mean_margin", "accuracy_by_margin", "calibration"):
+    for key in ("accuracy", "accuracy_style", "accuracy_correctness", "mean_margin", "accuracy_by_margin",
+                "calibration"):
         assert key in ev
     assert json.loads((out / "eval.json").read_text())["accuracy"] == ev["accuracy"]
     for f in ("calibration.png", "metrics.jsonl", "config.yaml", "final/config.json", "final/tokenizer.json"):

@@ -95,8 +95,10 @@ def test_bad_records_name_file_and_line(tmp_path, content, match):
 
 def _run(model_dir, out, data, **kw):
     args = SFTArguments(dataset_name=str(data), eval_num_prompts=0)
-    model_args = ModelConfig(model_name_or_path=model_dir, **{k: v for k, v in kw.items() if k.startswith(("use_", "lora_"))})
-    return train(args, model_args, _config(out, max_steps=4, **{k: v for k, v in kw.items() if not k.startswith(("use_", "lora_"))}))
+    model_args = ModelConfig(model_name_or_path=model_dir,
+                             **{k: v for k, v in kw.items() if k.startswith(("use_", "lora_"))})
+    return train(args, model_args,
+                 _config(out, max_steps=4, **{k: v for k, v in kw.items() if not k.startswith(("use_", "lora_"))}))
 
 
 @pytest.fixture
@@ -140,7 +142,8 @@ def test_packed_rows_give_the_unpacked_loss(tiny_lm_dir, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
-    convs = [[{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": f"The answer is {a + b}."}]
+    convs = [[{"role": "user", "content": f"What is {a} + {b}?"},
+              {"role": "assistant", "content": f"The answer is {a + b}."}]
              for a, b in [(1, 2), (3, 4), (5, 6), (2, 9), (7, 7), (0, 8)]] + [CHAT[1:3], CHAT[3:]]
     data = Dataset.from_list([{"messages": m} for m in convs])
 
@@ -179,7 +182,8 @@ def test_world_demonstrations_with_mistakes():
     clean, noisy = (load_dataset(SFTArguments(world_correct_fraction=f))["messages"] for f in (1.0, 0.7))
     assert [[m["content"] for m in c if m["role"] != "assistant"] for c in clean] == \
         [[m["content"] for m in c if m["role"] != "assistant"] for c in noisy]
-    pairs = [(a["content"], b["content"]) for c, d in zip(clean, noisy) for a, b in zip(c, d) if a["role"] == "assistant"]
+    pairs = [(a["content"], b["content"]) for c, d in zip(clean, noisy) for a, b in zip(c, d)
+             if a["role"] == "assistant"]
     wrong = sum(parse_reply(a)[0] != parse_reply(b)[0] for a, b in pairs) / len(pairs)
     assert 0.25 < wrong < 0.35, wrong
     with pytest.raises(ValueError, match="world_correct_fraction"):

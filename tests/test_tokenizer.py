@@ -43,7 +43,8 @@ def test_roundtrip_any_unicode(tok, text):
     assert tok.decode(ids) == text
 
 
-@pytest.mark.parametrize("text", ["人工智能是计算机科学的一个分支", "emoji 🙂👍🏽 and\ttabs\n\nnewlines", "  x  ", "\x00\u200b"])
+@pytest.mark.parametrize("text", ["人工智能是计算机科学的一个分支", "emoji 🙂👍🏽 and\ttabs\n\nnewlines",
+                                  "  x  ", "\x00\u200b"])
 def test_roundtrip_samples(tok, text):
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
 

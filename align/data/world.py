@@ -165,7 +165,8 @@ ALL_WORDS = [w for w in _dedup(_WORDS.split()) if w not in _TEMPLATE_WORDS and w
 def pseudo_words(n: int, exclude: set[str]) -> list[str]:
     """`n` pronounceable made-up words of 3-6 letters ("blom", "tazik"); fixed, seed-independent."""
     rng = random.Random(f"{_SPLIT_SALT}:pseudo")
-    onsets, vowels, codas = "b c d f g h j k l m n p r s t v w z bl br cr dr fl gr pl pr sl st tr".split(), "aeiou", "b d g k l m n p r s t x".split() + [""] * 4
+    onsets, vowels, codas = ("b c d f g h j k l m n p r s t v w z bl br cr dr fl gr pl pr sl st tr".split(), "aeiou",
+                             "b d g k l m n p r s t x".split() + [""] * 4)
     out: list[str] = []
     seen = set(exclude)
     while len(out) < n:
@@ -570,7 +571,8 @@ class World:
                 msgs.append({"role": "system", "content": rng.choice(_SYSTEM_PROMPTS)})
             for ex in exs[i:i + turns]:
                 style = rng.choice(STYLES)
-                right = rng.random() < correct_fraction  # drawn for every reply: only the answers depend on the fraction
+                # drawn for every reply: only the answers depend on the fraction
+                right = rng.random() < correct_fraction
                 template = rng.randrange(len(STYLE_TEMPLATES[style]))
                 msgs += [_user(ex.prompt), _assistant(render(ex, style, right, mistakes, template=template))]
             convs.append({"messages": msgs, "tasks": [e.task for e in exs[i:i + turns]]})
