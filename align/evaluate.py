@@ -8,13 +8,12 @@ rule checker. Reported:
 - ``pass_at_k`` / ``maj_at_k``: share of prompts with at least one right sample / whose most frequent
   sampled answer is right (k = ``samples_per_prompt``): what RL can at most sharpen the policy towards
   without teaching it anything new (Wang et al. 2022, https://arxiv.org/abs/2203.11171);
-- ``preferred_rate``: share of *sampled* replies that are correct and in the preferred (helpful) style.
-  Greedy style is all-or-nothing (the first token picks it), so the sampled rate is the one that moves;
-  ``preferred_rate_greedy`` is reported too;
+- ``preferred_rate``: share of *sampled* replies, correct and in the preferred (helpful) style (greedy style is
+  all-or-nothing: the first token picks it; ``preferred_rate_greedy`` is reported too);
 - ``mean_length``: mean reply length in tokens (sampled), and a few sample generations.
 
-:func:`evaluate_policy` adds, on sampled replies, the KL to a reference and each reward's mean (the RL commands'
-before/after figures). ``python -m align.evaluate configs/evaluate.yaml`` runs it for several models side by side.
+:func:`evaluate_policy` adds the KL to a reference and each reward's mean on sampled replies (the RL figures);
+``python -m align.evaluate configs/evaluate.yaml`` puts several models side by side.
 """
 
 from __future__ import annotations

@@ -9,16 +9,12 @@
 
     python -m align.score --model DIR --input in.jsonl --output out.jsonl   # adds "reward" to each record
     python -m align.score --model A B C --input in.jsonl    # an ensemble: "reward" (the mean) and "reward_std"
-    python -m align.score --model DIR --prompt "What is 3 + 4?" --response "The answer is 7."
     python -m align.score rank --model DIR --input f.jsonl [--output out.jsonl]   # best-of-n
 
-A reward model is a sequence-classification model with one label (``num_labels=1``, a ``score``
-head), made by ``python -m align.reward``. Each (prompt, response) is rendered exactly as in
-training: ``prompt messages + [assistant response]`` through the tokenizer's chat template
-(``apply_chat_template(tokenize=True)``, no generation prompt), and the reward is the score head's
-output at the last non-pad token. Batches are sorted by length and right-padded per batch, as TRL's
-collator does; sequences longer than ``max_length`` keep their last ``max_length`` tokens (the end of
-the response is where the reward is read) and are counted in ``scorer.truncated``.
+A reward model (``python -m align.reward``: one output, a ``score`` head) reads each (prompt, response) as in
+training, ``prompt messages + [assistant response]`` through the chat template (no generation prompt); the reward
+is the head's output at the last non-pad token. Batches are sorted by length and right-padded, as TRL's collator
+does; a sequence past ``max_length`` keeps its last tokens (where the reward is read), counted in ``.truncated``.
 """
 
 from __future__ import annotations
@@ -28,28 +24,22 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-import align.model  # noqa: F401  (registers the Auto classes for our decoder)
 from align.config import parse_verb, run_command
-from align.data.prompts import as_messages
+from align.data.prompts import Messages, as_messages
 from align.models import NotARewardModel, load_reward_model
 
 logger = logging.getLogger("align.score")
-
-Messages = list[dict[str, str]]
-
-
 
 
 # ------------------------------------------------------------------------------------------ encoding
 def conversation(prompt: str | Messages, response: str | Messages) -> Messages:
     """prompt (text or messages) + the response (text = one assistant message, or messages)."""
-    resp = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
-    return as_messages(prompt) + resp
+    return as_messages(prompt) + as_messages(response, "assistant")
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages, response: str | Messages) -> list[int]:
@@ -202,38 +192,6 @@ class RewardEnsemble:
 
 
 # ------------------------------------------------------------------------------------------ command
-def _records(path: str) -> Iterable[tuple[str, dict]]:
-    from align.data.formats import location, read_records
-
-    for key, rec in read_records(path):
-        yield location(path, key), rec
-
-
-def _pair_of(rec: dict, where: str) -> tuple[Any, Any]:
-    """(prompt, response) of a record: prompt + response | completion, or messages ending in an assistant turn."""
-    from align.data.formats import DataError, normalize_messages
-
-    if "prompt" in rec:
-        key = "response" if "response" in rec else "completion" if "completion" in rec else None
-        if key is None:
-            raise DataError(f"{where}: a record needs 'response' or 'completion' beside 'prompt'; has {sorted(rec)}")
-        prompt, resp = rec["prompt"], rec[key]
-        for name, v in (("prompt", prompt), (key, resp)):
-            if not isinstance(v, (str, list)):
-                raise DataError(f"{where}: field {name!r}: expected a string or a list of messages, got {v!r:.80}")
-        if isinstance(prompt, list):
-            prompt = normalize_messages(prompt, where, "prompt", allow_empty_list=True)
-        if isinstance(resp, list):
-            resp = normalize_messages(resp, where, key)
-        return prompt, resp
-    if "messages" in rec:
-        msgs = normalize_messages(rec["messages"], where, "messages")
-        if msgs[-1]["role"] != "assistant":
-            raise DataError(f"{where}: field 'messages': the last message must be the assistant's response")
-        return msgs[:-1], msgs[-1]["content"]
-    raise DataError(f"{where}: need 'prompt' + 'response'/'completion' (or 'messages'); record has {sorted(rec)}")
-
-
 @dataclass(kw_only=True)
 class _Scoring:
     model: list[str] = field(metadata={"help": "reward model dir (a reward run's final/); several: an ensemble, "
@@ -292,13 +250,13 @@ def main(argv: list[str] | None = None) -> Any:
         r = scorer.score([a.prompt], [a.response])[0]
         print(f"{r:.6f}")
         return r
-    from align.data.formats import DataError, write_jsonl
+    from align.data.formats import DataError, location, read_records, to_prompt_response, write_jsonl
 
     rows: list[dict] = []
     try:
         if mode == "score":
-            recs = list(_records(a.input))
-            pairs = [_pair_of(rec, where) for where, rec in recs]
+            recs = [(location(a.input, key), rec) for key, rec in read_records(a.input)]
+            pairs = [to_prompt_response(rec, where) for where, rec in recs]
             prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
             rewards, stds = scorer.score_std(prompts, responses)
             rows = [{**rec, "reward": r, **({"reward_std": sd} if len(a.model) > 1 else {})}
@@ -306,7 +264,7 @@ def main(argv: list[str] | None = None) -> Any:
             n = len(rows)
         else:
             flat_p, flat_r, spans = [], [], []
-            recs = list(_records(a.input))
+            recs = [(location(a.input, key), rec) for key, rec in read_records(a.input)]
             for where, rec in recs:
                 resps = rec.get("responses")
                 if "prompt" not in rec or not isinstance(resps, list) or not resps:

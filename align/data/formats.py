@@ -474,3 +474,26 @@ def to_conversation(record: dict, where: str = "<record>") -> list[dict]:
         if m["role"] == "assistant" and not m["content"].strip():
             raise DataError(f"{where}: message {i} (assistant) is empty")
     return msgs
+
+
+def to_prompt_response(rec: dict, where: str) -> tuple[Any, Any]:
+    """(prompt, response) of a record: prompt + response | completion, or messages ending in an assistant turn."""
+    if "prompt" in rec:
+        key = "response" if "response" in rec else "completion" if "completion" in rec else None
+        if key is None:
+            raise DataError(f"{where}: a record needs 'response' or 'completion' beside 'prompt'; has {sorted(rec)}")
+        prompt, resp = rec["prompt"], rec[key]
+        for name, v in (("prompt", prompt), (key, resp)):
+            if not isinstance(v, (str, list)):
+                raise DataError(f"{where}: field {name!r}: expected a string or a list of messages, got {v!r:.80}")
+        if isinstance(prompt, list):
+            prompt = normalize_messages(prompt, where, "prompt", allow_empty_list=True)
+        if isinstance(resp, list):
+            resp = normalize_messages(resp, where, key)
+        return prompt, resp
+    if "messages" in rec:
+        msgs = normalize_messages(rec["messages"], where, "messages")
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field 'messages': the last message must be the assistant's response")
+        return msgs[:-1], msgs[-1]["content"]
+    raise DataError(f"{where}: need 'prompt' + 'response'/'completion' (or 'messages'); record has {sorted(rec)}")
