@@ -67,3 +67,9 @@ def serve(db: str, **kw) -> Iterator[tuple[object, str]]:
         yield demo, f"http://127.0.0.1:{args.port}/"
     finally:
         demo.close()
+
+
+# Debian's Chromium for the browser tests; without the background-networking flags it tries the closed network.
+CHROMIUM = os.environ.get("ALIGN_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]

@@ -13,26 +13,13 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from test_browser_app import ARGS, CHROMIUM, log_in, open_page, shot  # noqa: E402
+from test_browser_app import log_in, open_page, shot  # noqa: E402
 
 from app.backend import Store  # noqa: E402
 from app.testing import serve  # noqa: E402
 
 pytestmark = pytest.mark.browser
 N, N_GOLD = 14, 4
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from pathlib import Path
-
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set ALIGN_CHROMIUM)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
