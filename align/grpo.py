@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, get_peft_config
 
@@ -48,18 +49,17 @@ def train(args: GRPOArguments, model_args: ModelConfig, training_args: GRPOConfi
     run = prepare(args, model_args, training_args)
 
     def make_trainer() -> GRPOTrainer:
-        out = training_args.output_dir
+        out = Path(training_args.output_dir)
         return GRPOTrainer(
             model=run.model, reward_funcs=run.reward_funcs, args=training_args, train_dataset=run.dataset,
             processing_class=run.tokenizer, peft_config=get_peft_config(model_args),
-            callbacks=[MetricsCallback(out, title=f"grpo {out}")],
+            callbacks=[MetricsCallback(out, title=f"grpo {out.name}")],
         )
 
-    result = run_stage("grpo", (args, model_args, training_args), make_trainer, run.tokenizer, start=run.start,
-                       start_model=run.model if args.eval_before else None,
-                       evaluate=evaluator(args, run, training_args.seed), data={"prompts": len(run.dataset)},
-                       log=log_run)
-    return result
+    return run_stage("grpo", (args, model_args, training_args), make_trainer, run.tokenizer, start=run.start,
+                     start_model=run.model if args.eval_before else None,
+                     evaluate=evaluator(args, run, training_args.seed), data={"prompts": len(run.dataset)},
+                     log=log_run)
 
 
 def main(argv: list[str] | None = None) -> StageResult:

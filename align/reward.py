@@ -27,6 +27,7 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -231,12 +232,12 @@ def train(args: RewardArguments, model_args: ModelConfig, training_args: RewardC
         return Dataset.from_list([{k: p[k] for k in columns} for p in pairs])
 
     def make_trainer() -> RewardTrainer:
-        out = training_args.output_dir
+        out = Path(training_args.output_dir)
         trainer = SoftLabelRewardTrainer(
             model=model, args=training_args, train_dataset=to_ds(train_pairs),
             eval_dataset=to_ds(test_pairs) if test_pairs and training_args.eval_strategy != "no" else None,
             processing_class=tokenizer, peft_config=peft_config,
-            callbacks=[MetricsCallback(out, title=f"reward {out}")],
+            callbacks=[MetricsCallback(out, title=f"reward {out.name}")],
         )
         n_params = sum(p.numel() for p in trainer.model.parameters())
         n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
