@@ -24,9 +24,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from trl import GRPOConfig, GRPOTrainer, ModelConfig, get_peft_config
+from trl import GRPOConfig, GRPOTrainer, ModelConfig
 
 from align.config import parse, run_command
+from align.models import peft_config
 from align.rl import RLArguments, evaluator, log_run, prepare
 from align.runs import MetricsCallback, setup_logging
 from align.stage import StageResult, run_stage
@@ -52,7 +53,7 @@ def train(args: GRPOArguments, model_args: ModelConfig, training_args: GRPOConfi
         out = Path(training_args.output_dir)
         return GRPOTrainer(
             model=run.model, reward_funcs=run.reward_funcs, args=training_args, train_dataset=run.dataset,
-            processing_class=run.tokenizer, peft_config=get_peft_config(model_args),
+            processing_class=run.tokenizer, peft_config=peft_config(model_args, run.model),
             callbacks=[MetricsCallback(out, title=f"grpo {out.name}")],
         )
 

@@ -232,6 +232,23 @@ def model_type(path_or_id: str | os.PathLike) -> str:
     return AutoConfig.from_pretrained(path).model_type
 
 
+def peft_config(model_args: Any, model: torch.nn.Module):
+    """TRL's ``get_peft_config(model_args)`` (None without ``use_peft``), after checking that the named
+    ``lora_target_modules`` exist: a name that matches no module fails listing the model's Linear layers."""
+    from trl import get_peft_config
+
+    targets = getattr(model_args, "lora_target_modules", None)
+    if isinstance(targets, str):  # one name (ModelConfig keeps a one-item list so), "all-linear", or a regex
+        targets = [targets] if re.fullmatch(r"[\w.]+", targets) and targets != "all-linear" else None
+    if model_args.use_peft and targets:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        missing = [t for t in targets if t not in names and not any(n.endswith(t) for n, _ in model.named_modules())]
+        if missing:
+            raise ValueError(f"lora_target_modules: {missing} match no module of {type(model).__name__}; its Linear "
+                             f"layers are {names}")
+    return get_peft_config(model_args)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

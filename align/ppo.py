@@ -16,12 +16,12 @@ from typing import Any
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
-from trl import ModelConfig, get_peft_config
+from trl import ModelConfig
 
 from align import reward_funcs as R
 from align.config import parse, run_command
 from align.convert import make_portable
-from align.models import load, load_tokenizer
+from align.models import load, load_tokenizer, peft_config
 from align.ppo_trainer import PPOConfig, PPOTrainer
 from align.rl import RLArguments, evaluator, log_run, prepare
 from align.runs import MetricsCallback, setup_logging
@@ -77,7 +77,7 @@ def train(args: PPOArguments, model_args: ModelConfig, training_args: PPOConfig)
         out = Path(training_args.output_dir)
         return PPOTrainer(
             model=run.model, args=training_args, processing_class=run.tokenizer, reward_funcs=run.reward_funcs,
-            train_dataset=run.dataset, peft_config=get_peft_config(model_args), value_model=value_model,
+            train_dataset=run.dataset, peft_config=peft_config(model_args, run.model), value_model=value_model,
             callbacks=[MetricsCallback(out, title=f"ppo {out.name}")],
         )
 

@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from transformers import PreTrainedModel, TrainerCallback
-from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, ModelConfig, get_peft_config
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, ModelConfig
 
 from align.config import ConfigError
 
@@ -92,7 +92,9 @@ def build_trainer(
 
     train_ds = Dataset.from_list(splits["train"])
     eval_ds = Dataset.from_list(splits["test"]) if splits["test"] else None
-    peft_config = get_peft_config(model_args)
+    from align.models import peft_config as checked_peft_config
+
+    peft_config = checked_peft_config(model_args, model)
     common = dict(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,

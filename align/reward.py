@@ -32,13 +32,13 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from trl import ModelConfig, RewardConfig, RewardTrainer, get_peft_config
+from trl import ModelConfig, RewardConfig, RewardTrainer
 
 from align.config import parse, run_command
 from align.data.formats import DataError
 from align.data.prompts import as_messages
 from align.evaluate import world_eval_applies
-from align.models import HEAD_FILE, check_exists, load, load_tokenizer, model_type
+from align.models import HEAD_FILE, check_exists, load, load_tokenizer, model_type, peft_config
 from align.preferences import PreferenceDataArguments, load_preferences
 from align.reward_eval import calibration_plot, evaluate_world, margin_metrics, pair_margins
 from align.runs import MetricsCallback, setup_logging, write_json
@@ -162,7 +162,7 @@ def lora_config(model_args: ModelConfig, model):
     if "score" not in save:
         save.append("score")
     model_args.lora_modules_to_save = save
-    return get_peft_config(model_args)
+    return peft_config(model_args, model)
 
 
 def response_token_id(tokenizer) -> int:

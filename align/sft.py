@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
+from trl import ModelConfig, SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from align.config import parse, run_command
 from align.data.formats import location, read_records, to_conversation
 from align.data.world import World
 from align.evaluate import evaluate
-from align.models import check_exists, load, load_tokenizer
+from align.models import check_exists, load, load_tokenizer, peft_config
 from align.runs import MetricsCallback, setup_logging
 from align.stage import StageResult, log_figures, run_stage
 
@@ -113,7 +113,7 @@ def train(args: SFTArguments, model_args: ModelConfig, training_args: SFTConfig)
         out = Path(training_args.output_dir)
         trainer = SFTTrainer(
             model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-            peft_config=get_peft_config(model_args), callbacks=[MetricsCallback(out, title=f"sft {out.name}")],
+            peft_config=peft_config(model_args, model), callbacks=[MetricsCallback(out, title=f"sft {out.name}")],
         )
         flash = "flash" in str(trainer.model.config._attn_implementation)
         if training_args.packing and trainer.padding_free and not flash:

@@ -122,3 +122,18 @@ def test_a_fresh_clone_gets_one_line_naming_the_missing_model(command, tmp_path)
     assert run.stderr.strip().splitlines()[-1].startswith("error: model_name_or_path: model 'runs/quickstart/")
     assert "make quickstart" in run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["configs"]
+
+
+def test_lora_targets_that_match_nothing_list_the_linear_layers(tiny_lm_dir):
+    from trl import ModelConfig
+
+    from align.models import peft_config
+
+    model = load(tiny_lm_dir)
+    with pytest.raises(ValueError, match=r"lora_target_modules: \['q_projj'\] match no module of "
+                                         r"DecoderForCausalLM; its Linear layers are \[.*'q_proj'"):
+        peft_config(ModelConfig(use_peft=True, lora_target_modules=["q_projj", "v_proj"]), model)
+    assert peft_config(ModelConfig(use_peft=True, lora_target_modules=["q_proj"]), model).target_modules == "q_proj"
+    with pytest.raises(ValueError, match=r"\['qq'\] match no module"):
+        peft_config(ModelConfig(use_peft=True, lora_target_modules=["qq"]), model)
+    assert peft_config(ModelConfig(use_peft=False), model) is None
