@@ -96,6 +96,9 @@ def build_trainer(
     rows = splits["train"] + splits["test"]
     soft = [c for c in SOFT_COLUMNS if all(c in r for r in rows)] if args.trainer == "dpo" else []
     if "p_chosen" not in soft:
+        if args.trainer == "dpo" and any("p_chosen" in r for r in rows):
+            n = sum("p_chosen" in r for r in rows)
+            logger.warning("only %d of %d rows have p_chosen: soft labels ignored, hard labels used", n, len(rows))
         soft = []
 
     def to_ds(rows: list[dict]) -> Dataset:

@@ -11,11 +11,9 @@ from trl import DPOTrainer, RewardTrainer
 from align.preferences import SOFT_COLUMNS
 
 
-class SoftLabelRewardTrainer(RewardTrainer):
-    """``RewardTrainer`` whose loss, when the batch has ``p_chosen`` (and ``weight``), is the Bradley-Terry
-    log-loss against the soft label, d = r(chosen) − r(rejected):
-        loss = Σ w · [−p·logσ(d) − (1−p)·logσ(−d)] / Σ w      (w = 1 without ``weight``)
-    With p = 1 and w = 1 it is TRL's loss. Batches without ``p_chosen`` use TRL's loss unchanged."""
+class _SoftColumns:
+    """Keeps ``p_chosen``/``weight`` through the trainer's column pruning and puts them in the batch as (B,)
+    float tensors, next to what the trainer's own collator makes of the rest."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -32,6 +30,13 @@ class SoftLabelRewardTrainer(RewardTrainer):
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *SOFT_COLUMNS]))
+
+
+class SoftLabelRewardTrainer(_SoftColumns, RewardTrainer):
+    """``RewardTrainer`` whose loss, when the batch has ``p_chosen`` (and ``weight``), is the Bradley-Terry
+    log-loss against the soft label, d = r(chosen) − r(rejected):
+        loss = Σ w · [−p·logσ(d) − (1−p)·logσ(−d)] / Σ w      (w = 1 without ``weight``)
+    With p = 1 and w = 1 it is TRL's loss. Batches without ``p_chosen`` use TRL's loss unchanged."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         p, w = inputs.pop("p_chosen", None), inputs.pop("weight", None)
@@ -53,7 +58,7 @@ class SoftLabelRewardTrainer(RewardTrainer):
 SOFT_DPO_LOSS_TYPES = ("sigmoid", "sft")
 
 
-class SoftLabelDPOTrainer(DPOTrainer):
+class SoftLabelDPOTrainer(_SoftColumns, DPOTrainer):
     """``DPOTrainer`` whose sigmoid loss, when the batch has ``p_chosen`` (and ``weight``), is the soft
     Bradley-Terry loss on the implicit reward margin x = β·(log-ratio chosen − log-ratio rejected):
         loss = Σ w · [−p·logσ(x) − (1−p)·logσ(−x)] / Σ w      (w = 1 without ``weight``)
@@ -64,22 +69,6 @@ class SoftLabelDPOTrainer(DPOTrainer):
     (it still does the forwards, the SFT term and the metrics), reads the policy's per-token log-probs off
     that forward with a hook, takes the reference's from ``compute_ref_log_probs`` (handed to TRL as if
     precomputed, so the reference runs once) and adds the soft term."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        base = self.data_collator
-
-        def collate(examples: list[dict]) -> dict:
-            out = base([{k: v for k, v in e.items() if k not in SOFT_COLUMNS} for e in examples])
-            for k in SOFT_COLUMNS:
-                if k in examples[0]:
-                    out[k] = torch.tensor([e[k] for e in examples], dtype=torch.float)
-            return out
-        self.data_collator = collate
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *SOFT_COLUMNS]))
 
     def check_soft(self) -> None:
         """``ValueError`` for settings the soft path does not implement (named, with the values)."""

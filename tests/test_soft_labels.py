@@ -240,3 +240,17 @@ def test_dpo_trains_on_a_soft_label_export(dpo_assets, tmp_path, monkeypatch):
     assert result.data["train_rows"] == len(rows)
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert len(losses) >= 2 and all(math.isfinite(v) for v in losses)
+
+
+def test_preference_file_keeps_soft_columns_and_names_bad_ones(tmp_path):
+    from align.data.formats import DataError
+    from align.preferences import read_preference_file, soft_label_columns
+
+    row = {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}
+    f = tmp_path / "soft.jsonl"
+    f.write_text(json.dumps({**row, "p_chosen": 0.75, "weight": 0.5}) + "\n" + json.dumps(row) + "\n")
+    got = read_preference_file(str(f), extra=soft_label_columns)
+    assert (got[0]["p_chosen"], got[0]["weight"]) == (0.75, 0.5) and "p_chosen" not in got[1]
+    f.write_text(json.dumps(row) + "\n" + json.dumps({**row, "p_chosen": 1.5}) + "\n")
+    with pytest.raises(DataError, match=r"soft.jsonl.*2.*'p_chosen' is 1.5, outside \[0, 1\]"):
+        read_preference_file(str(f), extra=soft_label_columns)
