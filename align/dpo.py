@@ -51,7 +51,7 @@ from align.preference_trainers import (
     trainer_args,
     trainer_config_class,
 )
-from align.preferences import PreferenceDataArguments, heldout_prompts, load_preferences
+from align.preferences import PreferenceDataArguments, heldout_prompts, load_preferences, soft_label_columns
 from align.runs import MetricsCallback, setup_logging
 from align.stage import StageResult, run_stage
 
@@ -140,7 +140,8 @@ def config_types(trainer: str) -> tuple[type, ...]:
 def load_preference_rows(args: DPOArguments) -> tuple[dict[str, list[dict]], dict[str, Any]]:
     """``({"train": rows, "test": rows}, info)``: conversational prompt/chosen/rejected rows, or
     prompt/completion/label for KTO."""
-    splits, info = load_preferences(args, unpaired=args.trainer == "kto", both_bad=args.store_both_bad)
+    splits, info = load_preferences(args, unpaired=args.trainer == "kto", both_bad=args.store_both_bad,
+                                    extra=soft_label_columns if args.trainer == "dpo" else None)  # soft labels
     if args.max_train_samples:
         splits["train"] = splits["train"][: args.max_train_samples]
     info.update(train_rows=len(splits["train"]), test_rows=len(splits["test"]))

@@ -16,6 +16,9 @@ from transformers import PreTrainedModel, TrainerCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, ModelConfig
 
 from align.config import ConfigError
+from align.models import peft_config as checked_peft_config
+from align.preferences import SOFT_COLUMNS
+from align.soft_labels import SoftLabelDPOTrainer
 
 logger = logging.getLogger("align.dpo")
 
@@ -90,17 +93,29 @@ def build_trainer(
     trainer takes (see ``trainer_args``). LoRA when ``model_args.use_peft`` (reference = adapter disabled)."""
     from datasets import Dataset
 
-    train_ds = Dataset.from_list(splits["train"])
-    eval_ds = Dataset.from_list(splits["test"]) if splits["test"] else None
-    from align.models import peft_config as checked_peft_config
+    # Soft labels (p_chosen, weight): kept where every row has them, and then DPO trains on them.
+    rows = splits["train"] + splits["test"]
+    soft = [c for c in SOFT_COLUMNS if all(c in r for r in rows)] if args.trainer == "dpo" else []
+    if "p_chosen" not in soft:
+        if args.trainer == "dpo" and any("p_chosen" in r for r in rows):
+            n = sum("p_chosen" in r for r in rows)
+            logger.warning("only %d of %d rows have p_chosen: soft labels ignored, hard labels used", n, len(rows))
+        soft = []
 
+    def to_ds(rows: list[dict]) -> Dataset:
+        return Dataset.from_list([{k: v for k, v in r.items() if k not in SOFT_COLUMNS or k in soft} for r in rows])
+
+    train_ds = to_ds(splits["train"])
+    eval_ds = to_ds(splits["test"]) if splits["test"] else None
     peft_config = checked_peft_config(model_args, model)
     common = dict(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
     )
     if args.trainer == "dpo":
-        return DPOTrainer(ref_model=ref_model, **common)
+        if soft:
+            logger.info("DPO on soft labels (%s)", ", ".join(soft))
+        return (SoftLabelDPOTrainer if soft else DPOTrainer)(ref_model=ref_model, **common)
     if args.trainer == "kto":
         return KTOTrainer(ref_model=ref_model, **common)
     if args.trainer in ("simpo", "cpo"):

@@ -158,6 +158,25 @@ def read_preference_file(path: str, skip_bad: bool = False, extra=None, info: di
     return rows
 
 
+SOFT_COLUMNS = ("p_chosen", "weight")  # the store's soft-label export (``export --aggregate reliability --soft``)
+
+
+def soft_label_columns(pref: dict, rec: dict, where: str) -> dict:
+    """An ``extra`` hook for ``read_preference_file``: a record's ``p_chosen`` (P(chosen beats rejected)) and
+    ``weight``, where it has them, as floats checked to be in [0, 1] and >= 0."""
+    row = {}
+    for k in SOFT_COLUMNS:
+        if k not in rec:
+            continue
+        v = rec[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise DataError(f"{where}: field {k!r} is {v!r}, not a number")
+        if not (0 <= v <= 1 if k == "p_chosen" else v >= 0):
+            raise DataError(f"{where}: field {k!r} is {v!r}, outside {'[0, 1]' if k == 'p_chosen' else '[0, inf)'}")
+        row[k] = float(v)
+    return row
+
+
 def to_unpaired(rows: list[dict]) -> list[dict]:
     """Paired rows -> KTO rows: the chosen response desirable, the rejected one undesirable."""
     out = []
