@@ -52,8 +52,6 @@ class SoftLabelRewardTrainer(_SoftColumns, RewardTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-
-
 # Losses the soft DPO path knows: the Bradley-Terry term and the SFT term that can be mixed with it (RPO).
 SOFT_DPO_LOSS_TYPES = ("sigmoid", "sft")
 
