@@ -28,6 +28,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from align.data.prompts import Messages, as_messages
 from align.models import default_device, load, load_tokenizer
 
+logger = logging.getLogger("align.generate")
+
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str | Messages]) -> list[list[int]]:
     """Token ids of each prompt through the chat template, ending with the assistant's generation prompt."""
@@ -100,6 +102,7 @@ def generate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[list[str]] = [[] for _ in prompts]
     device = model.device
+    shown = time.monotonic()
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(ids[i]) for i in idx)
@@ -113,24 +116,24 @@ def generate(
             new = fast_generate(model, rep(input_ids), rep(mask), max_new_tokens=max_new_tokens, do_sample=do_sample,
                                 temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=eos,
                                 pad_token_id=pad, compile=compile).cpu()
-            for j, seq in enumerate(new):
-                out[idx[j // num_return_sequences]].append(tokenizer.decode(seq, skip_special_tokens=True).strip())
-            continue
-        gen = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=top_p if do_sample else None,
-            top_k=top_k if do_sample else None,
-            num_return_sequences=num_return_sequences,
-            eos_token_id=eos,
-            pad_token_id=pad,
-        )
-        new = gen[:, width:].cpu()
+        else:
+            new = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_p=top_p if do_sample else None,
+                top_k=top_k if do_sample else None,
+                num_return_sequences=num_return_sequences,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )[:, width:].cpu()
         for j, seq in enumerate(new):
             out[idx[j // num_return_sequences]].append(tokenizer.decode(seq, skip_special_tokens=True).strip())
+        if time.monotonic() - shown > 15 and start + batch_size < len(order):  # a long evaluation shows progress
+            logger.info("generated replies to %d of %d prompts", start + len(idx), len(order))
+            shown = time.monotonic()
     return out
 
 
@@ -219,7 +222,7 @@ def main(argv: list[str] | None = None) -> Any:
                        num_return_sequences=a.num_return_sequences, batch_size=a.batch_size, seed=a.seed,
                        context_overflow=a.context_overflow)
     n = sum(map(len, replies))
-    logging.getLogger("align.generate").info("%d replies in %.2fs on %s", n, time.perf_counter() - t0, model.device)
+    logger.info("%d replies in %.2fs on %s", n, time.perf_counter() - t0, model.device)
     if a.prompt is not None:
         print("\n".join(replies[0]))
         return replies[0]
