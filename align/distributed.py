@@ -72,12 +72,6 @@ def gathered_params(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield model
 
 
-def make_portable(final_dir: str | os.PathLike) -> str:
-    from align.convert import make_portable as portable
-
-    return portable(final_dir)
-
-
 def _peft_model(model: torch.nn.Module):
     try:
         from peft import PeftModel
@@ -113,6 +107,8 @@ def save_final(
         trainer.save_model(str(final_dir))  # collective gather under ZeRO-3 / FSDP; rank 0 writes
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(str(final_dir))
+            from align.convert import make_portable
+
             make_portable(final_dir)
         trainer.accelerator.wait_for_everyone()
         return final_dir
@@ -125,6 +121,8 @@ def save_final(
             from align.models import merge_adapter
 
             merge_adapter(adapter_dir, final_dir, tokenizer, **load_kwargs)
+            from align.convert import make_portable
+
             make_portable(final_dir)
         elif Path(final_dir).resolve() != adapter_dir.resolve():
             import shutil

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from align.data.formats import DataError, location, read_records, to_preference
-from align.data.prompts import as_messages, split_of
+from align.data.prompts import as_messages, prompt_hash, split_of
 from align.models import MissingInput
 
 logger = logging.getLogger("align.preferences")
@@ -188,8 +188,6 @@ def to_unpaired(rows: list[dict]) -> list[dict]:
 
 def heldout_prompts(splits: dict[str, list[dict]], n: int) -> list[Any]:
     """The first ``n`` distinct prompts of the test split (a string when the prompt is one user message)."""
-    from align.data.prompts import prompt_hash
-
     out, seen = [], set()
     for r in splits["test"]:
         h = prompt_hash(r["prompt"])

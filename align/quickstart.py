@@ -96,23 +96,20 @@ def run(q: QuickstartArguments) -> dict[str, Any]:
         report.setdefault("stage_seconds", {})[name] = round(time.time() - s, 1)
         write_json(report_path, report)
 
-    def configs(name: str, **keys: Any) -> tuple:
-        return stage_configs(q, name, **keys)
-
     def run_tokenizer():
         from align import tokenizer
 
-        tokenizer.train_tokenizer(*configs("tokenizer"))
+        tokenizer.train_tokenizer(*stage_configs(q, "tokenizer"))
 
     def run_pretrain():
         from align import pretrain
 
-        pretrain.train(*configs("pretrain", tokenizer_name_or_path=str(d["tokenizer"]), seed=q.seed))
+        pretrain.train(*stage_configs(q, "pretrain", tokenizer_name_or_path=str(d["tokenizer"]), seed=q.seed))
 
     def run_sft():
         from align import sft
 
-        result = sft.train(*configs("sft", model_name_or_path=str(d["pretrain"] / "final"), seed=q.seed))
+        result = sft.train(*stage_configs(q, "sft", model_name_or_path=str(d["pretrain"] / "final"), seed=q.seed))
         report["sft"] = _figures(result.eval)
         report["pretrain"] = _figures(_eval_pretrained(d["pretrain"] / "final", q.seed))
 
@@ -122,23 +119,23 @@ def run(q: QuickstartArguments) -> dict[str, Any]:
     def run_reward():
         from align import reward
 
-        result = reward.train(*configs("reward", model_name_or_path=str(d["sft"] / "final"), store_url=q.store_url,
-                                       seed=q.seed))
+        result = reward.train(*stage_configs(q, "reward", model_name_or_path=str(d["sft"] / "final"),
+                                             store_url=q.store_url, seed=q.seed))
         report["reward"] = {k: v for k, v in result.eval.items() if k.startswith("accuracy") or k == "mean_margin"}
 
     def run_dpo():
         from align import dpo
 
-        result = dpo.train(*configs("dpo", model_name_or_path=str(d["sft"] / "final"), store_url=q.store_url,
-                                    reward_model_path=str(d["reward"] / "final"), seed=q.seed))
+        result = dpo.train(*stage_configs(q, "dpo", model_name_or_path=str(d["sft"] / "final"), store_url=q.store_url,
+                                          reward_model_path=str(d["reward"] / "final"), seed=q.seed))
         report["dpo"] = _figures(result.eval) | {"win_rate_vs_sft": result.eval.get("win_rate_vs_sft")}
 
     def run_rl(name: str):
         from importlib import import_module
 
         policy = d["dpo" if q.grpo_from == "dpo" and (d["dpo"] / "final").exists() else "sft"] / "final"
-        result = import_module(f"align.{name}").train(*configs(
-            name, model_name_or_path=str(policy), reward_model_path=str(d["reward"] / "final"), seed=q.seed))
+        result = import_module(f"align.{name}").train(*stage_configs(
+            q, name, model_name_or_path=str(policy), reward_model_path=str(d["reward"] / "final"), seed=q.seed))
         report[name] = _figures(result.eval) | {"start": str(policy)}
         sampled, sft = result.eval.get("exact_match_sampled"), report.get("sft", {}).get("exact_match_sampled")
         if sampled is not None and sft is not None:  # RL's yardstick: the gain over SFT's sampled EM (docs/rl.md)
@@ -147,8 +144,8 @@ def run(q: QuickstartArguments) -> dict[str, Any]:
     def run_loop():
         from align import loop
 
-        summary = loop.run(*configs(
-            "loop", policy_path=str(d["dpo"] / "final"), reward_model_path=str(d["reward"] / "final"),
+        summary = loop.run(*stage_configs(
+            q, "loop", policy_path=str(d["dpo"] / "final"), reward_model_path=str(d["reward"] / "final"),
             reward_base_path=str(d["sft"] / "final"), store_url=q.store_url, seed=q.seed,
         ))
         report["loop"] = {k: r["policy"] | {"rm_correctness": r["reward"]["accuracy_correctness"]}

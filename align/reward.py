@@ -39,11 +39,11 @@ from align.data.formats import DataError
 from align.data.prompts import as_messages
 from align.evaluate import world_eval_applies
 from align.models import HEAD_FILE, check_exists, load, load_tokenizer, model_type, peft_config
-from align.preferences import PreferenceDataArguments, load_preferences
+from align.preferences import SOFT_COLUMNS, PreferenceDataArguments, load_preferences, soft_label_columns
 from align.reward_eval import calibration_plot, evaluate_world, margin_metrics, pair_margins
 from align.runs import MetricsCallback, setup_logging, write_json
 from align.score import encode
-from align.soft_labels import SOFT_COLUMNS, SoftLabelRewardTrainer
+from align.soft_labels import SoftLabelRewardTrainer
 from align.stage import StageResult, run_stage
 
 logger = logging.getLogger("align.reward")
@@ -119,7 +119,7 @@ def _margin_of(pref: dict, raw: dict, args: RewardArguments, where: str) -> floa
 def load_pairs(args: RewardArguments) -> tuple[dict[str, list[dict]], dict[str, Any]]:
     """``({"train": pairs, "test": pairs}, info)``; pairs are conversational ``{prompt, chosen, rejected}``."""
     def extra(pref: dict, rec: dict, where: str) -> dict:
-        row = {k: float(rec[k]) for k in SOFT_COLUMNS if k in rec}  # the store's soft-label export
+        row = soft_label_columns(pref, rec, where)  # the store's soft-label export, where the file has it
         if args.margin != "none":
             row["margin"] = _margin_of(pref, rec, args, where)
         return row
