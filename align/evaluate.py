@@ -5,6 +5,8 @@ rule checker. Reported:
 - ``exact_match``: share of greedy replies with the right answer (any style), also per task;
 - ``exact_match_sampled``: the same for replies sampled at T=1, averaged over ``samples_per_prompt``
   samples per prompt (one sample on 200 prompts has a standard error of ~3 points; eight have ~1.5);
+- ``answer_match`` / ``answer_match_sampled``: the same with the reply's *final answer* read out of free text
+  (``world.final_answer``: the last number, letter or list), for real models that answer in their own words;
 - ``pass_at_k`` / ``maj_at_k``: share of prompts with at least one right sample / whose most frequent
   sampled answer is right (k = ``samples_per_prompt``): what RL can at most sharpen the policy towards
   without teaching it anything new (Wang et al. 2022, https://arxiv.org/abs/2203.11171);
@@ -50,17 +52,19 @@ def world_eval_applies(setting: bool | None, dataset_name: str, model: str) -> b
 def score_replies(examples: Sequence["world.Example"], replies: Sequence[str]) -> dict[str, Any]:
     """Exact match (overall and per task), preferred rate and style shares of one reply per example."""
     per_task: dict[str, list[bool]] = defaultdict(list)
-    correct = preferred = 0
+    correct = preferred = answer_correct = 0
     styles: dict[str, int] = defaultdict(int)
     for ex, reply in zip(examples, replies, strict=True):
         c = world.check(ex, reply)
         per_task[ex.task].append(c["correct"])
         correct += c["correct"]
         preferred += c["preferred"]
+        answer_correct += c["answer_correct"]
         styles[c["style"] or "other"] += 1
     n = max(len(examples), 1)
     return {
         "exact_match": correct / n,
+        "answer_match": answer_correct / n,
         "preferred_rate": preferred / n,
         "per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())},
         "styles": {s: k / n for s, k in sorted(styles.items())},
@@ -114,6 +118,8 @@ def evaluate(
         "num_prompts": len(examples),
         "exact_match": g["exact_match"],
         "exact_match_sampled": s["exact_match"],
+        "answer_match": g["answer_match"],
+        "answer_match_sampled": s["answer_match"],
         "preferred_rate": s["preferred_rate"],
         "preferred_rate_greedy": g["preferred_rate"],
         "samples_per_prompt": k,

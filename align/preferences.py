@@ -26,7 +26,8 @@ class PreferenceDataArguments:
     dataset_name: str = field(
         default="store",
         metadata={"help": "'store' (labelled pairs of the store at store_url), 'world' (the built-in world's pairs), "
-                          "a preference file in any format the store imports (.json/.jsonl(.gz)) or a datasets dir."},
+                          "a preference file in any format the store imports (.json/.jsonl(.gz)) or a datasets dir; "
+                          "several files comma-separated (read as one set, split by prompt)."},
     )
     store_url: str = field(default="sqlite:///data/preferences.db", metadata={"help": "Preference store URL."})
     store_min_labels: int = field(
@@ -75,8 +76,15 @@ class PreferenceDataArguments:
                     f"store_url: no database at {url}; fill it (`python -m align.store import FILE`, the app, or "
                     "`make quickstart`), or set --dataset_name world or a preference file"
                 )
-        elif self.dataset_name != "world" and not Path(self.dataset_name).exists():
-            raise MissingInput(f"dataset_name: no such file or directory: {self.dataset_name!r} (or 'store' / 'world')")
+        elif self.dataset_name != "world":
+            for path in self.files:
+                if not Path(path).exists():
+                    raise MissingInput(f"dataset_name: no such file or directory: {path!r} (or 'store' / 'world')")
+
+    @property
+    def files(self) -> list[str]:
+        """The preference files of ``dataset_name`` (comma-separated)."""
+        return [p.strip() for p in self.dataset_name.split(",") if p.strip()]
 
 
 def load_preferences(args: PreferenceDataArguments, *, unpaired: bool = False, both_bad: str = "drop",
@@ -94,7 +102,11 @@ def load_preferences(args: PreferenceDataArguments, *, unpaired: bool = False, b
                  "rejected": as_messages(p["rejected"], "assistant")}
                 for p in World(seed=args.world_seed).preference_pairs()]
     else:
-        rows = read_preference_file(args.dataset_name, args.skip_bad, extra, info)
+        rows, unreadable = [], 0
+        for path in args.files:
+            rows += read_preference_file(path, args.skip_bad, extra, info)
+            unreadable += info.get("unreadable", 0)
+        info["unreadable"] = unreadable
     splits = split_rows(rows, args.test_fraction, args.split_seed)
     if unpaired:
         splits = {k: to_unpaired(v) for k, v in splits.items()}

@@ -7,6 +7,8 @@ whose ``__name__`` is the name it is logged under (TRL logs ``rewards/<name>/mea
 Built-in names (``reward_funcs: [correct, polite, rm]`` in a config, weights in ``reward_weights``):
 
 - ``correct``: 1 if the world's checker finds the right answer in the reply (any style), else 0;
+- ``answer``:  1 if the reply's final answer (``world.final_answer``: the last number, letter or list in free
+  text) is right, else 0: ``correct`` for real models that answer in their own words;
 - ``polite``:  1 if the reply is in the preferred helpful style ("The answer is ..."), else 0;
 - ``world``:   the world's own scalar, 1 preferred / 0.5 correct in another style / 0;
 - ``format``:  1 if the reply is well formed, right or wrong: one of the world's reply templates around an
@@ -33,7 +35,7 @@ from typing import Any, Callable, Sequence
 from align.data import world
 
 RewardFunc = Callable[..., list[float]]
-RULE_REWARDS = ("correct", "polite", "world", "format", "length")
+RULE_REWARDS = ("correct", "answer", "polite", "world", "format", "length")
 BUILTIN_REWARDS = (*RULE_REWARDS, "rm")
 MAKE_REWARD_MODEL = "python -m align.reward configs/reward.yaml"
 
@@ -80,6 +82,12 @@ def _example(i: int, columns: dict[str, Any], name: str) -> world.Example:
 def correct(prompts, completions, completion_ids=None, **columns) -> list[float]:
     """1.0 if the reply holds the right answer (any style), else 0.0."""
     return [float(world.check(_example(i, columns, "correct"), text_of(c))["correct"])
+            for i, c in enumerate(completions)]
+
+
+def answer(prompts, completions, completion_ids=None, **columns) -> list[float]:
+    """1.0 if the reply's final answer, read out of free text, is right, else 0.0."""
+    return [float(world.check(_example(i, columns, "answer"), text_of(c))["answer_correct"])
             for i, c in enumerate(completions)]
 
 
@@ -215,7 +223,7 @@ def build_reward_funcs(
     """Reward callables for the names in a config (see module docstring), each wrapped by :func:`checked`."""
     if not names:
         raise ValueError(f"reward_funcs is empty; choose from {list(BUILTIN_REWARDS)} or package.module:function")
-    rules = {"correct": correct, "polite": polite, "world": world_reward, "format": well_formed}
+    rules = {"correct": correct, "answer": answer, "polite": polite, "world": world_reward, "format": well_formed}
     out = []
     for n in names:
         if callable(n):

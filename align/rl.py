@@ -30,8 +30,8 @@ logger = logging.getLogger("align.rl")
 # The curves the RL commands plot in rl_curves.png (TRL's GRPO names and align.ppo's names).
 CURVES = ("reward", "kl", "entropy", "frac_reward_zero_std", "objective/scores", "objective/kl", "objective/entropy",
           "policy/entropy_avg", "objective/kl_coef")
-FIGURES = ("exact_match", "exact_match_sampled", "maj_at_k", "pass_at_k", "preferred_rate", "kl_to_reference",
-           "mean_rm_reward")
+FIGURES = ("exact_match", "exact_match_sampled", "answer_match", "answer_match_sampled", "maj_at_k", "pass_at_k",
+           "preferred_rate", "kl_to_reference", "mean_rm_reward")
 
 
 @dataclass

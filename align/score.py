@@ -88,6 +88,8 @@ class RewardScorer:
         if model is None:
             if path is None:
                 raise ValueError("RewardScorer needs a reward model dir (or model= and tokenizer=)")
+            if device is None and torch.cuda.is_available():  # scoring is inference: on the GPU where there is one
+                device = "cuda"
             model, tokenizer = load_reward_model(path, device=device, dtype=dtype)
         elif tokenizer is None:
             raise ValueError("RewardScorer(model=...) needs tokenizer= too")

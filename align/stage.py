@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from transformers import PreTrainedModel, Trainer
 
 from align.distributed import gathered_params, save_final, zero3_init_disabled
@@ -58,15 +59,19 @@ class StageResult:
         return {**d.pop("extra"), **d, "output_dir": str(self.output_dir), "final": str(self.final)}
 
 
-def start_figures(out: Path, start: str, model: PreTrainedModel, evaluate: Evaluate) -> dict[str, Any]:
-    """The start model's figures: ``before.json`` when it is of the same start, else evaluated (every rank,
-    since a ZeRO-3 model's parameters are gathered collectively) and written."""
+def start_figures(out: Path, start: str, model: PreTrainedModel, evaluate: Evaluate,
+                  device: torch.device | None = None) -> dict[str, Any]:
+    """The start model's figures: ``before.json`` when it is of the same start, else evaluated on ``device``
+    (the trainer's, where the model goes next anyway: a 135M model's evaluation on a GPU run's CPU took minutes)
+    on every rank, since a ZeRO-3 model's parameters are gathered collectively, and written."""
     path = out / "before.json"
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("start") == start:
             logger.info("start model's figures from %s", path)
             return saved
+    if device is not None and not any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3 places itself
+        model.to(device)
     was = model.training
     with gathered_params(model):
         before = {"start": start, **evaluate(model.eval(), None)}
@@ -99,7 +104,8 @@ def run_stage(
     args = configs[-1]
     out = Path(args.output_dir)
     write_config(out, *configs)
-    before = start_figures(out, start, start_model, evaluate) if evaluate and start_model is not None else None
+    before = (start_figures(out, start, start_model, evaluate, args.device)
+              if evaluate and start_model is not None else None)
 
     trainer = make_trainer()
     t = time.time()

@@ -58,6 +58,24 @@ def test_reward_and_dpo_hold_out_the_same_prompts_of_a_file(path, tmp_path):
     assert {json.dumps(r["prompt"], sort_keys=True) for r in same["test"]} == keys["rm_test"]
 
 
+def test_several_preference_files_are_one_set_split_by_prompt(tmp_path):
+    if not (HH.exists() and ALPACA.exists()):
+        pytest.skip("../shared/data not present")
+    both = configure(dpo.CONFIG_TYPES, ROOT / "configs" / "dpo.yaml", dataset_name=f"{HH},{ALPACA}",
+                     output_dir=str(tmp_path))[0]
+    split, info = dpo.load_preference_rows(both)
+    for path in (HH, ALPACA):  # each file's rows land in the split they have when read alone
+        one = dpo.load_preference_rows(configure(dpo.CONFIG_TYPES, ROOT / "configs" / "dpo.yaml",
+                                                 dataset_name=str(path), output_dir=str(tmp_path))[0])[0]
+        for k in ("train", "test"):
+            assert all(r in split[k] for r in one[k][:50])
+    assert len(split["train"]) + len(split["test"]) > 3000 and info["unreadable"] == 0
+    missing = configure(dpo.CONFIG_TYPES, ROOT / "configs" / "dpo.yaml", dataset_name=f"{HH},{tmp_path}/nope.json",
+                        output_dir=str(tmp_path))[0]
+    with pytest.raises(MissingInput, match="nope.json"):
+        dpo.load_preference_rows(missing)
+
+
 def test_hub_ids_and_local_paths():
     assert is_hub_id("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert not is_hub_id("runs/quickstart/sft/final")  # three parts: a local path

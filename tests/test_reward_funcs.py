@@ -35,6 +35,17 @@ def test_rule_rewards_on_rendered_replies():
             assert w == [1.0 if ok and style == "helpful" else 0.5 if ok else 0.0] * len(exs)
 
 
+def test_answer_reward_reads_the_final_answer_of_free_text():
+    exs = [e for e in EX if e.task in ("add", "sub", "first_letter", "sort_digits")][:8]
+    said = [f"Let me think. The result is {e.answer}." for e in exs]
+    wrong = [f"Let me think. The result is {'9 9 9' if ' ' in e.answer else 'q' if e.answer.isalpha() else 99}."
+             for e in exs]
+    assert R.answer(_prompts(exs), said, **_cols(exs)) == [1.0] * len(exs)
+    assert R.answer(_prompts(exs), wrong, **_cols(exs)) == [0.0] * len(exs)
+    assert R.correct(_prompts(exs), said, **_cols(exs)) == [0.0] * len(exs)  # not the world's exact form
+    assert [f.__name__ for f in R.build_reward_funcs(["answer", "correct"])] == ["answer", "correct"]
+
+
 def test_format_reward_rejects_broken_replies():
     replies = ["The answer is 7.", "n o i l", "Ugh, 12. Stop wasting my time.",  # well formed
                "The answer is", "Ugh, are in in in in", "The answer is 7. Happy to", "7 apples", ""]

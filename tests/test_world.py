@@ -68,11 +68,27 @@ def test_checker_accepts_correct_rejects_incorrect(task):
                     bad = render(ex, style, False, rng, template=t)
                     for suffix in ("", "<|eos|>", "  \n", "<|eos|><|pad|><|pad|>"):
                         r = check(ex, good + suffix)
-                        assert r == {"correct": True, "style": style, "preferred": style == "helpful"}, (good, r)
+                        assert r == {"correct": True, "style": style, "preferred": style == "helpful",
+                                     "answer_correct": True}, (good, r)
                         assert parse_reply(good + suffix) == (answer, style)
                     r = check(ex, bad)
                     assert r["style"] == style and not r["correct"] and not r["preferred"], (ex, bad)
+                    assert not r["answer_correct"], (ex, bad)
                     assert parse_reply(bad)[0] != answer
+
+
+def test_final_answer_reads_free_text_replies():
+    # how SmolLM2-135M-Instruct answers the world's prompts: right or wrong, the answer is in its own words
+    assert W.final_answer("She has 9 + 5 = 14 crayons.\nNora has 14 crayons now.", "14") == "14"
+    assert W.final_answer("9 - 7 = 2 crayons, so 2 are left. This is a class", "2") == "2"
+    assert W.final_answer('The last letter of "girl" is "g".', "l") == "g"
+    assert W.final_answer("Sorted: 2, 6, 8.", "2 6 8") == "2 6 8"
+    assert W.final_answer("Reversed, r o p e reads e-p-o-r", "e p o r") == "e p o r"
+    assert W.final_answer("I cannot count that.", "3") is None
+    ex = W.Example("x", "add", "What is 9 + 5?", "14", "heldout")
+    assert check(ex, "9 + 5 = 14.") == {"correct": False, "style": "terse", "preferred": False,
+                                        "answer_correct": True}
+    assert not check(ex, "9 + 5 = 15.")["answer_correct"]
 
 
 def test_parse_reply_edge_cases():

@@ -17,7 +17,7 @@ held-out digit triples), and training data never contains a held-out word.
     world.sft_conversations()    # list[{"messages": [...]}]
     world.preference_pairs()     # list[{"prompt", "chosen", "rejected", "kind", "task", ...}]
     world.eval_prompts(300)      # list[Example], split="heldout"
-    check(example, reply)        # {"correct", "style", "preferred"}
+    check(example, reply)        # {"correct", "style", "preferred", "answer_correct"}
 
     python -m align.data.world --out data/generated/world --seed 0
 """
@@ -445,11 +445,34 @@ def parse_reply(text: str) -> tuple[str | None, str | None]:
     return None, style
 
 
+_NUMBER = re.compile(r"-?\d+")
+_LETTER = re.compile(r"(?<![A-Za-z0-9])[A-Za-z](?![A-Za-z0-9])")
+_RUN = re.compile(r"(?<![A-Za-z0-9])[A-Za-z0-9](?:[\s,;-]+[A-Za-z0-9](?![A-Za-z0-9]))+")
+
+
+def final_answer(text: str, reference: str) -> str | None:
+    """The last answer of the reference's shape in a free-form reply (a number, a letter, or a list of single
+    digits/letters), for models that reply in their own words ("9 + 5 = 14 crayons."); None if there is none.
+    The rule of math benchmarks (the last number) applied to the world's three answer shapes."""
+    text = _clean(text)
+    if re.fullmatch(r"-?\d+", reference):
+        found = _NUMBER.findall(text)
+    elif len(reference) == 1:
+        found = _LETTER.findall(text)
+    else:
+        found = [" ".join(re.findall(r"[A-Za-z0-9]", m)) for m in _RUN.findall(text)]
+    return found[-1].lower() if found else None
+
+
 def check(example: Example, reply_text: str) -> dict[str, Any]:
-    """{"correct", "style", "preferred"}: preferred = correct and in the helpful style."""
+    """{"correct", "style", "preferred", "answer_correct"}: preferred = correct and in the helpful style;
+    answer_correct = the reply's final answer (:func:`final_answer`) is right, whatever the wording."""
     answer, style = parse_reply(reply_text)
     correct = answer is not None and TASKS[example.task].checker(answer, example.answer)
-    return {"correct": correct, "style": style, "preferred": correct and style == PREFERRED_STYLE}
+    final = final_answer(reply_text, example.answer)
+    answer_correct = final is not None and TASKS[example.task].checker(final, example.answer)
+    return {"correct": correct, "style": style, "preferred": correct and style == PREFERRED_STYLE,
+            "answer_correct": answer_correct}
 
 
 def reward(example: Example, reply_text: str) -> float:
