@@ -51,7 +51,13 @@ from align.preference_trainers import (
     trainer_args,
     trainer_config_class,
 )
-from align.preferences import PreferenceDataArguments, heldout_prompts, load_preferences, soft_label_columns
+from align.preferences import (
+    PreferenceDataArguments,
+    fit_max_length,
+    heldout_prompts,
+    load_preferences,
+    soft_label_columns,
+)
 from align.runs import MetricsCallback, setup_logging
 from align.stage import StageResult, run_stage
 
@@ -222,6 +228,10 @@ def train(
     splits, data = load_preference_rows(args)
     logger.info("data: %s", data)
     tokenizer = load_tokenizer(args.tokenizer_name_or_path or start)
+    splits, data["over_max_length"] = fit_max_length(splits, tokenizer, targs.max_length)
+    if any(v["cut"] or v["no_reply"] for v in data["over_max_length"].values()):
+        logger.warning("rows over max_length=%s: 'cut' lose their reply's end (TRL keeps the start), 'no_reply' "
+                       "(the prompt fills max_length) are dropped: %s", targs.max_length, data["over_max_length"])
     torch.manual_seed(seed)
     model = load(start, dtype=model_args.dtype)
     ref_model = load(args.ref_model_name_or_path, dtype=model_args.dtype) if args.ref_model_name_or_path else None
@@ -254,6 +264,8 @@ def train(
 
     def log(result: StageResult) -> None:
         result.extra["logps_warnings"] = drop_cb.warnings
+        if result.eval is not None:
+            result.eval["over_max_length"] = data["over_max_length"]
         ev, before = result.eval or {}, result.before or {}
         if "preferred_rate" in ev and "preferred_rate" in before:
             compare_plot({"start": before, args.trainer: ev}, result.output_dir / "compare.png",

@@ -189,6 +189,31 @@ def soft_label_columns(pref: dict, rec: dict, where: str) -> dict:
     return row
 
 
+def fit_max_length(splits: dict[str, list[dict]], tokenizer: Any, max_length: int | None
+                   ) -> tuple[dict[str, list[dict]], dict[str, dict[str, int]]]:
+    """Rows for TRL's preference trainers, which keep the first ``max_length`` tokens of prompt + reply
+    (``truncation_mode="keep_start"``): a row whose prompt alone fills ``max_length`` has nothing of its replies
+    left to learn from and is dropped (``no_reply``); ``cut`` counts the rows whose reply loses its end. Per
+    split, for eval.json."""
+    if not max_length:
+        return splits, {}
+
+    def length(messages: list[dict], prompt: bool = False) -> int:
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt,
+                                                 return_dict=False))
+
+    kept, counts = {}, {}
+    for name, rows in splits.items():
+        kept[name], cut = [], 0
+        for r in rows:
+            if length(r["prompt"], prompt=True) >= max_length:
+                continue
+            cut += any(length(r["prompt"] + r[k]) > max_length for k in ("chosen", "rejected", "completion") if k in r)
+            kept[name].append(r)
+        counts[name] = {"rows": len(rows), "cut": cut, "no_reply": len(rows) - len(kept[name])}
+    return kept, counts
+
+
 def to_unpaired(rows: list[dict]) -> list[dict]:
     """Paired rows -> KTO rows: the chosen response desirable, the rejected one undesirable."""
     out = []

@@ -293,6 +293,20 @@ def test_split_is_deterministic_and_by_prompt(pairs):
     assert not test_prompts & {json.dumps(r["prompt"]) for r in a["train"]}
 
 
+def test_rows_over_max_length_are_counted_and_promptless_ones_dropped(tokenizer, pairs):
+    rows = pairs[:6]
+    long = {**rows[0], "prompt": [{"role": "user", "content": " ".join(["apple"] * 300)}]}
+    tokens = lambda r, k: len(tokenizer.apply_chat_template(r["prompt"] + r[k], tokenize=True,  # noqa: E731
+                                                            return_dict=False))
+    limit = max(tokens(r, k) for r in rows for k in ("chosen", "rejected"))
+    kept, counts = P.fit_max_length({"train": rows + [long], "test": rows[:2]}, tokenizer, limit)
+    assert kept["train"] == rows and kept["test"] == rows[:2]  # the 300-word prompt leaves no reply: dropped
+    assert counts == {"train": {"rows": 7, "cut": 0, "no_reply": 1}, "test": {"rows": 2, "cut": 0, "no_reply": 0}}
+    kept, counts = P.fit_max_length({"train": rows}, tokenizer, limit - 1)  # the longest pair loses its last token
+    assert kept["train"] == rows and counts["train"]["cut"] >= 1
+    assert P.fit_max_length({"train": rows}, tokenizer, None) == ({"train": rows}, {})
+
+
 def test_store_export_drops_ties_and_both_bad(tmp_path, pairs):
     from align.store import Store
 
