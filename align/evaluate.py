@@ -136,6 +136,22 @@ def evaluate(
     }
 
 
+def reply_figures(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Any], columns: dict[str, list],
+    reward_funcs: Sequence[Any], ref_path: str | None, *, max_new_tokens: int = 32, seed: int = 0,
+) -> tuple[dict[str, Any], list[str]]:
+    """One reply sampled at T=1 per prompt, and its figures: ``kl_to_reference`` (mean per-sequence KL) and
+    ``reward/<name>`` (each reward's mean, with ``columns`` passed as in training; ``mean_rm_reward``)."""
+    replies, kls = sample_with_kl(model, tokenizer, list(prompts), ref_path, max_new_tokens=max_new_tokens, seed=seed)
+    ev: dict[str, Any] = {"kl_to_reference": sum(kls) / len(kls)}
+    for f in reward_funcs:
+        vals = f(prompts=list(prompts), completions=replies, completion_ids=None, **columns)
+        ev[f"reward/{f.__name__}"] = sum(vals) / len(vals)
+    if "reward/rm" in ev:
+        ev["mean_rm_reward"] = ev["reward/rm"]
+    return ev, replies
+
+
 def evaluate_policy(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[world.Example],
     reward_funcs: Sequence[Any], ref_path: str | None, *, kl_prompts: int = 100, max_new_tokens: int = 32,
@@ -147,16 +163,9 @@ def evaluate_policy(
     ev = evaluate(model, tokenizer, list(examples), max_new_tokens=max_new_tokens, seed=seed)
     sub = list(examples)[:kl_prompts]
     if sub:
-        replies, kls = sample_with_kl(model, tokenizer, [e.prompt for e in sub], ref_path,
-                                      max_new_tokens=max_new_tokens, seed=seed)
-        ev["kl_to_reference"] = sum(kls) / len(kls)
         cols = {"task": [e.task for e in sub], "answer": [e.answer for e in sub]}
-        prompts = [[{"role": "user", "content": e.prompt}] for e in sub]
-        for f in reward_funcs:
-            vals = f(prompts=prompts, completions=replies, completion_ids=None, **cols)
-            ev[f"reward/{f.__name__}"] = sum(vals) / len(vals)
-        if "reward/rm" in ev:
-            ev["mean_rm_reward"] = ev["reward/rm"]
+        ev |= reply_figures(model, tokenizer, [[{"role": "user", "content": e.prompt}] for e in sub], cols,
+                            reward_funcs, ref_path, max_new_tokens=max_new_tokens, seed=seed)[0]
     ev["seconds"] = round(time.time() - t0, 1)
     return ev
 

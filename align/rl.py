@@ -2,13 +2,16 @@
 
 ``prepare(args, model_args, training_args)`` checks the inputs (the start model, the reward models, the reward
 weights) before anything is written, loads the tokenizer and the start policy, builds the rewards and the
-prompt dataset; ``evaluator(...)`` is the stage's evaluation on held-out world prompts (exact match, preferred
-rate, each reward's mean and the KL to the start policy on sampled replies), for ``align.stage.run_stage``.
+prompt dataset (a data file's held-out prompts left out); ``evaluator(...)`` is the stage's evaluation for
+``align.stage.run_stage``: on held-out world prompts, exact match, preferred rate, each reward's mean and the KL to
+the start policy on sampled replies; on a file's held-out prompts, the rewards' means (the reward model's too) and
+the KL.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +21,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from align import reward_funcs as R
 from align.data import world
-from align.data.prompts import as_messages
-from align.evaluate import evaluate_policy
+from align.data.prompts import as_messages, prompt_hash, split_of
+from align.evaluate import evaluate_policy, reply_figures
 from align.generate import read_prompts
 from align.models import check_exists, load, load_tokenizer
 from align.runs import plot_metrics
@@ -71,8 +74,14 @@ class RLArguments:
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer dir; defaults to model_name_or_path's."}
     )
+    test_fraction: float = field(
+        default=0.05,
+        metadata={"help": "File data: share of prompts held out by a hash of the prompt (align.data.prompts.split_of, "
+                          "the reward model's and DPO's rule): never trained on, the evaluation's prompts."},
+    )
     eval_num_prompts: int = field(
-        default=300, metadata={"help": "Held-out world prompts for the before/after evaluation (0 skips it)."}
+        default=300, metadata={"help": "Held-out prompts for the before/after evaluation (0 skips it): the world's "
+                                       "(exact match, ...) or, for file data, the held-out prompts (rewards, KL)."}
     )
     eval_kl_prompts: int = field(
         default=100, metadata={"help": "Held-out prompts whose sampled replies measure the KL and mean rewards."}
@@ -85,6 +94,8 @@ class RLArguments:
                      "rm_uncertainty_penalty"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
         if isinstance(self.reward_funcs, str):
             self.reward_funcs = [self.reward_funcs]
         if not self.reward_funcs:
@@ -96,17 +107,36 @@ class RLArguments:
 
 
 
-def prompt_dataset(dataset_name: str, num_prompts: int, world_seed: int, fresh_words: int = 0) -> Dataset:
-    """Conversational prompts with their extra columns (``task``, ``answer`` for the world)."""
+def prompt_dataset(dataset_name: str, num_prompts: int, world_seed: int, fresh_words: int = 0,
+                   test_fraction: float = 0.0) -> Dataset:
+    """Conversational training prompts with their extra columns (``task``, ``answer`` for the world); a file's
+    held-out prompts (``test_fraction``) are left out."""
     if dataset_name == "world":
         exs = world.World(world_seed, n_rl=max(num_prompts, 1)).rl_prompts(num_prompts, fresh_words)
         return Dataset.from_list(
             [{"prompt": [{"role": "user", "content": e.prompt}], "task": e.task, "answer": e.answer} for e in exs]
         )
-    rows = [{**rec, "prompt": as_messages(prompt)} for rec, prompt in read_prompts(dataset_name)]
+    rows = file_prompts(dataset_name, "train", test_fraction)
     if not rows:
-        raise ValueError(f"{dataset_name}: no prompts")
+        raise ValueError(f"{dataset_name}: no training prompts (test_fraction {test_fraction})")
     return Dataset.from_list(rows[: num_prompts or None])
+
+
+def file_prompts(dataset_name: str, split: str, test_fraction: float) -> list[dict[str, Any]]:
+    """A data file's records in ``split`` ("train" / "test", by prompt hash), each with a conversational ``prompt``;
+    the test split once per distinct prompt."""
+    rows, seen = [], set()
+    for rec, prompt in read_prompts(dataset_name):
+        messages = as_messages(prompt)
+        if split_of(messages, test_fraction) != split:
+            continue
+        if split == "test":
+            h = prompt_hash(messages)
+            if h in seen:
+                continue
+            seen.add(h)
+        rows.append({**rec, "prompt": messages})
+    return rows
 
 
 def heldout_examples(world_seed: int, n: int) -> list[world.Example]:
@@ -139,7 +169,8 @@ def prepare(args: RLArguments, model_args: Any, training_args: Any) -> RLSetup:
     tokenizer = load_tokenizer(args.tokenizer_name_or_path or start)
     reward_funcs = R.build_reward_funcs(args.reward_funcs, args.reward_model_path, length_target=args.length_target,
                                         rm_uncertainty_penalty=args.rm_uncertainty_penalty)
-    dataset = prompt_dataset(args.dataset_name, args.num_prompts, args.world_seed, args.world_fresh_words)
+    dataset = prompt_dataset(args.dataset_name, args.num_prompts, args.world_seed, args.world_fresh_words,
+                             args.test_fraction)
     torch.manual_seed(training_args.seed)
     model = load(start, dtype=model_args.dtype)
     if torch.cuda.is_available() and not model_args.use_peft:  # rollouts: static cache + CUDA-graph decode
@@ -151,19 +182,42 @@ def prepare(args: RLArguments, model_args: Any, training_args: Any) -> RLSetup:
 
 
 def evaluator(args: RLArguments, setup: RLSetup, seed: int):
-    """The before/after evaluation on held-out world prompts (None when ``eval_num_prompts`` is 0); the KL is
-    to the start policy, read from its dir."""
+    """The before/after evaluation (None when ``eval_num_prompts`` is 0): on held-out world prompts, exact match and
+    the rest (:func:`align.evaluate.evaluate_policy`); on a data file's held-out prompts, each reward's mean (the
+    reward model's too, where given) and the KL on sampled replies, since the world's checks mean nothing there.
+    The KL is to the start policy, read from its dir."""
     if not args.eval_num_prompts:
         return None
-    examples = heldout_examples(args.world_seed, args.eval_num_prompts)
     funcs = R.eval_reward_funcs(args.reward_funcs, args.reward_model_path, args.length_target)
+    if args.dataset_name == "world":
+        examples = heldout_examples(args.world_seed, args.eval_num_prompts)
 
-    def evaluate(policy: PreTrainedModel, before: dict | None) -> dict[str, Any]:
+        def evaluate(policy: PreTrainedModel, before: dict | None) -> dict[str, Any]:
+            ref = None if before is None else setup.start
+            return evaluate_policy(policy, setup.tokenizer, examples, funcs, ref, kl_prompts=args.eval_kl_prompts,
+                                   max_new_tokens=args.eval_max_new_tokens, seed=seed)
+
+        return evaluate
+
+    rows = file_prompts(args.dataset_name, "test", args.test_fraction)[: args.eval_num_prompts]
+    if not rows:
+        logger.warning("%s has no held-out prompts (test_fraction %s): no evaluation", args.dataset_name,
+                       args.test_fraction)
+        return None
+    prompts = [r["prompt"] for r in rows]
+    columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
+
+    def evaluate_file(policy: PreTrainedModel, before: dict | None) -> dict[str, Any]:
+        t0 = time.time()
         ref = None if before is None else setup.start
-        return evaluate_policy(policy, setup.tokenizer, examples, funcs, ref, kl_prompts=args.eval_kl_prompts,
-                               max_new_tokens=args.eval_max_new_tokens, seed=seed)
+        ev, replies = reply_figures(policy, setup.tokenizer, prompts, columns, funcs, ref,
+                                    max_new_tokens=args.eval_max_new_tokens, seed=seed)
+        lengths = [len(setup.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies]
+        return {"num_prompts": len(prompts), **ev, "mean_length": sum(lengths) / len(lengths),
+                "seconds": round(time.time() - t0, 1),
+                "samples": [{"prompt": p, "sampled": r} for p, r in list(zip(prompts, replies))[:8]]}
 
-    return evaluate
+    return evaluate_file
 
 
 def log_run(result: StageResult) -> None:
@@ -175,4 +229,4 @@ def log_run(result: StageResult) -> None:
         compare_plot({"before": result.before, "after": result.eval}, result.output_dir / "eval.png", title=title)
     plot_metrics(result.output_dir / "metrics.jsonl", result.output_dir / "rl_curves.png", keys=CURVES,
                  title=f"{title}: reward, KL, entropy")
-    log_figures(result, FIGURES)
+    log_figures(result, FIGURES + tuple(k for k in result.eval or {} if k.startswith("reward/")) + ("mean_length",))

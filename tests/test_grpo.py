@@ -171,6 +171,35 @@ def test_grpo_command_without_rm_on_fresh_words(tmp_path):
     assert words & set(fresh_words(100))
 
 
+def test_grpo_on_a_preference_file_holds_out_prompts_and_scores_them_by_the_rm(tmp_path):
+    from align.data.prompts import prompt_hash, split_of
+    from align.grpo import main
+    from align.rl import file_prompts, prompt_dataset
+
+    d = tiny_dirs()
+    pairs = tmp_path / "pairs.jsonl"
+    with pairs.open("w") as f:
+        for i in range(60):
+            f.write(json.dumps({"prompt": f"Say something about {i}.", "chosen": "Yes.", "rejected": "No."}) + "\n")
+    train = prompt_dataset(str(pairs), 0, 0, test_fraction=0.2).to_list()
+    test = file_prompts(str(pairs), "test", 0.2)
+    assert train and test and len(train) + len(test) == 60
+    assert not {prompt_hash(r["prompt"]) for r in train} & {prompt_hash(r["prompt"]) for r in test}
+    assert all(split_of(r["prompt"], 0.2) == "test" for r in test)
+    summary = main([
+        "configs/grpo.yaml", "--output_dir", str(tmp_path / "run"), "--model_name_or_path", d["policy"],
+        "--dataset_name", str(pairs), "--test_fraction", "0.2", "--reward_funcs", "[rm, length]",
+        "--reward_weights", "[1.0, 0.1]", "--reward_model_path", d["rm"], "--max_steps", "1",
+        "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "4",
+        "--eval_num_prompts", "5", "--eval_max_new_tokens", "4",
+    ])
+    for ev in (summary.before, summary.eval):  # the held-out prompts' rewards and KL; no world checks
+        assert ev["num_prompts"] == min(5, len(test)) and "exact_match" not in ev
+        assert {"reward/rm", "reward/length", "mean_rm_reward", "kl_to_reference", "mean_length"} <= set(ev)
+    assert abs(summary.before["kl_to_reference"]) < 1e-6
+    assert summary.eval["samples"][0]["prompt"] == test[0]["prompt"]
+
+
 def test_missing_reward_model_dir_says_which_command(tmp_path):
     from align.grpo import main
 
