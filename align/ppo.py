@@ -20,7 +20,6 @@ from trl import ModelConfig
 
 from align import reward_funcs as R
 from align.config import parse, run_command
-from align.convert import make_portable
 from align.models import load, load_tokenizer, peft_config
 from align.ppo_trainer import PPOConfig, PPOTrainer
 from align.rl import RLArguments, evaluator, log_run, prepare
@@ -58,17 +57,6 @@ def load_value_model(path: str | None, tokenizer: PreTrainedTokenizerBase, dtype
     return load(p, "value", dtype=dtype, key="value_model_path")
 
 
-def save_policy(trainer: PPOTrainer, final: Path) -> Path:
-    """final/: the policy alone, LoRA merged (the critic stays in the checkpoints)."""
-    policy = trainer.policy
-    if hasattr(policy, "merge_and_unload"):
-        policy = policy.merge_and_unload()
-    policy.save_pretrained(str(final))
-    trainer.processing_class.save_pretrained(str(final))
-    make_portable(final)  # loads in plain transformers (align's decoder as Llama where it is Llama-equivalent)
-    return final
-
-
 def train(args: PPOArguments, model_args: ModelConfig, training_args: PPOConfig) -> StageResult:
     run = prepare(args, model_args, training_args)
     value_model = load_value_model(args.value_model_path, run.tokenizer, model_args.dtype)
@@ -84,7 +72,7 @@ def train(args: PPOArguments, model_args: ModelConfig, training_args: PPOConfig)
     return run_stage("ppo", (args, model_args, training_args), make_trainer, run.tokenizer, start=run.start,
                      start_model=run.model if args.eval_before else None,
                      evaluate=evaluator(args, run, training_args.seed), data={"prompts": len(run.dataset)},
-                     save=save_policy, log=log_run)
+                     log=log_run)
 
 
 def main(argv: list[str] | None = None) -> StageResult:

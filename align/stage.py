@@ -117,9 +117,9 @@ def run_stage(
         return result
 
     if evaluate is not None:
-        with zero3_init_disabled():
+        with zero3_init_disabled():  # the evaluation's own loads (a reference) are whole too: rank 0 is alone here
             model = load(final, head, device=trainer.args.device)
-        result.eval = evaluate(model, before)
+            result.eval = evaluate(model, before)
         del model
     if trl_eval:
         result.eval = (result.eval or {}) | {v: trl_eval[k] for k, v in _TRL_METRICS.items() if k in trl_eval}
