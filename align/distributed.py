@@ -110,7 +110,8 @@ def save_final(
             tokenizer.save_pretrained(str(final_dir))
             from align.convert import make_portable
 
-            make_portable(final_dir)
+            with zero3_init_disabled():  # it reloads final/ on this process alone
+                make_portable(final_dir)
         trainer.accelerator.wait_for_everyone()
         return final_dir
 
@@ -124,7 +125,8 @@ def save_final(
             merge_adapter(adapter_dir, final_dir, tokenizer, **load_kwargs)
             from align.convert import make_portable
 
-            make_portable(final_dir)
+            with zero3_init_disabled():
+                make_portable(final_dir)
         elif Path(final_dir).resolve() != adapter_dir.resolve():
             import shutil
 
