@@ -402,6 +402,9 @@ class PPOTrainer(Trainer):
         super().__init__(model=wrapper, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          data_collator=lambda rows: rows, callbacks=callbacks)
         self.policy = model
+        if self.is_fsdp_enabled:  # generation would need the FSDP shards gathered, which is not wired up
+            raise ValueError("align.ppo runs under DDP and DeepSpeed ZeRO-2/3, not FSDP: launch it with "
+                             "configs/accelerate/ddp.yaml, zero2.yaml or zero3.yaml (docs/distributed.md)")
         if self.ref_model is not None:  # DeepSpeed: an inference engine (ZeRO-3: sharded, else replicated)
             self.ref_model = (prepare_deepspeed(self.ref_model, self.accelerator) if self.is_deepspeed_enabled
                               else self.ref_model.to(args.device))

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from transformers import PreTrainedModel, Trainer
 
-from align.distributed import gathered_params, save_final, zero3_init_disabled
+from align.distributed import gathered_params, is_main_process, save_final, zero3_init_disabled
 from align.models import load
 from align.runs import resume_checkpoint, write_config, write_json
 
@@ -71,7 +71,8 @@ def start_figures(out: Path, start: str, model: PreTrainedModel, evaluate: Evalu
     with gathered_params(model):
         before = {"start": start, **evaluate(model.eval(), None)}
     model.train(was)
-    write_json(path, before)
+    if is_main_process():  # every rank has the same figures; one writes them
+        write_json(path, before)
     return before
 
 
@@ -98,7 +99,8 @@ def run_stage(
     t0 = time.time()
     args = configs[-1]
     out = Path(args.output_dir)
-    write_config(out, *configs)
+    if is_main_process():
+        write_config(out, *configs)
     before = start_figures(out, start, start_model, evaluate) if evaluate and start_model is not None else None
 
     trainer = make_trainer()

@@ -10,6 +10,7 @@ over equal per-process batches. Dropout is off (LoRA dropout 0), so the gradient
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -286,13 +287,15 @@ def test_ppo_command_ddp_lora_final_loads_and_resumes(lm_dir, tmp_path):
 # weights, sharded checkpoints and resuming, final/ consolidated on rank 0. Communication between processes is DDP's
 # test above. Without deepspeed installed these skip (pip install -e '.[deepspeed]').
 DS_ENV = {k: v for k, v in ENV.items() if k != "ACCELERATE_USE_CPU"}
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="pip install -e '.[deepspeed]'")
 
 
 @pytest.mark.slow
+@needs_deepspeed
 @pytest.mark.parametrize("config", ["zero2", "zero3"])
 def test_ppo_deepspeed_makes_the_plain_update(lm_dir, tmp_path, config):
     """The same replies, 2 micro-batches per optimizer step: the DeepSpeed engine's update equals the plain one."""
-    pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
     (w_plain, i_plain), = _ppo_ranks(lm_dir, tmp_path / "plain", 1, batch=4, fixed=True, gradient_accumulation_steps=2)
     (w_ds, i_ds), = _ppo_ranks(lm_dir, tmp_path / config, 1, batch=4, fixed=True, config=f"{config}.yaml",
                                gradient_accumulation_steps=2, use_cpu=False)
@@ -304,12 +307,12 @@ def test_ppo_deepspeed_makes_the_plain_update(lm_dir, tmp_path, config):
 
 
 @pytest.mark.slow
+@needs_deepspeed
 @pytest.mark.parametrize("config,lora", [("zero2", False), ("zero3", False), ("zero3", True)],
                          ids=["zero2", "zero3", "zero3-lora"])
 def test_ppo_command_deepspeed_resumes_and_final_loads(lm_dir, tmp_path, config, lora):
     """python -m align.ppo under DeepSpeed: sampled replies (ZeRO-3: from gathered weights), the sharded checkpoint
     resumes, final/ is consolidated and loads, the evaluation (with its KL to the start model) runs."""
-    pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
     peft = ["--use_peft", "true", "--lora_r", "4", "--lora_dropout", "0", "--lora_target_modules", "[q_proj, v_proj]"]
     argv = [str(ROOT / "configs" / "ppo.yaml"), "--model_name_or_path", str(lm_dir), "--output_dir", str(tmp_path),
             *(peft if lora else []), "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
