@@ -103,7 +103,8 @@ def save_final(
     """
     final_dir = Path(final_dir)
     # a trainer whose model is its policy plus a critic (align's PPO) saves, and names, the policy alone
-    peft_model = _peft_model(getattr(trainer, "policy", None) or trainer.accelerator.unwrap_model(trainer.model))
+    saved = getattr(trainer, "policy", None)
+    peft_model = _peft_model(saved if saved is not None else trainer.accelerator.unwrap_model(trainer.model))
     if peft_model is None:
         trainer.save_model(str(final_dir))  # collective gather under ZeRO-3 / FSDP; rank 0 writes
         if trainer.is_world_process_zero():

@@ -4,7 +4,8 @@ The trainer is ``align.ppo_trainer`` (``PPOTrainer`` beside ``PPOConfig``, the T
 model and what is logged are documented there). This command starts it from an SFT/DPO policy on the RL
 commands' prompts and rewards (``align.rl``), and evaluates the start and the result on held-out world
 prompts: ``eval.json`` (with ``before``), ``eval.png``, ``rl_curves.png``; ``final/`` is the policy alone (LoRA
-merged), a standalone causal LM.
+merged), a standalone causal LM. Under ``accelerate launch`` (DDP, DeepSpeed ZeRO-2/3) each process rolls out its share
+of the prompts; see docs/distributed.md, "PPO".
 """
 
 from __future__ import annotations

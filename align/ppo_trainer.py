@@ -712,7 +712,7 @@ class PPOTrainer(Trainer):
         return out
 
     def _load_ppo_checkpoint(self, path: Path) -> None:
-        if self.is_deepspeed_enabled:  # weights + optimizer, resharded to this run's process count
+        if self.is_deepspeed_enabled:  # weights + optimizer states: the engine's own checkpoint
             deepspeed_load_checkpoint(self.model_wrapped, str(path), load_module_strict=not self.is_peft)
         else:
             if not (path / "trainable.pt").exists():
