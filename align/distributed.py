@@ -102,14 +102,17 @@ def save_final(
     (``align.models.merge_adapter``); without ``merge``, ``final_dir`` gets a copy of the adapter dir.
     """
     final_dir = Path(final_dir)
-    peft_model = _peft_model(trainer.accelerator.unwrap_model(trainer.model))
+    # a trainer whose model is its policy plus a critic (align's PPO) saves, and names, the policy alone
+    saved = getattr(trainer, "policy", None)
+    peft_model = _peft_model(saved if saved is not None else trainer.accelerator.unwrap_model(trainer.model))
     if peft_model is None:
         trainer.save_model(str(final_dir))  # collective gather under ZeRO-3 / FSDP; rank 0 writes
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(str(final_dir))
             from align.convert import make_portable
 
-            make_portable(final_dir)
+            with zero3_init_disabled():  # it reloads final/ on this process alone
+                make_portable(final_dir)
         trainer.accelerator.wait_for_everyone()
         return final_dir
 
@@ -123,7 +126,8 @@ def save_final(
             merge_adapter(adapter_dir, final_dir, tokenizer, **load_kwargs)
             from align.convert import make_portable
 
-            make_portable(final_dir)
+            with zero3_init_disabled():
+                make_portable(final_dir)
         elif Path(final_dir).resolve() != adapter_dir.resolve():
             import shutil
 

@@ -4,7 +4,8 @@ The trainer is ``align.ppo_trainer`` (``PPOTrainer`` beside ``PPOConfig``, the T
 model and what is logged are documented there). This command starts it from an SFT/DPO policy on the RL
 commands' prompts and rewards (``align.rl``), and evaluates the start and the result on held-out world
 prompts: ``eval.json`` (with ``before``), ``eval.png``, ``rl_curves.png``; ``final/`` is the policy alone (LoRA
-merged), a standalone causal LM.
+merged), a standalone causal LM. Under ``accelerate launch`` (DDP, DeepSpeed ZeRO-2/3) each process rolls out its share
+of the prompts; see docs/distributed.md, "PPO".
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from trl import ModelConfig
 
 from align import reward_funcs as R
 from align.config import parse, run_command
-from align.convert import make_portable
 from align.models import load, load_tokenizer, peft_config
 from align.ppo_trainer import PPOConfig, PPOTrainer
 from align.rl import RLArguments, evaluator, log_run, prepare
@@ -58,17 +58,6 @@ def load_value_model(path: str | None, tokenizer: PreTrainedTokenizerBase, dtype
     return load(p, "value", dtype=dtype, key="value_model_path")
 
 
-def save_policy(trainer: PPOTrainer, final: Path) -> Path:
-    """final/: the policy alone, LoRA merged (the critic stays in the checkpoints)."""
-    policy = trainer.policy
-    if hasattr(policy, "merge_and_unload"):
-        policy = policy.merge_and_unload()
-    policy.save_pretrained(str(final))
-    trainer.processing_class.save_pretrained(str(final))
-    make_portable(final)  # loads in plain transformers (align's decoder as Llama where it is Llama-equivalent)
-    return final
-
-
 def train(args: PPOArguments, model_args: ModelConfig, training_args: PPOConfig) -> StageResult:
     run = prepare(args, model_args, training_args)
     value_model = load_value_model(args.value_model_path, run.tokenizer, model_args.dtype)
@@ -84,7 +73,7 @@ def train(args: PPOArguments, model_args: ModelConfig, training_args: PPOConfig)
     return run_stage("ppo", (args, model_args, training_args), make_trainer, run.tokenizer, start=run.start,
                      start_model=run.model if args.eval_before else None,
                      evaluate=evaluator(args, run, training_args.seed), data={"prompts": len(run.dataset)},
-                     save=save_policy, log=log_run)
+                     log=log_run)
 
 
 def main(argv: list[str] | None = None) -> StageResult:

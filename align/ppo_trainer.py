@@ -38,7 +38,16 @@ Departures from the references: (a) the default value head shares the policy's t
 sits on the reply's last real token (EOS) and values are masked after it (TRL 1.12 put it one position later,
 on the first padding slot); (c) no reward-model normalisation from a calibration set (Ziegler et al. normalise
 RM outputs; rule rewards are in [0, 1] already); (d) the learning-rate schedule steps once per PPO iteration, as
-in TRL; (e) single process (no DeepSpeed/FSDP wiring).
+in TRL.
+
+Under ``accelerate launch`` (DDP, DeepSpeed ZeRO-2/3; docs/distributed.md), as TRL 1.12 did: each process rolls
+out its own ``B`` prompts of the global batch of ``B * num_processes`` (with its own sampling seed), scores them and
+computes its GAE; the advantage (and reward) whitening uses the mean and variance of the global batch (sums
+all-reduced); the policy and its critic are one module prepared by accelerate (DDP all-reduces the gradients,
+DeepSpeed shards them); generation under ZeRO-3 gathers the weights (TRL's ``unwrap_model_for_generation``); the
+frozen reference copy is a DeepSpeed inference engine (TRL's ``prepare_deepspeed``: sharded under ZeRO-3); the
+logged figures and the adaptive KL are means over processes; rank 0 writes logs, checkpoints (DeepSpeed: every rank
+its shard) and ``final/``.
 
 Logged per iteration (``metrics.jsonl``, names as TRL 1.12): ``objective/scores``, ``rewards/<name>/mean``,
 ``objective/kl`` (mean per-reply KL), ``objective/kl_coef``, ``objective/entropy`` (per-reply NLL sum),
@@ -60,7 +69,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -71,7 +80,9 @@ from transformers import (
     TrainerState,
     TrainingArguments,
 )
+from transformers.integrations.deepspeed import deepspeed_init, deepspeed_load_checkpoint, is_deepspeed_zero3_enabled
 from transformers.trainer_utils import TrainOutput
+from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
 
 from align import reward_funcs as R
@@ -159,6 +170,7 @@ class PPOConfig(TrainingArguments):
 
     @property
     def batch_size_total(self) -> int:
+        """Prompts per process and iteration (the global batch is this times the number of processes)."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
 
@@ -191,11 +203,15 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (unbiased var); ``shift_mean=False`` keeps the mean."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = masked_mean((x - mean) ** 2, mask) * (n / (n - 1).clamp(min=1))
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (unbiased var); ``shift_mean=False`` keeps the mean.
+    ``all_reduce`` (a sum over processes) makes mean and variance those of the global batch."""
+    reduce = all_reduce or (lambda t: t)
+    total, n = reduce(torch.stack([(x * mask).sum(), mask.sum()]).double())
+    mean = (total / n.clamp(min=1)).to(x.dtype)
+    sq = reduce(((x - mean) ** 2 * mask).sum().double())
+    var = (sq / (n - 1).clamp(min=1)).to(x.dtype)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return out if shift_mean else out + mean
 
@@ -248,7 +264,24 @@ def ppo_losses(
 # ----------------------------------------------------------------------------------------------- models
 
 
-class PolicyWithValueHead(nn.Module):
+class _PolicyAndCritic(nn.Module):
+    """What both critics share: trl's ``unwrap_model_for_generation`` turns activation checkpointing off around
+    ``generate`` through these."""
+
+    policy: nn.Module
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.policy, "is_activation_checkpointing", False))
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.policy.activation_checkpointing_disable()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        self.policy.activation_checkpointing_enable(gradient_checkpointing_kwargs)
+
+
+class PolicyWithValueHead(_PolicyAndCritic):
     """The policy plus a linear value head on its last hidden states: ``forward -> (logits, values)``,
     (B, S, V), (B, S)."""
 
@@ -273,7 +306,7 @@ class PolicyWithValueHead(nn.Module):
         return self.value_head
 
 
-class PolicyAndValueModel(nn.Module):
+class PolicyAndValueModel(_PolicyAndCritic):
     """The policy plus a separate value model: ``forward -> (logits, values)``, (B, S, V), (B, S).
 
     The value model is a sequence-classification model (TRL 1.12's ``PolicyAndValueWrapper``): its backbone's
@@ -348,6 +381,11 @@ class PPOTrainer(Trainer):
         if self.is_peft:
             self.ref_model = None
         else:
+            if ref_model is None and is_deepspeed_zero3_enabled():
+                # a ZeRO-3 partitioned model cannot be deep-copied: reload the start model, partitioned (as TRL does)
+                from align.models import load
+
+                ref_model = load(model.config._name_or_path, dtype=model.dtype)
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
             self.ref_model.requires_grad_(False).eval()
         if args.disable_dropout:
@@ -364,12 +402,18 @@ class PPOTrainer(Trainer):
         super().__init__(model=wrapper, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          data_collator=lambda rows: rows, callbacks=callbacks)
         self.policy = model
+        if self.is_fsdp_enabled:  # generation would need the FSDP shards gathered, which is not wired up
+            raise ValueError("align.ppo runs under DDP and DeepSpeed ZeRO-2/3, not FSDP: launch it with "
+                             "configs/accelerate/ddp.yaml, zero2.yaml or zero3.yaml (docs/distributed.md)")
+        if self.ref_model is not None:  # DeepSpeed: an inference engine (ZeRO-3: sharded, else replicated)
+            self.ref_model = (prepare_deepspeed(self.ref_model, self.accelerator) if self.is_deepspeed_enabled
+                              else self.ref_model.to(args.device))
         self.kl_ctl = (AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon) if args.adaptive_kl
                        else FixedKLController(args.kl_coef))
         tok = processing_class
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.eos_id = tok.eos_token_id if args.stop_token == "eos" else None
-        B = args.batch_size_total
+        B = args.batch_size_total * args.world_size  # the global batch
         if args.max_steps and args.max_steps > 0:
             self.num_updates = args.max_steps
         elif args.total_episodes:
@@ -393,21 +437,36 @@ class PPOTrainer(Trainer):
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[nn.Module]:
-        """pi_ref: the policy with its adapters disabled (LoRA), else the frozen copy."""
+        """pi_ref: the policy with its adapters disabled (LoRA), else the frozen copy (a DeepSpeed engine under
+        DeepSpeed)."""
         if self.is_peft:
             with self.policy.disable_adapter():
                 yield self.policy
         else:
-            yield self.ref_model.to(self.args.device)
+            yield self.ref_model
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over processes (the identity in one process)."""
+        return self.accelerator.reduce(t, reduction="sum") if self.accelerator.num_processes > 1 else t
+
+    def _mean_over_processes(self, stats: dict[str, float]) -> dict[str, float]:
+        """Each figure's mean over processes (their batches are of equal size, so the global batch's mean)."""
+        if self.accelerator.num_processes == 1:
+            return stats
+        keys = sorted(stats)
+        t = self._sum(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self.args.device))
+        return {k: v / self.accelerator.num_processes for k, v in zip(keys, t.tolist())}
 
     def _logprobs(self, logits: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
         return selective_log_softmax(logits.float() / self.args.temperature, responses)
 
     def _rows(self, update: int) -> list[dict]:
-        """The prompts of iteration ``update``: a fresh seeded permutation of the dataset per pass (resumable)."""
+        """This process's prompts of iteration ``update``: its share of the global batch, from a fresh seeded
+        permutation of the dataset per pass (resumable; N processes x B see the prompts 1 process x N*B sees)."""
         n, B = len(self.train_dataset), self.args.batch_size_total
+        first = (update * self.args.world_size + self.args.process_index) * B
         out = []
-        for p in range(update * B, (update + 1) * B):
+        for p in range(first, first + B):
             perm = np.random.default_rng(self.args.seed + p // n).permutation(n)
             out.append(self.train_dataset[int(perm[p % n])])
         return out
@@ -418,6 +477,17 @@ class PPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ 1-4: rollout, rewards, GAE
 
+    def _sample(self, q: torch.Tensor, qm: torch.Tensor) -> torch.Tensor:
+        """(B, T) replies sampled from the policy, padded after the first EOS by ``generate``. Under ZeRO-3 the
+        weights are gathered for the whole ``generate`` (trl's ``unwrap_model_for_generation``)."""
+        args = self.args
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+            out = unwrapped.policy.generate(
+                input_ids=q, attention_mask=qm, max_new_tokens=args.max_completion_length, do_sample=True,
+                temperature=args.temperature, top_k=0, top_p=1.0, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+            )
+        return out[:, q.size(1):]
+
     @torch.no_grad()
     def rollout(self, rows: Sequence[dict]) -> Rollout:
         args, model = self.args, self.model
@@ -427,11 +497,7 @@ class PPOTrainer(Trainer):
         q, qm = self._encode_prompts(prompts)
         L = q.size(1)
         model.eval()
-        out = self.policy.generate(
-            input_ids=q, attention_mask=qm, max_new_tokens=args.max_completion_length, do_sample=True,
-            temperature=args.temperature, top_k=0, top_p=1.0, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-        )
-        responses = out[:, L:]
+        responses = self._sample(q, qm)
         mask = response_mask(responses, self.eos_id)
         responses = responses.masked_fill(mask == 0, self.pad_id)
         seqs, attn = torch.cat([q, responses], 1), torch.cat([qm, mask], 1)
@@ -442,8 +508,8 @@ class PPOTrainer(Trainer):
         logprobs = self._logprobs(logits, responses)
         entropy = masked_mean(entropy_from_logits(logits.float() / args.temperature), mask.float())
         del logits
-        with self.reference() as ref:
-            ref_logits = ref(**masked_inputs(ref, seqs, attn)).logits
+        with self.reference() as ref, self.accelerator.autocast():  # the precision the policy's forward runs at
+            ref_logits = ref(**masked_inputs(self.accelerator.unwrap_model(ref), seqs, attn)).logits
             ref_logprobs = self._logprobs(ref_logits[:, L - 1 : -1], responses)
             del ref_logits
 
@@ -464,12 +530,12 @@ class PPOTrainer(Trainer):
         rewards = non_score.clone()
         last = mask.sum(1) - 1  # index of the EOS (or of the last token of a reply without one)
         rewards[torch.arange(len(rows), device=seqs.device), last] += scores
-        if args.whiten_rewards:
-            rewards = masked_whiten(rewards, maskf, shift_mean=False) * maskf
+        if args.whiten_rewards:  # over the global batch: the statistics of all processes' replies
+            rewards = masked_whiten(rewards, maskf, shift_mean=False, all_reduce=self._sum) * maskf
         values = values.float() * maskf
         advantages, returns = compute_gae(rewards, values, maskf, args.gamma, args.lam)
         if args.whiten_advantages:
-            advantages = masked_whiten(advantages, maskf) * maskf
+            advantages = masked_whiten(advantages, maskf, all_reduce=self._sum) * maskf
 
         kl_seq = kl.sum(1)
         stats = {
@@ -487,13 +553,15 @@ class PPOTrainer(Trainer):
             "time/generate_s": round(t_gen, 2),
             **{f"rewards/{k}/mean": float(np.mean(v)) for k, v in per.items()},
         }
+        stats = self._mean_over_processes(stats)  # every process logs and adapts the KL coefficient alike
+        stats["val/num_eos_tokens"] = int(round(stats["val/num_eos_tokens"] * self.accelerator.num_processes))
         return Rollout(seqs, attn, L, maskf, logprobs * maskf, ref_logprobs * maskf, values, advantages, returns,
                        scores, kl, stats, completions)
 
     # ------------------------------------------------------------------ 5: PPO epochs
 
     def ppo_update(self, ro: Rollout) -> dict[str, float]:
-        args, model = self.args, self.model
+        args, model = self.args, self.model_wrapped  # DDP / DeepSpeed engine (the module itself in one process)
         model.train()
         B = ro.query_responses.size(0)
         mini = B // args.num_mini_batches
@@ -508,23 +576,27 @@ class PPOTrainer(Trainer):
                 self.optimizer.zero_grad()
                 for m0 in range(0, len(mb), micro):
                     idx = mb[m0 : m0 + micro].to(ro.query_responses.device)
-                    logits, vpred = model(input_ids=ro.query_responses[idx], attention_mask=ro.attention_mask[idx])
-                    logits, vpred = logits[:, L - 1 : -1], vpred[:, L - 1 : -1].float()
-                    responses = ro.query_responses[idx, L:]
-                    new_lp = self._logprobs(logits, responses)
-                    m = ro.mask[idx]
-                    out = ppo_losses(new_lp, ro.logprobs[idx], ro.advantages[idx], vpred, ro.values[idx],
-                                     ro.returns[idx], m, args.cliprange, args.cliprange_value)
-                    loss = (out["pg_loss"] + args.vf_coef * out["vf_loss"]) * (len(idx) / len(mb))
-                    loss.backward()
+                    last = m0 + micro >= len(mb)
+                    with self._accumulating(model, last):
+                        logits, vpred = model(input_ids=ro.query_responses[idx],
+                                              attention_mask=ro.attention_mask[idx])
+                        logits, vpred = logits[:, L - 1 : -1], vpred[:, L - 1 : -1].float()
+                        responses = ro.query_responses[idx, L:]
+                        new_lp = self._logprobs(logits, responses)
+                        m = ro.mask[idx]
+                        out = ppo_losses(new_lp, ro.logprobs[idx], ro.advantages[idx], vpred, ro.values[idx],
+                                         ro.returns[idx], m, args.cliprange, args.cliprange_value)
+                        loss = (out["pg_loss"] + args.vf_coef * out["vf_loss"]) * (len(idx) / len(mb))
+                        self._backward(loss, last)
                     with torch.no_grad():
                         out["entropy"] = masked_mean(entropy_from_logits(logits.detach().float() / args.temperature), m)
                     for k in keys:
                         acc[k].append(float(out[k].detach()))
-                if args.max_grad_norm and args.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                self.optimizer.step()
-        return {
+                if not self.is_deepspeed_enabled:  # DeepSpeed clipped and stepped in its backward
+                    if args.max_grad_norm and args.max_grad_norm > 0:
+                        self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    self.optimizer.step()
+        return self._mean_over_processes({
             "loss/policy_avg": float(np.mean(acc["pg_loss"])),
             "loss/value_avg": float(np.mean(acc["vf_loss"])),
             "loss/value_first": acc["vf_loss"][0],
@@ -534,13 +606,41 @@ class PPOTrainer(Trainer):
             "policy/approxkl_avg": float(np.mean(acc["approxkl"])),
             "val/ratio": float(np.mean(acc["ratio"])),
             "policy/entropy_train": float(np.mean(acc["entropy"])),
-        }
+        })
+
+    def _accumulating(self, model: nn.Module, last: bool):
+        """DDP: all-reduce the gradients on the mini-batch's last micro-batch only (they add up until then)."""
+        if last or not isinstance(model, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return model.no_sync()
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        if self.is_deepspeed_enabled:
+            # The engine accumulates until the boundary (the mini-batch's last micro-batch), then reduces, clips
+            # (gradient_clipping: max_grad_norm) and steps. The loss is weighted already: no 1/accumulation scaling.
+            self.accelerator.sync_gradients = last
+            self.accelerator.backward(loss, scale_wrt_gas=False)
+            self.accelerator.sync_gradients = True
+        else:
+            loss.backward()
 
     # ------------------------------------------------------------------ the loop
 
+    def _prepare(self) -> None:
+        """Optimizer and scheduler, then the policy + critic wrapped by accelerate (DDP, a DeepSpeed engine, or
+        itself in one process), as ``Trainer`` does. The scheduler stays ours: it steps once per iteration."""
+        if self.is_deepspeed_enabled:  # fills the DeepSpeed config's "auto" fields; our optimizer (no "optimizer" key)
+            self.optimizer, self.lr_scheduler = deepspeed_init(self, num_training_steps=self.num_updates)
+            self.create_scheduler(num_training_steps=self.num_updates, optimizer=self.optimizer)
+        else:
+            self.create_optimizer_and_scheduler(num_training_steps=self.num_updates)
+        self.model_wrapped, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        if self.is_deepspeed_enabled:
+            self.deepspeed = self.model_wrapped
+
     def train(self, resume_from_checkpoint: str | None = None, **kwargs) -> TrainOutput:
         args = self.args
-        self.create_optimizer_and_scheduler(num_training_steps=self.num_updates)
+        self._prepare()
         self.state = TrainerState(
             is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero()
         )
@@ -550,7 +650,8 @@ class PPOTrainer(Trainer):
         self.state.train_batch_size = args.batch_size_total
         if resume_from_checkpoint:
             self._load_ppo_checkpoint(Path(resume_from_checkpoint))
-        torch.manual_seed(args.seed + self.state.global_step)
+        # each process samples its own replies (TRL 1.12's local_seed); one process keeps the seed it had
+        torch.manual_seed(args.seed + self.state.global_step + 100003 * args.process_index)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         t0, losses = time.time(), []
         n = len(self.train_dataset)
@@ -560,16 +661,16 @@ class PPOTrainer(Trainer):
             ro = self.rollout(self._rows(step))
             t_roll = time.time() - t_it
             upd = self.ppo_update(ro)
-            self.kl_ctl.update(ro.stats["objective/kl"], args.batch_size_total)
+            self.kl_ctl.update(ro.stats["objective/kl"], args.batch_size_total * args.world_size)
             self.lr_scheduler.step()
             losses.append(upd["loss/policy_avg"] + args.vf_coef * upd["loss/value_avg"])
             self.state.global_step += 1
-            self.state.epoch = self.state.global_step * args.batch_size_total / n
+            self.state.epoch = self.state.global_step * args.batch_size_total * args.world_size / n
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
             gs = self.state.global_step
             if gs % self.state.logging_steps == 0 or gs == self.num_updates or gs == 1:
                 self.log({**ro.stats, **upd, "lr": self.lr_scheduler.get_last_lr()[0],
-                          "episode": gs * args.batch_size_total, "time/rollout_s": round(t_roll, 2),
+                          "episode": gs * args.batch_size_total * args.world_size, "time/rollout_s": round(t_roll, 2),
                           "time/iteration_s": round(time.time() - t_it, 2)})
             if self.state.save_steps and (gs % self.state.save_steps == 0 or gs == self.num_updates):
                 self._save_ppo_checkpoint()
@@ -584,36 +685,61 @@ class PPOTrainer(Trainer):
         return {k: v.detach().cpu() for k, v in self.model.named_parameters() if v.requires_grad}
 
     def _save_ppo_checkpoint(self) -> Path:
+        """Trainable weights (policy or adapters + critic) and optimizer: ``trainable.pt`` + ``optimizer.pt`` from
+        rank 0, or under DeepSpeed the engine's sharded ``global_step*/`` (every rank writes its shard). Then the
+        scheduler, KL coefficient and state (rank 0); ``trainer_state.json`` last, so a cut checkpoint is skipped."""
         out = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save(self._trainable_state(), out / "trainable.pt")
-        torch.save(self.optimizer.state_dict(), out / "optimizer.pt")
-        torch.save(self.lr_scheduler.state_dict(), out / "scheduler.pt")
-        torch.save(torch.get_rng_state(), out / "rng_state.pt")
-        (out / "ppo_state.json").write_text(json.dumps({"kl_coef": self.kl_ctl.value}))
-        self.state.save_to_json(str(out / "trainer_state.json"))
-        limit = self.args.save_total_limit
-        if limit:
-            ckpts = sorted(Path(self.args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-            for old in ckpts[:-limit]:
-                shutil.rmtree(old, ignore_errors=True)
+        main = self.is_world_process_zero()
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        if self.is_deepspeed_enabled:
+            self.model_wrapped.save_checkpoint(str(out))  # collective
+        elif main:
+            torch.save(self._trainable_state(), out / "trainable.pt")
+            torch.save(self.optimizer.state_dict(), out / "optimizer.pt")
+        if main:
+            torch.save(self.lr_scheduler.state_dict(), out / "scheduler.pt")
+            (out / "ppo_state.json").write_text(json.dumps({"kl_coef": self.kl_ctl.value}))
+            self.state.save_to_json(str(out / "trainer_state.json"))
+            limit = self.args.save_total_limit
+            if limit:
+                ckpts = sorted(Path(self.args.output_dir).glob("checkpoint-*"),
+                               key=lambda p: int(p.name.split("-")[-1]))
+                for old in ckpts[:-limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         return out
 
     def _load_ppo_checkpoint(self, path: Path) -> None:
-        if not (path / "trainable.pt").exists():
-            raise FileNotFoundError(f"{path}: not a PPO checkpoint (no trainable.pt)")
-        state = torch.load(path / "trainable.pt", map_location="cpu")
-        missing = set(self._trainable_state()) - set(state)
-        if missing:
-            raise ValueError(f"{path}: checkpoint lacks {len(missing)} trainable weights, e.g. {sorted(missing)[:3]}")
-        self.model.load_state_dict(state, strict=False)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
+        if self.is_deepspeed_enabled:  # weights + optimizer states: the engine's own checkpoint
+            deepspeed_load_checkpoint(self.model_wrapped, str(path), load_module_strict=not self.is_peft)
+        else:
+            if not (path / "trainable.pt").exists():
+                raise FileNotFoundError(f"{path}: not a PPO checkpoint (no trainable.pt)")
+            state = torch.load(path / "trainable.pt", map_location="cpu")
+            missing = set(self._trainable_state()) - set(state)
+            if missing:
+                raise ValueError(f"{path}: checkpoint lacks {len(missing)} trainable weights, "
+                                 f"e.g. {sorted(missing)[:3]}")
+            self.model.load_state_dict(state, strict=False)
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
         self.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
-        torch.set_rng_state(torch.load(path / "rng_state.pt"))
         self.kl_ctl.value = json.loads((path / "ppo_state.json").read_text())["kl_coef"]
         saved = TrainerState.load_from_json(str(path / "trainer_state.json"))
         self.state.global_step, self.state.epoch = saved.global_step, saved.epoch
         self.state.log_history = saved.log_history
         logger.info("resumed PPO from %s at iteration %d", path, saved.global_step)
 
+    # ------------------------------------------------------------------ final/
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The policy alone (its adapter under LoRA), gathered from ZeRO-3 shards: call it on every process, rank 0
+        writes (``align.distributed.save_final`` calls it and merges the adapter). The critic stays in the
+        checkpoints."""
+        output_dir = output_dir or self.args.output_dir
+        full = self.accelerator.get_state_dict(self.model_wrapped)  # collective under ZeRO-3; rank 0 gets it
+        if self.is_world_process_zero():
+            state = {k[len("policy."):]: v for k, v in full.items() if k.startswith("policy.")}
+            self.policy.save_pretrained(output_dir, state_dict=state)
+        self.accelerator.wait_for_everyone()

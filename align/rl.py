@@ -18,10 +18,12 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from align import reward_funcs as R
 from align.data import world
 from align.data.prompts import as_messages, prompt_hash, split_of
+from align.distributed import zero3_init_disabled
 from align.evaluate import evaluate_policy, reply_figures
 from align.generate import read_prompts
 from align.models import check_exists, load, load_tokenizer
@@ -167,13 +169,16 @@ def prepare(args: RLArguments, model_args: Any, training_args: Any) -> RLSetup:
         torch.backends.cuda.enable_cudnn_sdp(False)
         logger.info("cuDNN attention off (pytorch#196678): flash/memory-efficient SDPA instead")
     tokenizer = load_tokenizer(args.tokenizer_name_or_path or start)
-    reward_funcs = R.build_reward_funcs(args.reward_funcs, args.reward_model_path, length_target=args.length_target,
-                                        rm_uncertainty_penalty=args.rm_uncertainty_penalty)
+    with zero3_init_disabled():  # a reward model is a plain callable: whole on every process, even under ZeRO-3
+        reward_funcs = R.build_reward_funcs(args.reward_funcs, args.reward_model_path,
+                                            length_target=args.length_target,
+                                            rm_uncertainty_penalty=args.rm_uncertainty_penalty)
     dataset = prompt_dataset(args.dataset_name, args.num_prompts, args.world_seed, args.world_fresh_words,
                              args.test_fraction)
     torch.manual_seed(training_args.seed)
     model = load(start, dtype=model_args.dtype)
-    if torch.cuda.is_available() and not model_args.use_peft:  # rollouts: static cache + CUDA-graph decode
+    # rollouts: static cache + CUDA-graph decode; not under ZeRO-3, which gathers the weights anew for each generate
+    if torch.cuda.is_available() and not model_args.use_peft and not is_deepspeed_zero3_enabled():
         from align.fastgen import use_fast_generate
 
         if use_fast_generate(model):
@@ -188,7 +193,8 @@ def evaluator(args: RLArguments, setup: RLSetup, seed: int):
     The KL is to the start policy, read from its dir."""
     if not args.eval_num_prompts:
         return None
-    funcs = R.eval_reward_funcs(args.reward_funcs, args.reward_model_path, args.length_target)
+    with zero3_init_disabled():  # whole on every process: rank 0 evaluates alone after training
+        funcs = R.eval_reward_funcs(args.reward_funcs, args.reward_model_path, args.length_target)
     if args.dataset_name == "world":
         examples = heldout_examples(args.world_seed, args.eval_num_prompts)
 

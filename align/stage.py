@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from transformers import PreTrainedModel, Trainer
 
-from align.distributed import gathered_params, save_final, zero3_init_disabled
+from align.distributed import gathered_params, is_main_process, save_final, zero3_init_disabled
 from align.models import load
 from align.runs import resume_checkpoint, write_config, write_json
 
@@ -76,7 +76,8 @@ def start_figures(out: Path, start: str, model: PreTrainedModel, evaluate: Evalu
     with gathered_params(model):
         before = {"start": start, **evaluate(model.eval(), None)}
     model.train(was)
-    write_json(path, before)
+    if is_main_process():  # every rank has the same figures; one writes them
+        write_json(path, before)
     return before
 
 
@@ -103,7 +104,8 @@ def run_stage(
     t0 = time.time()
     args = configs[-1]
     out = Path(args.output_dir)
-    write_config(out, *configs)
+    if is_main_process():
+        write_config(out, *configs)
     before = (start_figures(out, start, start_model, evaluate, args.device)
               if evaluate and start_model is not None else None)
 
@@ -123,9 +125,9 @@ def run_stage(
         return result
 
     if evaluate is not None:
-        with zero3_init_disabled():
+        with zero3_init_disabled():  # the evaluation's own loads (a reference) are whole too: rank 0 is alone here
             model = load(final, head, device=trainer.args.device)
-        result.eval = evaluate(model, before)
+            result.eval = evaluate(model, before)
         del model
     if trl_eval:
         result.eval = (result.eval or {}) | {v: trl_eval[k] for k, v in _TRL_METRICS.items() if k in trl_eval}
