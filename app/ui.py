@@ -253,8 +253,9 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path):
                 with gr.Column(scale=3):
                     prompts_text = gr.Textbox(label="Prompts, one per line", lines=6, elem_id="al-prompts")
                     prompts_file = gr.File(label="…or a .jsonl / .json file (prompt, messages, instruction, "
-                                                 "question or text per record)", file_types=[".jsonl", ".json", ".gz"],
-                                           type="filepath", height=110, elem_id="al-prompts-file")
+                                                 "question or text per record, or a preference file)",
+                                           file_types=[".jsonl", ".json", ".gz"], type="filepath", height=110,
+                                           elem_id="al-prompts-file")
                     prompts_limit = gr.Number(label="…its first N prompts (0 = all)", value=0, minimum=0, precision=0,
                                               elem_id="al-prompts-limit")
                 with gr.Column(scale=2):

@@ -166,26 +166,6 @@ def walkthrough(browser, url: str, admin: tuple[str, str], annotator: tuple[str,
 
 
 # ----------------------------------------------------------------------------------------------- the test
-@pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory) -> Path:
-    """models/smollm2-135m-instruct where it was converted, else the real extra's GGUF converted once."""
-    d = ROOT / "models" / "smollm2-135m-instruct"
-    if (d / "config.json").exists():
-        return d
-    import importlib.util
-
-    from align.gguf import REAL_EXTRA, smollm2_gguf
-
-    gguf = smollm2_gguf()
-    if gguf is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip(f"SmolLM2 is not installed: {REAL_EXTRA}")
-    from align.convert import main
-
-    d = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
-    assert main(["from-gguf", str(gguf), str(d)]) == 0
-    return d
-
-
 @pytest.mark.browser
 @pytest.mark.slow
 @pytest.mark.skipif(not PREFS.exists(), reason="../shared/data not present")
