@@ -70,11 +70,15 @@ def repetition(text: str) -> float:
 
 
 def choose(left: str, right: str) -> str:
-    """A stand-in annotator: both repetitive → both bad; else the reply with fewer repeated sentences (A on ties)."""
+    """A stand-in annotator: both repetitive → both bad; else the reply with fewer repeated sentences, then the one
+    that ends its last sentence (not cut at max_new_tokens), then the longer; never a side by its position."""
     rl, rr = repetition(left), repetition(right)
     if min(rl, rr) > 0.3:
         return "both_bad"
-    return "B" if rr < rl else "A"
+
+    def key(text: str, rep: float) -> tuple:
+        return -round(rep, 2), text.rstrip().endswith((".", "!", "?", "`")), len(text)
+    return "A" if key(left, rl) >= key(right, rr) else "B"
 
 
 KEYS = {"A": "1", "B": "2", "tie": "3", "both_bad": "4"}
