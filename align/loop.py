@@ -48,6 +48,7 @@ from typing import Any
 from align.config import parse, run_command
 from align.loop_round import (
     label_with_oracle,
+    labelled_comparisons,
     policy_dir,
     queue_comparisons,
     reward_dirs,
@@ -109,6 +110,15 @@ class LoopArguments:
         default=5e-4, metadata={"help": "DPO learning rate per round (configs/dpo.yaml's 2e-3 is for 80 steps)."}
     )
     max_new_tokens: int = field(default=32, metadata={"help": "Candidate length limit."})
+    first_round_source: str = field(
+        default="", metadata={"help": "labeller human: round 1 trains on the comparisons of this store source that "
+                                      "people have labelled when it starts (the app's Prompts -> pairs: "
+                                      "'app:generate') instead of queueing the policy's candidates; later rounds "
+                                      "queue as usual."})
+    stage_args: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={"help": "Keys for a stage on top of configs_dir's <stage>.yaml, e.g. {reward: {max_steps: 2}} "
+                          "(a CPU budget); the stage's parser checks them; the loop's paths, data and seed win."})
     seed: int = field(default=0, metadata={"help": "Seed of the world, sampling and every stage."})
 
     def __post_init__(self):
@@ -141,6 +151,12 @@ class LoopArguments:
         if self.rm_uncertainty_penalty and self.policy_trainer == "dpo":
             raise ValueError("rm_uncertainty_penalty shapes the RL reward: it needs policy_trainer ppo or grpo, "
                              "not dpo")
+        if self.first_round_source and self.labeller != "human":
+            raise ValueError(f"first_round_source takes the pairs people labelled: it needs labeller: human "
+                             f"(labeller is {self.labeller!r})")
+        bad = [s for s in self.stage_args if s not in ("reward", *POLICY_TRAINERS)]
+        if bad or not all(isinstance(v, dict) for v in self.stage_args.values()):
+            raise ValueError(f"stage_args maps reward / dpo / ppo / grpo to keys, got {self.stage_args!r}")
         if self.candidates_per_prompt < 2:
             raise ValueError(f"candidates_per_prompt must be >= 2 (a pair), got {self.candidates_per_prompt}")
 
@@ -203,7 +219,7 @@ def _run(args: LoopArguments) -> dict[str, Any]:
     rm = [Path(p) for p in ([args.reward_model_path] if isinstance(args.reward_model_path, str)
                             else args.reward_model_path)]
     check_exists(policy, "policy_path")
-    for p in rm:
+    for p in rm if not args.first_round_source else []:  # round 1's pairs are people's: no judge picks them
         check_exists(p, "reward_model_path", "reward model")
     for other in POLICY_TRAINERS:
         done = sorted(root.glob(f"round_*/{other}/final"))
@@ -220,13 +236,16 @@ def _run(args: LoopArguments) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         if (out / "comparisons.json").exists():  # queued before a stop (e.g. waiting for the app's labels)
             queued = json.loads((out / "comparisons.json").read_text())
+        elif k == 1 and args.first_round_source:
+            queued = labelled_comparisons(args, out)
+            logger.info("== round 1: the %d labelled comparisons of source %r", len(queued), args.first_round_source)
         else:
             logger.info("== round %d: candidates from %s, pairs picked by %s (%s)", k, policy,
                         ", ".join(map(str, rm)), args.selection)
             queued = queue_comparisons(args, k, policy, rm, out)
-        margins = [q["margin"] for q in queued]
+        margins = [q["margin"] for q in queued if q["margin"] is not None]  # None: not picked by an RM
         r: dict[str, Any] = {"queue": {"comparisons": len(queued),
-                                       "mean_abs_margin": sum(margins) / max(len(margins), 1)}}
+                                       "mean_abs_margin": sum(margins) / len(margins) if margins else None}}
         if args.labeller == "world":
             r["labels"] = label_with_oracle(args, queued)
         waiting = unlabelled(args, queued)

@@ -100,6 +100,24 @@ def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_models: 
     return queued
 
 
+def labelled_comparisons(args: LoopArguments, out: Path) -> list[dict]:
+    """Round 1 with ``first_round_source``: the comparisons of that store source that this loop's labellers
+    (people) have labelled, as queued pairs (no RM picked them: margin None)."""
+    from align.store import Store
+
+    with Store(args.store_url).init() as store:
+        who = labellers(args, store)
+        ids = sorted({lab.comparison_id for lab in store.labels() if lab.annotator in who and lab.choice != "skip"})
+        comps = [c for c in map(store.get_comparison, ids) if c.source == args.first_round_source]
+    if not comps:
+        raise ValueError(f"first_round_source {args.first_round_source!r}: no comparison of that source in "
+                         f"{args.store_url} has a human label yet; label them in the app first")
+    queued = [{"comparison_id": c.id, "row": {"prompt": c.prompt}, "a": c.text_a, "b": c.text_b, "margin": None,
+               "disagreement": None} for c in comps]
+    write_json(out / "comparisons.json", queued)
+    return queued
+
+
 def label_with_oracle(args: LoopArguments, queued: list[dict]) -> dict[str, int]:
     """Step 3 with ``labeller: world``: the rule checker labels each queued comparison once."""
     from align.store import Store
@@ -188,25 +206,26 @@ def train_round(args: LoopArguments, k: int, queued: list[dict], policy: Path, o
     if not pairs and args.policy_trainer == "dpo":
         raise ValueError(f"round {k}: no comparison has a winner (all ties or both bad); nothing to train on")
     judges = reward_dirs(args, out)
-    rms = [reward.train(*configure(
-        reward.CONFIG_TYPES, Path(args.configs_dir) / "reward.yaml", output_dir=str(d.parent),
-        model_name_or_path=args.reward_base_path, store_url=args.store_url, seed=args.seed + m, bootstrap=m > 0,
-    )) for m, d in enumerate(judges)]
+    extra = args.stage_args
+    # dataset_name store: a config made for a file (configs/smollm2/reward.yaml) still trains on the labels
+    rms = [reward.train(*configure(reward.CONFIG_TYPES, Path(args.configs_dir) / "reward.yaml", **(
+        extra.get("reward", {}) | {"output_dir": str(d.parent), "model_name_or_path": args.reward_base_path,
+                                   "dataset_name": "store", "store_url": args.store_url, "seed": args.seed + m,
+                                   "bootstrap": m > 0}))) for m, d in enumerate(judges)]
     config = Path(args.configs_dir) / f"{args.policy_trainer}.yaml"
-    common = {"output_dir": str(policy_dir(args, out)), "model_name_or_path": str(policy), "seed": args.seed}
+    common = {**extra.get(args.policy_trainer, {}), "output_dir": str(policy_dir(args, out)),
+              "model_name_or_path": str(policy), "seed": args.seed}
     if args.policy_trainer == "dpo":  # the round's RM judges the win rate
-        step = dpo.train(*configure(
-            dpo.config_types("dpo"), config, **common, reward_model_path=str(judges[0]),
-            dataset_name=str(out / "pairs.jsonl"), max_steps=-1, num_train_epochs=args.dpo_epochs, warmup_steps=0,
-            learning_rate=args.dpo_learning_rate,
-        ))
+        step = dpo.train(*configure(dpo.config_types("dpo"), config, **(common | {
+            "reward_model_path": str(judges[0]), "dataset_name": str(out / "pairs.jsonl"), "max_steps": -1,
+            "num_train_epochs": args.dpo_epochs, "warmup_steps": 0, "learning_rate": args.dpo_learning_rate})))
     else:  # RLHF proper: the reward model the labels just made is the only reward
         rl = {"ppo": ppo, "grpo": grpo}[args.policy_trainer]
         rm = str(judges[0]) if len(judges) == 1 else [str(d) for d in judges]
         data = {"dataset_name": args.dataset_name} if args.dataset_name != "world" else {}
-        step = rl.train(*configure(rl.CONFIG_TYPES, config, **common, reward_model_path=rm,
-                                   rm_uncertainty_penalty=args.rm_uncertainty_penalty, reward_funcs=["rm"],
-                                   reward_weights=[1.0], **data))
+        step = rl.train(*configure(rl.CONFIG_TYPES, config, **(common | {
+            "reward_model_path": rm, "rm_uncertainty_penalty": args.rm_uncertainty_penalty, "reward_funcs": ["rm"],
+            "reward_weights": [1.0], **data})))
     ev, before = step.eval or {}, step.before or {}
     keys = ("exact_match", "exact_match_sampled", "maj_at_k", "preferred_rate")
     return {

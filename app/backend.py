@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from align.data.formats import DataError, location, normalize_messages, read_records
+from align.data.formats import (
+    DataError,
+    detect_preference,
+    location,
+    normalize_messages,
+    read_records,
+    to_preference,
+)
 
 try:  # the store package exports Store; fall back to the module while it is being written
     from align.store import Store  # type: ignore[attr-defined]
@@ -403,10 +410,11 @@ class Backend:
             raise AppError("Only admins can do this.")
 
     def add_prompts(self, session: Session, text: str | None, file: str | None,
-                    source: str = "app") -> list[int]:
-        """Store prompts from pasted text (one per line) and/or a JSON/JSONL file; their ids."""
+                    source: str = "app", limit: int = 0) -> list[int]:
+        """Store prompts from pasted text (one per line) and/or a JSON/JSONL file (its first ``limit``
+        records; 0 = all); their ids."""
         self.require_admin(session)
-        prompts = parse_prompts(text, file)
+        prompts = parse_prompts(text, file, limit)
         if not prompts:
             raise AppError("No prompts: paste one per line or upload a .jsonl file.")
         ids = []
@@ -458,12 +466,16 @@ class Backend:
         prompts = [self.store.get_prompt(i)["messages"] for i in prompt_ids]
         outs: list[list[tuple[str, str]]] = [[] for _ in prompts]  # (model id, text) x2 per prompt
         n_each = 2 if len(models) == 1 else 1
-        batch = 16
+        batch = 8  # prompts per generate call: on a CPU one call takes minutes, and progress moves per call
         total = len(models) * len(prompts)
         done = 0
+        t0 = time.monotonic()
         for name, (model, tok) in zip(models, loaded):
             for start in range(0, len(prompts), batch):
                 chunk = prompts[start : start + batch]
+                if progress:
+                    progress(done / total, f"{name}: replies to prompts {start + 1}-{start + len(chunk)} "
+                                           f"of {len(prompts)}")
                 try:
                     texts = generate(model, tok, chunk, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                      temperature=temperature or 1.0, top_p=top_p,
@@ -473,14 +485,15 @@ class Backend:
                 for j, replies in enumerate(texts):
                     outs[start + j].extend((name, t) for t in replies)
                 done += len(chunk)
-                if progress:
-                    progress(done / total, f"{name}: {done}/{total}")
+        seconds = time.monotonic() - t0  # generation only: the models were loaded before
         made = 0
         for pid, ((ma, ta), (mb, tb)) in zip(prompt_ids, outs):
             cid = _store_call("Could not store a comparison", self.store.add_candidates, pid, ta, tb, model_a=ma,
                               model_b=mb, settings=settings, priority=priority, source="app:generate")
             made += cid is not None
-        return {"prompts": len(prompt_ids), "comparisons": made, "identical": len(prompt_ids) - made}
+        n = 2 * len(prompt_ids)
+        return {"prompts": len(prompt_ids), "comparisons": made, "identical": len(prompt_ids) - made,
+                "candidates": n, "seconds": round(seconds, 1), "seconds_per_candidate": round(seconds / n, 2)}
 
     def import_pairs(self, session: Session, file: str | None, queue: bool, priority: float = 0.0) -> str:
         self.require_admin(session)
@@ -529,13 +542,19 @@ def _text(messages: list[dict]) -> str:
 PROMPT_KEYS = ("prompt", "messages", "conversations", "instruction", "question", "text")
 
 
-def parse_prompts(text: str | None, file: str | None) -> list:
+def parse_prompts(text: str | None, file: str | None, limit: int = 0) -> list:
     """Prompts from pasted lines and/or a JSON/JSONL file (``prompt``: string or messages;
-    ``messages``; ``instruction`` (+ ``input``); ``question``; ``text``). Errors name the line."""
+    ``messages``; ``instruction`` (+ ``input``); ``question``; ``text``; else a preference record's
+    prompt, e.g. an HH ``chosen``/``rejected`` transcript). ``limit``: the file's first records only
+    (0 = all): a 300-record file need not mean 600 candidates. Errors name the line."""
+    if limit < 0:
+        raise AppError(f"The number of prompts to take from the file must be >= 0 (0 = all), got {limit}.")
     out: list = [line.strip() for line in (text or "").splitlines() if line.strip()]
     if file:
         try:
-            for key, rec in read_records(file):
+            for n, (key, rec) in enumerate(read_records(file)):
+                if limit and n >= limit:
+                    break
                 out.append(_prompt_of(rec, location(Path(file).name, key)))
         except DataError as e:
             raise AppError(f"Nothing added — {_short_path(str(e), file)}") from e
@@ -558,6 +577,8 @@ def _prompt_of(rec: dict, where: str):
             if not msgs:
                 raise DataError(f"{where}: field {k!r} has no user turn")
             return msgs
-    raise DataError(f"{where}: no prompt field (expected one of {', '.join(PROMPT_KEYS)}; "
-                    f"record has {sorted(rec)})")
+    if detect_preference(rec) != "unknown":  # chosen/rejected only (HH): the prompt both replies answer
+        return to_preference(rec, where)["prompt"]
+    raise DataError(f"{where}: no prompt field (expected one of {', '.join(PROMPT_KEYS)}, or a preference "
+                    f"record; record has {sorted(rec)})")
 

@@ -142,20 +142,23 @@ def people_rows(people: list[dict]) -> list[list]:
 def generate(backend: Backend, session: Session, text: str | None, file: str | None, model_a: str | None,
              model_b: str | None, temperature: float | None, top_p: float | None, max_new_tokens: float | None,
              priority: float | None, seed: int | None = None,
-             progress: Callable[[float, str], None] | None = None) -> Notice:
+             progress: Callable[[float, str], None] | None = None, limit: float | None = 0) -> Notice:
+    """``limit``: how many of the file's prompts (its first; 0 = all)."""
     backend.require_admin(session)
     progress = progress or (lambda f, d: None)
-    if not parse_prompts(text, file):  # check the input and the models before storing anything
+    limit = int(limit or 0)
+    if not parse_prompts(text, file, limit):  # check the input and the models before storing anything
         raise AppError("No prompts: paste one per line or upload a .jsonl file.")
     progress(0, "loading models")
     backend.load_model(model_a or "")
     if (model_b or "").strip():
         backend.load_model(model_b)
-    ids = backend.add_prompts(session, text, file)
+    ids = backend.add_prompts(session, text, file, limit=limit)
     res = backend.generate_pairs(session, ids, model_a or "", model_b, temperature=float(temperature or 0),
                                  top_p=float(top_p or 1), max_new_tokens=int(max_new_tokens or 1),
                                  priority=float(priority or 0), seed=seed, progress=progress)
-    msg = f"✓ {res['prompts']} prompts → **{res['comparisons']} new pairs** queued"
+    msg = (f"✓ {res['prompts']} prompts → **{res['comparisons']} new pairs** queued · {res['candidates']} candidates "
+           f"in {res['seconds']:g} s ({res['seconds_per_candidate']:g} s each)")
     if res["identical"]:
         msg += f" · {res['identical']} prompts got two identical candidates (not queued; raise temperature)"
     return Notice(msg)

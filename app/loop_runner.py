@@ -122,13 +122,16 @@ def status_markdown(st: dict[str, Any]) -> str:
 
 
 def rounds_table(report: dict[str, Any]) -> list[list]:
-    """Rows [round, pairs, EM greedy, EM sampled, maj@k, preferred, RM accuracy]; round 0 is the start."""
+    """Rows [round, pairs, EM greedy, EM sampled, maj@k, preferred, win rate, RM accuracy]; round 0 is the start.
+    The world's figures (EM ... preferred) are empty on a real model's prompts; the win rate (vs the round before,
+    judged by the round's RM) and the RM's held-out accuracy are what a real-data loop reports."""
     rows = []
     rounds = ({"0": report["start"]} if "start" in report else {}) | report.get("rounds", {})
     for k, r in rounds.items():
         p, rm = r.get("policy", {}), r.get("reward", {})
         rows.append([int(k), r.get("pairs"), *(_r(p.get(key)) for key in
-                     ("exact_match", "exact_match_sampled", "maj_at_k", "preferred_rate")), _r(rm.get("accuracy"))])
+                     ("exact_match", "exact_match_sampled", "maj_at_k", "preferred_rate", "win_rate_vs_previous")),
+                     _r(rm.get("accuracy"))])
     return rows
 
 

@@ -253,8 +253,11 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path):
                 with gr.Column(scale=3):
                     prompts_text = gr.Textbox(label="Prompts, one per line", lines=6, elem_id="al-prompts")
                     prompts_file = gr.File(label="…or a .jsonl / .json file (prompt, messages, instruction, "
-                                                 "question or text per record)", file_types=[".jsonl", ".json", ".gz"],
-                                           type="filepath", height=110)
+                                                 "question or text per record, or a preference file)",
+                                           file_types=[".jsonl", ".json", ".gz"], type="filepath", height=110,
+                                           elem_id="al-prompts-file")
+                    prompts_limit = gr.Number(label="…its first N prompts (0 = all)", value=0, minimum=0, precision=0,
+                                              elem_id="al-prompts-limit")
                 with gr.Column(scale=2):
                     model_a = gr.Textbox(label="Model 1 (a run's final/ or an HF causal LM dir)", value=models[0])
                     model_b = gr.Textbox(label="Model 2 (optional; empty = two samples of model 1)", value=models[1])
@@ -263,10 +266,10 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path):
                                                 step=0.05)
                         top_p = gr.Number(label="top_p", value=args.top_p, minimum=0.01, maximum=1, step=0.01)
                         max_new = gr.Number(label="max_new_tokens", value=args.max_new_tokens, minimum=1,
-                                            precision=0)
+                                            precision=0, elem_id="al-max-new")
                     priority = gr.Number(label="Queue priority (higher = labelled first)", value=args.priority)
                     gen_btn = gr.Button("Add prompts & generate pairs", variant="primary", elem_id="al-generate")
-            gen_msg = gr.Markdown("")
+            gen_msg = gr.Markdown("", elem_id="al-gen-msg")
         with gr.Tab("Import pairs"):
             gr.Markdown("Upload a preference file (TRL / HH / UltraFeedback / ShareGPT styles; see docs/store.md). "
                         "The file's choice is stored as the label of the `dataset` labeller; a bad record "
@@ -334,8 +337,8 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path):
             with gr.Row():
                 loop_plot = gr.Image(show_label=False, type="filepath", height=300, elem_id="al-loop-plot")
                 loop_table = gr.Dataframe(headers=["round", "pairs", "EM greedy", "EM sampled", "maj@k", "preferred",
-                                                   "RM accuracy"], label="Held-out figures per round (0 = start)",
-                                          interactive=False)
+                                                   "win rate", "RM accuracy"],
+                                          label="Held-out figures per round (0 = start)", interactive=False)
             loop_log = gr.Textbox(label="Log (last lines)", lines=12, max_lines=12, interactive=False,
                                   elem_id="al-loop-log")
             loop_timer = gr.Timer(3.0, active=False)
@@ -361,9 +364,9 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path):
             acc_btn = gr.Button("Add account", variant="primary")
             acc_msg = gr.Markdown("")
 
-    def do_generate(session, text, file, ma, mb, temp, tp, mnt, prio, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
+    def do_generate(session, text, file, ma, mb, temp, tp, mnt, prio, limit, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
         n = H.generate(backend, session, text, file, ma, mb, temp, tp, mnt, prio, seed=args.seed,
-                       progress=lambda f, d: progress(f, desc=d))
+                       progress=lambda f, d: progress(f, desc=d), limit=limit)
         return {gen_msg: _notice(n), **({prompts_text: "", prompts_file: None} if n.ok else {})}
 
     def do_import(session, file, queue, prio):
@@ -419,8 +422,9 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path):
             ev(lambda s: show_loop(H.loop_status(backend, s, runner)), [state], loop_outs,
                api_visibility="private", concurrency_limit=2)
         gen_btn.click(do_generate, [state, prompts_text, prompts_file, model_a, model_b, temperature, top_p,
-                                    max_new, priority], [gen_msg, prompts_text, prompts_file],
-                      api_name="generate", concurrency_limit=1, concurrency_id="generate")
+                                    max_new, priority, prompts_limit], [gen_msg, prompts_text, prompts_file],
+                      api_name="generate", concurrency_limit=1, concurrency_id="generate",
+                      show_progress_on=[gen_msg])  # not over the form: it stays readable for minutes on a CPU
         imp_btn.click(do_import, [state, imp_file, imp_queue, imp_priority], [imp_msg, imp_file],
                       api_name="import_pairs", concurrency_limit=2)
         gold_btn.click(do_gold, [state, gold_ids, gold_answer], [gold_msg], api_name="mark_gold")

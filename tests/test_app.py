@@ -102,6 +102,19 @@ def test_parse_prompts_lines_and_jsonl(tmp_path):
         parse_prompts("", str(f))
 
 
+def test_parse_prompts_of_preference_files_and_the_first_n(tmp_path):
+    """An HH record (chosen/rejected transcripts only) gives the prompt both replies answer; ``limit`` takes the
+    file's first records (a 300-record file need not mean 600 candidates)."""
+    f = tmp_path / "hh.jsonl"
+    f.write_text("".join(json.dumps({"chosen": f"\n\nHuman: Q{i}?\n\nAssistant: yes",
+                                     "rejected": f"\n\nHuman: Q{i}?\n\nAssistant: no"}) + "\n" for i in range(5)))
+    got = parse_prompts("pasted", str(f), limit=2)
+    assert got == ["pasted", [{"role": "user", "content": "Q0?"}], [{"role": "user", "content": "Q1?"}]]
+    assert len(parse_prompts("", str(f))) == 5
+    with pytest.raises(AppError, match=">= 0"):
+        parse_prompts("", str(f), limit=-1)
+
+
 # ------------------------------------------------------------------------------------ backend
 def test_login_and_roles(db):
     b = Backend(Store(db))
@@ -319,6 +332,7 @@ def test_generate_pairs_with_a_tiny_model(db, tiny_model_dir):
     res = b.generate_pairs(root, ids, tiny_model_dir, None, temperature=1.0, top_p=1.0, max_new_tokens=6,
                            priority=1000, seed=0)
     assert res["prompts"] == 2 and res["comparisons"] + res["identical"] == 2 and res["comparisons"] >= 1
+    assert res["candidates"] == 4 and res["seconds_per_candidate"] == pytest.approx(res["seconds"] / 4, abs=0.02)
     comp = store.next_comparison("alice")
     assert comp.prompt_id in ids and comp.model_a == comp.model_b == tiny_model_dir
     two = b.generate_pairs(root, ids[:1], tiny_model_dir, tiny_model_dir + "/", temperature=0.0,

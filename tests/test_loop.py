@@ -55,6 +55,43 @@ def test_bad_arguments_say_which():
         loop.LoopArguments(selection="disagreement")
     with pytest.raises(ValueError, match="needs policy_trainer ppo or grpo"):
         loop.LoopArguments(reward_ensemble=3, rm_uncertainty_penalty=1.0)
+    with pytest.raises(ValueError, match="first_round_source .* needs labeller: human"):
+        loop.LoopArguments(first_round_source="app:generate")
+    with pytest.raises(ValueError, match="stage_args maps reward / dpo / ppo / grpo"):
+        loop.LoopArguments(stage_args={"sft": {"max_steps": 1}})
+
+
+def test_first_round_trains_on_the_apps_labelled_pairs(tmp_path, tiny_loop_config):
+    """first_round_source: round 1 is the app's labelled Prompts -> pairs (no judge needed: reward_model_path may be
+    missing); the RM trains on the store's labels even when its config names a file; stage_args reach the stages;
+    round 2 queues the new policy's candidates for people."""
+    from align.store import Store
+
+    url = f"sqlite:///{tmp_path / 'prefs.db'}"
+    with Store(url).init() as store:
+        store.ensure_annotator("alice", kind="human")
+        app_pairs = [store.add_candidates(f"What is {i} + 1?", f"{i + 1}", f"It is {i + 2}.", source="app:generate")
+                     for i in range(4)]
+        other = store.add_candidates("Name a colour.", "Red.", "Blue.", source="import")
+        for cid in [*app_pairs[:3], other]:
+            store.submit_label(cid, "alice", "a")
+    reward_yaml = tmp_path / "configs" / "reward.yaml"
+    config = tiny_loop_config(rounds=2, prompts_per_round=3, candidates_per_prompt=2, labeller="human",
+                              first_round_source="app:generate", reward_model_path=str(tmp_path / "no-judge"),
+                              stage_args={"reward": {"max_steps": 1}, "dpo": {"logging_steps": 2}})
+    reward_yaml.write_text(reward_yaml.read_text() + "dataset_name: no-such-file.jsonl\n")
+    report = loop.main([str(config)])
+    queued = json.loads((tmp_path / "loop/round_1/comparisons.json").read_text())
+    assert [q["comparison_id"] for q in queued] == app_pairs[:3]  # labelled, of that source; not the import's
+    r1 = report["rounds"]["1"]
+    assert r1["pairs"] == 3 and r1["queue"]["mean_abs_margin"] is None
+    rm_config = yaml.safe_load((tmp_path / "loop/round_1/reward/config.yaml").read_text())
+    assert rm_config["dataset_name"] == "store" and rm_config["max_steps"] == 1
+    assert yaml.safe_load((tmp_path / "loop/round_1/dpo/config.yaml").read_text())["logging_steps"] == 2
+    assert report["waiting"]["round"] == 2
+    with Store(url) as store:
+        round2 = json.loads((tmp_path / "loop/round_2/comparisons.json").read_text())
+        assert round2 and all(store.get_comparison(q["comparison_id"]).source == "loop-round-2" for q in round2)
 
 
 def _store_with_world_labels(url: str) -> None:

