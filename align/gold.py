@@ -137,6 +137,9 @@ def evaluate(root: Path, policy: Path, start: Path, gold: str | Sequence[str], p
         cache.write_text(json.dumps(base))
     now = base if policy == start else replies(policy, prompts, max_new_tokens, seed, ref=start)
     g_greedy, g_sampled = gold_rm.score(prompts, now["greedy"]), gold_rm.score(prompts, now["sampled"])
+    if policy != start:  # the replies, for rescoring with a fixed proxy (align.bench overopt)
+        (policy.parent.parent / "gold_eval.json").write_text(json.dumps(
+            {"prompts": prompts, "sampled": now["sampled"], "kl": now["kl"], "gold_sampled": g_sampled}))
     out = {
         "gold_reward_greedy": mean(g_greedy), "gold_reward_sampled": mean(g_sampled),
         "win_rate_vs_start_greedy": win_rate(g_greedy, base["gold_greedy"]),

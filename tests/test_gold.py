@@ -88,3 +88,27 @@ def test_gold_loop_labels_trains_and_judges(tmp_path, tiny_loop_config, tiny_rm_
             assert len(store.labels(q["comparison_id"], annotator=gold.GOLD)) == 1
     rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2] and "gold/gold_reward_greedy" in rows[2]
+
+
+def test_labels_bench_runs_selections_in_parallel_and_aggregates(tmp_path, tiny_loop_config, tiny_rm_dir):
+    """``align.bench labels`` on tiny models: two selections in two subprocesses, then the table, plot, verdict."""
+    from align.bench import labels
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Name colour {i}, please."}) + "\n" for i in range(30)))
+    cfg = tiny_loop_config(labeller="gold_rm", gold_model_path=tiny_rm_dir, reward_model_path=None,
+                           dataset_name=str(prompts), heldout_fraction=0.3, gold_eval_prompts=3,
+                           gold_eval_max_new_tokens=6, rounds=2, prompts_per_round=4, reward_ensemble=2)
+    out = tmp_path / "bench"
+    assert labels.main(["--config", str(cfg), "--selections", "random", "disagreement", "--seeds", "0",
+                        "--parallel", "2", "--cores", "2", "--out", str(out), "--set", "dpo_epochs=1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["runs"] == {"random-0": "done", "disagreement-0": "done"}
+    rows = summary["aggregate"]["disagreement"]
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["labels"] > rows[1]["labels"] > 0
+    assert "gold_reward_greedy" in rows[2] and (out / "labels.png").exists()
+    assert summary["verdict"]["answer"].startswith(("yes", "no"))
+    # again: both runs are done, so nothing runs and the figures are the same
+    assert labels.main(["--config", str(cfg), "--selections", "random", "disagreement", "--seeds", "0",
+                        "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["aggregate"] == summary["aggregate"]
