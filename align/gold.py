@@ -131,7 +131,7 @@ def evaluate(root: Path, policy: Path, start: Path, gold: str | Sequence[str], p
     if cache.exists():
         base = json.loads(cache.read_text())
     else:
-        base = replies(start, prompts, max_new_tokens, seed)
+        base = replies(start, prompts, max_new_tokens, seed) | {"prompts": prompts}
         for key in ("greedy", "sampled", "sampled_2"):
             base[f"gold_{key}"] = gold_rm.score(prompts, base[key])
         cache.write_text(json.dumps(base))

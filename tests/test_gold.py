@@ -112,3 +112,27 @@ def test_labels_bench_runs_selections_in_parallel_and_aggregates(tmp_path, tiny_
     assert labels.main(["--config", str(cfg), "--selections", "random", "disagreement", "--seeds", "0",
                         "--out", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["aggregate"] == summary["aggregate"]
+
+
+def test_overopt_bench_best_of_n_and_checkpoints(tmp_path, tiny_loop_config, tiny_lm_dir, tiny_rm_dir):
+    """``align.bench overopt`` on tiny models: best-of-n by a loop's last ensemble (with and without the std
+    penalty) against gold, and the loop's rounds rescored by that fixed proxy."""
+    from align.bench import overopt
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Name colour {i}, please."}) + "\n" for i in range(30)))
+    cfg = tiny_loop_config(labeller="gold_rm", gold_model_path=tiny_rm_dir, reward_model_path=None,
+                           dataset_name=str(prompts), heldout_fraction=0.3, gold_eval_prompts=3,
+                           gold_eval_max_new_tokens=6, rounds=1, prompts_per_round=4, reward_ensemble=2)
+    loop.main([str(cfg)])
+    run = tmp_path / "loop"
+    assert overopt.main(["--policy", tiny_lm_dir, "--gold", tiny_rm_dir, "--proxy", str(run), "--loop_runs",
+                         str(run), "--dataset_name", str(prompts), "--heldout_fraction", "0.3", "--num_prompts",
+                         "3", "--n_max", "8", "--max_new_tokens", "6", "--out", str(tmp_path / "oo")]) == 0
+    res = json.loads((tmp_path / "oo/overopt.json").read_text())
+    assert [p.split("/")[-2] for p in res["proxy"]] == ["reward", "reward_1"]
+    assert set(res["best_of_n"]) == {"0.0", "1.0"}
+    rows = res["best_of_n"]["0.0"]["rows"]
+    assert [r["n"] for r in rows] == [1, 2, 4, 8] and rows[0]["kl"] == 0
+    assert rows[-1]["proxy"] >= rows[0]["proxy"] - 1e-9  # the proxy's own pick never lowers the proxy's mean
+    assert [c["round"] for c in res["checkpoints"]] == [0, 1] and (tmp_path / "oo/overopt.png").exists()
