@@ -99,22 +99,21 @@ def heldout_prompts(args: LoopArguments) -> list[Any]:
 
 
 def replies(policy: Path, prompts: list, max_new_tokens: int, seed: int, ref: Path | None = None) -> dict:
-    """Greedy replies, two samples at T=1 per prompt and, with ``ref``, each first sample's KL(policy || ref)."""
+    """Greedy replies and a sample at T=1 per prompt, with its KL(policy || ref) where ``ref`` is given, else (the
+    start) a second sample: the pairs the proxy's accuracy is measured on."""
     from align.generate import generate
     from align.logprobs import sample_with_kl
     from align.models import default_device, load, load_tokenizer
 
     model, tok = load(policy, device=default_device()), load_tokenizer(policy)
     greedy = [r[0] for r in generate(model, tok, prompts, max_new_tokens=max_new_tokens)]
-    second = [r[0] for r in generate(model, tok, prompts, max_new_tokens=max_new_tokens, do_sample=True,
-                                     seed=seed + 1)]
     if ref is not None:
         sampled, kl = sample_with_kl(model, tok, prompts, str(ref), max_new_tokens=max_new_tokens, seed=seed)
-    else:
-        sampled = [r[0] for r in generate(model, tok, prompts, max_new_tokens=max_new_tokens, do_sample=True,
-                                          seed=seed)]
-        kl = [0.0] * len(prompts)
-    return {"greedy": greedy, "sampled": sampled, "sampled_2": second, "kl": kl}
+        return {"greedy": greedy, "sampled": sampled, "kl": kl}
+    two = generate(model, tok, prompts, max_new_tokens=max_new_tokens, do_sample=True, num_return_sequences=2,
+                   seed=seed)
+    return {"greedy": greedy, "sampled": [r[0] for r in two], "sampled_2": [r[1] for r in two],
+            "kl": [0.0] * len(prompts)}
 
 
 def evaluate(root: Path, policy: Path, start: Path, gold: str | Sequence[str], proxy: Sequence[Path],
