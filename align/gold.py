@@ -34,25 +34,31 @@ class GoldNoise:
     tie_band: float = 0.0    # |r_a - r_b| below this: no winner, the label is ``tie_label``
     tie_label: str = "tie"   # 'tie' (stored, dropped by training) or 'skip' (no label)
     left_bias: float = 0.0   # P(the annotator picks whatever was shown on the left, unread)
+    temperature: float = 0.0  # > 0: the winner is drawn with P(a) = sigmoid((r_a - r_b) / temperature), a
+    #                           Bradley-Terry annotator (close pairs are coin flips), instead of gold's sign
 
     def __post_init__(self):
         for name in ("flip_rate", "left_bias"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"gold_{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.tie_band < 0:
-            raise ValueError(f"gold_tie_band must be >= 0, got {self.tie_band}")
+        if self.tie_band < 0 or self.temperature < 0:
+            raise ValueError(f"gold_tie_band and gold_temperature must be >= 0, got {self.tie_band}, "
+                             f"{self.temperature}")
         if self.tie_label not in TIE_LABELS:
             raise ValueError(f"gold_tie_label must be one of {TIE_LABELS}, got {self.tie_label!r}")
 
     def choice(self, margin: float, rng: random.Random) -> tuple[str, str]:
         """The label of a pair whose gold margin is ``margin`` = r_a - r_b, and the side shown left."""
         left = rng.choice("ab")  # each draw happens on every call, so one seed gives one label sequence
-        biased, flipped = rng.random() < self.left_bias, rng.random() < self.flip_rate
+        biased, flipped, u = rng.random() < self.left_bias, rng.random() < self.flip_rate, rng.random()
         if biased:
             return left, left
-        if abs(margin) < self.tie_band or margin == 0:
+        if abs(margin) < self.tie_band or (margin == 0 and not self.temperature):
             return self.tie_label, left
-        win = "a" if margin > 0 else "b"
+        if self.temperature:
+            win = "a" if u < sigmoid(margin / self.temperature) else "b"
+        else:
+            win = "a" if margin > 0 else "b"
         return ({"a": "b", "b": "a"}[win] if flipped else win), left
 
 

@@ -15,8 +15,11 @@ Each round, with the policy and reward model of the round before:
    kind ``rule``): a preferred reply beats a correct one, which beats a wrong one; equal replies are a tie,
    or "both bad" when both are wrong. ``labeller: human`` stops after step 2 and says how many comparisons
    wait in the app for a human label; run the loop again once they are labelled and it carries on (or, with
-   ``wait_for_labels``, it keeps running and polls the store until they are). A round
-   waits for and trains on its labeller's labels only (the oracle's, or those of annotators of kind human);
+   ``wait_for_labels``, it keeps running and polls the store until they are). ``labeller: gold_rm`` lets a gold
+   reward model label them (``align.gold``: kind ``ai``, with human-like noise) and judge the policy on held-out
+   prompts each round (the gold-labeller method of Gao et al. 2022, https://arxiv.org/abs/2210.10760). A round
+   waits for and trains on its labeller's labels only (the oracle's, the gold model's, or those of annotators of
+   kind human);
 4. a new reward model trains on every label in the store (``configs/reward.yaml``); with ``reward_ensemble: n``,
    n - 1 more beside it (``reward_1`` ...), each with its own seed on a bootstrap resample of the labels
    (``align.score.RewardEnsemble``). Then the policy learns (``policy_trainer``):
@@ -103,6 +106,9 @@ class LoopArguments:
     gold_tie_label: str = field(default="tie", metadata={"help": "gold_rm: 'tie' or 'skip' inside the tie band."})
     gold_left_bias: float = field(
         default=0.0, metadata={"help": "gold_rm: P(the label is whichever reply was shown on the left)."})
+    gold_temperature: float = field(
+        default=0.0, metadata={"help": "gold_rm: > 0 draws the winner with P(a) = sigmoid((r_a - r_b) / this), a "
+                                       "Bradley-Terry annotator, instead of taking gold's sign."})
     heldout_fraction: float = field(
         default=0.0, metadata={"help": "Share of dataset_name's prompts (by align.data.prompts.split_of) never queued: "
                                        "labeller gold_rm judges the policy on them."})
@@ -177,7 +183,8 @@ class LoopArguments:
             raise ValueError(f"candidates_per_prompt must be >= 2 (a pair), got {self.candidates_per_prompt}")
 
     def gold_noise(self) -> GoldNoise:
-        return GoldNoise(self.gold_flip_rate, self.gold_tie_band, self.gold_tie_label, self.gold_left_bias)
+        return GoldNoise(self.gold_flip_rate, self.gold_tie_band, self.gold_tie_label, self.gold_left_bias,
+                         self.gold_temperature)
 
 
 CONFIG_TYPES = (LoopArguments,)
@@ -189,10 +196,9 @@ def as_list(paths: str | list[str] | None) -> list[str]:
 
 def log_round(root: Path, k: int, r: dict[str, Any], selection: str) -> None:
     """One metrics.jsonl row per round (0 = the start) and loop.png over them."""
-    with open(root / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": k, **{f"policy/{a}": b for a, b in r["policy"].items()},
-                            **{f"reward/{a}": b for a, b in r["reward"].items()},
-                            **{f"gold/{a}": b for a, b in r.get("gold", {}).items()}}) + "\n")
+    row = {f"{part}/{a}": b for part in ("policy", "reward", "gold") for a, b in r.get(part, {}).items()}
+    with open(root / "metrics.jsonl", "a") as f:  # (a gold loop has no world figures: no null columns)
+        f.write(json.dumps({"step": k, **{a: b for a, b in row.items() if b is not None}}) + "\n")
     plot_metrics(root / "metrics.jsonl", root / "loop.png", title=f"align loop ({selection} selection)")
 
 

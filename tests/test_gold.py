@@ -38,6 +38,13 @@ def test_noise_rates_are_what_was_asked():
         [noise.choice(m, random.Random(3)) for m in margins[:50]]  # seeded
 
 
+def test_bradley_terry_annotator_calls_close_pairs_by_their_probability():
+    rng, noise = random.Random(0), gold.GoldNoise(temperature=0.5)
+    for margin, p_a in ((0.0, 0.5), (0.5, gold.sigmoid(1.0)), (-1.0, gold.sigmoid(-2.0))):
+        share = sum(noise.choice(margin, rng)[0] == "a" for _ in range(10000)) / 10000
+        assert share == pytest.approx(p_a, abs=0.015)
+
+
 def test_bad_noise_says_which():
     with pytest.raises(ValueError, match="gold_flip_rate"):
         gold.GoldNoise(flip_rate=1.5)
