@@ -135,7 +135,8 @@ def test_overopt_bench_best_of_n_and_checkpoints(tmp_path, tiny_loop_config, tin
     run = tmp_path / "loop"
     assert overopt.main(["--policy", tiny_lm_dir, "--gold", tiny_rm_dir, "--proxy", str(run), "--loop_runs",
                          str(run), "--dataset_name", str(prompts), "--heldout_fraction", "0.3", "--num_prompts",
-                         "3", "--n_max", "8", "--max_new_tokens", "6", "--out", str(tmp_path / "oo")]) == 0
+                         "3", "--n_max", "8", "--max_new_tokens", "6", "--out", str(tmp_path / "oo"),
+                         "--checkpoints", str(run / "round_1/dpo/final")]) == 0
     res = json.loads((tmp_path / "oo/overopt.json").read_text())
     assert [p.split("/")[-2] for p in res["proxy"]] == ["reward", "reward_1"]
     assert set(res["best_of_n"]) == {"0.0", "1.0"}
@@ -143,3 +144,4 @@ def test_overopt_bench_best_of_n_and_checkpoints(tmp_path, tiny_loop_config, tin
     assert [r["n"] for r in rows] == [1, 2, 4, 8] and rows[0]["kl"] == 0
     assert rows[-1]["proxy"] >= rows[0]["proxy"] - 1e-9  # the proxy's own pick never lowers the proxy's mean
     assert [c["round"] for c in res["checkpoints"]] == [0, 1] and (tmp_path / "oo/overopt.png").exists()
+    assert [c["checkpoint"] for c in res["rl_checkpoints"]] == [str(run / "round_1/dpo/final")]

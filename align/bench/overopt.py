@@ -31,6 +31,9 @@ class BenchArgs:
     proxy: list[str] = field(default_factory=list, metadata={
         "help": "proxy RM dirs (an ensemble), or a loop run's dir: its last round's reward models"})
     loop_runs: list[str] = field(default_factory=list, metadata={"help": "loop run dirs whose rounds to rescore"})
+    checkpoints: list[str] = field(default_factory=list, metadata={
+        "help": "policy dirs (e.g. an RL run's checkpoint-*, in order): each samples the held-out prompts, scored "
+                "by the proxy and gold against its KL to --policy"})
     dataset_name: str = field(default="../shared/data/preference/hh-helpful-base-test.jsonl.gz",
                               metadata={"help": "prompts file (its held-out split is used)"})
     heldout_fraction: float = field(default=0.1, metadata={"help": "as the loop's: the same held-out prompts"})
@@ -44,7 +47,7 @@ class BenchArgs:
     out: str = field(default="runs/bench_overopt", metadata={"help": "overopt.json, overopt.png"})
 
     def __post_init__(self):
-        for name in ("gold", "proxy", "loop_runs", "penalties"):
+        for name in ("gold", "proxy", "loop_runs", "checkpoints", "penalties"):
             v = getattr(self, name)
             setattr(self, name, [v] if isinstance(v, (str, float, int)) else v)
         if self.n_max < 1 or self.n_max & (self.n_max - 1):
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     (a,) = run_command(parse, [BenchArgs], argv, prog="python -m align.bench overopt")
     from align.generate import generate
-    from align.gold import best_of_n_expected, best_of_n_kl, gold_scorer, mean
+    from align.gold import best_of_n_expected, best_of_n_kl, gold_scorer, mean, replies
     from align.loop import LoopArguments
     from align.loop_round import split_prompts
     from align.models import default_device, load, load_tokenizer
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     del model
     flat_p = [p for p, rs in zip(prompts, samples) for _ in rs]
     flat_r = [r for rs in samples for r in rs]
-    gold = gold_scorer(a.gold).score(flat_p, flat_r)
+    gold_rm = gold_scorer(a.gold)
+    gold = gold_rm.score(flat_p, flat_r)
     members = [RewardScorer(p) for p in proxy_paths]
     p_mean, p_std = scored(members, flat_p, flat_r)
     ns = [2**i for i in range(a.n_max.bit_length()) if 2**i <= a.n_max]
@@ -121,9 +125,16 @@ def main(argv: list[str] | None = None) -> int:
             pm, _ = scored(members, e["prompts"], e["sampled"])
             checkpoints.append({"run": run.name, "round": int(ev.parent.name.split("_")[1]), "kl": mean(e["kl"]),
                                 "gold": mean(e["gold_sampled"]), "proxy": mean(pm)})
+    rl = []
+    for ckpt in a.checkpoints:  # an RL run against the proxy: where does gold turn down?
+        e = replies(Path(ckpt), prompts, a.max_new_tokens, a.seed, ref=Path(a.policy))
+        pm, _ = scored(members, prompts, e["sampled"])
+        rl.append({"checkpoint": ckpt, "kl": mean(e["kl"]), "gold": mean(gold_rm.score(prompts, e["sampled"])),
+                   "proxy": mean(pm)})
     base = {"gold": bon["0.0"]["rows"][0]["gold"], "proxy": bon["0.0"]["rows"][0]["proxy"]}  # n = 1: the start
     result = {"proxy": proxy_paths, "gold": a.gold, "prompts": len(prompts), "n_max": a.n_max, "best_of_n": bon,
-              "start": base, "checkpoints": checkpoints, "seconds": round(time.perf_counter() - t0, 1)}
+              "start": base, "checkpoints": checkpoints, "rl_checkpoints": rl,
+              "seconds": round(time.perf_counter() - t0, 1)}
     (out / "overopt.json").write_text(json.dumps(result, indent=1))
     plot(result, out / "overopt.png")
     for lam, b in bon.items():
@@ -131,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
               f"(KL {b['gold_peak_kl']:.2f}); " + ", ".join(f"n={r['n']}: gold {r['gold'] - base['gold']:+.3f} "
                                                              f"proxy {r['proxy'] - base['proxy']:+.3f}"
                                                              for r in b["rows"]))
+    for c in rl:
+        print(f"{c['checkpoint']}: KL {c['kl']:.2f}, gold {c['gold'] - base['gold']:+.3f}, "
+              f"proxy {c['proxy'] - base['proxy']:+.3f}")
     print(f"{len(checkpoints)} loop checkpoints rescored; wrote {out}/overopt.png, overopt.json "
           f"({result['seconds']:.0f} s)")
     return 0
@@ -163,8 +177,13 @@ def plot(result: dict, png: Path) -> None:
         ax2.plot(kl, [c["gold"] - cs[0]["gold"] for c in cs], marker="o", color=f"C{i % 10}", label=f"{name} gold")
         ax2.plot(kl, [c["proxy"] - cs[0]["proxy"] for c in cs], marker="x", linestyle="--", color=f"C{i % 10}",
                  alpha=0.6)
+    if result["rl_checkpoints"]:
+        cs = result["rl_checkpoints"]
+        kl = [0.0] + [c["kl"] for c in cs]
+        ax2.plot(kl, [0.0] + [c["gold"] - base["gold"] for c in cs], marker="s", color="k", label="RL checkpoints gold")
+        ax2.plot(kl, [0.0] + [c["proxy"] - base["proxy"] for c in cs], marker="x", linestyle="--", color="k")
     ax2.set(xlabel="KL(policy || start), sampled held-out replies", ylabel="reward gain over the start",
-            title="loop rounds (DPO): gold (solid), fixed proxy (dashed)")
+            title="checkpoints: gold (solid), the fixed proxy (dashed)")
     for ax in (ax1, ax2):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
