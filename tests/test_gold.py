@@ -110,7 +110,12 @@ def test_labels_bench_runs_selections_in_parallel_and_aggregates(tmp_path, tiny_
     assert labels.main(["--config", str(cfg), "--selections", "random", "disagreement", "--seeds", "0",
                         "--parallel", "2", "--cores", "2", "--out", str(out), "--set", "dpo_epochs=1"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["runs"] == {"random-0": "done", "disagreement-0": "done"}
+    assert summary["runs"] == {"first-0": "done", "random-0": "done", "disagreement-0": "done"}
+    # round 1 ran once (random pairs: no reward model yet) and both selections carried on from it
+    first = (out / "first-0/round_1/comparisons.json").read_text()
+    assert all((out / f"{s}-0/round_1/comparisons.json").read_text() == first for s in ("random", "disagreement"))
+    assert (out / "disagreement-0/round_2/comparisons.json").read_text() != \
+        (out / "random-0/round_2/comparisons.json").read_text()
     rows = summary["aggregate"]["disagreement"]
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["labels"] > rows[1]["labels"] > 0
     assert "gold_reward_greedy" in rows[2] and (out / "labels.png").exists()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,6 +45,8 @@ class BenchArgs:
     cores: int = field(default=0, metadata={"help": "cores to share among the parallel loops (0: all of them)"})
     timeout_s: float = field(default=0.0, metadata={"help": "stop runs still going after this long (0: never)"})
     aggregate_only: bool = field(default=False, metadata={"help": "run nothing: aggregate and plot OUT as it is"})
+    share_first_round: bool = field(default=True, metadata={
+        "help": "with no start reward model, round 1 is the same for every selection: run it once per seed"})
 
     def __post_init__(self):
         self.selections = [self.selections] if isinstance(self.selections, str) else self.selections
@@ -59,45 +62,82 @@ class BenchArgs:
             raise ValueError(f"parallel must be >= 1 and timeout_s >= 0, got {self.parallel}, {self.timeout_s}")
 
 
-def command(a: BenchArgs, selection: str, seed: int, run_dir: Path) -> list[str]:
-    extra = [w for kv in a.set for w in (f"--{kv.split('=', 1)[0]}", kv.split("=", 1)[1])]
+def command(a: BenchArgs, selection: str, seed: int, run_dir: Path, *extra: str) -> list[str]:
+    sets = [w for kv in a.set for w in (f"--{kv.split('=', 1)[0]}", kv.split("=", 1)[1])]
     return [sys.executable, "-m", "align.loop", a.config, "--selection", selection, "--seed", str(seed),
-            "--output_dir", str(run_dir), "--store_url", f"sqlite:///{run_dir.resolve()}/store.db", *extra]
+            "--output_dir", str(run_dir), "--store_url", f"sqlite:///{run_dir.resolve()}/store.db", *sets, *extra]
 
 
-def run_all(a: BenchArgs, out: Path) -> dict[str, str]:
-    """Every selection x seed not done yet, ``parallel`` at a time; the state each run ended in."""
-    todo = [(s, k) for k in a.seeds for s in a.selections if not (out / f"{s}-{k}" / "result.json").exists()]
+def loop_args(a: BenchArgs):
+    """The loops' arguments (the config and ``set``), checked before anything runs."""
+    from align.config import parse
+    from align.loop import CONFIG_TYPES
+
+    (args,) = parse(CONFIG_TYPES, command(a, "random", 0, Path(a.out) / "x")[3:])
+    if args.labeller != "gold_rm":
+        raise ValueError(f"{a.config}: the bench needs labeller: gold_rm, got {args.labeller!r}")
+    return args
+
+
+def launch(jobs: list[tuple[str, list[str]]], a: BenchArgs, out: Path, t0: float) -> dict[str, str]:
+    """Run ``(name, argv)`` jobs ``parallel`` at a time (logs: ``OUT/<name>.log``) until done or ``timeout_s``
+    after ``t0``; the state each ended in."""
     threads = max(1, (a.cores or os.cpu_count() or 1) // a.parallel)
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                         "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "PYTHONUNBUFFERED": "1"}
-    state, going, t0 = {}, {}, time.monotonic()
+    todo, state, going = list(jobs), {}, {}
     while todo or going:
         while todo and len(going) < a.parallel:
-            s, k = todo.pop(0)
-            d = out / f"{s}-{k}"
-            d.mkdir(parents=True, exist_ok=True)
-            log = open(out / f"{s}-{k}.log", "a")
-            going[(s, k)] = (subprocess.Popen(command(a, s, k, d), env=env, stdout=log, stderr=subprocess.STDOUT), log)
-            print(f"[{time.monotonic() - t0:5.0f} s] started {s}-{k} ({threads} threads)", flush=True)
-        for key, (p, log) in list(going.items()):
+            name, argv = todo.pop(0)
+            log = open(out / f"{name}.log", "a")
+            going[name] = (subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+            print(f"[{time.monotonic() - t0:5.0f} s] started {name} ({threads} threads)", flush=True)
+        for name, (p, log) in list(going.items()):
             if p.poll() is not None:
                 log.close()
-                state[f"{key[0]}-{key[1]}"] = "done" if p.returncode == 0 else f"failed ({p.returncode})"
-                print(f"[{time.monotonic() - t0:5.0f} s] {key[0]}-{key[1]}: {state[f'{key[0]}-{key[1]}']}", flush=True)
-                del going[key]
+                state[name] = "done" if p.returncode == 0 else f"failed ({p.returncode})"
+                print(f"[{time.monotonic() - t0:5.0f} s] {name}: {state[name]}", flush=True)
+                del going[name]
         if a.timeout_s and time.monotonic() - t0 > a.timeout_s:
-            for key, (p, log) in going.items():
+            for name, (p, log) in going.items():
                 p.terminate()
                 p.wait()
                 log.close()
-                state[f"{key[0]}-{key[1]}"] = "stopped at timeout_s"
-            for s, k in todo:
-                state[f"{s}-{k}"] = "not started (timeout_s)"
+                state[name] = "stopped at timeout_s"
+            state |= {name: "not started (timeout_s)" for name, _ in todo}
             print(f"[{time.monotonic() - t0:5.0f} s] timeout_s: stopped {len(going)}, {len(todo)} not started")
             break
         time.sleep(1)
     return state
+
+
+def copy_first_round(src: Path, dst: Path) -> None:
+    """A selection's run dir from the shared round 1: round_1/ hard-linked (never written again), the files the
+    loop appends to or writes (report, metrics, the store) copied."""
+    dst.mkdir(parents=True)
+    shutil.copytree(src / "round_1", dst / "round_1", copy_function=os.link)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith("lock") and f.name != "result.json":  # (its result is a 1-round one)
+            shutil.copy2(f, dst / f.name)
+
+
+def run_all(a: BenchArgs, out: Path) -> dict[str, str]:
+    """Every selection x seed not done yet, ``parallel`` at a time; the state each run ended in. A gold loop that
+    starts with no reward model picks round 1's pairs at random whatever its selection, so round 1 runs once per
+    seed (``first-<seed>``) and each selection carries on from a copy of it (``share_first_round``)."""
+    t0, state = time.monotonic(), {}
+    todo = [(s, k) for k in a.seeds for s in a.selections if not (out / f"{s}-{k}").exists()]
+    share = a.share_first_round and loop_args(a).reward_model_path is None
+    if share:
+        firsts = sorted({k for _, k in todo if not (out / f"first-{k}" / "round_1" / "dpo" / "final").exists()})
+        state |= launch([(f"first-{k}", command(a, "random", k, out / f"first-{k}", "--rounds", "1"))
+                         for k in firsts], a, out, t0)
+        for s, k in todo:
+            if (out / f"first-{k}" / "round_1" / "dpo" / "final").exists():
+                copy_first_round(out / f"first-{k}", out / f"{s}-{k}")
+    jobs = [(f"{s}-{k}", command(a, s, k, out / f"{s}-{k}")) for k in a.seeds for s in a.selections
+            if not (out / f"{s}-{k}" / "result.json").exists() and not (share and not (out / f"{s}-{k}").exists())]
+    return state | launch(jobs, a, out, t0)
 
 
 def curve(run_dir: Path) -> dict[str, list] | None:
