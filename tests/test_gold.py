@@ -150,3 +150,22 @@ def test_overopt_bench_best_of_n_and_checkpoints(tmp_path, tiny_loop_config, tin
     assert rows[-1]["proxy"] >= rows[0]["proxy"] - 1e-9  # the proxy's own pick never lowers the proxy's mean
     assert [c["round"] for c in res["checkpoints"]] == [0, 1] and (tmp_path / "oo/overopt.png").exists()
     assert [c["checkpoint"] for c in res["rl_checkpoints"]] == [str(run / "round_1/dpo/final")]
+
+
+def test_labels_verdict_counts_only_rounds_where_the_selection_acted():
+    from align.bench.labels import aggregate, verdict
+
+    def run(*gold_r):
+        return {"labels": [0, 48, 96, 144, 192][: len(gold_r)], "gold_reward_greedy": list(gold_r),
+                **{k: [None] * len(gold_r) for k in ("gold_reward_sampled", "win_rate_vs_start_greedy",
+                                                      "win_rate_vs_start_sampled", "proxy_accuracy_vs_gold",
+                                                      "proxy_reward_sampled", "kl_to_start")}}
+
+    agg = aggregate({"random": {0: run(1.0, 1.3, 1.1, 1.1, 1.2), 1: run(1.0, 1.3, 1.1, 1.1, 1.2)},
+                     "extremes": {0: run(1.0, 1.3, 1.25, 1.4, 1.4), 1: run(1.0, 1.3, 1.15, 1.4, 1.4)}})
+    assert agg["extremes"][2]["gold_reward_greedy"] == pytest.approx(1.2) and agg["random"][4]["seeds"] == 2
+    sd = 0.1 / math.sqrt(2)  # of 1.25 and 1.15
+    assert agg["extremes"][2]["gold_reward_greedy_ci95"] == pytest.approx(12.706 * sd / math.sqrt(2))
+    v = verdict(agg, first_selected=2)  # round 1 (48 labels) was random for both: it does not count
+    assert v["selections"]["extremes"]["labels_to_reach"] == 96 and v["answer"].startswith("yes")
+    assert verdict(agg, first_selected=1)["selections"]["extremes"]["labels_to_reach"] == 48

@@ -179,23 +179,27 @@ def aggregate(curves: dict[str, dict[int, dict]]) -> dict[str, list[dict]]:
     return out
 
 
-def verdict(agg: dict[str, list[dict]], key: str = "gold_reward_greedy") -> dict:
-    """Whether some selection reaches random's final mean ``key`` with at most half of random's labels."""
+def verdict(agg: dict[str, list[dict]], first_selected: int = 1, key: str = "gold_reward_greedy") -> dict:
+    """Whether some selection reaches random's final mean ``key`` with at most half of random's labels, counting
+    only rounds from ``first_selected`` on (before it every selection's pairs were random: a hit there is noise)."""
     if "random" not in agg or len(agg["random"]) < 2:
         return {"answer": "no random baseline with a trained round"}
-    final = agg["random"][-1]
-    out = {"random_final": final.get(key), "random_labels": final["labels"], "selections": {}}
+    start, final = agg["random"][0], agg["random"][-1]
+    out = {"random_final": final.get(key), "random_labels": final["labels"], "random_gain": final[key] - start[key],
+           "first_selected_round": first_selected, "selections": {}}
     for s, rows in agg.items():
         if s == "random":
             continue
-        hit = next((r for r in rows[1:] if r.get(key) is not None and r[key] >= final[key]), None)
+        hit = next((r for r in rows[first_selected:] if r.get(key) is not None and r[key] >= final[key]), None)
         out["selections"][s] = {"labels_to_reach": hit["labels"] if hit else None,
                                 "share_of_random": hit["labels"] / final["labels"] if hit else None,
-                                "final": rows[-1].get(key)}
+                                "final": rows[-1].get(key), "final_round": rows[-1]["round"]}
     wins = [s for s, v in out["selections"].items() if v["share_of_random"] is not None and v["share_of_random"] <= 0.5]
     out["answer"] = (f"yes: {', '.join(wins)} reach random's final {key} with <= half its labels" if wins else
                      f"no: no selection reaches random's final {key} ({final[key]:.3f} at {final['labels']:.0f} "
                      "labels) with half its labels or fewer")
+    if out["random_gain"] <= 0:
+        out["answer"] += f" (random's own {key} did not rise above the start's: {out['random_gain']:+.3f})"
     return out
 
 
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no run in {out} finished a round (logs: {out}/*.log)", file=sys.stderr)
         return 1
     agg = aggregate(curves)
-    v = verdict(agg)
+    v = verdict(agg, 2 if a.share_first_round and loop_args(a).reward_model_path is None else 1)
     summary = {"runs": state, "aggregate": agg, "verdict": v, "seconds": round(time.perf_counter() - t0, 1),
                "command": command(a, "SELECTION", 0, out / "SELECTION-SEED")[2:]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
