@@ -158,12 +158,12 @@ def plot(result: dict, png: Path) -> None:
 
     base = result["start"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for lam, b in result["best_of_n"].items():
+    for i, (lam, b) in enumerate(result["best_of_n"].items()):
         kl = [r["kl"] for r in b["rows"]]
-        tag = f" (mean - {lam} std)" if len(result["best_of_n"]) > 1 else ""
-        ax1.plot(kl, [r["gold"] - base["gold"] for r in b["rows"]], marker="o", label=f"gold{tag}")
-        ax1.plot(kl, [r["proxy"] - base["proxy"] for r in b["rows"]], marker="x", linestyle="--",
-                 label=f"proxy{tag}")
+        tag = f" (pick by mean - {lam} std)" if len(result["best_of_n"]) > 1 else ""
+        ax1.plot(kl, [r["gold"] - base["gold"] for r in b["rows"]], marker="o", color=f"C{i}", label=f"gold{tag}")
+        ax1.plot(kl, [r["proxy"] - base["proxy"] for r in b["rows"]], marker="x", linestyle="--", color=f"C{i}",
+                 alpha=0.6, label=f"proxy{tag}")
     ax1.set(xlabel="KL(best-of-n || start) = log n - (n-1)/n", ylabel="reward gain over the start",
             title=f"best-of-n, n = 1..{result['n_max']}, {result['prompts']} held-out prompts")
     runs: dict[str, list] = {}
