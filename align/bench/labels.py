@@ -213,7 +213,8 @@ def plot(agg: dict[str, list[dict]], png: Path, title: str) -> None:
               ("win_rate_vs_start_sampled", "labels", "win rate vs start (gold, sampled)"),
               ("proxy_accuracy_vs_gold", "labels", "proxy RM accuracy vs gold labels"),
               ("gold_reward_sampled", "kl_to_start", "gold reward (sampled) vs KL to start")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    axes = axes.ravel()
     for ax, (key, x, name) in zip(axes, panels):
         for s, rows in agg.items():
             pts = [r for r in rows if r.get(key) is not None and r.get(x) is not None]
