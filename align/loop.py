@@ -55,6 +55,7 @@ from align.loop_round import (
     label_with_oracle,
     policy_dir,
     queue_comparisons,
+    release_memory,
     reward_dirs,
     train_round,
     unlabelled,
@@ -211,6 +212,7 @@ def gold_round(args: LoopArguments, root: Path, policy: Path, start: Path, proxy
     decided = [x["pairs"] for x in (rounds or {}).values()] + ([r["pairs"]] if r else [])
     figures = gold.evaluate(root, policy, start, args.gold_model_path, proxy, prompts, args.gold_eval_max_new_tokens,
                             args.seed)
+    release_memory()
     return {"labels": sum(shown), "labels_decided": sum(decided), **figures}
 
 
@@ -314,6 +316,7 @@ def _run(args: LoopArguments) -> dict[str, Any]:
         elif args.labeller == "gold_rm":
             r["labels"] = gold.label(args.store_url, args.gold_model_path, args.gold_noise(), queued,
                                      seed=f"{args.seed}:{k}")
+            release_memory()
         waiting = unlabelled(args, queued) if args.labeller == "human" else 0
         if waiting and args.wait_for_labels:
             waiting = wait_for_labels(args, k, queued, waiting)

@@ -104,7 +104,21 @@ def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_models: 
             queued.append({"comparison_id": cid, "row": row, "a": rs[i], "b": rs[j], "margin": margin,
                            "disagreement": disagreement})
     write_json(out / "comparisons.json", queued)
+    release_memory()
     return queued
+
+
+def release_memory() -> None:
+    """Hand the GPU memory of the stage that just ended back to the driver: a round runs several stages in one
+    process, and loops run side by side on one card (``align.bench labels``), where one loop's cached blocks
+    would starve the others."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def round_prompts(args: LoopArguments, k: int) -> list[dict]:
@@ -225,11 +239,14 @@ def train_round(args: LoopArguments, k: int, queued: list[dict], policy: Path, o
     # gold_rm: the proxy learns every gold label in the store, and only the gold model judges (align.gold)
     gold = args.labeller == "gold_rm"
     proxy = {"dataset_name": "store", "store_annotators": [GOLD], "test_fraction": 0.0} if gold else {}
-    rms = [reward.train(*configure(
-        reward.CONFIG_TYPES, Path(args.configs_dir) / "reward.yaml", output_dir=str(d.parent),
-        model_name_or_path=args.reward_base_path, store_url=args.store_url, seed=args.seed + m, bootstrap=m > 0,
-        **proxy,
-    )) for m, d in enumerate(judges)]
+    rms = []
+    for m, d in enumerate(judges):
+        rms.append(reward.train(*configure(
+            reward.CONFIG_TYPES, Path(args.configs_dir) / "reward.yaml", output_dir=str(d.parent),
+            model_name_or_path=args.reward_base_path, store_url=args.store_url, seed=args.seed + m, bootstrap=m > 0,
+            **proxy,
+        )))
+        release_memory()
     config = Path(args.configs_dir) / f"{args.policy_trainer}.yaml"
     common = {"output_dir": str(policy_dir(args, out)), "model_name_or_path": str(policy), "seed": args.seed}
     if args.policy_trainer == "dpo":  # the round's RM judges the win rate
@@ -250,6 +267,7 @@ def train_round(args: LoopArguments, k: int, queued: list[dict], policy: Path, o
         step = rl.train(*configure(rl.CONFIG_TYPES, config, **common, reward_model_path=rm,
                                    rm_uncertainty_penalty=args.rm_uncertainty_penalty, reward_funcs=["rm"],
                                    reward_weights=[1.0], **data, **({"eval_num_prompts": 0} if gold else {})))
+    release_memory()
     ev, before = step.eval or {}, step.before or {}
     keys = ("exact_match", "exact_match_sampled", "maj_at_k", "preferred_rate")
     return {
