@@ -274,8 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(agg)
     (out / "summary.md").write_text(table + f"\n{v['answer']}\n")
     plot(agg, out / "labels.png", f"gold-labelled loop: {a.config}")
-    print(table + f"\n{v['answer']}\n\nwrote {out}/labels.png, summary.json, summary.md "
-          f"({summary['seconds']:.0f} s)")
+    bad = {name: how for name, how in state.items() if how != "done"}
+    print(table + f"\n{v['answer']}\n" + "".join(f"\n{name}: {how} (log: {out}/{name}.log)"
+                                                 for name, how in bad.items())
+          + f"\n\nwrote {out}/labels.png, summary.json, summary.md ({summary['seconds']:.0f} s)")
     return 0
 
 
