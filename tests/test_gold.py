@@ -92,7 +92,8 @@ def test_gold_loop_labels_trains_and_judges(tmp_path, tiny_loop_config, tiny_rm_
         queued = [q for k in (1, 2) for q in json.loads((root / f"round_{k}/comparisons.json").read_text())]
         for q in queued:
             assert split_of(q["row"]["prompt"], 0.3) == "train"
-            assert len(store.labels(q["comparison_id"], annotator=gold.GOLD)) == 1
+            (lab,) = store.labels(q["comparison_id"], annotator=gold.GOLD)
+            assert lab.choice in ("a", "b") and 0 < lab.confidence < 1 and lab.left in ("a", "b")
     rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2] and "gold/gold_reward_greedy" in rows[2]
 
