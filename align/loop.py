@@ -15,8 +15,11 @@ Each round, with the policy and reward model of the round before:
    kind ``rule``): a preferred reply beats a correct one, which beats a wrong one; equal replies are a tie,
    or "both bad" when both are wrong. ``labeller: human`` stops after step 2 and says how many comparisons
    wait in the app for a human label; run the loop again once they are labelled and it carries on (or, with
-   ``wait_for_labels``, it keeps running and polls the store until they are). A round
-   waits for and trains on its labeller's labels only (the oracle's, or those of annotators of kind human);
+   ``wait_for_labels``, it keeps running and polls the store until they are). ``labeller: gold_rm`` lets a gold
+   reward model label them (``align.gold``: kind ``ai``, with human-like noise) and judge the policy on held-out
+   prompts each round (the gold-labeller method of Gao et al. 2022, https://arxiv.org/abs/2210.10760). A round
+   waits for and trains on its labeller's labels only (the oracle's, the gold model's, or those of annotators of
+   kind human);
 4. a new reward model trains on every label in the store (``configs/reward.yaml``); with ``reward_ensemble: n``,
    n - 1 more beside it (``reward_1`` ...), each with its own seed on a bootstrap resample of the labels
    (``align.score.RewardEnsemble``). Then the policy learns (``policy_trainer``):
@@ -41,16 +44,19 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from align import gold
 from align.config import parse, run_command
+from align.gold import GoldNoise
 from align.loop_round import (
     label_with_oracle,
     labelled_comparisons,
     policy_dir,
     queue_comparisons,
+    release_memory,
     reward_dirs,
     train_round,
     unlabelled,
@@ -63,6 +69,7 @@ logger = logging.getLogger("align.loop")
 
 SELECTIONS = ("extremes", "uncertainty", "disagreement", "random")
 POLICY_TRAINERS = ("dpo", "ppo", "grpo")
+LABELLERS = ("world", "human", "gold_rm")
 
 
 @dataclass
@@ -71,9 +78,10 @@ class LoopArguments:
         default="runs/loop", metadata={"help": "round_<k>/{reward,<policy_trainer>} and report.json go here."})
     store_url: str = field(default="sqlite:///data/preferences.db", metadata={"help": "The preference store."})
     policy_path: str = field(default="runs/quickstart/dpo/final", metadata={"help": "The policy of round 0."})
-    reward_model_path: str | list[str] = field(
+    reward_model_path: str | list[str] | None = field(
         default="runs/quickstart/reward/final",
-        metadata={"help": "The reward model of round 0 (picks the pairs), or a list of dirs: an ensemble."},
+        metadata={"help": "The reward model of round 0 (picks the pairs), or a list of dirs: an ensemble. None "
+                          "(labeller gold_rm): no labels yet, so round 1's pairs are random."},
     )
     reward_base_path: str = field(
         default="runs/quickstart/sft/final", metadata={"help": "What each round's reward model trains from."}
@@ -89,7 +97,27 @@ class LoopArguments:
     selection: str = field(default="extremes", metadata={"help": "'extremes' (RM best vs worst), 'uncertainty' "
                                                          "(smallest RM margin), 'disagreement' (largest spread "
                                                          "of the ensemble's margins) or 'random'."})
-    labeller: str = field(default="world", metadata={"help": "'world' (simulated annotator) or 'human' (the app)."})
+    labeller: str = field(default="world", metadata={"help": "'world' (simulated annotator), 'human' (the app) or "
+                                                         "'gold_rm' (gold_model_path labels, align.gold)."})
+    gold_model_path: str | list[str] | None = field(
+        default=None, metadata={"help": "labeller gold_rm: the gold reward model dir (a list: their mean). It labels "
+                                        "the pairs and judges the policy; nothing the loop trains sees it."})
+    gold_flip_rate: float = field(default=0.0, metadata={"help": "gold_rm: P(a decided pair gets gold's loser)."})
+    gold_tie_band: float = field(
+        default=0.0, metadata={"help": "gold_rm: pairs with |gold margin| below this get gold_tie_label."})
+    gold_tie_label: str = field(default="tie", metadata={"help": "gold_rm: 'tie' or 'skip' inside the tie band."})
+    gold_left_bias: float = field(
+        default=0.0, metadata={"help": "gold_rm: P(the label is whichever reply was shown on the left)."})
+    gold_temperature: float = field(
+        default=0.0, metadata={"help": "gold_rm: > 0 draws the winner with P(a) = sigmoid((r_a - r_b) / this), a "
+                                       "Bradley-Terry annotator, instead of taking gold's sign."})
+    heldout_fraction: float = field(
+        default=0.0, metadata={"help": "Share of dataset_name's prompts (by align.data.prompts.split_of) never queued: "
+                                       "labeller gold_rm judges the policy on them."})
+    gold_eval_prompts: int = field(
+        default=64, metadata={"help": "gold_rm: held-out prompts the gold model judges the policy on each round."})
+    gold_eval_max_new_tokens: int = field(
+        default=64, metadata={"help": "gold_rm: reply length limit of the gold evaluation."})
     wait_for_labels: bool = field(
         default=False, metadata={"help": "labeller human: keep running and train each round as soon as it is "
                                          "labelled, instead of stopping (polls the store)."})
@@ -126,8 +154,19 @@ class LoopArguments:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.policy_trainer not in POLICY_TRAINERS:
             raise ValueError(f"policy_trainer must be one of {POLICY_TRAINERS}, got {self.policy_trainer!r}")
-        if self.labeller not in ("world", "human"):
-            raise ValueError(f"labeller must be 'world' or 'human', got {self.labeller!r}")
+        if self.labeller not in LABELLERS:
+            raise ValueError(f"labeller must be one of {LABELLERS}, got {self.labeller!r}")
+        if (self.labeller == "gold_rm") != bool(self.gold_model_path):
+            raise ValueError(f"labeller gold_rm and gold_model_path go together, got labeller {self.labeller!r}, "
+                             f"gold_model_path {self.gold_model_path!r}")
+        if self.labeller == "gold_rm":
+            self.gold_noise()  # checks the rates
+            if not 0 < self.heldout_fraction < 1 or self.gold_eval_prompts < 1:
+                raise ValueError(f"labeller gold_rm judges the policy on held-out prompts: heldout_fraction must be "
+                                 f"in (0, 1) and gold_eval_prompts >= 1, got {self.heldout_fraction}, "
+                                 f"{self.gold_eval_prompts}")
+        elif not self.reward_model_path:
+            raise ValueError("reward_model_path is needed (only labeller gold_rm starts with no reward model)")
         if self.labeller == "world" and self.dataset_name != "world":
             raise ValueError(f"labeller 'world' knows only the world's answers; dataset_name {self.dataset_name!r} "
                              "needs labeller: human")
@@ -160,16 +199,59 @@ class LoopArguments:
         if self.candidates_per_prompt < 2:
             raise ValueError(f"candidates_per_prompt must be >= 2 (a pair), got {self.candidates_per_prompt}")
 
+    def gold_noise(self) -> GoldNoise:
+        return GoldNoise(self.gold_flip_rate, self.gold_tie_band, self.gold_tie_label, self.gold_left_bias,
+                         self.gold_temperature)
+
 
 CONFIG_TYPES = (LoopArguments,)
 
 
+def as_list(paths: str | list[str] | None) -> list[str]:
+    return [] if not paths else [paths] if isinstance(paths, str) else list(paths)
+
+
 def log_round(root: Path, k: int, r: dict[str, Any], selection: str) -> None:
     """One metrics.jsonl row per round (0 = the start) and loop.png over them."""
-    with open(root / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": k, **{f"policy/{a}": b for a, b in r["policy"].items()},
-                            **{f"reward/{a}": b for a, b in r["reward"].items()}}) + "\n")
+    row = {f"{part}/{a}": b for part in ("policy", "reward", "gold") for a, b in r.get(part, {}).items()}
+    with open(root / "metrics.jsonl", "a") as f:  # (a gold loop has no world figures: no null columns)
+        f.write(json.dumps({"step": k, **{a: b for a, b in row.items() if b is not None}}) + "\n")
     plot_metrics(root / "metrics.jsonl", root / "loop.png", title=f"align loop ({selection} selection)")
+
+
+def gold_round(args: LoopArguments, root: Path, policy: Path, start: Path, proxy: list[Path], k: int,
+               rounds: dict | None = None, r: dict | None = None) -> dict[str, Any]:
+    """Round k's gold figures (``align.gold.evaluate``) and the labels the loop has used so far: every comparison
+    the labeller was shown (a tie or skip costs a label too) and those with a winner."""
+    prompts = gold.heldout_prompts(args)
+    shown = [x["queue"]["comparisons"] for x in (rounds or {}).values()] + ([r["queue"]["comparisons"]] if r else [])
+    decided = [x["pairs"] for x in (rounds or {}).values()] + ([r["pairs"]] if r else [])
+    figures = gold.evaluate(root, policy, start, args.gold_model_path, proxy, prompts, args.gold_eval_max_new_tokens,
+                            args.seed)
+    release_memory()
+    return {"labels": sum(shown), "labels_decided": sum(decided), **figures}
+
+
+@dataclass
+class GoldLoopResult:
+    """A gold-labelled loop, round by round (index 0 = the start): what ``align.bench labels`` aggregates."""
+
+    selection: str
+    seed: int
+    labels: list[int]
+    gold_reward_greedy: list[float]
+    gold_reward_sampled: list[float]
+    win_rate_vs_start_greedy: list[float]
+    win_rate_vs_start_sampled: list[float]
+    proxy_reward_sampled: list[float | None]
+    proxy_accuracy_vs_gold: list[float | None]
+    kl_to_start: list[float]
+
+
+def gold_result(args: LoopArguments, report: dict[str, Any]) -> GoldLoopResult:
+    rows = [report["start"]["gold"]] + [report["rounds"][str(k)]["gold"] for k in range(1, len(report["rounds"]) + 1)]
+    keys = [f.name for f in fields(GoldLoopResult) if f.name not in ("selection", "seed")]
+    return GoldLoopResult(args.selection, args.seed, **{key: [row.get(key) for row in rows] for key in keys})
 
 
 @contextlib.contextmanager
@@ -216,11 +298,13 @@ def _run(args: LoopArguments) -> dict[str, Any]:
     report_path = root / "report.json"
     report = read_report(root)
     policy = Path(args.policy_path)
-    rm = [Path(p) for p in ([args.reward_model_path] if isinstance(args.reward_model_path, str)
-                            else args.reward_model_path)]
+    rm = [Path(p) for p in as_list(args.reward_model_path)]
     check_exists(policy, "policy_path")
     for p in rm if not args.first_round_source else []:  # round 1's pairs are people's: no judge picks them
         check_exists(p, "reward_model_path", "reward model")
+    for p in as_list(args.gold_model_path):
+        check_exists(Path(p), "gold_model_path", "reward model")
+    start_policy = policy
     for other in POLICY_TRAINERS:
         done = sorted(root.glob(f"round_*/{other}/final"))
         if other != args.policy_trainer and done:
@@ -248,7 +332,11 @@ def _run(args: LoopArguments) -> dict[str, Any]:
                                        "mean_abs_margin": sum(margins) / len(margins) if margins else None}}
         if args.labeller == "world":
             r["labels"] = label_with_oracle(args, queued)
-        waiting = unlabelled(args, queued)
+        elif args.labeller == "gold_rm":
+            r["labels"] = gold.label(args.store_url, args.gold_model_path, args.gold_noise(), queued,
+                                     seed=f"{args.seed}:{k}")
+            release_memory()
+        waiting = unlabelled(args, queued) if args.labeller == "human" else 0
         if waiting and args.wait_for_labels:
             waiting = wait_for_labels(args, k, queued, waiting)
         if waiting:
@@ -262,11 +350,15 @@ def _run(args: LoopArguments) -> dict[str, Any]:
         r |= train_round(args, k, queued, policy, out)
         start = r.pop("start")
         if k == 1:  # round 0: the start policy, and the start RM where its run left an eval.json
-            rm_eval = rm[0].parent / "eval.json"
-            rm0 = json.loads(rm_eval.read_text()) if rm_eval.exists() else {}
+            rm_eval = rm[0].parent / "eval.json" if rm else None
+            rm0 = json.loads(rm_eval.read_text()) if rm_eval and rm_eval.exists() else {}
             report["start"] = {"policy": start, "reward": {key: rm0.get(key) for key in r["reward"]}}
+            if args.labeller == "gold_rm":
+                report["start"]["gold"] = gold_round(args, root, start_policy, start_policy, rm, 0)
             log_round(root, 0, report["start"], args.selection)
         policy, rm = policy_dir(args, out) / "final", reward_dirs(args, out)
+        if args.labeller == "gold_rm":
+            r["gold"] = gold_round(args, root, policy, start_policy, rm, k, report["rounds"], r)
         report["rounds"][str(k)] = r
         write_json(report_path, report)
         log_round(root, k, r, args.selection)
@@ -274,6 +366,8 @@ def _run(args: LoopArguments) -> dict[str, Any]:
     report["wall_seconds"] = round(time.time() - t0, 1)
     report["policy_path"] = str(policy)
     report["reward_model_path"] = str(rm[0]) if len(rm) == 1 else [str(p) for p in rm]
+    if args.labeller == "gold_rm":
+        write_json(root / "result.json", asdict(gold_result(args, report)))
     write_json(report_path, report)
     return report
 

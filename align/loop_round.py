@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from align.data import world
+from align.gold import GOLD
 from align.runs import write_json
 
 if TYPE_CHECKING:
@@ -61,12 +62,11 @@ def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_models: 
     """Steps 1-2: candidates from the policy; per prompt, the pair ``selection`` picks goes to the store."""
     from align.generate import generate
     from align.models import default_device, load, load_tokenizer
-    from align.rl import prompt_dataset
     from align.score import RewardEnsemble
     from align.store import Store
 
     n = args.prompts_per_round
-    rows = prompt_dataset(args.dataset_name, k * n, args.seed).to_list()[(k - 1) * n :]  # fresh prompts each round
+    rows = round_prompts(args, k)
     if not rows:
         raise ValueError(f"{args.dataset_name}: no prompts left for round {k} ({n} per round)")
     model, tok = load(policy, device=default_device()), load_tokenizer(policy)
@@ -81,9 +81,15 @@ def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_models: 
         logger.warning("round %d: one reward model (%s), so 'uncertainty' picks this round's pairs",
                        k, reward_models[0])
         selection = "uncertainty"
-    scorer = RewardEnsemble(reward_models)
-    flat = scorer.score_members([row["prompt"] for row, rs in candidates for _ in rs],
-                                [r for _, rs in candidates for r in rs]).tolist()  # (members, candidates)
+    if not reward_models:  # a gold loop's start: no labels, no reward model
+        if selection != "random":
+            logger.warning("round %d: no reward model yet, so 'random' picks this round's pairs", k)
+        selection = "random"
+        flat = [[0.0] * sum(len(rs) for _, rs in candidates)]
+    else:
+        flat = RewardEnsemble(reward_models).score_members(
+            [row["prompt"] for row, rs in candidates for _ in rs],
+            [r for _, rs in candidates for r in rs]).tolist()  # (members, candidates)
     rng, queued, start = random.Random(f"{args.seed}:{k}"), [], 0
     with Store(args.store_url).init() as store:
         for row, rs in candidates:
@@ -97,6 +103,7 @@ def queue_comparisons(args: LoopArguments, k: int, policy: Path, reward_models: 
             queued.append({"comparison_id": cid, "row": row, "a": rs[i], "b": rs[j], "margin": margin,
                            "disagreement": disagreement})
     write_json(out / "comparisons.json", queued)
+    release_memory()
     return queued
 
 
@@ -116,6 +123,37 @@ def labelled_comparisons(args: LoopArguments, out: Path) -> list[dict]:
                "disagreement": None} for c in comps]
     write_json(out / "comparisons.json", queued)
     return queued
+
+
+def release_memory() -> None:
+    """Hand the GPU memory of the stage that just ended back to the driver: a round runs several stages in one
+    process, and loops run side by side on one card (``align.bench labels``), where one loop's cached blocks
+    would starve the others."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def round_prompts(args: LoopArguments, k: int) -> list[dict]:
+    """Round k's fresh prompts: the k-th ``prompts_per_round`` of the world's, or of ``dataset_name``'s distinct
+    prompts outside the held-out split (``heldout_fraction``)."""
+    from align.rl import prompt_dataset
+
+    n = args.prompts_per_round
+    if args.dataset_name == "world":
+        return prompt_dataset(args.dataset_name, k * n, args.seed).to_list()[(k - 1) * n :]
+    return split_prompts(args, "train")[(k - 1) * n : k * n]
+
+
+def split_prompts(args: LoopArguments, split: str) -> list[dict]:
+    """``dataset_name``'s rows with distinct prompts in ``split`` ('train' or 'test', by ``heldout_fraction``)."""
+    from align.rl import file_prompts
+
+    return file_prompts(args.dataset_name, split, args.heldout_fraction)
 
 
 def label_with_oracle(args: LoopArguments, queued: list[dict]) -> dict[str, int]:
@@ -141,6 +179,8 @@ def labellers(args: LoopArguments, store) -> set[str]:
     """Whose labels a round waits for and trains on: the simulated annotator's, or every human's."""
     if args.labeller == "world":
         return {ORACLE}
+    if args.labeller == "gold_rm":
+        return {GOLD}
     return {a["name"] for a in store.list_annotators() if a["kind"] == "human"}
 
 
@@ -207,25 +247,35 @@ def train_round(args: LoopArguments, k: int, queued: list[dict], policy: Path, o
         raise ValueError(f"round {k}: no comparison has a winner (all ties or both bad); nothing to train on")
     judges = reward_dirs(args, out)
     extra = args.stage_args
+    # gold_rm: the proxy learns every gold label in the store, and only the gold model judges (align.gold);
     # dataset_name store: a config made for a file (configs/smollm2/reward.yaml) still trains on the labels
-    rms = [reward.train(*configure(reward.CONFIG_TYPES, Path(args.configs_dir) / "reward.yaml", **(
-        extra.get("reward", {}) | {"output_dir": str(d.parent), "model_name_or_path": args.reward_base_path,
-                                   "dataset_name": "store", "store_url": args.store_url, "seed": args.seed + m,
-                                   "bootstrap": m > 0}))) for m, d in enumerate(judges)]
+    gold = args.labeller == "gold_rm"
+    proxy = {"store_annotators": [GOLD], "test_fraction": 0.0} if gold else {}
+    rms = []
+    for m, d in enumerate(judges):
+        rms.append(reward.train(*configure(reward.CONFIG_TYPES, Path(args.configs_dir) / "reward.yaml", **(
+            extra.get("reward", {}) | {"output_dir": str(d.parent), "model_name_or_path": args.reward_base_path,
+                                       "dataset_name": "store", "store_url": args.store_url, "seed": args.seed + m,
+                                       "bootstrap": m > 0} | proxy))))
+        release_memory()
     config = Path(args.configs_dir) / f"{args.policy_trainer}.yaml"
     common = {**extra.get(args.policy_trainer, {}), "output_dir": str(policy_dir(args, out)),
               "model_name_or_path": str(policy), "seed": args.seed}
     if args.policy_trainer == "dpo":  # the round's RM judges the win rate
         step = dpo.train(*configure(dpo.config_types("dpo"), config, **(common | {
             "reward_model_path": str(judges[0]), "dataset_name": str(out / "pairs.jsonl"), "max_steps": -1,
-            "num_train_epochs": args.dpo_epochs, "warmup_steps": 0, "learning_rate": args.dpo_learning_rate})))
+            "num_train_epochs": args.dpo_epochs, "warmup_steps": 0, "learning_rate": args.dpo_learning_rate,
+            **({"win_rate_num_prompts": 0, "eval_num_prompts": 0, "test_fraction": 0.0} if gold else {})})))
     else:  # RLHF proper: the reward model the labels just made is the only reward
         rl = {"ppo": ppo, "grpo": grpo}[args.policy_trainer]
         rm = str(judges[0]) if len(judges) == 1 else [str(d) for d in judges]
         data = {"dataset_name": args.dataset_name} if args.dataset_name != "world" else {}
+        if args.dataset_name != "world":  # RL never trains on the held-out prompts either (the same hash split)
+            data["test_fraction"] = args.heldout_fraction
         step = rl.train(*configure(rl.CONFIG_TYPES, config, **(common | {
             "reward_model_path": rm, "rm_uncertainty_penalty": args.rm_uncertainty_penalty, "reward_funcs": ["rm"],
-            "reward_weights": [1.0], **data})))
+            "reward_weights": [1.0], **data, **({"eval_num_prompts": 0} if gold else {})})))
+    release_memory()
     ev, before = step.eval or {}, step.before or {}
     keys = ("exact_match", "exact_match_sampled", "maj_at_k", "preferred_rate")
     return {

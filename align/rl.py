@@ -125,19 +125,15 @@ def prompt_dataset(dataset_name: str, num_prompts: int, world_seed: int, fresh_w
 
 
 def file_prompts(dataset_name: str, split: str, test_fraction: float) -> list[dict[str, Any]]:
-    """A data file's records in ``split`` ("train" / "test", by prompt hash), each with a conversational ``prompt``;
-    the test split once per distinct prompt."""
+    """A data file's records in ``split`` ("train" / "test", by prompt hash), each with a conversational ``prompt``,
+    once per distinct prompt (a preference file repeats a prompt for each of its pairs)."""
     rows, seen = [], set()
     for rec, prompt in read_prompts(dataset_name):
         messages = as_messages(prompt)
-        if split_of(messages, test_fraction) != split:
-            continue
-        if split == "test":
-            h = prompt_hash(messages)
-            if h in seen:
-                continue
+        h = prompt_hash(messages)
+        if h not in seen and split_of(messages, test_fraction) == split:
             seen.add(h)
-        rows.append({**rec, "prompt": messages})
+            rows.append({**rec, "prompt": messages})
     return rows
 
 
