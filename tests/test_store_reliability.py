@@ -2,6 +2,7 @@
 
 - 50 writer processes x 200 labels: every acknowledged label is stored exactly once.
 - kill -9 of writers mid-run: the database is intact and every acknowledged label is present.
+- SQLite group commit: a writer returns only after an fsync that began after its commit; writers share them.
 - hypothesis: import -> export round trips any Unicode text; NUL and over-limit texts are refused.
 """
 
@@ -11,6 +12,8 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import struct
+import threading
 import time
 
 import pytest
@@ -105,6 +108,45 @@ def test_concurrent_writers_every_ack_stored_once(store_url, tmp_path):
         for cid, lid in acks:
             assert stored[(f"w{w}", cid)] == (lid, f"w{w}-{cid}")
     print(f"{WRITERS} writers x {LABELS} labels: {elapsed:.1f}s")
+
+
+def test_sqlite_group_commit_syncs_before_returning_and_shares_fsyncs(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path}/g.db"
+    cids = _setup(url, 40, 8)
+    store = Store(url)
+    with store.engine.connect() as c:  # commits only write the WAL; the store syncs it (Store._sync_wal)
+        assert c.exec_driver_sql("pragma synchronous").scalar() == 1
+    syncs, real = [], os.fdatasync
+
+    def slow_sync(fd):  # a slow disk, so that writers pile up behind one fsync
+        time.sleep(0.01)
+        real(fd)
+        syncs.append(fd)
+    monkeypatch.setattr(os, "fdatasync", slow_sync)
+    mine, committed = threading.local(), store._committed
+
+    def ticket():
+        mine.ticket = committed()
+        return mine.ticket
+    store._committed = ticket
+    late = []
+
+    def writer(w):
+        for cid in cids:
+            store.submit_label(cid, f"w{w}", "a", request_id=f"w{w}-{cid}")
+            with open(f"{tmp_path}/g.db-sync", "rb") as fh:
+                synced = struct.unpack("<QQ", fh.read(16))[1]
+            if synced < mine.ticket:  # acknowledged before an fsync covered it
+                late.append((w, cid))
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert late == []
+    assert sum(len(store.labels(annotator=f"w{w}")) for w in range(8)) == 8 * 40
+    assert len(syncs) < 8 * 40 / 2, len(syncs)  # most commits rode on another writer's fsync
+    store.close()
 
 
 def test_kill_9_writers_keeps_acknowledged_labels(store_url, tmp_path):

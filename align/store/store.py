@@ -14,6 +14,7 @@ import os
 import random
 import secrets
 import sqlite3
+import struct
 import threading
 import time
 from base64 import b64decode, b64encode
@@ -242,7 +243,8 @@ class Store:
 
     ``Store(url=None)``: ``url`` is any SQLAlchemy URL; default ``$ALIGN_STORE_URL`` or
     ``sqlite:///data/preferences.db`` (relative to the cwd). SQLite runs in WAL mode with foreign
-    keys on, ``busy_timeout`` and ``synchronous=FULL`` (every acknowledged label is on disk).
+    keys on, ``busy_timeout`` and ``synchronous=FULL`` (every acknowledged label is on disk; on a
+    file database with flock, through the store's group commit: see ``_sync_wal``).
     The schema is created / migrated on first use (or explicitly with ``init()``).
     """
 
@@ -254,15 +256,17 @@ class Store:
         self.retries = retries
         u = sa.make_url(self.url)
         self.dialect = u.get_backend_name()
-        self._lock_path = None
-        self._tlock = threading.Lock()
-        self._lock_fd, self._lock_pid = None, None
+        self._lock_path = self._wal_path = None
+        self._tlock, self._synclock = threading.Lock(), threading.Lock()
+        self._lock_fd = self._sync_fd = self._lock_pid = None
         if self.dialect == "sqlite":
             db = u.database
             if db and db != ":memory:" and not db.startswith("file:"):
                 Path(db).parent.mkdir(parents=True, exist_ok=True)
                 if fcntl is not None:
                     self._lock_path = db + "-writelock"
+                    if synchronous.upper() == "FULL":  # FULL's guarantee by group commit (_sync_wal)
+                        self._wal_path, synchronous = db + "-wal", "NORMAL"
             # No rollback on returning a connection to the pool: every use ends in COMMIT or
             # ROLLBACK already (_tx), and that extra round trip was ~3% of a label write.
             self.engine = sa.create_engine(u, echo=echo, pool_reset_on_return=None,
@@ -287,7 +291,8 @@ class Store:
         self.engine.dispose()
         if self._lock_fd is not None and self._lock_pid == os.getpid():
             os.close(self._lock_fd)
-        self._lock_fd = self._lock_pid = None
+            os.close(self._sync_fd)
+        self._lock_fd = self._sync_fd = self._lock_pid = None
 
     def __repr__(self) -> str:
         return f"Store({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -321,7 +326,11 @@ class Store:
                     # the lock covers BEGIN..COMMIT only, not the pool's checkout / reset-on-return
                     with self._write_lock() if write else nullcontext():
                         with conn.begin():
-                            return fn(conn)
+                            out = fn(conn)
+                        seq = self._committed() if write else 0
+                if seq:
+                    self._sync_wal(seq)
+                return out
             except sa.exc.DBAPIError as e:
                 if attempt == self.retries - 1 or not _retriable(e):
                     raise
@@ -339,12 +348,50 @@ class Store:
         with self._tlock:
             if self._lock_pid != os.getpid():  # (re)open after fork: flocks follow the open file
                 self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+                self._sync_fd = os.open(self._lock_path[:-len("writelock")] + "sync", os.O_RDWR | os.O_CREAT, 0o666)
                 self._lock_pid = os.getpid()
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    # Group commit (SQLite file databases with synchronous=FULL). A commit under the write lock only
+    # writes the WAL (synchronous=NORMAL: ~0.05 ms instead of an fsync of 0.1-4 ms on this disk) and
+    # takes a ticket; the writer then leaves the write lock and waits for its ticket to be on disk:
+    # the first in the sync queue fdatasyncs the WAL for every commit made so far, and those queued
+    # behind it find their ticket covered and return without an fsync of their own -- PostgreSQL's
+    # WAL flush works the same way. So 50 writers share one fsync instead of queueing through 50,
+    # and a label is still on disk before its call returns. The tickets are two counters in
+    # <db>-sync (committed, synced), changed only under the write / sync flocks. Frames that a
+    # checkpoint moved into the database are already synced (NORMAL syncs the WAL before a
+    # checkpoint and the database after it).
+    def _committed(self) -> int:
+        """Called under the write lock after COMMIT: this commit's ticket (0: no group commit)."""
+        if self._wal_path is None:
+            return 0
+        n = struct.unpack("<Q", os.pread(self._sync_fd, 8, 0).ljust(8, b"\0"))[0] + 1
+        os.pwrite(self._sync_fd, struct.pack("<Q", n), 0)
+        return n
+
+    def _sync_wal(self, ticket: int) -> None:
+        with self._synclock:  # threads of this process, then processes
+            fcntl.flock(self._sync_fd, fcntl.LOCK_EX)
+            try:
+                committed, synced = struct.unpack("<QQ", os.pread(self._sync_fd, 16, 0).ljust(16, b"\0"))
+                if synced >= ticket:
+                    return  # an fsync that started after our commit covered it
+                try:
+                    fd = os.open(self._wal_path, os.O_RDONLY)
+                except FileNotFoundError:  # the last connection checkpointed (synced) and removed it
+                    return
+                try:
+                    os.fdatasync(fd)  # as SQLite syncs: the data, not the mtime
+                finally:
+                    os.close(fd)
+                os.pwrite(self._sync_fd, struct.pack("<Q", committed), 8)
+            finally:
+                fcntl.flock(self._sync_fd, fcntl.LOCK_UN)
 
     def _aid(self, conn: sa.Connection, annotator: str | int) -> int:
         if isinstance(annotator, int):
