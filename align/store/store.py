@@ -43,6 +43,8 @@ ROLES = ("admin", "annotator")
 KINDS = ("human", "ai", "rule")
 DEFAULT_MAX_TEXT_BYTES = 1_000_000
 _CHUNK = 400
+_CHECKPOINT_EVERY = 250  # group-committed writes between WAL checkpoints (~1,000 pages, SQLite's default)
+_WAL_LIMIT = 16 << 20  # and after a big one (an import); the WAL is cut back to this size when reused
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -271,7 +273,7 @@ class Store:
             # ROLLBACK already (_tx), and that extra round trip was ~3% of a label write.
             self.engine = sa.create_engine(u, echo=echo, pool_reset_on_return=None,
                                            connect_args={"timeout": busy_timeout_ms / 1000})
-            _sqlite_setup(self.engine, busy_timeout_ms, synchronous)
+            _sqlite_setup(self.engine, busy_timeout_ms, synchronous, self._wal_path is None)
         else:
             # No pre-ping (a round trip per transaction): a dropped connection raises an
             # invalidated-connection error that _tx retries.
@@ -328,8 +330,8 @@ class Store:
                         with conn.begin():
                             out = fn(conn)
                         seq = self._committed() if write else 0
-                if seq:
-                    self._sync_wal(seq)
+                if seq and (self._sync_wal(seq) > _WAL_LIMIT or seq % _CHECKPOINT_EVERY == 0):
+                    self._checkpoint()  # outside both locks: writers go on meanwhile
                 return out
             except sa.exc.DBAPIError as e:
                 if attempt == self.retries - 1 or not _retriable(e):
@@ -365,7 +367,17 @@ class Store:
     # and a label is still on disk before its call returns. The tickets are two counters in
     # <db>-sync (committed, synced), changed only under the write / sync flocks. Frames that a
     # checkpoint moved into the database are already synced (NORMAL syncs the WAL before a
-    # checkpoint and the database after it).
+    # checkpoint and the database after it). SQLite's automatic checkpoint would run inside a COMMIT,
+    # holding up every writer queued behind it (up to 160 ms here); the store runs a PASSIVE one
+    # instead, after every _CHECKPOINT_EVERY-th commit and after a commit that left the WAL over
+    # _WAL_LIMIT, outside the locks.
+    def _checkpoint(self) -> None:
+        raw = self.engine.raw_connection()  # outside any transaction (a checkpoint cannot run in one)
+        try:
+            raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        finally:
+            raw.close()
+
     def _committed(self) -> int:
         """Called under the write lock after COMMIT: this commit's ticket (0: no group commit)."""
         if self._wal_path is None:
@@ -374,22 +386,25 @@ class Store:
         os.pwrite(self._sync_fd, struct.pack("<Q", n), 0)
         return n
 
-    def _sync_wal(self, ticket: int) -> None:
+    def _sync_wal(self, ticket: int) -> int:
+        """Return once this commit's ticket is on disk; the WAL's size if this call synced it, else 0."""
         with self._synclock:  # threads of this process, then processes
             fcntl.flock(self._sync_fd, fcntl.LOCK_EX)
             try:
                 committed, synced = struct.unpack("<QQ", os.pread(self._sync_fd, 16, 0).ljust(16, b"\0"))
                 if synced >= ticket:
-                    return  # an fsync that started after our commit covered it
+                    return 0  # an fsync that started after our commit covered it
                 try:
                     fd = os.open(self._wal_path, os.O_RDONLY)
                 except FileNotFoundError:  # the last connection checkpointed (synced) and removed it
-                    return
+                    return 0
                 try:
                     os.fdatasync(fd)  # as SQLite syncs: the data, not the mtime
+                    size = os.fstat(fd).st_size
                 finally:
                     os.close(fd)
                 os.pwrite(self._sync_fd, struct.pack("<Q", committed), 8)
+                return size
             finally:
                 fcntl.flock(self._sync_fd, fcntl.LOCK_UN)
 
@@ -989,7 +1004,7 @@ class Store:
 
 
 # ------------------------------------------------------------------------------- module helpers
-def _sqlite_setup(engine: sa.Engine, busy_timeout_ms: int, synchronous: str) -> None:
+def _sqlite_setup(engine: sa.Engine, busy_timeout_ms: int, synchronous: str, autocheckpoint: bool) -> None:
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn, _record):
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
@@ -1004,6 +1019,9 @@ def _sqlite_setup(engine: sa.Engine, busy_timeout_ms: int, synchronous: str) -> 
                 time.sleep(0.05)
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute(f"PRAGMA synchronous={synchronous}")
+        if not autocheckpoint:  # not inside a COMMIT under the write lock: the store runs them (_tx)
+            cur.execute("PRAGMA wal_autocheckpoint=0")
+            cur.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
         cur.close()
 
     @event.listens_for(engine, "begin")
