@@ -500,6 +500,37 @@ class Store:
         if not n:
             raise NotFound(f"no annotator named {name!r}")
 
+    # ----------------------------------------------------------- login throttle (v3)
+    def login_counts(self, keys: Iterable[tuple[str, str]] | None = None) -> dict:
+        """The app's failed-login counts: ``{(kind, key): (failures, last, until)}`` for ``keys`` (all if None)."""
+        t = S.login_failures
+
+        def fn(conn):
+            q = sa.select(t)
+            if keys is not None:
+                q = q.where(sa.tuple_(t.c.kind, t.c.key).in_(list(keys)))
+            return {(r.kind, r.key): (r.failures, r.last_at, r.until_at) for r in conn.execute(q)}
+        return self._tx(fn, write=False)
+
+    def update_login_count(self, kind: str, key: str, fn: Callable) -> tuple:
+        """Change one count atomically, however many app processes share the store: ``fn(old) -> new``, each
+        ``(failures, last, until)`` or None (none / delete). Returns ``(old, new)``."""
+        t = S.login_failures
+        where = (t.c.kind == kind) & (t.c.key == key)
+
+        def tx(conn):
+            # a row to lock, so that two first failures at once count two (PostgreSQL; SQLite's writer is alone)
+            _insert_ignore(conn, t, [{"kind": kind, "key": key, "failures": 0, "last_at": 0.0, "until_at": 0.0}])
+            r = conn.execute(sa.select(t).where(where).with_for_update()).first()
+            old = (r.failures, r.last_at, r.until_at) if r.failures else None
+            new = fn(old)
+            if new is None:
+                conn.execute(t.delete().where(where))
+            else:
+                conn.execute(t.update().where(where).values(failures=new[0], last_at=new[1], until_at=new[2]))
+            return old, new
+        return self._tx(tx)
+
     # ---------------------------------------------------- prompts, responses, comparisons
     def add_prompt(self, prompt: str | Sequence[dict], source: str | None = None,
                    tags: Sequence[str] | None = None) -> int:
