@@ -23,7 +23,7 @@ from conftest_store import BACKENDS, fresh_url
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from align.store import DataError, Store
+from align.store import DataError, LabelExists, NotFound, Store
 
 WRITERS, LABELS = 50, 200
 
@@ -146,6 +146,37 @@ def test_sqlite_group_commit_syncs_before_returning_and_shares_fsyncs(tmp_path, 
     assert late == []
     assert sum(len(store.labels(annotator=f"w{w}")) for w in range(8)) == 8 * 40
     assert len(syncs) < 8 * 40 / 2, len(syncs)  # most commits rode on another writer's fsync
+    store.close()
+
+
+def test_batched_labels_from_threads_commit_together_and_keep_the_one_label_rules(store_url):
+    cids = _setup(store_url, 30, 10)
+    store = Store(store_url, batch_labels=True)
+    txs, tx = [], store._tx
+    store._tx = lambda fn, **kw: (txs.append(kw.get("write", True)), tx(fn, **kw))[1]
+    errors = []
+
+    def writer(w):
+        for i, cid in enumerate(cids):
+            lab = store.submit_label(cid, f"w{w}", "ab"[i % 2], left="a", request_id=f"w{w}-{cid}")
+            assert (lab.annotator, lab.comparison_id, lab.choice) == (f"w{w}", cid, "ab"[i % 2])
+            if i == 3:  # a retried request, a second label, a comparison that does not exist
+                assert store.submit_label(cid, f"w{w}", "tie", request_id=f"w{w}-{cid}").id == lab.id
+                for bad, err in ((dict(comparison_id=cid), LabelExists), (dict(comparison_id=10**6), NotFound)):
+                    try:
+                        store.submit_label(**bad, annotator=f"w{w}", choice="a")
+                        errors.append(f"no {err.__name__}")
+                    except err:
+                        pass
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted((lab.annotator, lab.comparison_id) for w in range(10) for lab in store.labels(annotator=f"w{w}")) \
+        == sorted((f"w{w}", c) for w in range(10) for c in cids)
+    assert txs.count(True) < 10 * 30 / 2  # several labels per transaction
     store.close()
 
 

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import os
+import queue
 import random
 import secrets
 import sqlite3
@@ -252,7 +253,7 @@ class Store:
 
     def __init__(self, url: str | None = None, *, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
                  busy_timeout_ms: int = 30_000, synchronous: str = "FULL", retries: int = 20,
-                 echo: bool = False):
+                 echo: bool = False, batch_labels: bool = False):
         self.url = url or os.environ.get("ALIGN_STORE_URL") or DEFAULT_URL
         self.max_text_bytes = max_text_bytes
         self.retries = retries
@@ -279,6 +280,7 @@ class Store:
             # invalidated-connection error that _tx retries.
             self.engine = sa.create_engine(u, echo=echo, pool_size=2, max_overflow=8)
         self._ready = False
+        self._batcher = _LabelBatcher(self) if batch_labels else None
         self._annotator_ids: dict[str, int] = {}
         self._queue_cache = None
 
@@ -676,6 +678,14 @@ class Store:
         values = {"comparison_id": comparison_id, "choice": choice, "left_side": left,
                   "rationale": rationale, "confidence": confidence, "seconds": seconds,
                   "request_id": request_id}
+        if self._batcher is not None and isinstance(annotator, str):
+            aid = self._annotator_ids.get(annotator) or self._tx(lambda c: self._aid(c, annotator), write=False)
+            now = S.utcnow()
+            new_id = self._batcher.insert({**values, "annotator_id": aid, "created_at": now})
+            if new_id is not None:
+                return Label(new_id, comparison_id, annotator, choice, left, rationale, confidence,
+                             seconds, request_id, now, aid)
+            # not inserted (a resubmit, a second label, no such comparison): the one-label path below says why
 
         def fn(conn):
             aid = self._aid(conn, annotator)
@@ -1032,6 +1042,49 @@ class Store:
         from align.store.stats import annotator_quality
         self._ensure()
         return annotator_quality(self)
+
+
+class _LabelBatcher:
+    """Group commit within one process (``Store(batch_labels=True)``, the app's store): its threads hand their
+    label INSERTs to one writer thread, which runs whatever is waiting (up to ``max_batch``) in one
+    transaction -- one BEGIN, one COMMIT, one fsync -- and wakes each caller after that commit is on disk.
+    An INSERT that did not store its row (a resubmit, a second label) returns None and its caller takes the
+    one-label path; if the transaction fails (no such comparison), every caller of the batch does."""
+
+    max_batch = 256
+
+    def __init__(self, store: "Store"):
+        self.store = store
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.pid = None  # the writer thread's process (a forked child starts its own)
+        self.lock = threading.Lock()
+
+    def insert(self, row: dict) -> int | None:
+        with self.lock:
+            if self.pid != os.getpid():
+                self.pid = os.getpid()
+                threading.Thread(target=self._run, name="align-label-writer", daemon=True).start()
+        done = [threading.Event(), None]
+        self.q.put((row, done))
+        done[0].wait()
+        return done[1]
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.q.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.q.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                ids = self.store._tx(lambda conn, batch=batch: [
+                    _insert_ignore(conn, S.labels, [row], returning=S.labels.c.id) for row, _ in batch])
+            except Exception:  # any: the callers redo their labels one by one, and see the error there
+                ids = [None] * len(batch)
+            for (_, done), new_id in zip(batch, ids):
+                done[1] = new_id
+                done[0].set()
 
 
 # ------------------------------------------------------------------------------- module helpers
