@@ -116,6 +116,9 @@ def test_sqlite_group_commit_syncs_before_returning_and_shares_fsyncs(tmp_path, 
     store = Store(url)
     with store.engine.connect() as c:  # commits only write the WAL; the store syncs it (Store._sync_wal)
         assert c.exec_driver_sql("pragma synchronous").scalar() == 1
+        assert c.exec_driver_sql("pragma wal_autocheckpoint").scalar() == 0  # the store checkpoints, unlocked
+    checkpoints, checkpoint = [], store._checkpoint
+    store._checkpoint = lambda: (checkpoints.append(1), checkpoint())
     syncs, real = [], os.fdatasync
 
     def slow_sync(fd):  # a slow disk, so that writers pile up behind one fsync
@@ -146,6 +149,7 @@ def test_sqlite_group_commit_syncs_before_returning_and_shares_fsyncs(tmp_path, 
     assert late == []
     assert sum(len(store.labels(annotator=f"w{w}")) for w in range(8)) == 8 * 40
     assert len(syncs) < 8 * 40 / 2, len(syncs)  # most commits rode on another writer's fsync
+    assert store._checkpointing.acquire(timeout=30) and checkpoints == [1]  # after the 250th commit
     store.close()
 
 

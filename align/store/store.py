@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import queue
 import random
@@ -37,6 +38,7 @@ from align.data.formats import DataError, location, normalize_messages, read_rec
 from align.data.prompts import content_hash
 from align.store import schema as S
 
+log = logging.getLogger("align.store")
 DEFAULT_URL = "sqlite:///data/preferences.db"
 CHOICES = ("a", "b", "tie", "both_bad", "skip")
 DECISIVE = ("a", "b")
@@ -260,7 +262,7 @@ class Store:
         u = sa.make_url(self.url)
         self.dialect = u.get_backend_name()
         self._lock_path = self._wal_path = None
-        self._tlock, self._synclock = threading.Lock(), threading.Lock()
+        self._tlock, self._synclock, self._checkpointing = threading.Lock(), threading.Lock(), threading.Lock()
         self._lock_fd = self._sync_fd = self._lock_pid = None
         if self.dialect == "sqlite":
             db = u.database
@@ -333,7 +335,7 @@ class Store:
                             out = fn(conn)
                         seq = self._committed() if write else 0
                 if seq and (self._sync_wal(seq) > _WAL_LIMIT or seq % _CHECKPOINT_EVERY == 0):
-                    self._checkpoint()  # outside both locks: writers go on meanwhile
+                    self._checkpoint_soon()
                 return out
             except sa.exc.DBAPIError as e:
                 if attempt == self.retries - 1 or not _retriable(e):
@@ -354,6 +356,7 @@ class Store:
                 self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o666)
                 self._sync_fd = os.open(self._lock_path[:-len("writelock")] + "sync", os.O_RDWR | os.O_CREAT, 0o666)
                 self._lock_pid = os.getpid()
+                self._checkpointing = threading.Lock()  # not one a forked parent's thread held
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
                 yield
@@ -373,12 +376,23 @@ class Store:
     # holding up every writer queued behind it (up to 160 ms here); the store runs a PASSIVE one
     # instead, after every _CHECKPOINT_EVERY-th commit and after a commit that left the WAL over
     # _WAL_LIMIT, outside the locks.
+    def _checkpoint_soon(self) -> None:
+        """A PASSIVE checkpoint in a thread of its own, one at a time per process: outside both locks, and
+        no caller waits for it (the labels are on disk already; an interrupted checkpoint is harmless)."""
+        if self._checkpointing.acquire(blocking=False):
+            threading.Thread(target=self._checkpoint, name="align-checkpoint", daemon=True).start()
+
     def _checkpoint(self) -> None:
-        raw = self.engine.raw_connection()  # outside any transaction (a checkpoint cannot run in one)
         try:
-            raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            raw = self.engine.raw_connection()  # outside any transaction (a checkpoint cannot run in one)
+            try:
+                raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            finally:
+                raw.close()
+        except (sa.exc.DBAPIError, sqlite3.Error) as e:  # busy, or the store closed meanwhile: the next one will do
+            log.info("WAL checkpoint skipped: %s", e)
         finally:
-            raw.close()
+            self._checkpointing.release()
 
     def _committed(self) -> int:
         """Called under the write lock after COMMIT: this commit's ticket (0: no group commit)."""
