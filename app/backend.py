@@ -116,13 +116,14 @@ class Backend:
     ``gold_rate`` / ``reask_rate``: shares of served pairs that are gold pairs / swapped re-asks
     of the annotator's own labels (at least ``reask_gap`` labels old). ``idle_timeout``: seconds
     of inactivity after which a session must log in again (0 = never). ``clock`` drives expiry
-    and the throttle (injectable for tests).
+    and the throttle (wall time: the throttle's counts are kept in the store across restarts; injectable
+    for tests).
     """
 
     def __init__(self, store: Store, *, overlap: int = 1, rng: random.Random | None = None,
                  gold_rate: float = 0.0, reask_rate: float = 0.0, reask_gap: int = 5,
                  idle_timeout: float = 0.0, throttle: LoginThrottle | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.time):
         if not (0 <= gold_rate <= 1 and 0 <= reask_rate <= 1 and gold_rate + reask_rate <= 1):
             raise ValueError(f"gold_rate and reask_rate must be in [0, 1] with a sum <= 1, got "
                              f"{gold_rate} and {reask_rate}")
@@ -132,7 +133,7 @@ class Backend:
         self.gold_rate, self.reask_rate, self.reask_gap = gold_rate, reask_rate, reask_gap
         self.idle_timeout = idle_timeout
         self.clock = clock
-        self.throttle = throttle or LoginThrottle(clock=clock)
+        self.throttle = throttle or LoginThrottle(clock=clock, counts=store)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._models: dict[str, Any] = {}
@@ -150,17 +151,18 @@ class Backend:
         name = (name or "").strip()
         if not name or not password:
             raise AppError("Enter your name and password.")
-        wait = self.throttle.wait(name, address)
+        t = self.throttle  # its counts are in the store: every call is a store call
+        wait = _store_call("Login failed", t.wait, name, address)
         if wait > 0:
-            raise AppError(_wait_message(wait, self.throttle.locked(name, address)))
+            raise AppError(_wait_message(wait, _store_call("Login failed", t.locked, name, address)))
         who = _store_call("Login failed", self.store.verify_annotator, name, password)
         if who is None:
-            wait = self.throttle.failed(name, address)
+            wait = _store_call("Login failed", t.failed, name, address)
             msg = "Wrong name or password."
             if wait > 0:
-                msg += " " + _wait_message(wait, self.throttle.locked(name, address))
+                msg += " " + _wait_message(wait, _store_call("Login failed", t.locked, name, address))
             raise AppError(msg)
-        self.throttle.succeeded(name, address)
+        _store_call("Login failed", t.succeeded, name, address)
         return Session(user=who.name, role=who.role, last_seen=self.clock())
 
     def health(self) -> tuple[bool, str]:
@@ -210,7 +212,7 @@ class Backend:
         name = (name or "").strip()
         if not name:
             raise AppError("Pick an account first.")
-        had = self.throttle.unlock(name)
+        had = _store_call("Could not unlock", self.throttle.unlock, name)
         return f"Unlocked **{name}**." if had else f"**{name}** had no failed sign-ins."
 
     def dashboard(self, session: Session) -> dict:
@@ -224,7 +226,7 @@ class Backend:
             stats = None
         quality = _store_call("Could not compute annotator statistics", self.store.annotator_quality)
         return {"labels": labels, "stats": stats, "people": self.people(session), "quality": quality,
-                "blocked": self.throttle.blocked()}
+                "blocked": _store_call("Could not read the lock-outs", self.throttle.blocked)}
 
     # ------------------------------------------------------------------------- gold pairs
     def mark_gold(self, session: Session, comparison_ids: str, answer: str) -> str:

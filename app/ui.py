@@ -63,7 +63,7 @@ prompts; press **Check again** to look."""
 
 def build_app(args) -> gr.Blocks:
     """The app on the store at ``args.db``; ``args`` is an ``AppArguments``."""
-    store = Store(args.db)
+    store = Store(args.db, batch_labels=True)  # the server's threads share transactions and fsyncs
     try:
         store.init()
     except Exception as e:  # any driver's error: keep serving, the login screen says what is wrong

@@ -129,3 +129,16 @@ def test_app_bench_loses_no_label(capsys):
 
     assert app_bench.main(["--annotators", "2", "--labels", "3", "--phases", "flat"]) == 0
     assert "lost 0" in capsys.readouterr().out
+
+
+def test_store_bench_writes_as_processes_raw_and_threads(capsys):
+    """bench store --writes_only --threads: the store's writer processes, raw sqlite3 and batched threads."""
+    from align.bench import store as store_bench
+
+    argv = ["--writers", "1", "3", "--labels", "12", "--writes_only", "--threads", "--pg_url", ""]
+    assert store_bench.main(argv) == 0
+    out = capsys.readouterr().out
+    for what in ("label write (Store.submit_label), processes: 3", "raw sqlite3 (reference), processes: 3",
+                 "label write, threads of one process (batch_labels): 3"):
+        assert f"| sqlite | {what} writer(s) | p50 " in out, out
+    assert "(12 labels)" in out

@@ -45,9 +45,9 @@ def test_sqlite_defaults(tmp_path, monkeypatch):
         assert c.exec_driver_sql("pragma journal_mode").scalar() == "wal"
         assert c.exec_driver_sql("pragma foreign_keys").scalar() == 1
         assert c.exec_driver_sql("pragma busy_timeout").scalar() == 30000
-    assert s.schema_version() == S.LATEST == 2
+    assert s.schema_version() == S.LATEST == 3
     s.init()  # idempotent
-    assert s.schema_version() == S.LATEST == 2
+    assert s.schema_version() == S.LATEST == 3
     s.close()
 
 

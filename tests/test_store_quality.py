@@ -1,9 +1,11 @@
-"""Store v2: the migration from v1, gold pairs, swapped re-asks, paused annotators (SQLite and PostgreSQL)."""
+"""Store v2/v3: the migration from v1, gold pairs, swapped re-asks, paused annotators, login failure counts
+(SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
 import json
 import random
+import threading
 
 import pytest
 import sqlalchemy as sa
@@ -24,7 +26,7 @@ def _pairs(store, n):
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def test_v1_database_migrates_to_v2_keeping_its_data(backend, tmp_path):
+def test_v1_database_migrates_to_the_latest_keeping_its_data(backend, tmp_path):
     url, drop = fresh_url(backend, tmp_path)
     try:
         eng = sa.create_engine(url)
@@ -39,11 +41,12 @@ def test_v1_database_migrates_to_v2_keeping_its_data(backend, tmp_path):
         s = Store(url)
         assert s.schema_version() == 1
         assert s.get_annotator("old").paused is False  # first use migrates
-        assert s.schema_version() == 2
+        assert s.schema_version() == S.LATEST == 3
         s.set_paused("old", True)
         assert s.get_annotator("old").paused and s.list_annotators()[0]["paused"]
+        assert s.login_counts() == {}  # v3's table
         s.init()  # idempotent
-        assert s.schema_version() == 2
+        assert s.schema_version() == 3
         s.close()
     finally:
         drop()
@@ -102,3 +105,24 @@ def test_reasks_come_back_after_a_gap_once_and_follow_undo(store):
     assert store.reasks() == []
     with pytest.raises(NotFound, match="no label"):
         store.submit_reask(labs[5].id, "a")
+
+
+def test_login_counts_change_atomically_across_connections(store_url):
+    stores = [Store(store_url) for _ in range(4)]  # as four app processes would
+    stores[0].init()
+
+    def bump(s):
+        for _ in range(10):
+            s.update_login_count("account", "root", lambda c: ((c[0] if c else 0) + 1, 1.0, 2.0))
+    threads = [threading.Thread(target=bump, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert stores[1].login_counts() == {("account", "root"): (40, 1.0, 2.0)}
+    got = stores[2].login_counts([("account", "root"), ("address", "10.0.0.1")])
+    assert got == {("account", "root"): (40, 1.0, 2.0)}
+    assert stores[3].update_login_count("account", "root", lambda c: None) == ((40, 1.0, 2.0), None)
+    assert stores[0].login_counts() == {}
+    for s in stores:
+        s.close()

@@ -2,6 +2,7 @@
 
 - 50 writer processes x 200 labels: every acknowledged label is stored exactly once.
 - kill -9 of writers mid-run: the database is intact and every acknowledged label is present.
+- SQLite group commit: a writer returns only after an fsync that began after its commit; writers share them.
 - hypothesis: import -> export round trips any Unicode text; NUL and over-limit texts are refused.
 """
 
@@ -11,6 +12,8 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import struct
+import threading
 import time
 
 import pytest
@@ -20,7 +23,7 @@ from conftest_store import BACKENDS, fresh_url
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from align.store import DataError, Store
+from align.store import DataError, LabelExists, NotFound, Store
 
 WRITERS, LABELS = 50, 200
 
@@ -105,6 +108,80 @@ def test_concurrent_writers_every_ack_stored_once(store_url, tmp_path):
         for cid, lid in acks:
             assert stored[(f"w{w}", cid)] == (lid, f"w{w}-{cid}")
     print(f"{WRITERS} writers x {LABELS} labels: {elapsed:.1f}s")
+
+
+def test_sqlite_group_commit_syncs_before_returning_and_shares_fsyncs(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path}/g.db"
+    cids = _setup(url, 40, 8)
+    store = Store(url)
+    with store.engine.connect() as c:  # commits only write the WAL; the store syncs it (Store._sync_wal)
+        assert c.exec_driver_sql("pragma synchronous").scalar() == 1
+        assert c.exec_driver_sql("pragma wal_autocheckpoint").scalar() == 0  # the store checkpoints, unlocked
+    checkpoints, checkpoint = [], store._checkpoint
+    store._checkpoint = lambda: (checkpoints.append(1), checkpoint())
+    syncs, real = [], os.fdatasync
+
+    def slow_sync(fd):  # a slow disk, so that writers pile up behind one fsync
+        time.sleep(0.01)
+        real(fd)
+        syncs.append(fd)
+    monkeypatch.setattr(os, "fdatasync", slow_sync)
+    mine, committed = threading.local(), store._committed
+
+    def ticket():
+        mine.ticket = committed()
+        return mine.ticket
+    store._committed = ticket
+    late = []
+
+    def writer(w):
+        for cid in cids:
+            store.submit_label(cid, f"w{w}", "a", request_id=f"w{w}-{cid}")
+            with open(f"{tmp_path}/g.db-sync", "rb") as fh:
+                synced = struct.unpack("<QQ", fh.read(16))[1]
+            if synced < mine.ticket:  # acknowledged before an fsync covered it
+                late.append((w, cid))
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert late == []
+    assert sum(len(store.labels(annotator=f"w{w}")) for w in range(8)) == 8 * 40
+    assert len(syncs) < 8 * 40 / 2, len(syncs)  # most commits rode on another writer's fsync
+    assert store._checkpointing.acquire(timeout=30) and checkpoints == [1]  # after the 250th commit
+    store.close()
+
+
+def test_batched_labels_from_threads_commit_together_and_keep_the_one_label_rules(store_url):
+    cids = _setup(store_url, 30, 10)
+    store = Store(store_url, batch_labels=True)
+    txs, tx = [], store._tx
+    store._tx = lambda fn, **kw: (txs.append(kw.get("write", True)), tx(fn, **kw))[1]
+    errors = []
+
+    def writer(w):
+        for i, cid in enumerate(cids):
+            lab = store.submit_label(cid, f"w{w}", "ab"[i % 2], left="a", request_id=f"w{w}-{cid}")
+            assert (lab.annotator, lab.comparison_id, lab.choice) == (f"w{w}", cid, "ab"[i % 2])
+            if i == 3:  # a retried request, a second label, a comparison that does not exist
+                assert store.submit_label(cid, f"w{w}", "tie", request_id=f"w{w}-{cid}").id == lab.id
+                for bad, err in ((dict(comparison_id=cid), LabelExists), (dict(comparison_id=10**6), NotFound)):
+                    try:
+                        store.submit_label(**bad, annotator=f"w{w}", choice="a")
+                        errors.append(f"no {err.__name__}")
+                    except err:
+                        pass
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted((lab.annotator, lab.comparison_id) for w in range(10) for lab in store.labels(annotator=f"w{w}")) \
+        == sorted((f"w{w}", c) for w in range(10) for c in cids)
+    assert txs.count(True) < 10 * 30 / 2  # several labels per transaction
+    store.close()
 
 
 def test_kill_9_writers_keeps_acknowledged_labels(store_url, tmp_path):

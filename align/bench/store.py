@@ -2,8 +2,9 @@
 
 Measures, on SQLite (a fresh file) and PostgreSQL (``--pg_url`` or ``$ALIGN_TEST_PG_URL``; a fresh
 schema that is dropped afterwards):
-- label-write latency p50 / p99 (one ``submit_label`` = one committed transaction) with 1, 10 and 50
-  concurrent writer processes;
+- label-write latency p50 / p99 (``submit_label``: acknowledged once committed and on disk) with 1, 10 and
+  50 concurrent writer processes, beside the same INSERT by as many raw sqlite3 processes; with
+  ``--threads``, also by as many threads of one process with ``Store(batch_labels=True)`` (the app's case);
 - import rows/s (HH-RLHF test file from ../shared/data, and synthetic pairs in bulk);
 - export time for 100k labelled pairs (``export_rows``, conversational).
 """
@@ -15,6 +16,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -69,7 +71,30 @@ def _raw_writer(path: str, wid: int, aid: int, cids: list[int], go, out) -> None
     con.close()
 
 
-def bench_writes(url: str, writers: int, per_writer: int, raw: bool = False) -> dict:
+def _threads(url: str, writers: int, cids: list[int], go, out) -> None:
+    """``writers`` threads of one process on one ``Store(batch_labels=True)``, like the app server's."""
+    store = Store(url, batch_labels=True)
+    lats = [[] for _ in range(writers)]
+
+    def one(w):
+        name = f"t{w}"
+        go.wait()
+        for i, cid in enumerate(cids):
+            t = time.perf_counter()
+            store.submit_label(cid, name, "a" if (i + w) % 2 else "b", left="a", request_id=f"{name}-{cid}",
+                               seconds=1.0)
+            lats[w].append(time.perf_counter() - t)
+    threads = [threading.Thread(target=one, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for lat in lats:
+        out.put(lat)
+    store.close()
+
+
+def bench_writes(url: str, writers: int, per_writer: int, raw: bool = False, threads: bool = False) -> dict:
     store = Store(url).init()
     items = [{"prompt": f"bench prompt {i} {uuid.uuid4().hex}", "chosen": "x", "rejected": "y"}
              for i in range(per_writer)]
@@ -77,7 +102,7 @@ def bench_writes(url: str, writers: int, per_writer: int, raw: bool = False) -> 
     with store.engine.connect() as c:
         cids = [r[0] for r in c.execute(sa.text(
             "select id from comparisons where source='bench-writes' order by id"))][-per_writer:]
-    tag = "raw" if raw else "w"
+    tag = "raw" if raw else "t" if threads else "w"
     aids = [store.ensure_annotator(f"{tag}{w}", kind="human").id for w in range(writers)]
     store.close()
     ctx = mp.get_context("fork")
@@ -85,6 +110,8 @@ def bench_writes(url: str, writers: int, per_writer: int, raw: bool = False) -> 
     if raw:
         path = sa.make_url(url).database
         procs = [ctx.Process(target=_raw_writer, args=(path, w, aids[w], cids, go, out)) for w in range(writers)]
+    elif threads:
+        procs = [ctx.Process(target=_threads, args=(url, writers, cids, go, out))]
     else:
         procs = [ctx.Process(target=_writer, args=(url, w, cids, go, out)) for w in range(writers)]
     for p in procs:
@@ -93,7 +120,7 @@ def bench_writes(url: str, writers: int, per_writer: int, raw: bool = False) -> 
     t0 = time.perf_counter()
     go.set()
     lat = []
-    for _ in procs:
+    for _ in range(writers):
         lat += out.get()
     wall = time.perf_counter() - t0
     for p in procs:
@@ -157,6 +184,8 @@ class BenchArgs:
     no_sqlite: bool = False
     no_raw: bool = field(default=False, metadata={"help": "skip the raw sqlite3 reference writers"})
     writes_only: bool = field(default=False, metadata={"help": "only the label-write latency runs"})
+    threads: bool = field(default=False, metadata={
+        "help": "also writers as threads of one process with Store(batch_labels=True), as in the app server"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,10 +205,15 @@ def main(argv: list[str] | None = None) -> int:
                 url, drop = _pg_fresh(args.pg_url)
             try:
                 for w in args.writers:
-                    for raw in ([False, True] if be == "sqlite" and not args.no_raw else [False]):
-                        r = bench_writes(url, w, max(1, args.labels // w), raw=raw)
-                        what = "raw sqlite3 (reference)" if raw else "label write (Store.submit_label)"
-                        rows.append((be, f"{what}, {w} writer(s)",
+                    kinds = ["store"] + (["raw"] if be == "sqlite" and not args.no_raw else []) \
+                        + (["threads"] if args.threads else [])
+                    for kind in kinds:
+                        r = bench_writes(url, w, max(1, args.labels // w), raw=kind == "raw",
+                                         threads=kind == "threads")
+                        what = {"store": "label write (Store.submit_label), processes",
+                                "raw": "raw sqlite3 (reference), processes",
+                                "threads": "label write, threads of one process (batch_labels)"}[kind]
+                        rows.append((be, f"{what}: {w} writer(s)",
                                      f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
                                      f"{r['labels_per_s']:.0f} labels/s ({r['labels']} labels)"))
                         print(*rows[-1], sep=" | ", flush=True)

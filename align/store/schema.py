@@ -129,6 +129,16 @@ reasks = sa.Table(
     sa.Index("ix_reasks_annotator", "annotator_id", "id"),
 )
 
+# v3: the app's failed-login counts (app/throttle.py), so that a restart does not lift a lock-out.
+login_failures = sa.Table(
+    "login_failures", metadata,
+    sa.Column("kind", sa.String(10), primary_key=True),  # 'account' (a casefolded name) | 'address'
+    sa.Column("key", sa.String(300), primary_key=True),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("last_at", sa.Float, nullable=False),  # seconds on the throttle's clock (wall time)
+    sa.Column("until_at", sa.Float, nullable=False),  # no attempt before this time
+)
+
 V1_TABLES = [annotators, prompts, responses, comparisons, labels]
 
 
@@ -145,9 +155,15 @@ def _v2(conn: sa.Connection) -> None:
     ix_comparisons_next.create(conn, checkfirst=True)
 
 
+def _v3(conn: sa.Connection) -> None:
+    """Table login_failures."""
+    metadata.create_all(conn, tables=[login_failures])
+
+
 MIGRATIONS: list[tuple[int, callable]] = [
     (1, _v1),
     (2, _v2),
+    (3, _v3),
 ]
 LATEST = MIGRATIONS[-1][0]
 
