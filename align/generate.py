@@ -139,31 +139,14 @@ def generate(
 
 # ------------------------------------------------------------------------------------------ command
 def read_prompts(path: str) -> list[tuple[dict, str | Messages]]:
-    """(record, prompt) for each record of a data file: its ``prompt`` (text or messages), else the prompt of a
-    preference record in any format the store imports (so the shared preference files give RL prompts); a record
-    with neither is a DataError naming the file and line."""
-    from align.data.formats import (
-        DataError,
-        detect_preference,
-        location,
-        normalize_messages,
-        read_records,
-        to_preference,
-    )
+    """(record, prompt) for each record of a data file (``align.data.formats.to_prompt``: a ``prompt``, a chat, an
+    instruction, or a preference record's prompt, so the shared preference files give RL prompts); the record
+    keeps its other fields (reward-function columns) but not a preference record's replies. A record with no
+    prompt is a DataError naming the file and line."""
+    from align.data.formats import location, read_records, to_prompt
 
-    out = []
-    for key, rec in read_records(path):
-        where, prompt = location(path, key), rec.get("prompt")
-        if isinstance(prompt, list):
-            prompt = normalize_messages(prompt, where, "prompt")
-        elif not isinstance(prompt, str):
-            if detect_preference(rec) == "unknown":
-                raise DataError(f"{where}: need a 'prompt' (text or messages) or a preference record; record has "
-                                f"{sorted(rec)}")
-            prompt = to_preference(rec, where)["prompt"]
-            rec = {k: v for k, v in rec.items() if k not in ("chosen", "rejected")}  # not reward-function columns
-        out.append((rec, prompt))
-    return out
+    return [({k: v for k, v in rec.items() if k not in ("chosen", "rejected")}, to_prompt(rec, location(path, key)))
+            for key, rec in read_records(path)]
 
 
 @dataclasses.dataclass

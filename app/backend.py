@@ -20,14 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from align.data.formats import (
-    DataError,
-    detect_preference,
-    location,
-    normalize_messages,
-    read_records,
-    to_preference,
-)
+from align.data.formats import DataError, location, read_records, to_prompt
 
 try:  # the store package exports Store; fall back to the module while it is being written
     from align.store import Store  # type: ignore[attr-defined]
@@ -541,9 +534,6 @@ def _text(messages: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- parsing helpers
-PROMPT_KEYS = ("prompt", "messages", "conversations", "instruction", "question", "text")
-
-
 def parse_prompts(text: str | None, file: str | None, limit: int = 0) -> list:
     """Prompts from pasted lines and/or a JSON/JSONL file (``prompt``: string or messages;
     ``messages``; ``instruction`` (+ ``input``); ``question``; ``text``; else a preference record's
@@ -557,30 +547,7 @@ def parse_prompts(text: str | None, file: str | None, limit: int = 0) -> list:
             for n, (key, rec) in enumerate(read_records(file)):
                 if limit and n >= limit:
                     break
-                out.append(_prompt_of(rec, location(Path(file).name, key)))
+                out.append(to_prompt(rec, location(Path(file).name, key)))
         except DataError as e:
             raise AppError(f"Nothing added — {_short_path(str(e), file)}") from e
     return out
-
-
-def _prompt_of(rec: dict, where: str):
-    for k in PROMPT_KEYS:
-        if k in rec and rec[k] is not None:
-            v = rec[k]
-            if isinstance(v, str):
-                if not v.strip():
-                    raise DataError(f"{where}: field {k!r} is empty")
-                if k == "instruction" and rec.get("input"):
-                    v = f"{v}\n\n{rec['input']}"
-                return v
-            msgs = normalize_messages(v, where, k)
-            if msgs and msgs[-1]["role"] == "assistant":  # a whole chat: the prompt is all but the reply
-                msgs = msgs[:-1]
-            if not msgs:
-                raise DataError(f"{where}: field {k!r} has no user turn")
-            return msgs
-    if detect_preference(rec) != "unknown":  # chosen/rejected only (HH): the prompt both replies answer
-        return to_preference(rec, where)["prompt"]
-    raise DataError(f"{where}: no prompt field (expected one of {', '.join(PROMPT_KEYS)}, or a preference "
-                    f"record; record has {sorted(rec)})")
-

@@ -38,9 +38,9 @@ def test_generate_then_rank_best_of_n(tiny_lm_dir, tiny_rm_dir, tmp_path, capsys
 
 def test_generate_bad_input_names_the_line(tiny_lm_dir, tmp_path, capsys):
     inp = tmp_path / "p.jsonl"
-    inp.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"question": "no prompt"}) + "\n")
+    inp.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"title": "no prompt"}) + "\n")
     assert G.main(["--model", tiny_lm_dir, "--input", str(inp), "--device", "cpu"]) == 2
-    assert f"{inp}:2: need a 'prompt'" in capsys.readouterr().err
+    assert f"{inp}:2: no prompt field (expected one of prompt, messages" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # several greedy replies would be one reply n times
         G.main(["--model", tiny_lm_dir, "--prompt", "hi", "--num_return_sequences", "2"])
 
@@ -148,6 +148,6 @@ def test_preference_files_give_prompts(tmp_path):
     assert [p for _, p in rows] == [[{"role": "user", "content": "Hi?"}], [{"role": "user", "content": "Add 2 and 3."}]]
     assert "chosen" not in rows[0][0] and rows[1][0]["instruction"] == "Add 2 and 3."
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"text": "no prompt"}) + "\n")
-    with pytest.raises(DataError, match=r"bad.jsonl:1: need a 'prompt'"):
+    bad.write_text(json.dumps({"title": "no prompt"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: no prompt field"):
         G.read_prompts(str(bad))

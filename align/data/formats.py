@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 __all__ = [
-    "DataError", "read_records", "location", "to_preference", "to_conversation",
+    "DataError", "read_records", "location", "to_preference", "to_conversation", "to_prompt",
     "detect_preference", "normalize_messages", "ROLES",
 ]
 
@@ -474,6 +474,36 @@ def to_conversation(record: dict, where: str = "<record>") -> list[dict]:
         if m["role"] == "assistant" and not m["content"].strip():
             raise DataError(f"{where}: message {i} (assistant) is empty")
     return msgs
+
+
+PROMPT_KEYS = ("prompt", "messages", "conversations", "instruction", "question", "text")
+
+
+def to_prompt(rec: dict, where: str = "<record>") -> str | list[dict]:
+    """The prompt of a record (for generation: the app's pairs, RL, the loop): a preference record's (the turns
+    both replies answer, as the store imports it), else ``prompt`` / ``question`` / ``text`` (a string or
+    messages), ``messages`` / ``conversations`` (a chat: all but a last assistant turn), Alpaca ``instruction``
+    (+ ``input``). A string stays a string (one user turn)."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if detect_preference(rec) != "unknown":
+        return to_preference(rec, where)["prompt"]
+    for k in PROMPT_KEYS:
+        if rec.get(k) is None:
+            continue
+        v = rec[k]
+        if isinstance(v, str):
+            if not v.strip():
+                raise DataError(f"{where}: field {k!r} is empty")
+            return f"{v}\n\n{rec['input']}" if k == "instruction" and rec.get("input") else v
+        msgs = normalize_messages(v, where, k)
+        if msgs and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if not msgs:
+            raise DataError(f"{where}: field {k!r} has no user turn")
+        return msgs
+    raise DataError(f"{where}: no prompt field (expected one of {', '.join(PROMPT_KEYS)}, or a preference "
+                    f"record; record has {sorted(rec)})")
 
 
 def to_prompt_response(rec: dict, where: str) -> tuple[Any, Any]:
