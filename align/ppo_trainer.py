@@ -614,7 +614,8 @@ class PPOTrainer(Trainer):
         micro = min(args.per_device_train_batch_size, mini)
         L = ro.context_length
         keys = ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "entropy")
-        widths = ro.mask.sum(1).long().cpu()  # reply lengths (incl. EOS): one transfer for all micro-batches
+        # reply lengths (incl. EOS) and prompt lengths, one transfer for all micro-batches
+        widths, prompt_lens = ro.mask.sum(1).long().cpu(), ro.attention_mask[:, :L].sum(1).cpu()
         acc: dict[str, list[torch.Tensor]] = {k: [] for k in keys}  # on device; read once at the end
         for _ in range(args.num_ppo_epochs):
             perm = torch.randperm(B)
@@ -623,15 +624,17 @@ class PPOTrainer(Trainer):
                 self.optimizer.zero_grad()
                 for m0 in range(0, len(mb), micro):
                     idx = mb[m0 : m0 + micro]
+                    # the micro-batch's columns from its longest prompt to its longest reply: the rest is padding
+                    # before every prompt (masked; positions follow the mask) or after every EOS (a causal model's
+                    # earlier positions never see it), so the log-probs and values are the same
                     T = int(widths[idx].max())
+                    cols = slice(L - int(prompt_lens[idx].max()), L + T)
                     idx = idx.to(ro.query_responses.device)
                     last = m0 + micro >= len(mb)
-                    # the micro-batch's columns up to its longest reply: the rest is padding after every EOS, which
-                    # a causal model's earlier positions never see (the log-probs and values are the same)
                     m = ro.mask[idx, :T]
                     with self._accumulating(model, last):
-                        logits, vpred = model(input_ids=ro.query_responses[idx, : L + T],
-                                              attention_mask=ro.attention_mask[idx, : L + T], logits_to_keep=T + 1)
+                        logits, vpred = model(input_ids=ro.query_responses[idx, cols],
+                                              attention_mask=ro.attention_mask[idx, cols], logits_to_keep=T + 1)
                         logits, vpred = logits[:, :-1], vpred[:, -T - 1 : -1].float()
                         responses = ro.query_responses[idx, L : L + T]
                         new_lp, token_entropy = self._logprobs(logits, responses)

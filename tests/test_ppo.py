@@ -279,8 +279,13 @@ def test_fast_path_gives_the_old_logprobs_values_losses_and_gradients(tmp_path):
     qr = ro.query_responses.clone()
     qr[:, L:] = qr[:, L:].masked_fill(mask == 0, trainer.pad_id)
     attn = torch.cat([ro.attention_mask[:, :L], mask.long()], 1)
-    ro = dataclasses.replace(ro, query_responses=qr, attention_mask=attn, mask=mask, logprobs=ro.logprobs * mask,
-                             values=ro.values * mask, advantages=ro.advantages * mask, returns=ro.returns * mask)
+    # and 3 more columns of left padding on every prompt, so every micro-batch is cut on the left too
+    qr = torch.nn.functional.pad(qr, (3, 0), value=trainer.pad_id)
+    attn = torch.nn.functional.pad(attn, (3, 0), value=0)
+    L += 3
+    ro = dataclasses.replace(ro, query_responses=qr, attention_mask=attn, context_length=L, mask=mask,
+                             logprobs=ro.logprobs * mask, values=ro.values * mask, advantages=ro.advantages * mask,
+                             returns=ro.returns * mask)
 
     old = copy.deepcopy(trainer.model)
     with torch.no_grad():  # the rollout's figures, the old way
