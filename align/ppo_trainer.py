@@ -650,7 +650,7 @@ class PPOTrainer(Trainer):
                     if args.max_grad_norm and args.max_grad_norm > 0:
                         self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     self.optimizer.step()
-        acc = {k: torch.stack(v).float().tolist() for k, v in acc.items()}
+        acc = dict(zip(keys, torch.stack([torch.stack(acc[k]).float() for k in keys]).tolist()))  # one transfer
         return self._mean_over_processes({
             "loss/policy_avg": float(np.mean(acc["pg_loss"])),
             "loss/value_avg": float(np.mean(acc["vf_loss"])),
