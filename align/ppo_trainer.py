@@ -62,8 +62,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import inspect
 import json
 import logging
 import math
@@ -90,7 +88,7 @@ from trl.trainer.utils import disable_dropout_in_model, selective_log_softmax_an
 
 from align import reward_funcs as R
 from align.generate import prompt_ids
-from align.logprobs import left_pad, masked_inputs, response_mask
+from align.logprobs import keep_kwargs, last_positions, left_pad, masked_inputs, response_mask
 
 logger = logging.getLogger("align.ppo")
 
@@ -265,23 +263,6 @@ def ppo_losses(
 
 
 # ----------------------------------------------------------------------------------------------- models
-
-
-@functools.lru_cache(maxsize=None)
-def _takes_logits_to_keep(cls: type) -> bool:
-    return "logits_to_keep" in inspect.signature(cls.forward).parameters
-
-
-def keep_kwargs(model: nn.Module, logits_to_keep: int) -> dict[str, int]:
-    """``logits_to_keep`` for a causal LM that takes it (transformers' decoders, ours): the LM head then runs on the
-    last positions only, not on the prompt's (PEFT passes it through to the base model)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {"logits_to_keep": logits_to_keep} if logits_to_keep and _takes_logits_to_keep(type(base)) else {}
-
-
-def last_positions(x: torch.Tensor, n: int) -> torch.Tensor:
-    """The last ``n`` positions of (B, S, ...) (all for 0); a no-op on logits the model already cut to ``n``."""
-    return x[:, -n:] if n and x.size(1) != n else x
 
 
 class _PolicyAndCritic(nn.Module):

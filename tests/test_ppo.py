@@ -348,3 +348,23 @@ def test_ppo_rollouts_go_through_fastgen(tmp_path, monkeypatch):
                          processing_class=load_tokenizer(d["policy"]), train_dataset=world_dataset(64))
     trainer.train()
     assert len(calls) == 1 and calls[0]["do_sample"] and calls[0]["max_new_tokens"] == 8
+
+
+def test_response_logprobs_keep_only_the_reply_positions():
+    """align.logprobs.response_logprobs (the evaluation's KL) from the reply's logits alone equals the full-sequence
+    log-softmax it replaced."""
+    from transformers import AutoModelForCausalLM
+
+    from align.logprobs import left_pad, response_logprobs
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs()["policy"]).eval()
+    q, m = left_pad([[5, 6, 7, 8], [9, 10]], 0)
+    resp = torch.randint(3, 200, (2, 5))
+    ids, mask = torch.cat([q, resp], 1), torch.cat([m, torch.ones_like(resp)], 1)
+    with torch.no_grad():
+        got = response_logprobs(model, ids, mask, 4, temperature=0.7)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, 3:-1].float() / 0.7
+        want = logits.log_softmax(-1).gather(-1, resp[..., None]).squeeze(-1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
