@@ -368,3 +368,15 @@ def test_response_logprobs_keep_only_the_reply_positions():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, 3:-1].float() / 0.7
         want = logits.log_softmax(-1).gather(-1, resp[..., None]).squeeze(-1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_rollouts_generate_under_the_training_autocast(tmp_path):
+    """Under bf16 accelerate autocasts the prepared policy + critic's forward only; generation calls the policy inside
+    it, so it must enter autocast itself (it ran in fp32 before), as the log-prob forwards do."""
+    trainer = ppo_trainer(tmp_path, [low_half], bf16=True, use_cpu=True)
+    trainer._prepare()
+    seen = []
+    forward = trainer.policy.forward
+    trainer.policy.forward = lambda *a, **kw: seen.append(torch.is_autocast_enabled("cpu")) or forward(*a, **kw)
+    trainer._sample(*trainer._encode_prompts([world_dataset(8)[i]["prompt"] for i in range(4)]))
+    assert seen and all(seen)
