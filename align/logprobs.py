@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
+from trl.trainer.utils import selective_log_softmax
 
 from align.generate import prompt_ids
 from align.models import load
@@ -48,6 +49,23 @@ def masked_inputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     return kw
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def keep_kwargs(model: torch.nn.Module, logits_to_keep: int) -> dict[str, int]:
+    """``logits_to_keep`` for a causal LM that takes it (transformers' decoders, ours): the LM head then runs on the
+    last positions only, not on the prompt's (PEFT passes it through to the base model)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"logits_to_keep": logits_to_keep} if logits_to_keep and _takes_logits_to_keep(type(base)) else {}
+
+
+def last_positions(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The last ``n`` positions of (B, S, ...) (all for 0); a no-op on logits the model already cut to ``n``."""
+    return x[:, -n:] if n and x.size(1) != n else x
+
+
 def left_pad(ids: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L) token ids and attention mask of token lists left-padded to the longest."""
     L = max(map(len, ids))
@@ -62,10 +80,13 @@ def response_logprobs(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """(B, T) log-probs of the response tokens ``input_ids[:, context_length:]`` under ``model``."""
-    logits = model(**masked_inputs(model, input_ids, attention_mask)).logits[:, context_length - 1 : -1]
-    logits = logits.float() / temperature
-    return torch.gather(logits.log_softmax(-1), 2, input_ids[:, context_length:, None]).squeeze(-1)
+    """(B, T) log-probs of the response tokens ``input_ids[:, context_length:]`` under ``model``: logits of the
+    response's positions only, the chosen token's log-prob without a (B, T, V) log-softmax."""
+    T = input_ids.size(1) - context_length
+    logits = model(**masked_inputs(model, input_ids, attention_mask), **keep_kwargs(model, T + 1)).logits
+    logits = last_positions(logits, T + 1)[:, :-1]
+    return selective_log_softmax(logits if logits.is_cuda else logits.float(), input_ids[:, context_length:],
+                                 temperature=temperature)
 
 
 @torch.no_grad()

@@ -73,6 +73,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from accelerate.utils import AutocastKwargs
 from torch import nn
 from transformers import (
     PreTrainedTokenizerBase,
@@ -83,11 +84,11 @@ from transformers import (
 from transformers.integrations.deepspeed import deepspeed_init, deepspeed_load_checkpoint, is_deepspeed_zero3_enabled
 from transformers.trainer_utils import TrainOutput
 from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
-from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
+from trl.trainer.utils import disable_dropout_in_model, selective_log_softmax_and_entropy
 
 from align import reward_funcs as R
 from align.generate import prompt_ids
-from align.logprobs import left_pad, masked_inputs, response_mask
+from align.logprobs import keep_kwargs, last_positions, left_pad, masked_inputs, response_mask
 
 logger = logging.getLogger("align.ppo")
 
@@ -295,12 +296,13 @@ class PolicyWithValueHead(_PolicyAndCritic):
         nn.init.zeros_(self.value_head.bias)
         self.config = policy.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0,
                 **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.policy(**masked_inputs(self.policy, input_ids, attention_mask), output_hidden_states=True,
-                          use_cache=False)
-        h = out.hidden_states[-1]
-        return out.logits, self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)
+                          use_cache=False, **keep_kwargs(self.policy, logits_to_keep))
+        h = last_positions(out.hidden_states[-1], logits_to_keep)
+        values = self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)
+        return last_positions(out.logits, logits_to_keep), values
 
     def critic(self) -> nn.Module:
         return self.value_head
@@ -324,11 +326,14 @@ class PolicyAndValueModel(_PolicyAndCritic):
             raise ValueError(f"value model {type(value_model).__name__}: its score head has {head.out_features} "
                              "labels, a value needs 1")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0,
                 **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.policy(**masked_inputs(self.policy, input_ids, attention_mask), use_cache=False).logits
+        logits = self.policy(**masked_inputs(self.policy, input_ids, attention_mask), use_cache=False,
+                             **keep_kwargs(self.policy, logits_to_keep)).logits
+        logits = last_positions(logits, logits_to_keep)
         backbone = getattr(self.value_model, self.value_model.base_model_prefix)
         h = backbone(**masked_inputs(backbone, input_ids, attention_mask), use_cache=False).last_hidden_state
+        h = last_positions(h, logits_to_keep)
         score = self.value_model.score  # a plain linear map per position (ScoreHead's loglik term needs a whole reply)
         return logits, nn.functional.linear(h.to(score.weight.dtype), score.weight, score.bias).squeeze(-1)
 
@@ -457,19 +462,30 @@ class PPOTrainer(Trainer):
         t = self._sum(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self.args.device))
         return {k: v / self.accelerator.num_processes for k, v in zip(keys, t.tolist())}
 
-    def _logprobs(self, logits: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
-        return selective_log_softmax(logits.float() / self.args.temperature, responses)
+    def _logprobs(self, logits: torch.Tensor, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) log-probs of ``responses`` and per-token entropies (no gradient) under ``logits / temperature``,
+        in one pass over the vocabulary: TRL's fused Triton kernel on CUDA (fp32 inside, so bf16 logits go in as
+        they are), else in fp32 by ``selective_log_softmax`` and ``entropy_from_logits``."""
+        if not logits.is_cuda:
+            logits = logits.float()
+        return selective_log_softmax_and_entropy(logits, responses, entropy_requires_grad=False,
+                                                 temperature=self.args.temperature)
 
     def _rows(self, update: int) -> list[dict]:
         """This process's prompts of iteration ``update``: its share of the global batch, from a fresh seeded
         permutation of the dataset per pass (resumable; N processes x B see the prompts 1 process x N*B sees)."""
         n, B = len(self.train_dataset), self.args.batch_size_total
         first = (update * self.args.world_size + self.args.process_index) * B
-        out = []
-        for p in range(first, first + B):
-            perm = np.random.default_rng(self.args.seed + p // n).permutation(n)
-            out.append(self.train_dataset[int(perm[p % n])])
-        return out
+        idx = [int(self._pass_permutation(p // n)[p % n]) for p in range(first, first + B)]
+        return [self.train_dataset[i] for i in idx]
+
+    def _pass_permutation(self, k: int) -> np.ndarray:
+        """The dataset's order in pass ``k`` (drawn once per pass, not once per prompt)."""
+        cache = self.__dict__.setdefault("_permutations", {})
+        if k not in cache:
+            cache.clear()
+            cache[k] = np.random.default_rng(self.args.seed + k).permutation(len(self.train_dataset))
+        return cache[k]
 
     def _encode_prompts(self, prompts: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         q, m = left_pad(prompt_ids(self.processing_class, prompts), self.pad_id)
@@ -481,7 +497,11 @@ class PPOTrainer(Trainer):
         """(B, T) replies sampled from the policy, padded after the first EOS by ``generate``. Under ZeRO-3 the
         weights are gathered for the whole ``generate`` (trl's ``unwrap_model_for_generation``)."""
         args = self.args
-        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+        # in the training forward's precision: accelerate puts autocast on the prepared wrapper's forward only, so
+        # without this the policy generated in fp32 under bf16 (TRL's GRPO generates under autocast). No autocast
+        # cache: fastgen replays its decode step from a CUDA graph.
+        autocast = self.accelerator.autocast(AutocastKwargs(cache_enabled=False))
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped, autocast:
             out = unwrapped.policy.generate(
                 input_ids=q, attention_mask=qm, max_new_tokens=args.max_completion_length, do_sample=True,
                 temperature=args.temperature, top_k=0, top_p=1.0, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
@@ -503,19 +523,22 @@ class PPOTrainer(Trainer):
         seqs, attn = torch.cat([q, responses], 1), torch.cat([qm, mask], 1)
         t_gen = time.time() - t0
 
-        logits, values = model(input_ids=seqs, attention_mask=attn)
-        logits, values = logits[:, L - 1 : -1], values[:, L - 1 : -1]
-        logprobs = self._logprobs(logits, responses)
-        entropy = masked_mean(entropy_from_logits(logits.float() / args.temperature), mask.float())
+        # logits and values of the T positions that predict the reply only: the LM head skips the prompt
+        T = responses.size(1)
+        logits, values = model(input_ids=seqs, attention_mask=attn, logits_to_keep=T + 1)
+        logits, values = logits[:, :-1], values[:, -T - 1 : -1]
+        logprobs, token_entropy = self._logprobs(logits, responses)
+        entropy = masked_mean(token_entropy, mask.float())
         del logits
         with self.reference() as ref, self.accelerator.autocast():  # the precision the policy's forward runs at
-            ref_logits = ref(**masked_inputs(self.accelerator.unwrap_model(ref), seqs, attn)).logits
-            ref_logprobs = self._logprobs(ref_logits[:, L - 1 : -1], responses)
+            unwrapped_ref = self.accelerator.unwrap_model(ref)
+            ref_logits = ref(**masked_inputs(unwrapped_ref, seqs, attn), **keep_kwargs(unwrapped_ref, T + 1)).logits
+            ref_logprobs, _ = self._logprobs(last_positions(ref_logits, T + 1)[:, :-1], responses)
             del ref_logits
 
-        completions = [self.processing_class.decode(r[m.bool()], skip_special_tokens=True).strip()
-                       for r, m in zip(responses, mask)]
-        completion_ids = [r[m.bool()].tolist() for r, m in zip(responses, mask)]
+        # the replies on the host in one transfer (per-row boolean indexing on the GPU syncs once per row)
+        completion_ids = [r[m].tolist() for r, m in zip(responses.cpu(), mask.bool().cpu())]
+        completions = [self.processing_class.decode(ids, skip_special_tokens=True).strip() for ids in completion_ids]
         scores_list, per = R.score_all(self.reward_funcs, self.reward_weights, prompts, completions,
                                        completion_ids, **columns)
         scores = torch.tensor(scores_list, dtype=torch.float32, device=seqs.device)
@@ -537,19 +560,23 @@ class PPOTrainer(Trainer):
         if args.whiten_advantages:
             advantages = masked_whiten(advantages, maskf, all_reduce=self._sum) * maskf
 
-        kl_seq = kl.sum(1)
+        on_device = {  # one transfer to the host, not one sync per figure
+            "objective/scores": scores.mean(),
+            "objective/kl": kl.sum(1).mean(),
+            "objective/entropy": (-logprobs * maskf).sum(1).mean(),
+            "policy/entropy_avg": entropy,
+            "objective/non_score_reward": non_score.sum(1).mean(),
+            "objective/rlhf_reward": (scores + non_score.sum(1)).mean(),
+            "val/mean": masked_mean(values, maskf),
+            "val/frac_missing_eos": (~has_eos).float().mean(),
+            "val/num_eos_tokens": has_eos.float().sum(),
+            "completion_length": mask.sum(1).float().mean(),
+        }
+        host = dict(zip(on_device, torch.stack([v.float() for v in on_device.values()]).tolist()))
         stats = {
-            "objective/scores": scores.mean().item(),
-            "objective/kl": kl_seq.mean().item(),
+            **host,
             "objective/kl_coef": self.kl_ctl.value,
-            "objective/entropy": (-logprobs * maskf).sum(1).mean().item(),
-            "policy/entropy_avg": entropy.item(),
-            "objective/non_score_reward": non_score.sum(1).mean().item(),
-            "objective/rlhf_reward": (scores + non_score.sum(1)).mean().item(),
-            "val/mean": masked_mean(values, maskf).item(),
-            "val/frac_missing_eos": (~has_eos).float().mean().item(),
-            "val/num_eos_tokens": int(has_eos.sum().item()),
-            "completion_length": mask.sum(1).float().mean().item(),
+            "val/num_eos_tokens": int(host["val/num_eos_tokens"]),
             "time/generate_s": round(t_gen, 2),
             **{f"rewards/{k}/mean": float(np.mean(v)) for k, v in per.items()},
         }
@@ -568,34 +595,43 @@ class PPOTrainer(Trainer):
         micro = min(args.per_device_train_batch_size, mini)
         L = ro.context_length
         keys = ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "entropy")
-        acc: dict[str, list[float]] = {k: [] for k in keys}
+        # reply lengths (incl. EOS) and prompt lengths, one transfer for all micro-batches
+        widths, prompt_lens = ro.mask.sum(1).long().cpu(), ro.attention_mask[:, :L].sum(1).cpu()
+        acc: dict[str, list[torch.Tensor]] = {k: [] for k in keys}  # on device; read once at the end
         for _ in range(args.num_ppo_epochs):
             perm = torch.randperm(B)
             for s in range(0, B, mini):
                 mb = perm[s : s + mini]
                 self.optimizer.zero_grad()
                 for m0 in range(0, len(mb), micro):
-                    idx = mb[m0 : m0 + micro].to(ro.query_responses.device)
+                    idx = mb[m0 : m0 + micro]
+                    # the micro-batch's columns from its longest prompt to its longest reply: the rest is padding
+                    # before every prompt (masked; positions follow the mask) or after every EOS (a causal model's
+                    # earlier positions never see it), so the log-probs and values are the same
+                    T = int(widths[idx].max())
+                    cols = slice(L - int(prompt_lens[idx].max()), L + T)
+                    idx = idx.to(ro.query_responses.device)
                     last = m0 + micro >= len(mb)
+                    m = ro.mask[idx, :T]
                     with self._accumulating(model, last):
-                        logits, vpred = model(input_ids=ro.query_responses[idx],
-                                              attention_mask=ro.attention_mask[idx])
-                        logits, vpred = logits[:, L - 1 : -1], vpred[:, L - 1 : -1].float()
-                        responses = ro.query_responses[idx, L:]
-                        new_lp = self._logprobs(logits, responses)
-                        m = ro.mask[idx]
-                        out = ppo_losses(new_lp, ro.logprobs[idx], ro.advantages[idx], vpred, ro.values[idx],
-                                         ro.returns[idx], m, args.cliprange, args.cliprange_value)
+                        logits, vpred = model(input_ids=ro.query_responses[idx, cols],
+                                              attention_mask=ro.attention_mask[idx, cols], logits_to_keep=T + 1)
+                        logits, vpred = logits[:, :-1], vpred[:, -T - 1 : -1].float()
+                        responses = ro.query_responses[idx, L : L + T]
+                        new_lp, token_entropy = self._logprobs(logits, responses)
+                        out = ppo_losses(new_lp, ro.logprobs[idx, :T], ro.advantages[idx, :T], vpred,
+                                         ro.values[idx, :T], ro.returns[idx, :T], m, args.cliprange,
+                                         args.cliprange_value)
                         loss = (out["pg_loss"] + args.vf_coef * out["vf_loss"]) * (len(idx) / len(mb))
                         self._backward(loss, last)
-                    with torch.no_grad():
-                        out["entropy"] = masked_mean(entropy_from_logits(logits.detach().float() / args.temperature), m)
+                    out["entropy"] = masked_mean(token_entropy, m)
                     for k in keys:
-                        acc[k].append(float(out[k].detach()))
+                        acc[k].append(out[k].detach())
                 if not self.is_deepspeed_enabled:  # DeepSpeed clipped and stepped in its backward
                     if args.max_grad_norm and args.max_grad_norm > 0:
                         self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     self.optimizer.step()
+        acc = dict(zip(keys, torch.stack([torch.stack(acc[k]).float() for k in keys]).tolist()))  # one transfer
         return self._mean_over_processes({
             "loss/policy_avg": float(np.mean(acc["pg_loss"])),
             "loss/value_avg": float(np.mean(acc["vf_loss"])),

@@ -8,7 +8,15 @@ import pytest
 import torch
 from test_grpo import low_half, tiny_dirs, world_dataset
 
-from align.ppo_trainer import AdaptiveKLController, PPOConfig, PPOTrainer, compute_gae, masked_whiten, ppo_losses
+from align.ppo_trainer import (
+    AdaptiveKLController,
+    PPOConfig,
+    PPOTrainer,
+    compute_gae,
+    masked_mean,
+    masked_whiten,
+    ppo_losses,
+)
 
 torch.set_num_threads(1)
 
@@ -234,3 +242,141 @@ def test_hf_models_left_padded_rollout_logprobs_match_unpadded(tmp_path):
             logits = policy(input_ids=seq).logits[0, -n - 1 : -1].float()
             own = torch.log_softmax(logits / trainer.args.temperature, -1).gather(-1, seq[0, -n:, None]).squeeze(-1)
             torch.testing.assert_close(ro.logprobs[i, :n], own, atol=1e-4, rtol=1e-4)
+
+
+def _old_micro_batch(wrapper, ro, idx, args):
+    """The update's micro-batch as it was computed before the fast path: logits over the whole padded sequence, the
+    reply's slice taken afterwards, log-softmax over the full vocabulary in fp32, entropy in a second pass."""
+    L = ro.context_length
+    logits, vpred = wrapper(input_ids=ro.query_responses[idx], attention_mask=ro.attention_mask[idx])
+    logits, vpred = logits[:, L - 1 : -1].float() / args.temperature, vpred[:, L - 1 : -1].float()
+    logp = logits.log_softmax(-1)
+    new_lp = logp.gather(-1, ro.query_responses[idx, L:, None]).squeeze(-1)
+    m = ro.mask[idx]
+    out = ppo_losses(new_lp, ro.logprobs[idx], ro.advantages[idx], vpred, ro.values[idx], ro.returns[idx], m,
+                     args.cliprange, args.cliprange_value)
+    out["entropy"] = ((-(logp.exp() * logp).sum(-1)) * m).sum().detach() / m.sum()
+    return out
+
+
+def test_fast_path_gives_the_old_logprobs_values_losses_and_gradients(tmp_path):
+    """Rollout log-probs, values and reference log-probs from logits of the reply's positions only (logits_to_keep)
+    and the fused log-prob + entropy pass, and the update on micro-batches cut to their longest reply, equal the
+    old full-sequence, full-vocabulary computation."""
+    import copy
+    import dataclasses
+
+    trainer = ppo_trainer(tmp_path, [low_half], per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                          num_ppo_epochs=1, num_mini_batches=1, max_grad_norm=0.0, temperature=0.7)
+    trainer._prepare()  # the optimizer (train() makes it)
+    args = trainer.args
+    ro = trainer.rollout([world_dataset(64)[i] for i in range(16)])
+    L, T = ro.context_length, ro.mask.size(1)
+    # replies of different lengths (a random tiny model rarely samples its EOS): cut row i after k_i tokens, all
+    # shorter than the rollout's width, so every micro-batch is cut
+    k = torch.tensor([1 + (3 * i) % max(T - 1, 1) for i in range(16)])
+    mask = (torch.arange(T)[None] < k[:, None]).float()
+    qr = ro.query_responses.clone()
+    qr[:, L:] = qr[:, L:].masked_fill(mask == 0, trainer.pad_id)
+    attn = torch.cat([ro.attention_mask[:, :L], mask.long()], 1)
+    # and 3 more columns of left padding on every prompt, so every micro-batch is cut on the left too
+    qr = torch.nn.functional.pad(qr, (3, 0), value=trainer.pad_id)
+    attn = torch.nn.functional.pad(attn, (3, 0), value=0)
+    L += 3
+    ro = dataclasses.replace(ro, query_responses=qr, attention_mask=attn, context_length=L, mask=mask,
+                             logprobs=ro.logprobs * mask, values=ro.values * mask, advantages=ro.advantages * mask,
+                             returns=ro.returns * mask)
+
+    old = copy.deepcopy(trainer.model)
+    with torch.no_grad():  # the rollout's figures, the old way
+        logits, values = old(input_ids=ro.query_responses, attention_mask=ro.attention_mask)
+        lp = (logits[:, L - 1 : -1].float() / args.temperature).log_softmax(-1)
+        lp = lp.gather(-1, ro.query_responses[:, L:, None]).squeeze(-1)
+        new_lp, ent = trainer._logprobs(logits[:, L - 1 : -1], ro.query_responses[:, L:])  # the fused pass
+        torch.testing.assert_close(new_lp, lp, atol=1e-5, rtol=1e-5)
+        full = (logits[:, L - 1 : -1].float() / args.temperature).log_softmax(-1)
+        torch.testing.assert_close(ent, -(full.exp() * full).sum(-1), atol=1e-5, rtol=1e-5)
+        fresh = trainer.rollout([world_dataset(64)[i] for i in range(16)])
+    # a second rollout's stored log-probs and values against the old computation on its own sequences
+    with torch.no_grad():
+        Lf = fresh.context_length
+        logits, values = old(input_ids=fresh.query_responses, attention_mask=fresh.attention_mask)
+        lp = (logits[:, Lf - 1 : -1].float() / args.temperature).log_softmax(-1)
+        lp = lp.gather(-1, fresh.query_responses[:, Lf:, None]).squeeze(-1)
+        torch.testing.assert_close(fresh.logprobs, lp * fresh.mask, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fresh.values, values[:, Lf - 1 : -1].float() * fresh.mask, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fresh.ref_logprobs, lp * fresh.mask, atol=1e-5, rtol=1e-5)  # reference = start
+        full = (logits[:, Lf - 1 : -1].float() / args.temperature).log_softmax(-1)
+        ent_old = masked_mean(-(full.exp() * full).sum(-1), fresh.mask)
+        assert fresh.stats["policy/entropy_avg"] == pytest.approx(float(ent_old), abs=1e-5)
+
+    # the update: same permutation, two micro-batches of 8, one optimizer step; losses and gradients as before
+    torch.manual_seed(123)
+    perm = torch.randperm(16)
+    old.train()
+    outs = []
+    for half in (perm[:8], perm[8:]):
+        out = _old_micro_batch(old, ro, half, args)
+        ((out["pg_loss"] + args.vf_coef * out["vf_loss"]) * 0.5).backward()
+        outs.append(out)
+    torch.manual_seed(123)
+    upd = trainer.ppo_update(ro)
+    for key, name in (("pg_loss", "loss/policy_avg"), ("vf_loss", "loss/value_avg"), ("ratio", "val/ratio"),
+                      ("approxkl", "policy/approxkl_avg"), ("entropy", "policy/entropy_train")):
+        assert upd[name] == pytest.approx(sum(float(o[key].detach()) for o in outs) / 2, abs=1e-5), name
+    for (n, p), q in zip(trainer.model.named_parameters(), old.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_ppo_rollouts_go_through_fastgen(tmp_path, monkeypatch):
+    """With align.fastgen routing the policy's generate (as align.rl.prepare does on CUDA), the PPO trainer's
+    rollouts reach the fast loop: through accelerate's prepared wrapper and trl's unwrap, the policy called is the
+    patched one."""
+    from transformers import AutoModelForCausalLM
+
+    from align import fastgen
+    from align.models import load_tokenizer
+
+    d = tiny_dirs()
+    policy = AutoModelForCausalLM.from_pretrained(d["policy"])
+    assert fastgen.use_fast_generate(policy)
+    calls = []
+    real = fastgen.fast_generate
+    monkeypatch.setattr(fastgen, "fast_generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    trainer = PPOTrainer(model=policy, args=ppo_config(tmp_path, max_steps=1), reward_funcs=[low_half],
+                         processing_class=load_tokenizer(d["policy"]), train_dataset=world_dataset(64))
+    trainer.train()
+    assert len(calls) == 1 and calls[0]["do_sample"] and calls[0]["max_new_tokens"] == 8
+
+
+def test_response_logprobs_keep_only_the_reply_positions():
+    """align.logprobs.response_logprobs (the evaluation's KL) from the reply's logits alone equals the full-sequence
+    log-softmax it replaced."""
+    from transformers import AutoModelForCausalLM
+
+    from align.logprobs import left_pad, response_logprobs
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs()["policy"]).eval()
+    q, m = left_pad([[5, 6, 7, 8], [9, 10]], 0)
+    resp = torch.randint(3, 200, (2, 5))
+    ids, mask = torch.cat([q, resp], 1), torch.cat([m, torch.ones_like(resp)], 1)
+    with torch.no_grad():
+        got = response_logprobs(model, ids, mask, 4, temperature=0.7)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, 3:-1].float() / 0.7
+        want = logits.log_softmax(-1).gather(-1, resp[..., None]).squeeze(-1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_rollouts_generate_under_the_training_autocast(tmp_path):
+    """Under bf16 accelerate autocasts the prepared policy + critic's forward only; generation calls the policy inside
+    it, so it must enter autocast itself (it ran in fp32 before), as the log-prob forwards do."""
+    trainer = ppo_trainer(tmp_path, [low_half], bf16=True, use_cpu=True)
+    trainer._prepare()
+    seen = []
+    forward = trainer.policy.forward
+    trainer.policy.forward = lambda *a, **kw: seen.append(torch.is_autocast_enabled("cpu")) or forward(*a, **kw)
+    trainer._sample(*trainer._encode_prompts([world_dataset(8)[i]["prompt"] for i in range(4)]))
+    assert seen and all(seen)
