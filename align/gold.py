@@ -100,9 +100,10 @@ def sigmoid(x: float) -> float:
 def heldout_prompts(args: LoopArguments) -> list[Any]:
     """The first ``gold_eval_prompts`` distinct prompts of the loop's held-out split (``heldout_fraction``): the
     loop never queues them or trains on them, and the gold evaluation asks only them."""
-    from align.loop_round import split_prompts
+    from align.rl import file_prompts
 
-    return [row["prompt"] for row in split_prompts(args, "test")[: args.gold_eval_prompts]]
+    rows = file_prompts(args.dataset_name, "test", args.heldout_fraction)
+    return [row["prompt"] for row in rows[: args.gold_eval_prompts]]
 
 
 def replies(policy: Path, prompts: list, max_new_tokens: int, seed: int, ref: Path | None = None) -> dict:

@@ -141,19 +141,12 @@ def release_memory() -> None:
 def round_prompts(args: LoopArguments, k: int) -> list[dict]:
     """Round k's fresh prompts: the k-th ``prompts_per_round`` of the world's, or of ``dataset_name``'s distinct
     prompts outside the held-out split (``heldout_fraction``)."""
-    from align.rl import prompt_dataset
+    from align.rl import file_prompts, prompt_dataset
 
     n = args.prompts_per_round
     if args.dataset_name == "world":
         return prompt_dataset(args.dataset_name, k * n, args.seed).to_list()[(k - 1) * n :]
-    return split_prompts(args, "train")[(k - 1) * n : k * n]
-
-
-def split_prompts(args: LoopArguments, split: str) -> list[dict]:
-    """``dataset_name``'s rows with distinct prompts in ``split`` ('train' or 'test', by ``heldout_fraction``)."""
-    from align.rl import file_prompts
-
-    return file_prompts(args.dataset_name, split, args.heldout_fraction)
+    return file_prompts(args.dataset_name, "train", args.heldout_fraction)[(k - 1) * n : k * n]
 
 
 def label_with_oracle(args: LoopArguments, queued: list[dict]) -> dict[str, int]:

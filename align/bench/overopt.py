@@ -78,17 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     (a,) = run_command(parse, [BenchArgs], argv, prog="python -m align.bench overopt")
     from align.generate import generate
     from align.gold import best_of_n_expected, best_of_n_kl, gold_scorer, mean, replies
-    from align.loop import LoopArguments
-    from align.loop_round import split_prompts
     from align.models import default_device, load, load_tokenizer
+    from align.rl import file_prompts
     from align.score import RewardScorer
 
     t0 = time.perf_counter()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     proxy_paths = proxy_dirs(a.proxy)
-    split = LoopArguments(dataset_name=a.dataset_name, heldout_fraction=a.heldout_fraction, labeller="human")
-    prompts = [r["prompt"] for r in split_prompts(split, "test")[: a.num_prompts]]
+    prompts = [r["prompt"] for r in file_prompts(a.dataset_name, "test", a.heldout_fraction)[: a.num_prompts]]
     model, tok = load(a.policy, device=default_device()), load_tokenizer(a.policy)
     samples = generate(model, tok, prompts, max_new_tokens=a.max_new_tokens, do_sample=True,
                        num_return_sequences=a.n_max, batch_size=a.batch_size, seed=a.seed)
