@@ -244,7 +244,7 @@ def dashboard(backend: Backend, session: Session) -> Dashboard:
 class LoopScreen:
     message: str
     plot: str | None = None
-    table: list[list] | None = None
+    table: Any = None  # a pandas DataFrame: the rounds' figures
     log: str = ""
     rounds: int | None = None
     running: bool = False
@@ -272,7 +272,8 @@ def loop_status(backend: Backend, session: Session, runner) -> LoopScreen:
 
     backend.require_admin(session)
     st = runner.status()
-    return LoopScreen(status_markdown(st), st["plot"], rounds_table(st["report"]) or None, st["log"], st["rounds"],
+    table = rounds_table(st["report"])
+    return LoopScreen(status_markdown(st), st["plot"], None if table.empty else table, st["log"], st["rounds"],
                       st["running"])
 
 

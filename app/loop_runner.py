@@ -17,6 +17,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 LOG = "app_runs.log"  # in the loop's output_dir
 
 
@@ -121,18 +123,23 @@ def status_markdown(st: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def rounds_table(report: dict[str, Any]) -> list[list]:
-    """Rows [round, pairs, EM greedy, EM sampled, maj@k, preferred, win rate, RM accuracy]; round 0 is the start.
-    The world's figures (EM ... preferred) are empty on a real model's prompts; the win rate (vs the round before,
-    judged by the round's RM) and the RM's held-out accuracy are what a real-data loop reports."""
-    rows = []
+# (header, part of a round's report, key): the world's figures mean nothing on a real model's prompts, so a column
+# that no round has a value for is left out (rounds_table)
+COLUMNS = [("EM greedy", "policy", "exact_match"), ("EM sampled", "policy", "exact_match_sampled"),
+           ("maj@k", "policy", "maj_at_k"), ("preferred", "policy", "preferred_rate"),
+           ("win rate", "policy", "win_rate_vs_previous"), ("gold greedy", "gold", "gold_reward_greedy"),
+           ("gold sampled", "gold", "gold_reward_sampled"), ("RM accuracy", "reward", "accuracy")]
+
+
+def rounds_table(report: dict[str, Any]) -> pd.DataFrame:
+    """One row per round (0 is the start): its pairs and the held-out figures any round reports. The win rate is vs
+    the round before, judged by the round's RM; gold is the gold labeller's mean reward (labeller gold_rm)."""
     rounds = ({"0": report["start"]} if "start" in report else {}) | report.get("rounds", {})
-    for k, r in rounds.items():
-        p, rm = r.get("policy", {}), r.get("reward", {})
-        rows.append([int(k), r.get("pairs"), *(_r(p.get(key)) for key in
-                     ("exact_match", "exact_match_sampled", "maj_at_k", "preferred_rate", "win_rate_vs_previous")),
-                     _r(rm.get("accuracy"))])
-    return rows
+    rows = [[int(k), r.get("pairs")] + [_r(r.get(part, {}).get(key)) for _, part, key in COLUMNS]
+            for k, r in rounds.items()]
+    keep = [i for i in range(len(COLUMNS)) if any(row[2 + i] is not None for row in rows)]
+    return pd.DataFrame([row[:2] + [row[2 + i] for i in keep] for row in rows],
+                        columns=["round", "pairs"] + [COLUMNS[i][0] for i in keep], dtype=object)
 
 
 def _r(x: Any) -> Any:

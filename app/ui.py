@@ -336,9 +336,8 @@ def _admin_tab(args, backend: Backend, state: gr.State, export_dir: Path):
                 loop_refresh = gr.Button("↻ Refresh", size="sm", scale=0, min_width=100)
             with gr.Row():
                 loop_plot = gr.Image(show_label=False, type="filepath", height=300, elem_id="al-loop-plot")
-                loop_table = gr.Dataframe(headers=["round", "pairs", "EM greedy", "EM sampled", "maj@k", "preferred",
-                                                   "win rate", "RM accuracy"],
-                                          label="Held-out figures per round (0 = start)", interactive=False)
+                loop_table = gr.Dataframe(label="Held-out figures per round (0 = start)", interactive=False,
+                                          elem_id="al-loop-table")
             loop_log = gr.Textbox(label="Log (last lines)", lines=12, max_lines=12, interactive=False,
                                   elem_id="al-loop-log")
             loop_timer = gr.Timer(3.0, active=False)

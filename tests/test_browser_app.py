@@ -224,5 +224,7 @@ def test_admin_runs_the_loop_on_what_annotators_label(browser, tmp_path, tiny_lo
         admin.wait_for_function("() => document.body.innerText.includes('All rounds are done')", timeout=300_000)
         admin.wait_for_selector("#al-loop-plot img", timeout=15_000)
         assert "1 of 1" in admin.inner_text("#al-loop-status")
+        headers = admin.inner_text("#al-loop-table thead")  # the world's columns (a world loop) and the RM's
+        assert "EM sampled" in headers and "RM accuracy" in headers and "gold" not in headers
         shot(admin, tmp_path, "12_admin_loop_trained")
         ctx.close()

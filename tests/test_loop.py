@@ -254,7 +254,8 @@ def test_app_runs_the_loop_on_its_labels(tmp_path, tiny_loop_config):
     assert runner.wait(300) == 0, runner.status()["log"]
     st = runner.status()
     assert st["rounds_done"] == 1 and "waiting" not in st and Path(st["plot"]).exists()
-    assert [row[0] for row in rounds_table(st["report"])] == [0, 1]
+    table = rounds_table(st["report"])
+    assert table["round"].tolist() == [0, 1] and "RM accuracy" in table and "gold sampled" not in table
     assert st["report"]["rounds"]["1"]["pairs"] == len(queued)  # alice's labels; the oracle's "b" did not count
     pairs = [json.loads(line) for line in (tmp_path / "loop/round_1/pairs.jsonl").read_text().splitlines()]
     assert pairs[0]["chosen"][-1]["content"] == queued[0]["a"]
