@@ -313,7 +313,7 @@ def _run(args: LoopArguments) -> dict[str, Any]:
     t0 = time.time()
     for k in range(1, args.rounds + 1):
         out = root / f"round_{k}"
-        if (policy_dir(args, out) / "final").exists():
+        if str(k) in report["rounds"] and (policy_dir(args, out) / "final").exists():  # in the report: judged too
             logger.info("== round %d: already done, skipping", k)
             policy, rm = policy_dir(args, out) / "final", reward_dirs(args, out)
             continue

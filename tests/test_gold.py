@@ -97,6 +97,24 @@ def test_gold_loop_labels_trains_and_judges(tmp_path, tiny_loop_config, tiny_rm_
     rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2] and "gold/gold_reward_greedy" in rows[2]
 
+    # killed after round 2's policy was trained but before gold judged it: a restart judges it, not skips it
+    del report["rounds"]["2"]
+    (root / "report.json").write_text(json.dumps(report))
+    (root / "result.json").unlink()
+    again = loop.main([str(cfg)])
+    assert "gold_reward_greedy" in again["rounds"]["2"]["gold"]
+    assert len(json.loads((root / "result.json").read_text())["gold_reward_greedy"]) == 3
+
+
+def test_labels_curve_stops_at_a_killed_round(tmp_path):
+    """A run whose round 2 never reached the report (killed) counts to round 1: round 3 is not taken for round 2."""
+    from align.bench.labels import curve
+
+    g = {"labels": 0, "gold_reward_greedy": 0.0}
+    rounds = {"1": {"gold": g | {"labels": 4}}, "3": {"gold": g | {"labels": 12}}}
+    (tmp_path / "report.json").write_text(json.dumps({"start": {"gold": g}, "rounds": rounds}))
+    assert curve(tmp_path)["labels"] == [0, 4]
+
 
 def test_labels_bench_runs_selections_in_parallel_and_aggregates(tmp_path, tiny_loop_config, tiny_rm_dir):
     """``align.bench labels`` on tiny models: two selections in two subprocesses, then the table, plot, verdict."""

@@ -148,8 +148,11 @@ def curve(run_dir: Path) -> dict[str, list] | None:
     rep = json.loads(path.read_text())
     if "gold" not in rep.get("start", {}):
         return None
-    rows = [rep["start"]["gold"]] + [rep["rounds"][str(k)]["gold"] for k in range(1, len(rep["rounds"]) + 1)
-                                     if "gold" in rep["rounds"].get(str(k), {})]
+    rows = [rep["start"]["gold"]]
+    for k in range(1, len(rep["rounds"]) + 1):  # the rounds in a row: a gap (a killed round) ends the curve
+        if "gold" not in rep["rounds"].get(str(k), {}):
+            break
+        rows.append(rep["rounds"][str(k)]["gold"])
     return {key: [r.get(key) for r in rows] for key in ("labels", *FIGURES)}
 
 
