@@ -156,6 +156,12 @@ def curve(run_dir: Path) -> dict[str, list] | None:
     return {key: [r.get(key) for r in rows] for key in ("labels", *FIGURES)}
 
 
+def seeds_label(rows: list[dict]) -> str:
+    """'3 seeds', or '3 -> 1 seeds' where fewer seeds reached the last rounds (their interval widens)."""
+    first, last = rows[0]["seeds"] if rows else 0, rows[-1]["seeds"] if rows else 0
+    return f"{first} seeds" if first == last else f"{first} -> {last} seeds"
+
+
 def interval(xs: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95 % t-interval (0 for one value)."""
     m = statistics.mean(xs)
@@ -223,7 +229,7 @@ def plot(agg: dict[str, list[dict]], png: Path, title: str) -> None:
             pts = [r for r in rows if r.get(key) is not None and r.get(x) is not None]
             xs = [r[x] for r in pts]
             ys, ci = [r[key] for r in pts], [r.get(f"{key}_ci95", 0.0) for r in pts]
-            ax.plot(xs, ys, marker="o", label=f"{s} ({max((r['seeds'] for r in rows), default=0)} seeds)")
+            ax.plot(xs, ys, marker="o", label=f"{s} ({seeds_label(rows)})")
             ax.fill_between(xs, [y - c for y, c in zip(ys, ci)], [y + c for y, c in zip(ys, ci)], alpha=0.15)
         ax.set(xlabel="labels used" if x == "labels" else "KL to the start policy (nats)", title=name)
         ax.grid(True, alpha=0.3)
