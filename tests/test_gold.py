@@ -188,3 +188,18 @@ def test_labels_verdict_counts_only_rounds_where_the_selection_acted():
     v = verdict(agg, first_selected=2)  # round 1 (48 labels) was random for both: it does not count
     assert v["selections"]["extremes"]["labels_to_reach"] == 96 and v["answer"].startswith("yes")
     assert verdict(agg, first_selected=1)["selections"]["extremes"]["labels_to_reach"] == 48
+
+
+def test_labels_bench_runs_a_loop_again_after_cuda_out_of_memory(tmp_path):
+    """A run that dies of CUDA OOM (a crowded GPU) runs again once, with fewer runs at a time; other failures not."""
+    import sys
+
+    from align.bench.labels import BenchArgs, launch
+
+    script = ("import pathlib, sys; m = pathlib.Path(sys.argv[1]); first = not m.exists(); m.touch(); "
+              "print('torch.OutOfMemoryError: CUDA out of memory' if first and 'oom' in m.name else 'ok'); "
+              "sys.exit(1 if first else 0)")
+    jobs = [(name, [sys.executable, "-c", script, str(tmp_path / f"{name}.mark")]) for name in ("oom", "bug")]
+    state = launch(jobs, BenchArgs(parallel=2, cores=2), tmp_path, 0.0)
+    assert state == {"oom": "done", "bug": "failed (1)"}
+    assert (tmp_path / "oom.log").read_text().count("\n") == 2  # the failed run's line and the retry's

@@ -81,13 +81,14 @@ def loop_args(a: BenchArgs):
 
 def launch(jobs: list[tuple[str, list[str]]], a: BenchArgs, out: Path, t0: float) -> dict[str, str]:
     """Run ``(name, argv)`` jobs ``parallel`` at a time (logs: ``OUT/<name>.log``) until done or ``timeout_s``
-    after ``t0``; the state each ended in."""
+    after ``t0``; the state each ended in. A job that dies of CUDA out of memory runs again once, later, with
+    one job fewer at a time from then on (a loop carries on from its last finished round)."""
     threads = max(1, (a.cores or os.cpu_count() or 1) // a.parallel)
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                         "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "PYTHONUNBUFFERED": "1"}
-    todo, state, going = list(jobs), {}, {}
+    todo, state, going, limit, retried = list(jobs), {}, {}, a.parallel, set()
     while todo or going:
-        while todo and len(going) < a.parallel:
+        while todo and len(going) < limit:
             name, argv = todo.pop(0)
             log = open(out / f"{name}.log", "a")
             going[name] = (subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT), log)
@@ -96,6 +97,11 @@ def launch(jobs: list[tuple[str, list[str]]], a: BenchArgs, out: Path, t0: float
             if p.poll() is not None:
                 log.close()
                 state[name] = "done" if p.returncode == 0 else f"failed ({p.returncode})"
+                if p.returncode and name not in retried and out_of_memory(out / f"{name}.log"):
+                    retried.add(name)
+                    todo.append((name, p.args))
+                    limit = max(1, limit - 1)
+                    state[name] += f": CUDA out of memory, runs again with {limit} at a time"
                 print(f"[{time.monotonic() - t0:5.0f} s] {name}: {state[name]}", flush=True)
                 del going[name]
         if a.timeout_s and time.monotonic() - t0 > a.timeout_s:
@@ -109,6 +115,13 @@ def launch(jobs: list[tuple[str, list[str]]], a: BenchArgs, out: Path, t0: float
             break
         time.sleep(1)
     return state
+
+
+def out_of_memory(log: Path) -> bool:
+    """Whether a run's log ends in CUDA running out of memory (its last 64 KB)."""
+    with open(log, "rb") as f:
+        f.seek(max(0, log.stat().st_size - 65536))
+        return b"OutOfMemoryError" in f.read()
 
 
 def copy_first_round(src: Path, dst: Path) -> None:
