@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sqlalchemy as sa
@@ -46,3 +47,10 @@ def store(store_url):
     s = Store(store_url).init()
     yield s
     s.close()
+
+
+def in_threads(fn, args) -> None:
+    """fn(arg) for every arg, each in its own thread, all at once; an exception in any of them fails the test."""
+    args = list(args)
+    with ThreadPoolExecutor(len(args)) as pool:
+        list(pool.map(fn, args))

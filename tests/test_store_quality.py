@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 
 import pytest
 import sqlalchemy as sa
 from conftest_store import *  # noqa: F403  (fixtures store, store_url)
-from conftest_store import fresh_url
+from conftest_store import fresh_url, in_threads
 
 from align.store import NotFound, Store
 from align.store import schema as S
@@ -114,11 +113,7 @@ def test_login_counts_change_atomically_across_connections(store_url):
     def bump(s):
         for _ in range(10):
             s.update_login_count("account", "root", lambda c: ((c[0] if c else 0) + 1, 1.0, 2.0))
-    threads = [threading.Thread(target=bump, args=(s,)) for s in stores]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(bump, stores)
     assert stores[1].login_counts() == {("account", "root"): (40, 1.0, 2.0)}
     got = stores[2].login_counts([("account", "root"), ("address", "10.0.0.1")])
     assert got == {("account", "root"): (40, 1.0, 2.0)}

@@ -20,7 +20,7 @@ import time
 import pytest
 import sqlalchemy as sa
 from conftest_store import *  # noqa: F403  (fixtures store, store_url)
-from conftest_store import BACKENDS, fresh_url
+from conftest_store import BACKENDS, fresh_url, in_threads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -142,11 +142,7 @@ def test_sqlite_group_commit_syncs_before_returning_and_shares_fsyncs(tmp_path, 
                 synced = struct.unpack("<QQ", fh.read(16))[1]
             if synced < mine.ticket:  # acknowledged before an fsync covered it
                 late.append((w, cid))
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(writer, range(8))
     assert late == []
     assert sum(len(store.labels(annotator=f"w{w}")) for w in range(8)) == 8 * 40
     assert len(syncs) < 8 * 40 / 2, len(syncs)  # most commits rode on another writer's fsync
@@ -171,11 +167,7 @@ def test_batched_labels_from_threads_commit_together_and_keep_the_one_label_rule
                     with contextlib.suppress(err):  # the expected error; any other fails the thread
                         store.submit_label(**bad, annotator=f"w{w}", choice="a")
                         errors.append(f"no {err.__name__}")
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(10)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(writer, range(10))
     assert errors == []
     assert sorted((lab.annotator, lab.comparison_id) for w in range(10) for lab in store.labels(annotator=f"w{w}")) \
         == sorted((f"w{w}", c) for w in range(10) for c in cids)

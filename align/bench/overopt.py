@@ -65,13 +65,6 @@ def proxy_dirs(paths: list[str]) -> list[str]:
     return out
 
 
-def scored(members, prompts, replies) -> tuple[list[float], list[float]]:
-    import torch
-
-    s = torch.stack([torch.tensor(m.score(prompts, replies), dtype=torch.float64) for m in members])
-    return s.mean(0).tolist(), s.std(0, correction=0).tolist()
-
-
 def main(argv: list[str] | None = None) -> int:
     from align.config import parse, run_command
 
@@ -80,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from align.gold import best_of_n_expected, best_of_n_kl, gold_scorer, mean, replies
     from align.models import default_device, load, load_tokenizer
     from align.rl import file_prompts
-    from align.score import RewardScorer
+    from align.score import RewardEnsemble
 
     t0 = time.perf_counter()
     out = Path(a.out)
@@ -95,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     flat_r = [r for rs in samples for r in rs]
     gold_rm = gold_scorer(a.gold)
     gold = gold_rm.score(flat_p, flat_r)
-    members = [RewardScorer(p) for p in proxy_paths]
-    p_mean, p_std = scored(members, flat_p, flat_r)
+    proxy = RewardEnsemble(proxy_paths)
+    p_mean, p_std = proxy.score_std(flat_p, flat_r)
     ns = [2**i for i in range(a.n_max.bit_length()) if 2**i <= a.n_max]
     bon = {}
-    for lam in a.penalties if len(members) > 1 else [0.0]:
+    for lam in a.penalties if len(proxy.members) > 1 else [0.0]:
         pick = [m - lam * s for m, s in zip(p_mean, p_std)]
         rows = []
         for n in ns:
@@ -115,18 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     for run in map(Path, a.loop_runs):
         if (run / "gold_start.json").exists():  # round 0: the start's replies, rescored by the same proxy
             e = json.loads((run / "gold_start.json").read_text())
-            pm, _ = scored(members, e["prompts"], e["sampled"])
+            pm = proxy.score(e["prompts"], e["sampled"])
             checkpoints.append({"run": run.name, "round": 0, "kl": 0.0, "gold": mean(e["gold_sampled"]),
                                 "proxy": mean(pm)})
         for ev in sorted(run.glob("round_*/gold_eval.json"), key=lambda d: int(d.parent.name.split("_")[1])):
             e = json.loads(ev.read_text())
-            pm, _ = scored(members, e["prompts"], e["sampled"])
+            pm = proxy.score(e["prompts"], e["sampled"])
             checkpoints.append({"run": run.name, "round": int(ev.parent.name.split("_")[1]), "kl": mean(e["kl"]),
                                 "gold": mean(e["gold_sampled"]), "proxy": mean(pm)})
     rl = []
     for ckpt in a.checkpoints:  # an RL run against the proxy: where does gold turn down?
         e = replies(Path(ckpt), prompts, a.max_new_tokens, a.seed, ref=Path(a.policy))
-        pm, _ = scored(members, prompts, e["sampled"])
+        pm = proxy.score(prompts, e["sampled"])
         rl.append({"checkpoint": ckpt, "kl": mean(e["kl"]), "gold": mean(gold_rm.score(prompts, e["sampled"])),
                    "proxy": mean(pm)})
     base = {"gold": bon["0.0"]["rows"][0]["gold"], "proxy": bon["0.0"]["rows"][0]["proxy"]}  # n = 1: the start
