@@ -14,13 +14,15 @@ What a command has to get right is small, and lives here:
   ZeRO-3 is on; otherwise ``from_pretrained`` partitions it with ``deepspeed.zero.Init``, a collective.
 - ``gathered_params``: use a model loaded under ZeRO-3 before the trainer wraps it (an evaluation of the
   start policy); every process must enter it.
-- ``is_main_process`` / ``wait_for_everyone``: write files and run evaluations on rank 0 only.
+- ``is_main_process`` / ``wait_for_everyone``: write files and run evaluations on rank 0 only;
+  ``leave_process_group`` (at exit): every rank leaves its process group cleanly.
 
 See docs/distributed.md.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -42,6 +44,15 @@ def is_main_process() -> bool:
 def wait_for_everyone() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+@atexit.register
+def leave_process_group() -> None:
+    """Destroy the default process group, if any, as the process exits. A rank that exits with it alive (rank 0
+    still evaluating alone) can abort in the group's destructor ("terminate called without an active
+    exception"), failing a run that finished."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @contextlib.contextmanager
