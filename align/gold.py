@@ -84,8 +84,9 @@ def label(store_url: str, gold: str | Sequence[str], noise: GoldNoise, queued: l
             choice, left = noise.choice(ra - rb, rng)
             if store.labels(q["comparison_id"], annotator=GOLD):
                 continue  # labelled before a restart
-            p_right = {"a": sigmoid(ra - rb), "b": sigmoid(rb - ra)}.get(choice)  # gold's P(this label is right)
-            store.submit_label(q["comparison_id"], GOLD, choice, left=left, confidence=p_right)
+            # how sure gold is of the pair, whatever the noise did to the label: a flip is an honest mistake
+            sure = abs(2 * sigmoid(ra - rb) - 1) if choice in ("a", "b") else None
+            store.submit_label(q["comparison_id"], GOLD, choice, left=left, confidence=sure)
             counts[choice] = counts.get(choice, 0) + 1
             if choice in ("a", "b"):
                 counts["agree"] = counts.get("agree", 0) + ((choice == "a") == (ra > rb))

@@ -111,6 +111,10 @@ class LoopArguments:
     gold_temperature: float = field(
         default=0.0, metadata={"help": "gold_rm: > 0 draws the winner with P(a) = sigmoid((r_a - r_b) / this), a "
                                        "Bradley-Terry annotator, instead of taking gold's sign."})
+    soft_labels: bool = field(
+        default=False, metadata={"help": "The round's reward models learn soft labels (store_soft): P(chosen "
+                                         "better) = (1 + confidence) / 2, from the app's confidence or gold's, "
+                                         "|2 sigmoid(r_a - r_b) - 1|; a label without one counts as sure."})
     heldout_fraction: float = field(
         default=0.0, metadata={"help": "Share of dataset_name's prompts (by align.data.prompts.split_of) never queued: "
                                        "labeller gold_rm judges the policy on them."})

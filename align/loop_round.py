@@ -243,7 +243,7 @@ def train_round(args: LoopArguments, k: int, queued: list[dict], policy: Path, o
     # gold_rm: the proxy learns every gold label in the store, and only the gold model judges (align.gold);
     # dataset_name store: a config made for a file (configs/smollm2/reward.yaml) still trains on the labels
     gold = args.labeller == "gold_rm"
-    proxy = {"store_annotators": [GOLD], "test_fraction": 0.0} if gold else {}
+    proxy = {"store_soft": args.soft_labels} | ({"store_annotators": [GOLD], "test_fraction": 0.0} if gold else {})
     rms = []
     for m, d in enumerate(judges):
         rms.append(reward.train(*configure(reward.CONFIG_TYPES, Path(args.configs_dir) / "reward.yaml", **(

@@ -48,6 +48,10 @@ class PreferenceDataArguments:
     store_sources: list[str] | None = field(
         default=None, metadata={"help": "Store: only comparisons from these sources.", "aliases": ["sources"]}
     )
+    store_soft: bool = field(
+        default=False, metadata={"help": "Store: soft labels: each pair's p_chosen, P(chosen beats rejected), from its "
+                                         "votes and each label's confidence (the trainer's soft Bradley-Terry loss)."}
+    )
     test_fraction: float = field(
         default=0.05, metadata={"help": "Share of prompts held out (by a hash of the prompt), in [0, 1).",
                                 "aliases": ["test_size"]}
@@ -130,6 +134,7 @@ def _from_store(args: PreferenceDataArguments, unpaired: bool, both_bad: str, in
             format="conversational", unpaired=unpaired, min_labels=args.store_min_labels,
             min_agreement=args.store_min_agreement, test_fraction=args.test_fraction, seed=args.split_seed,
             kinds=args.store_kinds, annotators=args.store_annotators, sources=args.store_sources, both_bad=both_bad,
+            soft=args.store_soft and not unpaired,
         )
     finally:
         store.close()
@@ -141,6 +146,7 @@ def _from_store(args: PreferenceDataArguments, unpaired: bool, both_bad: str, in
             "FILE`, or set dataset_name to a file or 'world'"
         )
     keep = ("prompt", "completion", "label") if unpaired else ("prompt", "chosen", "rejected")
+    keep += ("p_chosen",) if args.store_soft and not unpaired else ()  # it says how sure: no weight on top
     return {k: [{c: r[c] for c in keep} for r in v] for k, v in splits.items()}, info
 
 

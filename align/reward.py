@@ -209,6 +209,7 @@ def train(args: RewardArguments, model_args: ModelConfig, training_args: RewardC
         **info,
         "train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
         "distinct_train_pairs": len({id(p) for p in train_pairs}),
+        "soft_labels": all("p_chosen" in p for p in train_pairs + test_pairs),
         "dropped_train": dict(dropped_train), "dropped_test": dict(dropped_test),
         "drop_rule": f"identical chosen/rejected, an empty response, or chosen/rejected over max_length={max_length} "
                      "tokens (dropped, not truncated)",

@@ -6,6 +6,7 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 
 from align import gold, loop
@@ -77,7 +78,8 @@ def test_gold_loop_labels_trains_and_judges(tmp_path, tiny_loop_config, tiny_rm_
     prompts.write_text("".join(json.dumps({"prompt": f"Name colour {i}, please."}) + "\n" for i in range(40)))
     cfg = tiny_loop_config(labeller="gold_rm", gold_model_path=tiny_rm_dir, reward_model_path=None,
                            dataset_name=str(prompts), heldout_fraction=0.3, gold_eval_prompts=4,
-                           gold_eval_max_new_tokens=6, selection="uncertainty", rounds=2, gold_flip_rate=0.1)
+                           gold_eval_max_new_tokens=6, selection="uncertainty", rounds=2, gold_flip_rate=0.1,
+                           soft_labels=True)
     report = loop.main([str(cfg)])
     root = tmp_path / "loop"
     result = json.loads((root / "result.json").read_text())
@@ -90,10 +92,17 @@ def test_gold_loop_labels_trains_and_judges(tmp_path, tiny_loop_config, tiny_rm_
     with Store(url) as store:
         assert {a["name"]: a["kind"] for a in store.list_annotators()}[gold.GOLD] == "ai"
         queued = [q for k in (1, 2) for q in json.loads((root / f"round_{k}/comparisons.json").read_text())]
-        for q in queued:
+        scorer = gold.gold_scorer(tiny_rm_dir)
+        margins = (np.array(scorer.score([q["row"]["prompt"] for q in queued], [q["a"] for q in queued]))
+                   - scorer.score([q["row"]["prompt"] for q in queued], [q["b"] for q in queued]))
+        for q, m in zip(queued, margins):
             assert split_of(q["row"]["prompt"], 0.3) == "train"
             (lab,) = store.labels(q["comparison_id"], annotator=gold.GOLD)
-            assert lab.choice in ("a", "b") and 0 < lab.confidence < 1 and lab.left in ("a", "b")
+            assert lab.choice in ("a", "b") and lab.left in ("a", "b")
+            # gold's sureness of the pair, whatever the flip did: the soft label P = (1 + it) / 2
+            assert lab.confidence == pytest.approx(abs(2 * gold.sigmoid(m) - 1), abs=1e-4)
+    summary = json.loads((root / "round_2/reward/summary.json").read_text())
+    assert summary["data"]["soft_labels"] is True  # the proxy learned p_chosen
     rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2] and "gold/gold_reward_greedy" in rows[2]
 

@@ -232,6 +232,34 @@ def test_add_pair_and_export_policies(store):
     assert ds.column_names == ["prompt", "chosen", "rejected"] and len(ds) == 1
 
 
+def test_soft_labels_carry_each_labels_confidence(store, tmp_path):
+    """p_chosen is the mean over a comparison's a/b labels of each one's P(A better) = (1 +- confidence) / 2: the
+    app's low / medium / high and a gold model's sureness, not only the vote count; a label without one is sure."""
+    from align.preferences import PreferenceDataArguments, load_preferences
+
+    c1, c2, c3 = _queue(store)
+    for n in ("h1", "h2"):
+        store.add_annotator(n)
+    store.submit_label(c1, "h1", "a", confidence=0.5)        # P(A) 0.75
+    store.submit_label(c2, "h1", "b", confidence=1 / 3)      # P(A) 1/3 (app's "low")
+    store.submit_label(c2, "h2", "b")                        # P(A) 0: the mean is 1/6
+    store.submit_label(c3, "h1", "a", confidence=0.0)        # a coin flip that says A: P(A) 0.5
+    rows = {r["comparison_id"]: r for r in store.export_rows(soft=True, with_meta=True)[0]["train"]}
+    assert rows[c1]["p_chosen"] == pytest.approx(0.75) and rows[c1]["weight"] == pytest.approx(0.5)
+    assert rows[c2]["chosen"] == [a("answer B1")] and rows[c2]["p_chosen"] == pytest.approx(5 / 6, abs=1e-6)
+    assert rows[c3]["p_chosen"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"confidence must be in \[0, 1\].*got 1.5"):
+        store.submit_label(c3, "h2", "a", confidence=1.5)
+    assert len(store.labels(comparison_id=c3)) == 1  # the bad label stored nothing
+    # what a reward model or DPO trains on with store_soft: p_chosen, with no weight on top
+    url = store.engine.url.render_as_string(hide_password=False)
+    splits, _ = load_preferences(PreferenceDataArguments(store_url=url, test_fraction=0.0, store_soft=True))
+    assert sorted(round(r["p_chosen"], 4) for r in splits["train"]) == [0.5, 0.75, 0.8333]
+    assert not any("weight" in r for r in splits["train"])
+    hard, _ = load_preferences(PreferenceDataArguments(store_url=url, test_fraction=0.0))
+    assert not any("p_chosen" in r for r in hard["train"])
+
+
 def test_split_is_by_prompt(store, tmp_path):
     items = []
     for i in range(200):

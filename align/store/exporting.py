@@ -63,7 +63,9 @@ def export_rows(store, *, format: str = "conversational", unpaired: bool = False
     ra, rb = S.responses.alias("ra"), S.responses.alias("rb")
     report: Counter = Counter()
     with store.engine.connect() as conn, conn.begin():  # one consistent snapshot
-        q = (sa.select(L.c.comparison_id, L.c.choice, sa.func.count().label("n"))
+        # a label's confidence c in [0, 1] (none: 1) says it is right with P = (1 + c) / 2
+        q = (sa.select(L.c.comparison_id, L.c.choice, sa.func.count().label("n"),
+                       sa.func.sum(sa.func.coalesce(L.c.confidence, 1.0)).label("c"))
              .join(A, A.c.id == L.c.annotator_id).where(L.c.choice != "skip")
              .group_by(L.c.comparison_id, L.c.choice))
         if kinds:
@@ -73,16 +75,18 @@ def export_rows(store, *, format: str = "conversational", unpaired: bool = False
         if comparison_ids is not None:
             q = q.where(L.c.comparison_id.in_(set(comparison_ids)))
         votes: dict[int, Counter] = defaultdict(Counter)
-        for cid, choice, n in conn.execute(q):
+        sure: dict[int, Counter] = defaultdict(Counter)  # the summed confidence of each choice's labels
+        for cid, choice, n, c in conn.execute(q):
             votes[cid][choice] += n
+            sure[cid][choice] += c
         winners: dict[int, tuple[str, float, int]] = {}
         p_a: dict[int, float] = {}  # P(response A is better), for soft labels
         if aggregate == "reliability":
             _reliability(conn, votes, q, min_labels, min_agreement, winners, p_a, report)
             votes = {}
         for cid, v in votes.items():
-            if v["a"] + v["b"]:
-                p_a[cid] = v["a"] / (v["a"] + v["b"])
+            if v["a"] + v["b"]:  # the mean over a/b labels of each one's P(A is better)
+                p_a[cid] = (v["a"] + sure[cid]["a"] + v["b"] - sure[cid]["b"]) / (2 * (v["a"] + v["b"]))
             win, why = majority(v, min_labels, min_agreement)
             if win is None:
                 report[why] += 1

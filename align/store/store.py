@@ -677,12 +677,17 @@ class Store:
         - ``choice``: 'a' | 'b' | 'tie' | 'both_bad' | 'skip' — always about response A/B of the
           comparison, whichever side was shown on the ``left`` ('a' | 'b', for bias stats).
         - ``request_id``: a client id; resubmitting it returns the stored label, changes nothing.
+        - ``confidence``: how sure the labeller is, 0 (a coin flip) to 1 (certain; the default): the label is
+          right with probability (1 + confidence) / 2. The app's low / medium / high are 1/3, 2/3, 1; a gold
+          reward model's is |2 sigmoid(r_a - r_b) - 1|. A soft export (``soft=True``) turns it into ``p_chosen``.
         - One label per (comparison, annotator): a second submit raises ``LabelExists`` unless
           ``replace=True``, which updates only this annotator's own label. Other annotators'
           labels are never touched.
         """
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
+        if confidence is not None and not 0 <= confidence <= 1:
+            raise ValueError(f"confidence must be in [0, 1] (0: a coin flip, 1: certain), got {confidence}")
         if left not in (None, "a", "b"):
             raise ValueError(f"left must be 'a', 'b' or None, got {left!r}")
         if rationale is not None:
@@ -1010,8 +1015,8 @@ class Store:
         ``format``: 'conversational' (message lists, default) or 'standard' (strings).
         ``aggregate='reliability'``: instead of the majority, weigh each annotator by their accuracy
         estimated with a one-coin Dawid–Skene model (``align.store.reliability``; gold pairs
-        anchor it). ``soft``: add ``p_chosen`` (probability that chosen beats rejected) and
-        ``weight`` (|2·p_chosen − 1|) to paired rows.
+        anchor it). ``soft``: add ``p_chosen`` (probability that chosen beats rejected: the mean over
+        the a/b labels of each one's, (1 ± confidence) / 2) and ``weight`` (|2·p_chosen − 1|) to paired rows.
         ``unpaired``: KTO rows ``{prompt, completion, label}``. ``test_fraction``: deterministic
         split on the prompt's hash (a prompt never lands in both splits).
 
