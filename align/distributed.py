@@ -48,11 +48,13 @@ def wait_for_everyone() -> None:
 
 @atexit.register
 def leave_process_group() -> None:
-    """Destroy the default process group, if any, as the process exits. A rank that exits with it alive (rank 0
-    still evaluating alone) can abort in the group's destructor ("terminate called without an active
-    exception"), failing a run that finished."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    """Destroy a gloo default process group as the process exits, while the interpreter is whole: left to
+    interpreter teardown, gloo's worker threads can abort the process ("terminate called without an active
+    exception", SIGABRT; pytorch/pytorch#179291), failing a run that finished. Not NCCL's: a rank that exits on an
+    error would wait in its abort for ranks still inside a collective."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager

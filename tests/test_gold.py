@@ -154,6 +154,20 @@ def test_labels_bench_runs_selections_in_parallel_and_aggregates(tmp_path, tiny_
     assert json.loads((out / "summary.json").read_text())["aggregate"] == summary["aggregate"]
 
 
+def test_overopt_world_figures_are_the_checkers_means():
+    """On the world's prompts the bench adds the world's checker (the truth behind both reward models): per
+    sample column, then the mean, so k samples per prompt count equally."""
+    from align.bench.overopt import world_figures
+    from align.data import world
+    from align.rl import heldout_examples
+
+    exs = heldout_examples(0, 6)
+    samples = [[world.render(e, "helpful"), world.render(e, "terse"), world.render(e, "helpful", correct=False)]
+               for e in exs]
+    assert world_figures(exs, samples) == pytest.approx({"exact_match": 2 / 3, "preferred_rate": 1 / 3})
+    assert world_figures(exs, [[s[1]] for s in samples]) == pytest.approx({"exact_match": 1, "preferred_rate": 0})
+
+
 def test_overopt_bench_best_of_n_and_checkpoints(tmp_path, tiny_loop_config, tiny_lm_dir, tiny_rm_dir):
     """``align.bench overopt`` on tiny models: best-of-n by a loop's last ensemble (with and without the std
     penalty) against gold, and the loop's rounds rescored by that fixed proxy."""

@@ -32,10 +32,11 @@ class BenchArgs:
         "help": "proxy RM dirs (an ensemble), or a loop run's dir: its last round's reward models"})
     loop_runs: list[str] = field(default_factory=list, metadata={"help": "loop run dirs whose rounds to rescore"})
     checkpoints: list[str] = field(default_factory=list, metadata={
-        "help": "policy dirs (e.g. an RL run's checkpoint-*, in order): each samples the held-out prompts, scored "
-                "by the proxy and gold against its KL to --policy"})
+        "help": "policy dirs (RL runs' checkpoint-*, each run's in order): each samples the held-out prompts, "
+                "scored by the proxy and gold against its KL to --policy; one line per run (the parent dir)"})
     dataset_name: str = field(default="../shared/data/preference/hh-helpful-base-test.jsonl.gz",
-                              metadata={"help": "prompts file (its held-out split is used)"})
+                              metadata={"help": "prompts file (its held-out split is used), or 'world' "
+                                              "(the world's held-out prompts)"})
     heldout_fraction: float = field(default=0.1, metadata={"help": "as the loop's: the same held-out prompts"})
     num_prompts: int = field(default=64, metadata={"help": "held-out prompts"})
     n_max: int = field(default=64, metadata={"help": "samples per prompt (a power of 2)"})
@@ -72,14 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     from align.generate import generate
     from align.gold import best_of_n_expected, best_of_n_kl, gold_scorer, mean, replies
     from align.models import default_device, load, load_tokenizer
-    from align.rl import file_prompts
+    from align.rl import file_prompts, heldout_examples
     from align.score import RewardEnsemble
 
     t0 = time.perf_counter()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     proxy_paths = proxy_dirs(a.proxy)
-    prompts = [r["prompt"] for r in file_prompts(a.dataset_name, "test", a.heldout_fraction)[: a.num_prompts]]
+    examples = heldout_examples(0, a.num_prompts) if a.dataset_name == "world" else None
+    if examples:  # the built-in world's held-out prompts, as its RL stages see them; its checker is the truth
+        prompts = [[{"role": "user", "content": e.prompt}] for e in examples]
+    else:
+        prompts = [r["prompt"] for r in file_prompts(a.dataset_name, "test", a.heldout_fraction)[: a.num_prompts]]
     model, tok = load(a.policy, device=default_device()), load_tokenizer(a.policy)
     samples = generate(model, tok, prompts, max_new_tokens=a.max_new_tokens, do_sample=True,
                        num_return_sequences=a.n_max, batch_size=a.batch_size, seed=a.seed)
@@ -120,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     for ckpt in a.checkpoints:  # an RL run against the proxy: where does gold turn down?
         e = replies(Path(ckpt), prompts, a.max_new_tokens, a.seed, ref=Path(a.policy))
         pm = proxy.score(prompts, e["sampled"])
-        rl.append({"checkpoint": ckpt, "kl": mean(e["kl"]), "gold": mean(gold_rm.score(prompts, e["sampled"])),
-                   "proxy": mean(pm)})
-    base = {"gold": bon["0.0"]["rows"][0]["gold"], "proxy": bon["0.0"]["rows"][0]["proxy"]}  # n = 1: the start
+        rl.append({"checkpoint": ckpt, "run": Path(ckpt).parent.name, "kl": mean(e["kl"]),
+                   "gold": mean(gold_rm.score(prompts, e["sampled"])), "proxy": mean(pm),
+                   **({"world": world_figures(examples, [[r] for r in e["sampled"]])} if examples else {})})
+    base = {"gold": bon["0.0"]["rows"][0]["gold"], "proxy": bon["0.0"]["rows"][0]["proxy"],  # n = 1: the start
+            **({"world": world_figures(examples, samples)} if examples else {})}
     result = {"proxy": proxy_paths, "gold": a.gold, "prompts": len(prompts), "n_max": a.n_max, "best_of_n": bon,
               "start": base, "checkpoints": checkpoints, "rl_checkpoints": rl,
               "seconds": round(time.perf_counter() - t0, 1)}
@@ -135,10 +142,21 @@ def main(argv: list[str] | None = None) -> int:
                                                              for r in b["rows"]))
     for c in rl:
         print(f"{c['checkpoint']}: KL {c['kl']:.2f}, gold {c['gold'] - base['gold']:+.3f}, "
-              f"proxy {c['proxy'] - base['proxy']:+.3f}")
+              f"proxy {c['proxy'] - base['proxy']:+.3f}" + "".join(
+                  f", {k} {v:.3f} (start {base['world'][k]:.3f})" for k, v in c.get("world", {}).items()))
     print(f"{len(checkpoints)} loop checkpoints rescored; wrote {out}/overopt.png, overopt.json "
           f"({result['seconds']:.0f} s)")
     return 0
+
+
+def world_figures(examples: list, samples: list[list[str]]) -> dict[str, float]:
+    """The world's checker on sampled replies (several per prompt: their mean): right answers in any style, and
+    right in the preferred style, the truth behind both reward models."""
+    from align.evaluate import score_replies
+    from align.gold import mean
+
+    per = [score_replies(examples, [s[i] for s in samples]) for i in range(len(samples[0]))]
+    return {k: mean([f[k] for f in per]) for k in ("exact_match", "preferred_rate")}
 
 
 def plot(result: dict, png: Path) -> None:
@@ -168,11 +186,15 @@ def plot(result: dict, png: Path) -> None:
         ax2.plot(kl, [c["gold"] - cs[0]["gold"] for c in cs], marker="o", color=f"C{i % 10}", label=f"{name} gold")
         ax2.plot(kl, [c["proxy"] - cs[0]["proxy"] for c in cs], marker="x", linestyle="--", color=f"C{i % 10}",
                  alpha=0.6)
-    if result["rl_checkpoints"]:
-        cs = result["rl_checkpoints"]
+    rl_runs: dict[str, list] = {}
+    for c in result["rl_checkpoints"]:  # one line per RL run (the checkpoints' parent dir), from the start
+        rl_runs.setdefault(c.get("run", "RL"), []).append(c)
+    for i, (name, cs) in enumerate(rl_runs.items()):
         kl = [0.0] + [c["kl"] for c in cs]
-        ax2.plot(kl, [0.0] + [c["gold"] - base["gold"] for c in cs], marker="s", color="k", label="RL checkpoints gold")
-        ax2.plot(kl, [0.0] + [c["proxy"] - base["proxy"] for c in cs], marker="x", linestyle="--", color="k")
+        ax2.plot(kl, [0.0] + [c["gold"] - base["gold"] for c in cs], marker="s", color=f"C{(i + len(runs)) % 10}",
+                 label=f"{name} gold")
+        ax2.plot(kl, [0.0] + [c["proxy"] - base["proxy"] for c in cs], marker="x", linestyle="--",
+                 color=f"C{(i + len(runs)) % 10}", alpha=0.6)
     ax2.set(xlabel="KL(policy || start), sampled held-out replies", ylabel="reward gain over the start",
             title="checkpoints: gold (solid), the fixed proxy (dashed)")
     for ax in (ax1, ax2):
