@@ -166,7 +166,9 @@ def plot(result: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     base = result["start"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    truth = "world" in base  # the world's checker: a third panel
+    fig, axes = plt.subplots(1, 3 if truth else 2, figsize=(16.5 if truth else 11, 4.2))
+    ax1, ax2 = axes[:2]
     for i, (lam, b) in enumerate(result["best_of_n"].items()):
         kl = [r["kl"] for r in b["rows"]]
         tag = f" (pick by mean - {lam} std)" if len(result["best_of_n"]) > 1 else ""
@@ -197,7 +199,15 @@ def plot(result: dict, png: Path) -> None:
                  color=f"C{(i + len(runs)) % 10}", alpha=0.6)
     ax2.set(xlabel="KL(policy || start), sampled held-out replies", ylabel="reward gain over the start",
             title="checkpoints: gold (solid), the fixed proxy (dashed)")
-    for ax in (ax1, ax2):
+    if truth:
+        for i, (name, cs) in enumerate(rl_runs.items()):
+            kl, color = [0.0] + [c["kl"] for c in cs], f"C{(i + len(runs)) % 10}"
+            for key, style in (("exact_match", "-"), ("preferred_rate", ":")):
+                axes[2].plot(kl, [base["world"][key]] + [c["world"][key] for c in cs], marker="s", linestyle=style,
+                             color=color, label=f"{name} {key}")
+        axes[2].set(xlabel="KL(policy || start), sampled held-out replies", ylabel="share of sampled replies",
+                    title="world checker: right (solid), right + preferred style (dotted)")
+    for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
