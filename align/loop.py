@@ -165,7 +165,9 @@ class LoopArguments:
                              f"gold_model_path {self.gold_model_path!r}")
         if self.labeller == "gold_rm":
             self.gold_noise()  # checks the rates
-            if not 0 < self.heldout_fraction < 1 or self.gold_eval_prompts < 1:
+            # the world keeps its held-out prompts apart itself; a file's are split off by heldout_fraction
+            split = self.dataset_name == "world" or 0 < self.heldout_fraction < 1
+            if not split or self.gold_eval_prompts < 1:
                 raise ValueError(f"labeller gold_rm judges the policy on held-out prompts: heldout_fraction must be "
                                  f"in (0, 1) and gold_eval_prompts >= 1, got {self.heldout_fraction}, "
                                  f"{self.gold_eval_prompts}")

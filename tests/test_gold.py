@@ -57,6 +57,18 @@ def test_bad_noise_says_which():
         loop.LoopArguments(labeller="gold_rm", gold_model_path="g", dataset_name="p.jsonl")
 
 
+def test_world_gold_loop_judges_on_prompts_it_never_queues():
+    """On the world (the CPU variant, configs/loop_gold_world.yaml) the gold evaluation asks the world's own
+    held-out prompts, which no round queues; no heldout_fraction is needed."""
+    from align.loop_round import round_prompts
+
+    args = loop.LoopArguments(labeller="gold_rm", gold_model_path="g", dataset_name="world", reward_model_path=None,
+                              gold_eval_prompts=50, prompts_per_round=100)
+    held = {p[0]["content"] for p in gold.heldout_prompts(args)}
+    queued = {r["prompt"][0]["content"] for k in (1, 2, 3) for r in round_prompts(args, k)}
+    assert len(held) == 50 and len(queued) > 250 and not held & queued  # (a few RL prompts repeat)
+
+
 def test_best_of_n_is_exact_over_subsets():
     proxy, gold_r = [0.3, 0.1, 0.9, 0.5], [1.0, 2.0, 3.0, 4.0]
     assert gold.best_of_n_expected(proxy, gold_r, 1) == pytest.approx(2.5)  # the mean
