@@ -102,10 +102,11 @@ def heldout_prompts(args: LoopArguments) -> list[Any]:
     """The first ``gold_eval_prompts`` distinct prompts of the loop's held-out split (``heldout_fraction``; the
     world's own held-out prompts): the loop never queues them or trains on them, and the gold evaluation asks only
     them."""
+    from align.data.prompts import as_messages
     from align.rl import file_prompts, heldout_examples
 
     if args.dataset_name == "world":
-        return [[{"role": "user", "content": e.prompt}] for e in heldout_examples(args.seed, args.gold_eval_prompts)]
+        return [as_messages(e.prompt) for e in heldout_examples(args.seed, args.gold_eval_prompts)]
     rows = file_prompts(args.dataset_name, "test", args.heldout_fraction)
     return [row["prompt"] for row in rows[: args.gold_eval_prompts]]
 

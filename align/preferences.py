@@ -128,13 +128,14 @@ def split_rows(rows: list[dict], test_fraction: float, seed: str = "") -> dict[s
 def _from_store(args: PreferenceDataArguments, unpaired: bool, both_bad: str, info: dict) -> tuple[dict, dict]:
     from align.store import Store
 
+    soft = args.store_soft and not unpaired  # soft labels are a paired idea
     store = Store(args.store_url)
     try:
         splits, report = store.export_rows(
             format="conversational", unpaired=unpaired, min_labels=args.store_min_labels,
             min_agreement=args.store_min_agreement, test_fraction=args.test_fraction, seed=args.split_seed,
             kinds=args.store_kinds, annotators=args.store_annotators, sources=args.store_sources, both_bad=both_bad,
-            soft=args.store_soft and not unpaired,
+            soft=soft,
         )
     finally:
         store.close()
@@ -146,7 +147,7 @@ def _from_store(args: PreferenceDataArguments, unpaired: bool, both_bad: str, in
             "FILE`, or set dataset_name to a file or 'world'"
         )
     keep = ("prompt", "completion", "label") if unpaired else ("prompt", "chosen", "rejected")
-    keep += ("p_chosen",) if args.store_soft and not unpaired else ()  # it says how sure: no weight on top
+    keep += ("p_chosen",) if soft else ()  # it says how sure: no weight on top
     return {k: [{c: r[c] for c in keep} for r in v] for k, v in splits.items()}, info
 
 

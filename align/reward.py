@@ -209,7 +209,6 @@ def train(args: RewardArguments, model_args: ModelConfig, training_args: RewardC
         **info,
         "train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
         "distinct_train_pairs": len({id(p) for p in train_pairs}),
-        "soft_labels": all("p_chosen" in p for p in train_pairs + test_pairs),
         "dropped_train": dict(dropped_train), "dropped_test": dict(dropped_test),
         "drop_rule": f"identical chosen/rejected, an empty response, or chosen/rejected over max_length={max_length} "
                      "tokens (dropped, not truncated)",
@@ -228,6 +227,7 @@ def train(args: RewardArguments, model_args: ModelConfig, training_args: RewardC
     peft_config = lora_config(model_args, model) if model_args.use_peft else None
     columns = ["chosen_ids", "rejected_ids"] + (["margin"] if args.margin != "none" else [])  # pre-tokenized
     columns += [c for c in SOFT_COLUMNS if all(c in p for p in train_pairs + test_pairs)]  # soft labels
+    data["soft_labels"] = "p_chosen" in columns
 
     def to_ds(pairs: list[dict]) -> Dataset:
         return Dataset.from_list([{k: p[k] for k in columns} for p in pairs])

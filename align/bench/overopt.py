@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from align.config import parse, run_command
 
     (a,) = run_command(parse, [BenchArgs], argv, prog="python -m align.bench overopt")
+    from align.data.prompts import as_messages
     from align.generate import generate
     from align.gold import best_of_n_expected, best_of_n_kl, gold_scorer, mean, replies
     from align.models import default_device, load, load_tokenizer
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     proxy_paths = proxy_dirs(a.proxy)
     examples = heldout_examples(0, a.num_prompts) if a.dataset_name == "world" else None
     if examples:  # the built-in world's held-out prompts, as its RL stages see them; its checker is the truth
-        prompts = [[{"role": "user", "content": e.prompt}] for e in examples]
+        prompts = [as_messages(e.prompt) for e in examples]
     else:
         prompts = [r["prompt"] for r in file_prompts(a.dataset_name, "test", a.heldout_fraction)[: a.num_prompts]]
     model, tok = load(a.policy, device=default_device()), load_tokenizer(a.policy)
@@ -191,20 +192,21 @@ def plot(result: dict, png: Path) -> None:
     rl_runs: dict[str, list] = {}
     for c in result["rl_checkpoints"]:  # one line per RL run (the checkpoints' parent dir), from the start
         rl_runs.setdefault(c.get("run", "RL"), []).append(c)
-    for i, (name, cs) in enumerate(rl_runs.items()):
+    color = {name: f"C{(i + len(runs)) % 10}" for i, name in enumerate(rl_runs)}  # after the loop runs' colours
+    for name, cs in rl_runs.items():
         kl = [0.0] + [c["kl"] for c in cs]
-        ax2.plot(kl, [0.0] + [c["gold"] - base["gold"] for c in cs], marker="s", color=f"C{(i + len(runs)) % 10}",
+        ax2.plot(kl, [0.0] + [c["gold"] - base["gold"] for c in cs], marker="s", color=color[name],
                  label=f"{name} gold")
         ax2.plot(kl, [0.0] + [c["proxy"] - base["proxy"] for c in cs], marker="x", linestyle="--",
-                 color=f"C{(i + len(runs)) % 10}", alpha=0.6)
+                 color=color[name], alpha=0.6)
     ax2.set(xlabel="KL(policy || start), sampled held-out replies", ylabel="reward gain over the start",
             title="checkpoints: gold (solid), the fixed proxy (dashed)")
     if truth:
-        for i, (name, cs) in enumerate(rl_runs.items()):
-            kl, color = [0.0] + [c["kl"] for c in cs], f"C{(i + len(runs)) % 10}"
+        for name, cs in rl_runs.items():
+            kl = [0.0] + [c["kl"] for c in cs]
             for key, style in (("exact_match", "-"), ("preferred_rate", ":")):
                 axes[2].plot(kl, [base["world"][key]] + [c["world"][key] for c in cs], marker="s", linestyle=style,
-                             color=color, label=f"{name} {key}")
+                             color=color[name], label=f"{name} {key}")
         axes[2].set(xlabel="KL(policy || start), sampled held-out replies", ylabel="share of sampled replies",
                     title="world checker: right (solid), right + preferred style (dotted)")
     for ax in axes:
