@@ -43,6 +43,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -151,9 +152,15 @@ class LoopArguments:
         default_factory=dict,
         metadata={"help": "Keys for a stage on top of configs_dir's <stage>.yaml, e.g. {reward: {max_steps: 2}} "
                           "(a CPU budget); the stage's parser checks them; the loop's paths, data and seed win."})
+    keep_models: str = field(
+        default="last", metadata={"help": "'last': once a round is judged, the earlier rounds' models (final/, "
+                                          "adapter/) and every stage's checkpoint-* go (a SmolLM2 round writes "
+                                          "~1.8 GB); figures, pairs and configs stay. 'all': keep them."})
     seed: int = field(default=0, metadata={"help": "Seed of the world, sampling and every stage."})
 
     def __post_init__(self):
+        if self.keep_models not in ("last", "all"):
+            raise ValueError(f"keep_models must be 'last' or 'all', got {self.keep_models!r}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.policy_trainer not in POLICY_TRAINERS:
@@ -260,6 +267,15 @@ def gold_result(args: LoopArguments, report: dict[str, Any]) -> GoldLoopResult:
     return GoldLoopResult(args.selection, args.seed, **{key: [row.get(key) for row in rows] for key in keys})
 
 
+def prune_models(root: Path, k: int) -> None:
+    """Round k is judged: the rounds before it need no weights (the next round starts from k's), and no finished
+    stage needs its checkpoints. A shared round 1 is hard-linked (align.bench labels): only the links go."""
+    for j in range(1, k + 1):
+        for d in (root / f"round_{j}").glob("*/*"):
+            if d.is_dir() and (d.name.startswith("checkpoint-") or (j < k and d.name in ("final", "adapter"))):
+                shutil.rmtree(d)
+
+
 @contextlib.contextmanager
 def exclusive(root: Path):
     """One loop at a time per output_dir: a second one fails at once. The lock dies with its process."""
@@ -312,14 +328,14 @@ def _run(args: LoopArguments) -> dict[str, Any]:
         check_exists(Path(p), "gold_model_path", "reward model")
     start_policy = policy
     for other in POLICY_TRAINERS:
-        done = sorted(root.glob(f"round_*/{other}/final"))
+        done = sorted(root.glob(f"round_*/{other}"))  # (its final/ may be pruned: keep_models)
         if other != args.policy_trainer and done:
-            raise ValueError(f"{done[0].parent.parent} was trained with policy_trainer {other}, and this run asks for "
+            raise ValueError(f"{done[0].parent} was trained with policy_trainer {other}, and this run asks for "
                              f"{args.policy_trainer}: keep {other}, or start in another output_dir")
     t0 = time.time()
     for k in range(1, args.rounds + 1):
         out = root / f"round_{k}"
-        if str(k) in report["rounds"] and (policy_dir(args, out) / "final").exists():  # in the report: judged too
+        if str(k) in report["rounds"]:  # in the report: trained and judged
             logger.info("== round %d: already done, skipping", k)
             policy, rm = policy_dir(args, out) / "final", reward_dirs(args, out)
             continue
@@ -369,6 +385,8 @@ def _run(args: LoopArguments) -> dict[str, Any]:
         write_json(report_path, report)
         log_round(root, k, r, args.selection)
         logger.info("== round %d: %s", k, json.dumps(r))
+        if args.keep_models == "last":
+            prune_models(root, k)
     report["wall_seconds"] = round(time.time() - t0, 1)
     report["policy_path"] = str(policy)
     report["reward_model_path"] = str(rm[0]) if len(rm) == 1 else [str(p) for p in rm]

@@ -91,7 +91,7 @@ def test_gold_loop_labels_trains_and_judges(tmp_path, tiny_loop_config, tiny_rm_
     cfg = tiny_loop_config(labeller="gold_rm", gold_model_path=tiny_rm_dir, reward_model_path=None,
                            dataset_name=str(prompts), heldout_fraction=0.3, gold_eval_prompts=4,
                            gold_eval_max_new_tokens=6, selection="uncertainty", rounds=2, gold_flip_rate=0.1,
-                           soft_labels=True)
+                           soft_labels=True, keep_models="all")  # (round 1's models stay until 2 is judged)
     report = loop.main([str(cfg)])
     root = tmp_path / "loop"
     result = json.loads((root / "result.json").read_text())

@@ -141,6 +141,14 @@ def test_rounds_wait_for_human_labels_then_resume(tmp_path, tiny_loop_config, mo
     steps = [json.loads(line)["step"] for line in (tmp_path / "loop/metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2]  # the start, then each round
 
+    # keep_models 'last': round 1's models and every finished stage's checkpoints are gone, its figures are not;
+    # running again skips both rounds without them
+    left = sorted(str(p.relative_to(tmp_path / "loop")) for p in (tmp_path / "loop").glob("round_*/*/*")
+                  if p.is_dir())
+    assert left == ["round_2/dpo/adapter", "round_2/dpo/final", "round_2/reward/adapter", "round_2/reward/final"]
+    assert (tmp_path / "loop/round_1/dpo/eval.json").exists() and (tmp_path / "loop/round_1/pairs.jsonl").exists()
+    assert loop.main([*argv, "--rounds", "2"])["rounds"] == report["rounds"]
+
     # another loop on the same store (its own output_dir and seed; the same source names): its own pairs only
     other = loop.main([*argv, "--rounds", "1", "--seed", "1", "--output_dir", str(tmp_path / "loop-b")])
     assert other["rounds"]["1"]["pairs"] == other["rounds"]["1"]["queue"]["comparisons"]
