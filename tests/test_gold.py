@@ -204,6 +204,7 @@ def test_overopt_bench_best_of_n_and_checkpoints(tmp_path, tiny_loop_config, tin
     assert rows[-1]["proxy"] >= rows[0]["proxy"] - 1e-9  # the proxy's own pick never lowers the proxy's mean
     assert [c["round"] for c in res["checkpoints"]] == [0, 1] and (tmp_path / "oo/overopt.png").exists()
     assert [c["checkpoint"] for c in res["rl_checkpoints"]] == [str(run / "round_1/dpo/final")]
+    assert res["rl_checkpoints"][0]["gold_gain_ci95"] > 0  # one sample on each of 3 prompts: gains differ
 
 
 def test_labels_verdict_counts_only_rounds_where_the_selection_acted():

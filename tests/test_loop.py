@@ -61,6 +61,16 @@ def test_bad_arguments_say_which():
         loop.LoopArguments(stage_args={"sft": {"max_steps": 1}})
 
 
+def test_rl_with_an_ensemble_penalises_its_spread_by_default():
+    """The loop's RL step against an ensemble is rewarded by mean - 1 x std unless told otherwise (docs/loop.md:
+    more gold reward per nat of KL on SmolLM2); without an ensemble or with DPO there is no spread to penalise."""
+    assert loop.LoopArguments(policy_trainer="grpo", reward_ensemble=2).rm_uncertainty_penalty == 1.0
+    assert loop.LoopArguments(policy_trainer="ppo", reward_ensemble=3, rm_uncertainty_penalty=0.0
+                              ).rm_uncertainty_penalty == 0.0
+    assert loop.LoopArguments(policy_trainer="ppo").rm_uncertainty_penalty == 0.0
+    assert loop.LoopArguments(reward_ensemble=2).rm_uncertainty_penalty == 0.0  # dpo
+
+
 def test_first_round_trains_on_the_apps_labelled_pairs(tmp_path, tiny_loop_config):
     """first_round_source: round 1 is the app's labelled Prompts -> pairs (no judge needed: reward_model_path may be
     missing); the RM trains on the store's labels even when its config names a file; stage_args reach the stages;

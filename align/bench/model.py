@@ -141,25 +141,28 @@ def generate_tokens_per_s(model, prompts: torch.Tensor, new_tokens: int) -> tupl
 
 
 def run(size="small", device="cpu", dtype="fp32", steps=4, batch=8, seq=128, gen_batch=8, prompt_len=32,
-        new_tokens=64, repeats=3, seed=0, compile=False) -> dict:
+        new_tokens=64, repeats=3, seed=0, compile=False, liger=False) -> dict:
     device = torch.device(device)
     torch.manual_seed(seed)
     config = DecoderConfig(**SIZES[size], max_position_embeddings=max(seq, prompt_len + new_tokens), eos_token_id=None)
     ours = DecoderForCausalLM(config)
     hf = to_llama(ours)
-    ours, hf = ours.to(device, DTYPES[dtype]), hf.to(device, DTYPES[dtype])
-    params = sum(p.numel() for p in ours.parameters())
+    models = {"ours": ours, "hf": hf}
+    if liger:  # the same weights with Liger's fused kernels and q/k/v, gate/up in one matmul (CUDA only)
+        models["liger"] = DecoderForCausalLM(DecoderConfig(**config.to_dict() | {"use_liger_kernel": True}))
+        models["liger"].load_state_dict(ours.state_dict())
+    models = {name: m.to(device, DTYPES[dtype]) for name, m in models.items()}
     train_batch = torch.randint(3, config.vocab_size, (batch, seq), device=device)
     prompts = torch.randint(3, config.vocab_size, (gen_batch, prompt_len), device=device)
 
     # untimed warm-up of both (thread pools, allocator, kernel selection): the first model run pays it otherwise
-    for model in (ours, hf):
+    for model in models.values():
         m = copy.deepcopy(model)
         train_tokens_per_s(m, train_batch, steps=1, warmup=1, compile=compile)
         generate_tokens_per_s(m, prompts, 4)
-    results = {name: {"train": (0.0, 0.0), "generate": (0.0, 0.0)} for name in ("ours", "hf")}
+    results = {name: {"train": (0.0, 0.0), "generate": (0.0, 0.0)} for name in models}
     best = lambda a, b: (max(a[0], b[0]), max(a[1], b[1]))  # noqa: E731 best wall, best CPU
-    order = [("ours", ours), ("hf", hf)]
+    order = list(models.items())
     for i in range(repeats):
         for name, model in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
             # a fresh copy per repeat: both start from the same weights and optimizer state
@@ -169,7 +172,8 @@ def run(size="small", device="cpu", dtype="fp32", steps=4, batch=8, seq=128, gen
             results[name]["generate"] = best(results[name]["generate"], generate_tokens_per_s(m, prompts, new_tokens))
     return {
         "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
-        "size": size, "params": params, "device": str(device), "dtype": dtype, "threads": torch.get_num_threads(),
+        "size": size, "params": sum(p.numel() for p in ours.parameters()), "device": str(device), "dtype": dtype,
+        "threads": torch.get_num_threads(),
         "train_shape": (batch, seq), "steps": steps, "repeats": repeats,
         "gen_shape": (gen_batch, prompt_len, new_tokens), "compile": compile,
         "peak_flops": peak_flops(device), "flops_per_token": train_flops_per_token(config, seq),
@@ -179,15 +183,18 @@ def run(size="small", device="cpu", dtype="fp32", steps=4, batch=8, seq=128, gen
 
 def format_table(r: dict) -> str:
     cpu = r["device"] == "cpu"
+    liger = "liger" in r["results"]
     rows = [
-        "| metric | align decoder | HF Llama | ours / HF |"
+        "| metric | align decoder | HF Llama | ours / HF |" + (" align + Liger | Liger / HF |" if liger else "")
         + (" ours (CPU-time) | HF (CPU-time) | ours / HF (CPU-time) |" if cpu else ""),
-        "|---|---:|---:|---:|" + ("---:|---:|---:|" if cpu else ""),
+        "|---|---:|---:|---:|" + ("---:|---:|" if liger else "") + ("---:|---:|---:|" if cpu else ""),
     ]
     labels = (("train", "train tokens/s (fwd+bwd+AdamW)"), ("generate", "generate tokens/s (greedy, KV cache)"))
     for key, label in labels:
         (ours, ours_cpu), (hf, hf_cpu) = r["results"]["ours"][key], r["results"]["hf"][key]
         row = f"| {label} | {ours:,.0f} | {hf:,.0f} | {ours / hf:.2f} |"
+        if liger:
+            row += f" {r['results']['liger'][key][0]:,.0f} | {r['results']['liger'][key][0] / hf:.2f} |"
         if cpu:
             row += f" {ours_cpu:,.0f} | {hf_cpu:,.0f} | {ours_cpu / hf_cpu:.2f} |"
         rows.append(row)
@@ -200,9 +207,9 @@ def format_table(r: dict) -> str:
         f"best of {r['repeats']} alternating repeats; 1-min load average at the end {r['load']:.1f}"
     )
     if r["peak_flops"]:
-        mfu = [r["results"][n]["train"][0] * r["flops_per_token"] / r["peak_flops"] for n in ("ours", "hf")]
-        rows.append(f"\ntrain MFU{' (compiled)' if r['compile'] else ''}: ours {100 * mfu[0]:.1f}%, "
-                    f"HF {100 * mfu[1]:.1f}% of {r['peak_flops'] / 1e12:.0f} TFLOP/s")
+        mfu = {n: 100 * v["train"][0] * r["flops_per_token"] / r["peak_flops"] for n, v in r["results"].items()}
+        rows.append(f"\ntrain MFU{' (compiled)' if r['compile'] else ''}: "
+                    + ", ".join(f"{n} {v:.1f}%" for n, v in mfu.items()) + f" of {r['peak_flops'] / 1e12:.0f} TFLOP/s")
     return head + "\n\n" + "\n".join(rows)
 
 
@@ -219,6 +226,8 @@ class BenchArgs:
     new_tokens: int = 64
     repeats: int = field(default=3, metadata={"help": "interleaved repeats; the best is reported"})
     compile: bool = field(default=False, metadata={"help": "torch.compile both models for training"})
+    liger: bool = field(default=False, metadata={
+        "help": "also ours with use_liger_kernel (Liger's fused RMSNorm/SwiGLU/RoPE/LM-head loss; needs CUDA)"})
 
     def __post_init__(self):
         for name, allowed in (("dtype", DTYPES), ("size", SIZES)):
@@ -231,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
 
     (args,) = run_command(parse, [BenchArgs], argv, prog="python -m align.bench model")
     r = run(size=args.size, device=args.device, dtype=args.dtype, steps=args.steps, batch=args.batch, seq=args.seq,
-            gen_batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats, compile=args.compile)
+            gen_batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats, compile=args.compile,
+            liger=args.liger)
     print(format_table(r))
     return 0
 

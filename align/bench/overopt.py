@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from align.config import parse, run_command
 
     (a,) = run_command(parse, [BenchArgs], argv, prog="python -m align.bench overopt")
+    from align.bench.labels import interval
     from align.data.prompts import as_messages
     from align.generate import generate
     from align.gold import best_of_n_expected, best_of_n_kl, gold_scorer, mean, replies
@@ -123,11 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             checkpoints.append({"run": run.name, "round": int(ev.parent.name.split("_")[1]), "kl": mean(e["kl"]),
                                 "gold": mean(e["gold_sampled"]), "proxy": mean(pm)})
     rl = []
+    start_gold = [mean(gold[i * a.n_max:(i + 1) * a.n_max]) for i in range(len(prompts))]  # each prompt's, n_max
     for ckpt in a.checkpoints:  # an RL run against the proxy: where does gold turn down?
         e = replies(Path(ckpt), prompts, a.max_new_tokens, a.seed, ref=Path(a.policy))
-        pm = proxy.score(prompts, e["sampled"])
+        pm, g = proxy.score(prompts, e["sampled"]), gold_rm.score(prompts, e["sampled"])
+        # one sample per prompt: the 95 % half-width of its gold gain, paired by prompt with the start's mean
+        _, ci = interval([x - s for x, s in zip(g, start_gold)])
         rl.append({"checkpoint": ckpt, "run": Path(ckpt).parent.name, "kl": mean(e["kl"]),
-                   "gold": mean(gold_rm.score(prompts, e["sampled"])), "proxy": mean(pm),
+                   "gold": mean(g), "gold_gain_ci95": ci, "proxy": mean(pm),
                    **({"world": world_figures(examples, [[r] for r in e["sampled"]])} if examples else {})})
     base = {"gold": bon["0.0"]["rows"][0]["gold"], "proxy": bon["0.0"]["rows"][0]["proxy"],  # n = 1: the start
             **({"world": world_figures(examples, samples)} if examples else {})}
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                                                              f"proxy {r['proxy'] - base['proxy']:+.3f}"
                                                              for r in b["rows"]))
     for c in rl:
-        print(f"{c['checkpoint']}: KL {c['kl']:.2f}, gold {c['gold'] - base['gold']:+.3f}, "
+        print(f"{c['checkpoint']}: KL {c['kl']:.2f}, gold {c['gold'] - base['gold']:+.3f} ± {c['gold_gain_ci95']:.3f}, "
               f"proxy {c['proxy'] - base['proxy']:+.3f}" + "".join(
                   f", {k} {v:.3f} (start {base['world'][k]:.3f})" for k, v in c.get("world", {}).items()))
     print(f"{len(checkpoints)} loop checkpoints rescored; wrote {out}/overopt.png, overopt.json "
@@ -195,8 +199,8 @@ def plot(result: dict, png: Path) -> None:
     color = {name: f"C{(i + len(runs)) % 10}" for i, name in enumerate(rl_runs)}  # after the loop runs' colours
     for name, cs in rl_runs.items():
         kl = [0.0] + [c["kl"] for c in cs]
-        ax2.plot(kl, [0.0] + [c["gold"] - base["gold"] for c in cs], marker="s", color=color[name],
-                 label=f"{name} gold")
+        ax2.errorbar(kl, [0.0] + [c["gold"] - base["gold"] for c in cs], marker="s", color=color[name], capsize=2,
+                     yerr=[0.0] + [c.get("gold_gain_ci95", 0.0) for c in cs], label=f"{name} gold (± 95 %)")
         ax2.plot(kl, [0.0] + [c["proxy"] - base["proxy"] for c in cs], marker="x", linestyle="--",
                  color=color[name], alpha=0.6)
     ax2.set(xlabel="KL(policy || start), sampled held-out replies", ylabel="reward gain over the start",

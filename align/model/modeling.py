@@ -31,6 +31,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple, logging
 
+from . import kernels
 from .config import DecoderConfig
 from .moe import MoEFeedForward, SwiGLU
 from .rope import RotaryEmbedding, apply_rotary_pos_emb
@@ -68,12 +69,15 @@ class DecoderSequenceClassifierOutput(SequenceClassifierOutputWithPast):
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in fp32 (https://arxiv.org/abs/1910.07467)."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-6, liger: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.liger = liger  # config.use_liger_kernel: one fused kernel on CUDA (align/model/kernels.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.enabled(self.liger, x):
+            return kernels.rms_norm(x, self.weight, self.variance_epsilon)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
@@ -220,9 +224,18 @@ class Attention(nn.Module):
         **kwargs,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        liger = kernels.enabled(self.config.use_liger_kernel, x)  # fused kernels (CUDA only)
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        # training: one matmul for q, k, v (PEFT-wrapped ones stay apart); not when decoding, where the weights'
+        # concatenation would cost more than the matmul it saves
+        if self.training and kernels.enabled(self.config.use_liger_kernel, x, True) and kernels.plain_linear(*projs):
+            qkv = F.linear(x, torch.cat([p.weight for p in projs]))  # (B, T, (nh + 2 nkv) hs)
+            q, k, v = qkv.split([p.out_features for p in projs], dim=-1)
+        else:
+            q, k, v = (p(x) for p in projs)
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         dropout = self.attention_dropout if self.training else 0.0
         if isinstance(position_embeddings, ChunkedPositions):
             pos = position_embeddings
@@ -243,7 +256,8 @@ class Attention(nn.Module):
             else:
                 y = dual_chunk_attention_sdpa(self, queries, k, v, masks, pos, self.scaling, dropout)
         else:
-            q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+            rotate = kernels.rope if liger else apply_rotary_pos_emb
+            q, k = rotate(q, k, *position_embeddings)
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hs) past + new
             fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
@@ -262,10 +276,10 @@ class DecoderLayer(GradientCheckpointingLayer):
         self.self_attn = Attention(config, layer_idx)
         self.mlp = (
             MoEFeedForward(config) if self.is_moe
-            else SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias)
+            else SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias, config.use_liger_kernel)
         )
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.use_liger_kernel)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.use_liger_kernel)
         self.dropout = nn.Dropout(config.residual_dropout)  # on each branch before its residual add (GPT-2)
 
     def forward(
@@ -323,7 +337,7 @@ class DecoderModel(DecoderPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.embed_dropout = nn.Dropout(config.embedding_dropout)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.use_liger_kernel)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
@@ -506,14 +520,19 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
-        h = slice_logits_to_keep(out.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(h)  # (B, T', V)
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            if out.aux_loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * out.aux_loss.to(loss.device)
+        h, logits, loss = out.last_hidden_state, None, None  # h (B, T, C)
+        if (
+            labels is not None and self.training and isinstance(logits_to_keep, int) and logits_to_keep == 0
+            and kernels.plain_linear(self.lm_head) and kernels.enabled(self.config.use_liger_kernel, h)
+        ):
+            # LM head + cross-entropy fused: the (B*T, V) logits are never made, so none are returned (as Liger's Llama)
+            loss = kernels.causal_lm_loss(h, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
+        else:
+            logits = self.lm_head(slice_logits_to_keep(h, logits_to_keep))  # (B, T', V)
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if loss is not None and out.aux_loss is not None:
+            loss = loss + self.config.router_aux_loss_coef * out.aux_loss.to(loss.device)
         return DecoderCausalLMOutput(
             loss=loss,
             aux_loss=out.aux_loss,

@@ -21,19 +21,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)) -- LLaMA's MLP (https://arxiv.org/abs/2002.05202)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, liger: bool = False) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.down_proj.scaled_init = True  # residual projection: init std / sqrt(2 * n_layer)
+        self.liger = liger  # config.use_liger_kernel: fused kernels on CUDA (align/model/kernels.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # training on the fast path: one matmul for gate and up (PEFT-wrapped ones stay apart; see Attention)
+        fuse = kernels.plain_linear(self.gate_proj, self.up_proj)
+        if self.training and fuse and kernels.enabled(self.liger, x, True):
+            gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(kernels.swiglu(gate, up) if kernels.enabled(self.liger, x) else F.silu(gate) * up)
 
 
 class MoEFeedForward(nn.Module):

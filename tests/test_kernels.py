@@ -1,0 +1,126 @@
+"""align.model.kernels: the opt-in Liger fast path (use_liger_kernel). Off CUDA the flag is inert; the wiring of
+the fast path (fused q/k/v and gate/up matmuls, fused loss without logits) is checked on CPU with plain-torch
+stand-ins for the kernels; the kernels themselves only on a GPU with liger-kernel installed."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_model import ids, tiny
+
+import align  # noqa: F401  (registers the Auto classes)
+from align.model import DecoderConfig, DecoderForCausalLM, kernels
+from align.model.rope import apply_rotary_pos_emb
+
+
+def pair(**overrides) -> tuple[DecoderForCausalLM, DecoderForCausalLM]:
+    """The default model and a use_liger_kernel one with the same weights, in train mode."""
+    torch.manual_seed(0)
+    plain = DecoderForCausalLM(tiny(**overrides))
+    fused = DecoderForCausalLM(tiny(**overrides, use_liger_kernel=True))
+    fused.load_state_dict(plain.state_dict())
+    return plain.train(), fused.train()
+
+
+def test_flag_is_inert_off_cuda():
+    plain, fused = pair()
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    x = ids()
+    a, b = plain(input_ids=x, labels=x), fused(input_ids=x, labels=x)
+    assert b.logits is not None  # no fused loss on CPU: the logits are made as usual
+    torch.testing.assert_close(b.logits, a.logits, atol=0, rtol=0)
+    torch.testing.assert_close(b.loss, a.loss, atol=0, rtol=0)
+    torch.testing.assert_close(fused.eval()(x).logits, plain.eval()(x).logits, atol=0, rtol=0)
+
+
+def test_config_round_trips_the_flag(tmp_path):
+    assert DecoderConfig().use_liger_kernel is False
+    tiny(use_liger_kernel=True).save_pretrained(tmp_path)
+    assert DecoderConfig.from_pretrained(tmp_path).use_liger_kernel is True
+
+
+def reference_loss(hidden, weight, labels, num_items_in_batch=None, ignore_index=-100):
+    logits, target = F.linear(hidden[:, :-1], weight).float(), labels[:, 1:]
+    out = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=ignore_index, reduction="sum")
+    return out / (num_items_in_batch if num_items_in_batch is not None else (target != ignore_index).sum())
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """The fast path on CPU, Liger's kernels swapped for plain torch."""
+    monkeypatch.setattr(kernels, "enabled", lambda flag, x, compiled_too=False: flag)
+    monkeypatch.setattr(kernels, "rms_norm", lambda x, w, eps: w * (x.float() * torch.rsqrt(
+        x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype))
+    monkeypatch.setattr(kernels, "swiglu", lambda gate, up: F.silu(gate) * up)
+    monkeypatch.setattr(kernels, "rope", apply_rotary_pos_emb)
+    monkeypatch.setattr(kernels, "causal_lm_loss", reference_loss)
+
+
+def test_fast_path_wiring(reference_kernels):
+    """Fused q/k/v and gate/up matmuls and the logit-free loss: same loss and gradients as the plain model."""
+    plain, fused = pair()
+    x = ids()
+    labels = x.clone()
+    labels[:, :3] = -100
+    a, b = plain(input_ids=x, labels=labels), fused(input_ids=x, labels=labels)
+    assert b.logits is None  # the fused loss makes no logits
+    torch.testing.assert_close(b.loss, a.loss)
+    a.loss.backward()
+    b.loss.backward()
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    n = int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(fused(input_ids=x, labels=labels, num_items_in_batch=n).loss, a.loss)
+    torch.testing.assert_close(fused.eval()(x).logits, plain.eval()(x).logits)  # no labels: logits as usual
+
+
+def test_fast_path_leaves_peft_wrapped_projections_unfused(reference_kernels):
+    from peft import LoraConfig, get_peft_model
+
+    plain, fused = pair()
+    x = ids()
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], init_lora_weights=False)
+    torch.manual_seed(1)
+    a = get_peft_model(plain, lora).eval()
+    torch.manual_seed(1)
+    b = get_peft_model(fused, lora).eval()
+    torch.testing.assert_close(b(input_ids=x).logits, a(input_ids=x).logits)  # adapters applied on the fast path
+
+
+def liger_gpu() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+@pytest.mark.skipif(not liger_gpu(), reason="needs CUDA and liger-kernel")
+def test_liger_kernels_match_plain_model_on_gpu():
+    cfg = dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    plain = DecoderForCausalLM(DecoderConfig(**cfg)).to("cuda", torch.bfloat16).train()
+    fused = DecoderForCausalLM(DecoderConfig(**cfg, use_liger_kernel=True)).to("cuda", torch.bfloat16).train()
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randint(3, 512, (2, 128), device="cuda")
+    a, b = plain(input_ids=x, labels=x), fused(input_ids=x, labels=x)
+    assert b.logits is None
+    torch.testing.assert_close(b.loss.float(), a.loss.float(), rtol=2e-2, atol=0)
+    a.loss.backward()
+    b.loss.backward()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.gate_proj.weight",
+                 "model.layers.0.input_layernorm.weight", "model.norm.weight", "model.embed_tokens.weight"):
+        ga, gb = plain.get_parameter(name).grad.float(), fused.get_parameter(name).grad.float()
+        assert F.cosine_similarity(ga.flatten(), gb.flatten(), dim=0) > 0.99, name
+    with torch.no_grad():
+        la, lb = plain.eval()(x).logits.float(), fused.eval()(x).logits.float()
+    assert (lb - la).abs().max() <= 5e-2 * la.abs().max()
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"])
+    peft_model = get_peft_model(copy.deepcopy(fused).train(), lora)
+    out = peft_model(input_ids=x, labels=x)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
