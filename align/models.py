@@ -128,6 +128,15 @@ def load(
     return model
 
 
+def use_liger_kernel(model: torch.nn.Module, on: bool) -> None:
+    """A trainer's ``use_liger_kernel`` for align's decoder: transformers patches the HF architectures it knows
+    (Llama, Qwen, ...) itself; the decoder switches its own fused path (align/model/kernels.py)."""
+    from align.model import DecoderPreTrainedModel
+
+    if isinstance(model, DecoderPreTrainedModel):
+        model.set_use_liger_kernel(on)
+
+
 def _saved_decoder(path: str) -> dict | None:
     """config.json of a Llama-format ``final/`` of align's decoder (``align.convert.make_portable`` marks it
     ``converted_from``), else None: such a dir loads in plain transformers as Llama, and here as the decoder

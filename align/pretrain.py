@@ -22,7 +22,7 @@ from align.config import parse, run_command
 from align.data.world import World
 from align.distributed import save_final
 from align.model import DecoderConfig, DecoderForCausalLM
-from align.models import load, load_tokenizer
+from align.models import load, load_tokenizer, use_liger_kernel
 from align.runs import MetricsCallback, resume_checkpoint, setup_logging, write_config, write_json
 
 logger = logging.getLogger("align.pretrain")
@@ -120,6 +120,7 @@ def train(args: PretrainArguments, model_args: ModelConfig, training_args: Train
     tokenizer = load_tokenizer(tok_path)
     torch.manual_seed(training_args.seed)
     model = build_model(args, model_args, tokenizer)
+    use_liger_kernel(model, training_args.use_liger_kernel)
     out = Path(training_args.output_dir)
     write_config(out, args, model_args, training_args)
 

@@ -22,7 +22,7 @@ from align.config import parse, run_command
 from align.data.formats import location, read_records, to_conversation
 from align.data.world import World
 from align.evaluate import evaluate
-from align.models import check_exists, load, load_tokenizer, peft_config
+from align.models import check_exists, load, load_tokenizer, peft_config, use_liger_kernel
 from align.runs import MetricsCallback, setup_logging
 from align.stage import StageResult, log_figures, run_stage
 
@@ -102,6 +102,7 @@ def train(args: SFTArguments, model_args: ModelConfig, training_args: SFTConfig)
     dataset = load_dataset(args)
     torch.manual_seed(training_args.seed)
     model = load(start, dtype=model_args.dtype)
+    use_liger_kernel(model, training_args.use_liger_kernel)
     truncated = count_truncated(dataset, tokenizer, training_args.max_length)
     if truncated:
         logger.warning(

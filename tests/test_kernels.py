@@ -124,3 +124,25 @@ def test_liger_kernels_match_plain_model_on_gpu():
     out = peft_model(input_ids=x, labels=x)
     out.loss.backward()
     assert torch.isfinite(out.loss)
+
+
+def test_use_liger_kernel_switches_a_loaded_decoder(tmp_path):
+    """align.sft/pretrain's --use_liger_kernel: a decoder loaded without the flag gets it on every module that reads
+    it (norms, MLPs, attention through the config) and off again; another architecture is left to transformers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from align.model.modeling import RMSNorm
+    from align.model.moe import SwiGLU
+    from align.models import use_liger_kernel
+
+    model = DecoderForCausalLM(DecoderConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4))
+    switched = [m for m in model.modules() if isinstance(m, (RMSNorm, SwiGLU))]
+    assert len(switched) == 2 * 2 + 1 + 2  # two norms a layer, the final norm, one MLP a layer
+    use_liger_kernel(model, True)
+    assert model.config.use_liger_kernel and all(m.liger for m in switched)
+    use_liger_kernel(model, False)
+    assert not model.config.use_liger_kernel and not any(m.liger for m in switched)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4))
+    use_liger_kernel(llama, True)
+    assert not getattr(llama.config, "use_liger_kernel", False)

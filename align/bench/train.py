@@ -14,7 +14,8 @@ so padding costs what it costs on real data; speed does not depend on the words.
 - ``align``: align's settings on our decoder: SFT packs conversations into rows (``packing``, bfd, kept apart
   by align.sft.PackedRowsCollator), DPO precomputes the reference log-probs once (``precompute_ref_log_probs``,
   no reference model in memory); gradient checkpointing as TRL's default;
-- ``align-nogc``: the same without gradient checkpointing (faster, more memory).
+- ``align-nogc``: the same without gradient checkpointing (faster, more memory);
+- ``align-liger``: ``align`` + ``use_liger_kernel`` (the decoder's fused path: align/model/kernels.py), on CUDA.
 
 tokens/s counts real (non-pad) tokens through the policy per second over the timed steps (after
 ``--warmup`` steps); for DPO the reference pre-pass is charged pro rata to the steps. MFU = tokens/s x
@@ -115,6 +116,7 @@ def run_one(kind: str, variant: str, base: DecoderForCausalLM, tok, rows, device
     model = DecoderForCausalLM(base.config) if ours else to_llama(base)
     if ours:
         model.load_state_dict(base.state_dict())
+        model.set_use_liger_kernel(variant == "align-liger")  # what --use_liger_kernel does in align.sft
     model.to(device)
     common = dict(
         output_dir=tempfile.mkdtemp(prefix=f"bench-{kind}-"), max_steps=steps, per_device_train_batch_size=batch,
@@ -195,7 +197,8 @@ def run(kind="sft", size="small", device="cpu", batch=4, max_length=256, steps=6
             has_liger = device.type == "cuda"
         except ImportError:
             has_liger = False
-        variants = ["trl", *(["trl-liger"] if has_liger else []), "align", "align-nogc"]
+        variants = ["trl", *(["trl-liger"] if has_liger else []), "align", "align-nogc",
+                    *(["align-liger"] if has_liger else [])]
     peak = peak_flops(device)
     fpt = train_flops_per_token(config, max_length)
     results = []
@@ -250,8 +253,8 @@ class BenchArgs:
     warmup: int = field(default=2, metadata={"help": "untimed first steps"})
     lora: bool = field(default=False, metadata={"help": "LoRA r16 on all linear layers, for every variant"})
     variants: list[str] | None = field(
-        default=None, metadata={"help": "any of trl, trl-liger, align, align-nogc; default: all that apply "
-                                        "(trl-liger where liger-kernel and CUDA are there)"})
+        default=None, metadata={"help": "any of trl, trl-liger, align, align-nogc, align-liger; default: all that "
+                                        "apply (the -liger ones where liger-kernel and CUDA are there)"})
     json: str | None = field(default=None, metadata={"help": "append one JSON line per variant to this file"})
 
     def __post_init__(self):
@@ -261,7 +264,7 @@ class BenchArgs:
             raise ValueError(f"steps ({self.steps}) must exceed warmup ({self.warmup})")
         if isinstance(self.variants, str):  # one variant given as one word
             self.variants = [self.variants]
-        bad = set(self.variants or ()) - {"trl", "trl-liger", "align", "align-nogc"}
+        bad = set(self.variants or ()) - {"trl", "trl-liger", "align", "align-nogc", "align-liger"}
         if bad:
             raise ValueError(f"variants: unknown {sorted(bad)}")
 

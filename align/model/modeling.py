@@ -313,6 +313,14 @@ class DecoderPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
 
+    def set_use_liger_kernel(self, on: bool = True) -> None:
+        """Turn the fused-kernel path (config.use_liger_kernel, align/model/kernels.py) on or off after loading: what
+        a trainer's `use_liger_kernel` argument does to align's decoder."""
+        self.config.use_liger_kernel = on
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, SwiGLU)):
+                m.liger = on
+
     def _init_weights(self, module: nn.Module) -> None:
         """normal(0, initializer_range) for Linear/Embedding, ones for RMSNorm (PreTrainedModel's default),
         and the residual projections (o_proj, down_proj, experts' down_proj) at std / sqrt(2 * n_layer)
