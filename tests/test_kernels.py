@@ -126,7 +126,7 @@ def test_liger_kernels_match_plain_model_on_gpu():
     assert torch.isfinite(out.loss)
 
 
-def test_use_liger_kernel_switches_a_loaded_decoder(tmp_path):
+def test_use_liger_kernel_switches_a_loaded_decoder():
     """align.sft/pretrain's --use_liger_kernel: a decoder loaded without the flag gets it on every module that reads
     it (norms, MLPs, attention through the config) and off again; another architecture is left to transformers."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -22,7 +22,8 @@ def available() -> bool:
 
 def enabled(flag: bool, x: torch.Tensor, compiled_too: bool = False) -> bool:
     """The one test of the fast path: asked for (the config flag), x on CUDA and the kernels installed. Under
-    torch.compile the elementwise kernels (norm, RoPE, SwiGLU) step aside: Inductor fuses those itself."""
+    torch.compile Liger's kernels step aside (Dynamo cannot trace them; Inductor fuses the elementwise ops itself);
+    ``compiled_too`` is for the fast path's plain-PyTorch parts (the concatenated matmuls)."""
     return flag and x.is_cuda and available() and (compiled_too or not torch.compiler.is_compiling())
 
 
