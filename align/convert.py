@@ -186,7 +186,7 @@ VERBS = {"to-llama": ToLlama, "from-llama": FromLlama, "merge": Merge, "from-ggu
 # align's decoder as hub-style custom code: these files of align/model/ are copied beside the weights (renamed
 # so the dir's modules cannot shadow anything) and config.json's auto_map points the Auto classes at them.
 MODELING_FILES = {"config.py": "configuration_align.py", "modeling.py": "modeling_align.py",
-                  "rope.py": "rope.py", "moe.py": "moe.py"}
+                  "rope.py": "rope.py", "moe.py": "moe.py", "kernels.py": "kernels.py"}
 AUTO_MAP = {
     "AutoConfig": "configuration_align.DecoderConfig",
     "AutoModel": "modeling_align.DecoderModel",
@@ -259,6 +259,8 @@ def make_portable(model_dir: str | os.PathLike) -> str:
     for name, dst_name in MODELING_FILES.items():
         text = (src / name).read_text()
         text = text.replace("from .config import", "from .configuration_align import")
+        # transformers copies the relative imports it can see, which must read `from .x import ...`
+        text = text.replace("from . import kernels", "from . import kernels\nfrom .kernels import enabled")
         (model_dir / dst_name).write_text(text)
     config["auto_map"] = AUTO_MAP
     config["model_type"] = DecoderConfig.model_type

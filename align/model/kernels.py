@@ -1,8 +1,9 @@
 """Liger's fused Triton kernels (https://github.com/linkedin/Liger-Kernel) for the decoder's hot spots.
 
 Opt-in through `DecoderConfig.use_liger_kernel`; used only on CUDA tensors where liger-kernel is installed, so
-elsewhere the model runs its plain ops and its numerics do not change. liger_kernel is imported lazily: it
-needs triton, which CPU machines do not have.
+elsewhere the model runs its plain ops and its numerics do not change. liger_kernel is imported on first use,
+through importlib: it needs triton, which CPU machines lack, and transformers' remote-code loader (a portable
+final/ carries this file) would otherwise require it of every user.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def enabled(flag: bool, x: torch.Tensor, compiled_too: bool = False) -> bool:
     return flag and x.is_cuda and available() and (compiled_too or not torch.compiler.is_compiling())
 
 
+def _liger(module: str):
+    """liger_kernel.<module>, imported on first use."""
+    return importlib.import_module(f"liger_kernel.{module}")
+
+
 def plain_linear(*modules: nn.Module) -> bool:
     """All are bias-free nn.Linear, not subclasses or PEFT/quantised wrappers: their weights may be concatenated
     into one matmul (or fed to the fused loss) without skipping an adapter."""
@@ -36,24 +42,18 @@ def plain_linear(*modules: nn.Module) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm in one kernel; "llama" casting is align's: rstd in fp32, the normalised x cast back, times weight.
     Not in place: the input is the residual stream, which the block still adds to."""
-    from liger_kernel.transformers.functional import liger_rms_norm
-
-    return liger_rms_norm(x, weight, eps, casting_mode="llama", in_place=False)
+    return _liger("transformers.functional").liger_rms_norm(x, weight, eps, casting_mode="llama", in_place=False)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up in one kernel; its backward recomputes silu instead of keeping it."""
-    from liger_kernel.transformers.functional import liger_swiglu
-
-    return liger_swiglu(gate, up)
+    return _liger("transformers.functional").liger_swiglu(gate, up)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """apply_rotary_pos_emb in one kernel: q (B, nh, T, hs), k (B, nkv, T, hs), cos/sin (B|1, T, hs).
     The kernel may rotate q and k in place (when their (B, T, heads, hs) layout is contiguous)."""
-    from liger_kernel.transformers.functional import liger_rope
-
-    return liger_rope(q, k, cos, sin, unsqueeze_dim=1)
+    return _liger("transformers.functional").liger_rope(q, k, cos, sin, unsqueeze_dim=1)
 
 
 def causal_lm_loss(
@@ -65,9 +65,7 @@ def causal_lm_loss(
 ) -> torch.Tensor:
     """LM head + cross-entropy fused and chunked over the tokens: the (B*T, V) logits are never materialised.
     Shifts the labels itself; sums / num_items_in_batch when given (gradient accumulation), else the mean."""
-    from liger_kernel.transformers.model.loss_utils import LigerForCausalLMLoss
-
-    return LigerForCausalLMLoss(
+    return _liger("transformers.model.loss_utils").LigerForCausalLMLoss(
         hidden_states=hidden,
         lm_head_weight=lm_head_weight,
         labels=labels,
