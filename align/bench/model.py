@@ -149,8 +149,8 @@ def run(size="small", device="cpu", dtype="fp32", steps=4, batch=8, seq=128, gen
     hf = to_llama(ours)
     models = {"ours": ours, "hf": hf}
     if liger:  # the same weights with Liger's fused kernels and q/k/v, gate/up in one matmul (CUDA only)
-        models["liger"] = DecoderForCausalLM(DecoderConfig(**config.to_dict() | {"use_liger_kernel": True}))
-        models["liger"].load_state_dict(ours.state_dict())
+        models["liger"] = copy.deepcopy(ours)
+        models["liger"].set_use_liger_kernel(True)
     models = {name: m.to(device, DTYPES[dtype]) for name, m in models.items()}
     train_batch = torch.randint(3, config.vocab_size, (batch, seq), device=device)
     prompts = torch.randint(3, config.vocab_size, (gen_batch, prompt_len), device=device)
