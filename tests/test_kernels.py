@@ -37,6 +37,26 @@ def test_flag_is_inert_off_cuda():
     torch.testing.assert_close(fused.eval()(x).logits, plain.eval()(x).logits, atol=0, rtol=0)
 
 
+class _OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: enabled()'s device test without a GPU."""
+
+    is_cuda = property(lambda self: True)
+
+
+def test_the_fast_path_steps_aside_under_compile(monkeypatch):
+    # on a GPU with Liger installed, but inside a torch.compile graph: the plain ops, with no graph break (a break in
+    # the test itself would run it eagerly, where it says "not compiling", and put Liger's kernels into the graph)
+    import torch._dynamo as dynamo
+
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    x = torch.ones(2).as_subclass(_OnCuda)
+    f = lambda x: x + 1 if kernels.enabled(True, x) else x - 1  # noqa: E731
+    assert f(x).tolist() == [2.0, 2.0]
+    out = dynamo.explain(f)(x)
+    assert out.graph_break_count == 0
+    assert torch.compile(f, backend="eager")(x).tolist() == [0.0, 0.0]
+
+
 def test_config_round_trips_the_flag(tmp_path):
     assert DecoderConfig().use_liger_kernel is False
     tiny(use_liger_kernel=True).save_pretrained(tmp_path)
@@ -52,7 +72,7 @@ def reference_loss(hidden, weight, labels, num_items_in_batch=None, ignore_index
 @pytest.fixture
 def reference_kernels(monkeypatch):
     """The fast path on CPU, Liger's kernels swapped for plain torch."""
-    monkeypatch.setattr(kernels, "enabled", lambda flag, x, compiled_too=False: flag)
+    monkeypatch.setattr(kernels, "enabled", lambda flag, x: flag)
     monkeypatch.setattr(kernels, "rms_norm", lambda x, w, eps: w * (x.float() * torch.rsqrt(
         x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype))
     monkeypatch.setattr(kernels, "swiglu", lambda gate, up: F.silu(gate) * up)

@@ -145,8 +145,9 @@ def run_one(kind: str, variant: str, base: DecoderForCausalLM, tok, rows, device
     else:
         from trl import DPOConfig, DPOTrainer
 
-        # the pre-pass runs without gradients: a 4x larger batch fits in less memory than a training step
-        args = DPOConfig(**common, precompute_ref_log_probs=ours, precompute_ref_batch_size=4 * batch)
+        # the pre-pass runs without gradients, so a larger batch stays under a training step's peak: 4x for full
+        # training, 2x with LoRA, whose step holds no optimizer state for the base (measured: 4x was the peak there)
+        args = DPOConfig(**common, precompute_ref_log_probs=ours, precompute_ref_batch_size=(2 if lora else 4) * batch)
         # TRL loads the reference from the policy's path; a user with an in-memory model passes a copy
         ref = copy.deepcopy(model) if not ours and not lora else None
         orig = DPOTrainer._precompute_ref_logps
@@ -182,7 +183,7 @@ def run_one(kind: str, variant: str, base: DecoderForCausalLM, tok, rows, device
 
 
 def run(kind="sft", size="small", device="cpu", batch=4, max_length=256, steps=6, warmup=2, lora=False,
-        variants=None, seed=0, json_path=None) -> list[dict]:
+        variants=None, seed=0, json_path=None, align_batch=None) -> list[dict]:
     device = torch.device(device)
     torch.manual_seed(seed)
     config = DecoderConfig(**SIZES[size], max_position_embeddings=max(max_length, 2048), eos_token_id=1,
@@ -204,12 +205,13 @@ def run(kind="sft", size="small", device="cpu", batch=4, max_length=256, steps=6
     results = []
     for v in variants:
         try:
-            r = run_one(kind, v, base, tok, rows, device, batch, max_length, steps, warmup, lora)
+            rows_per_step = align_batch if align_batch and kind == "sft" and v.startswith("align") else batch
+            r = run_one(kind, v, base, tok, rows, device, rows_per_step, max_length, steps, warmup, lora)
         except Exception as e:  # noqa: BLE001  one broken variant (say liger vs this transformers) keeps the others
             print(f"{kind} {v}: FAILED {type(e).__name__}: {e}", flush=True)
             continue
         r.update(bench=kind, variant=v, size=size, params=sum(p.numel() for p in base.parameters()),
-                 device=device_name(device), batch=batch, max_length=max_length, steps=steps, warmup=warmup,
+                 device=device_name(device), batch=rows_per_step, max_length=max_length, steps=steps, warmup=warmup,
                  lora=lora, mfu=r["tokens_per_s"] * fpt / peak if peak else None, versions=versions())
         results.append(r)
         if json_path:
@@ -229,15 +231,15 @@ def format_table(rows: list[dict]) -> str:
     r = rows[0]
     lora = " (LoRA r16, all linear)" if r["lora"] else ""
     out = [f"{r['bench']}{lora}: {r['size']} ({r['params'] / 1e6:.1f}M params), "
-           f"{r['device']}, batch {r['batch']}, max_length {r['max_length']}, {r['steps'] - r['warmup']} timed steps "
+           f"{r['device']}, max_length {r['max_length']}, {r['steps'] - r['warmup']} timed steps "
            f"after {r['warmup']}; {r['versions']}", "",
-           "| variant | tokens/s | vs TRL defaults | s/step | tokens/step | MFU | peak GiB | loss |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "| variant | batch | tokens/s | vs TRL defaults | s/step | tokens/step | MFU | peak GiB | loss |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-        out.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['vs_trl']:.2f} | {r['step_s']:.3f} | "
-                   f"{r['tokens_per_step']:,.0f} | {mfu} | {peak} | {r['loss']:.3f} |")
+        out.append(f"| {r['variant']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {r['vs_trl']:.2f} | "
+                   f"{r['step_s']:.3f} | {r['tokens_per_step']:,.0f} | {mfu} | {peak} | {r['loss']:.3f} |")
     return "\n".join(out)
 
 
@@ -255,6 +257,9 @@ class BenchArgs:
     variants: list[str] | None = field(
         default=None, metadata={"help": "any of trl, trl-liger, align, align-nogc, align-liger; default: all that "
                                         "apply (the -liger ones where liger-kernel and CUDA are there)"})
+    align_batch: int | None = field(default=None, metadata={
+        "help": "sft: packed rows per step for align's variants (default: batch). A packed row holds more real tokens "
+                "than a padded example (~2.6x at max_length 1024): set it to compare at equal tokens per step"})
     json: str | None = field(default=None, metadata={"help": "append one JSON line per variant to this file"})
 
     def __post_init__(self):
@@ -276,5 +281,5 @@ def bench_main(kind: str, argv: list[str] | None = None) -> int:
     (a,) = run_command(parse, [BenchArgs], argv, prog=f"python -m align.bench {kind}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run(kind, size=a.size, device=a.device, batch=a.batch, max_length=a.max_length, steps=a.steps, warmup=a.warmup,
-        lora=a.lora, variants=a.variants, json_path=a.json)
+        lora=a.lora, variants=a.variants, json_path=a.json, align_batch=a.align_batch)
     return 0

@@ -228,7 +228,7 @@ class Attention(nn.Module):
         projs = (self.q_proj, self.k_proj, self.v_proj)
         # training: one matmul for q, k, v (PEFT-wrapped ones stay apart); not when decoding, where the weights'
         # concatenation would cost more than the matmul it saves
-        if self.training and kernels.enabled(self.config.use_liger_kernel, x, True) and kernels.plain_linear(*projs):
+        if self.training and liger and kernels.plain_linear(*projs):
             qkv = F.linear(x, torch.cat([p.weight for p in projs]))  # (B, T, (nh + 2 nkv) hs)
             q, k, v = qkv.split([p.out_features for p in projs], dim=-1)
         else:

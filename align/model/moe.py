@@ -37,12 +37,12 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # training on the fast path: one matmul for gate and up (PEFT-wrapped ones stay apart; see Attention)
-        fuse = kernels.plain_linear(self.gate_proj, self.up_proj)
-        if self.training and fuse and kernels.enabled(self.liger, x, True):
+        liger = kernels.enabled(self.liger, x)
+        if self.training and liger and kernels.plain_linear(self.gate_proj, self.up_proj):
             gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(kernels.swiglu(gate, up) if kernels.enabled(self.liger, x) else F.silu(gate) * up)
+        return self.down_proj(kernels.swiglu(gate, up) if liger else F.silu(gate) * up)
 
 
 class MoEFeedForward(nn.Module):
