@@ -47,6 +47,11 @@ def test_sft_bench_packing_trains_more_real_tokens_per_step():
     # packed rows carry several examples: more real tokens in the same (batch, max_length)
     assert ours["tokens_per_step"] > 1.3 * trl["tokens_per_step"], (ours, trl)
     assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in rows)
+    # --align_batch: fewer packed rows for align (equal tokens a step), TRL keeps its batch
+    trl1, ours1 = train_bench.run("sft", size="small", batch=2, max_length=256, steps=3, warmup=1,
+                                  variants=["trl", "align"], align_batch=1)
+    assert (trl1["batch"], ours1["batch"]) == (2, 1) and trl1["tokens_per_step"] == trl["tokens_per_step"]
+    assert ours1["tokens_per_step"] < 0.7 * ours["tokens_per_step"], (ours1, ours)
 
 
 def test_dpo_bench_precomputes_reference_for_align_only():
