@@ -8,25 +8,25 @@ final/ carries this file) would otherwise require it of every user.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
 from torch import nn
 
-# looked up once, at import: a graph break in Dynamo (it will not trace importlib) would run enabled() eagerly
-INSTALLED = importlib.util.find_spec("liger_kernel") is not None
 
-
+@functools.cache
 def available() -> bool:
     """liger-kernel is installed and there is a GPU for its Triton kernels."""
-    return INSTALLED and torch.cuda.is_available()
+    return importlib.util.find_spec("liger_kernel") is not None and torch.cuda.is_available()
 
 
 def enabled(flag: bool, x: torch.Tensor) -> bool:
     """The one test of the fast path: asked for (the config flag), x on CUDA, the kernels installed, and not under
     torch.compile. There the whole fast path steps aside: traced into the graph, Liger's kernels fault, and Inductor's
     own fusion of the plain model measured faster than the concatenated matmuls or the fused loss (docs/benchmarks.md).
-    is_compiling comes before available() so that Dynamo never traces the latter."""
+    is_compiling comes before available(): Dynamo will not trace importlib, and the graph break it made there ran this
+    test eagerly, where it says "not compiling", which put Liger's kernels into the graph."""
     return flag and x.is_cuda and not torch.compiler.is_compiling() and available()
 
 
