@@ -204,8 +204,8 @@ def run(kind="sft", size="small", device="cpu", batch=4, max_length=256, steps=6
     fpt = train_flops_per_token(config, max_length)
     results = []
     for v in variants:
+        rows_per_step = align_batch if align_batch and kind == "sft" and v.startswith("align") else batch
         try:
-            rows_per_step = align_batch if align_batch and kind == "sft" and v.startswith("align") else batch
             r = run_one(kind, v, base, tok, rows, device, rows_per_step, max_length, steps, warmup, lora)
         except Exception as e:  # noqa: BLE001  one broken variant (say liger vs this transformers) keeps the others
             print(f"{kind} {v}: FAILED {type(e).__name__}: {e}", flush=True)
