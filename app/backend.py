@@ -21,12 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from align.data.formats import DataError, location, read_records, to_prompt
-
-try:  # the store package exports Store; fall back to the module while it is being written
-    from align.store import Store  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover
-    from align.store.store import Store
-from align.store.store import LabelExists, NotFound, StoreError
+from align.store import Comparison, LabelExists, NotFound, Store, StoreError
 from app.throttle import LoginThrottle
 
 log = logging.getLogger("align.app")
@@ -62,6 +57,8 @@ class Session:
     handled: dict[str, int] = field(default_factory=dict)  # request_id -> comparison id, recent
     last_seen: float = 0.0  # Backend.clock() of the last request (idle expiry)
     last_reask: tuple[int, Shown] | None = None  # (reask id, what was shown) for undo
+    gold_due: float = 0.0  # credit towards the next gold pair / re-ask (a check is due at 1)
+    reask_due: float = 0.0
 
     @property
     def is_admin(self) -> bool:
@@ -156,7 +153,9 @@ class Backend:
                 msg += " " + _wait_message(wait, _store_call("Login failed", t.locked, name, address))
             raise AppError(msg)
         _store_call("Login failed", t.succeeded, name, address)
-        return Session(user=who.name, role=who.role, last_seen=self.clock())
+        # the credits start at a random phase, so annotators do not all get a check at the same count
+        return Session(user=who.name, role=who.role, last_seen=self.clock(),
+                       gold_due=self.rng.random(), reask_due=self.rng.random())
 
     def health(self) -> tuple[bool, str]:
         """(True, the store) when the store answers, else (False, why)."""
@@ -273,6 +272,29 @@ class Backend:
             self._progress_cache[user] = (time.monotonic(), p)
         return p
 
+    def _check_instead(self, session: Session, comp: Comparison) -> tuple[Comparison, str | None, int | None]:
+        """A gold pair or a swapped re-ask in place of the queue's ``comp`` when one is due: (pair, left, reask_of).
+
+        Checks come on a schedule, not by coin flip: each pair served adds the rate to a credit and a
+        check is due at 1, so every annotator gets their share (at 25% a coin leaves one annotator in
+        thirty without a re-ask in twelve pairs). A check that cannot be served (no gold pair left, no
+        label old enough) stays due; the cap keeps the catch-up short."""
+        session.gold_due = min(session.gold_due + self.gold_rate, 2.0)
+        session.reask_due = min(session.reask_due + self.reask_rate, 2.0)
+        if session.gold_due >= 1:
+            gold = _store_call("Could not fetch the next pair", self.store.next_gold, session.user, self.rng)
+            if gold is not None:
+                session.gold_due -= 1
+                return gold, None, None
+        if session.reask_due >= 1:
+            lab = _store_call("Could not fetch the next pair", self.store.next_reask, session.user,
+                              self.reask_gap, self.rng)
+            if lab is not None:
+                session.reask_due -= 1
+                comp = _store_call("Could not load the pair", self.store.get_comparison, lab.comparison_id)
+                return comp, ("b" if lab.left == "a" else "a"), lab.id
+        return comp, None, None
+
     def next_view(self, session: Session, *, comparison_id: int | None = None,
                   left: str | None = None, reask_of: int | None = None, labelled: int = 0) -> View:
         """Show the next pair (or ``comparison_id``, e.g. after undo) with a random left side.
@@ -297,16 +319,8 @@ class Backend:
                             paused=True)
             comp = _store_call("Could not fetch the next pair", self.store.next_comparison,
                                session.user, self.overlap)
-            r = self.rng.random()
-            if comp is not None and r < self.gold_rate:
-                comp = _store_call("Could not fetch the next pair", self.store.next_gold, session.user,
-                                   self.rng) or comp
-            elif comp is not None and r < self.gold_rate + self.reask_rate:
-                lab = _store_call("Could not fetch the next pair", self.store.next_reask, session.user,
-                                  self.reask_gap, self.rng)
-                if lab is not None:
-                    comp = _store_call("Could not load the pair", self.store.get_comparison, lab.comparison_id)
-                    left, reask_of = ("b" if lab.left == "a" else "a"), lab.id
+            if comp is not None:
+                comp, left, reask_of = self._check_instead(session, comp)
         prog = self._progress(session.user, labelled)
         if comp is None:
             session.shown = None

@@ -209,6 +209,17 @@ def test_gold_and_swapped_reasks_measure_each_annotator(tmp_path):
     assert set(rows) == {"careful", "lefty", "root"}
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_every_annotator_gets_their_share_of_checks(tmp_path, seed):
+    # checks come on a schedule, not by coin flip: 40 queued pairs and 10% gold + 20% re-asks make about
+    # 55 pairs shown, so 4+ gold pairs and 8+ re-asks (the first waits for a label 3 old), whatever the seed
+    store = _world(f"sqlite:///{tmp_path}/w.db", n=40, n_gold=10)
+    b = Backend(store, gold_rate=0.1, reask_rate=0.2, reask_gap=3, rng=random.Random(seed))
+    _label_all(b, "careful", lambda v: "A")
+    q = {r["name"]: r for r in store.annotator_quality()}["careful"]
+    assert q["labels"] - q["gold_n"] == 40 and q["reasks_n"] >= 8 and q["gold_n"] >= 4, q
+
+
 def test_undo_of_a_reask_takes_back_the_reask(tmp_path):
     store = _world(f"sqlite:///{tmp_path}/w.db", n=12, n_gold=0)
     b = Backend(store, reask_rate=1.0, reask_gap=2, rng=random.Random(1))
