@@ -4,11 +4,13 @@ generation routed through align.fastgen (static KV cache + CUDA-graph decode), s
     python -m align.bench grpo --device cuda --size smollm2-135m --prompts 8 --num_generations 8 \
         --max_completion_length 128 --steps 4 --warmup 1
 
-Rows: ``trl`` = LlamaForCausalLM, GRPOConfig defaults but the batch shape above (sampling at T=1, bf16,
-gradient checkpointing); ``align`` = our decoder, the same config, ``model.generate`` through
-``align.fastgen.use_fast_generate``. The reward is a cheap function of the completion, so generation and the
-policy update are what is timed. Random weights rarely sample eos: every completion runs to the maximum
-length in both rows. completions/s = prompts x generations per step / seconds per step, after warm-up steps.
+Rows (``--variants``): ``trl`` = LlamaForCausalLM, GRPOConfig defaults but the batch shape above (sampling at
+T=1, bf16, gradient checkpointing); ``align`` = our decoder, the same config, ``model.generate`` through
+``align.fastgen.use_fast_generate``; ``-nogc`` without activation checkpointing (what ``configs/grpo.yaml``
+sets); ``-liger`` with the decoder's fused kernels (``use_liger_kernel``, align/model/kernels.py). The reward
+is a cheap function of the completion, so generation and the policy update are what is timed. Random weights
+rarely sample eos: every completion runs to the maximum length in every row. completions/s = prompts x
+generations per step / seconds per step, after warm-up steps; gen s/step is the part of it inside ``generate``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from align.bench.train import word_tokenizer
 from align.convert import to_llama
 from align.model import DecoderConfig, DecoderForCausalLM
 
+VARIANTS = ("trl", "align", "align-nogc", "align-liger", "align-liger-nogc")
+
 
 def _reward(completions, **kw):  # cheap and deterministic: generation and the update are what is timed
     return [float(len(c)) / 1000 for c in completions]
@@ -38,10 +42,11 @@ def run_one(variant: str, base, tok, prompts, device, n_prompts, num_generations
 
     from align.fastgen import use_fast_generate
 
-    ours = variant == "align"
+    ours = variant.startswith("align")
     model = DecoderForCausalLM(base.config) if ours else to_llama(base)
     if ours:
         model.load_state_dict(base.state_dict())
+        model.set_use_liger_kernel("liger" in variant)
         assert use_fast_generate(model, compile=compile)
     model.to(device)
     args = GRPOConfig(
@@ -49,14 +54,30 @@ def run_one(variant: str, base, tok, prompts, device, n_prompts, num_generations
         logging_steps=max(steps, 1), disable_tqdm=True, seed=0, use_cpu=device.type == "cpu",
         bf16=device.type == "cuda", per_device_train_batch_size=n_prompts * num_generations,
         num_generations=num_generations, max_completion_length=max_completion_length,
+        **({"activation_checkpointing": False} if "nogc" in variant else {}),
     )
-    times = []
+    times, gen = [], []  # step ends; seconds inside each generate call (one per step)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     class Clock(TrainerCallback):
         def on_step_end(self, a, state, control, **kw):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync()
             times.append(time.perf_counter())
+
+    inner = model.generate
+
+    def timed_generate(*a, **kw):
+        sync()
+        t = time.perf_counter()
+        out = inner(*a, **kw)
+        sync()
+        gen.append(time.perf_counter() - t)
+        return out
+
+    model.generate = timed_generate
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -66,13 +87,14 @@ def run_one(variant: str, base, tok, prompts, device, n_prompts, num_generations
     trainer.train()
     step_s = (times[-1] - times[warmup - 1]) / (steps - warmup) if warmup else None
     out = {"completions_per_s": n_prompts * num_generations / step_s, "step_s": step_s,
+           "gen_s": sum(gen[warmup:steps]) / (steps - warmup),
            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     del trainer, model
     return out
 
 
 def run(size="small", device="cpu", n_prompts=2, num_generations=4, max_completion_length=16, prompt_len=32,
-        steps=3, warmup=1, seed=0, json_path=None, compile=False) -> list[dict]:
+        steps=3, warmup=1, seed=0, json_path=None, compile=False, variants=("trl", "align")) -> list[dict]:
     import random
 
     device = torch.device(device)
@@ -85,17 +107,18 @@ def run(size="small", device="cpu", n_prompts=2, num_generations=4, max_completi
     words = lambda k: " ".join(f"w{rng.randrange(3, config.vocab_size)}" for _ in range(k))  # noqa: E731
     prompts = [{"prompt": words(rng.randint(8, prompt_len))} for _ in range(n_prompts * steps)]
     rows = []
-    for v in ("trl", "align"):
+    for v in variants:
         r = run_one(v, base, tok, prompts, device, n_prompts, num_generations, max_completion_length, steps, warmup,
-                    compile=compile and v == "align")
+                    compile=compile and v != "trl")
         r.update(bench="grpo", variant=v, size=size, params=sum(p.numel() for p in base.parameters()),
                  device=device_name(device), prompts=n_prompts, num_generations=num_generations,
                  max_completion_length=max_completion_length, steps=steps, warmup=warmup, versions=versions(),
-                 compile=compile and v == "align")
+                 compile=compile and v != "trl")
         rows.append(r)
         print(f"grpo {v}: {r['completions_per_s']:.1f} completions/s", flush=True)
+    ref = next((r for r in rows if r["variant"] == "trl"), rows[0])["completions_per_s"]
     for r in rows:
-        r["vs_trl"] = r["completions_per_s"] / rows[0]["completions_per_s"]
+        r["vs_trl"] = r["completions_per_s"] / ref
         if json_path:
             with open(json_path, "a") as f:
                 f.write(json.dumps(r) + "\n")
@@ -108,11 +131,12 @@ def format_table(rows: list[dict]) -> str:
     out = [f"grpo: {r['size']} ({r['params'] / 1e6:.1f}M params), {r['device']}, {r['prompts']} prompts x "
            f"{r['num_generations']} generations x {r['max_completion_length']} tokens per step, "
            f"{r['steps'] - r['warmup']} timed steps after {r['warmup']}; {r['versions']}", "",
-           "| variant | completions/s | vs TRL defaults | s/step | peak GiB |", "|---|---:|---:|---:|---:|"]
+           "| variant | completions/s | vs TRL defaults | s/step | gen s/step | peak GiB |",
+           "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
         out.append(f"| {r['variant']} | {r['completions_per_s']:,.1f} | {r['vs_trl']:.2f} | {r['step_s']:.2f} | "
-                   f"{peak} |")
+                   f"{r['gen_s']:.2f} | {peak} |")
     return "\n".join(out)
 
 
@@ -128,11 +152,17 @@ class BenchArgs:
     steps: int = 3
     warmup: int = 1
     compile: bool = field(default=False, metadata={"help": "align's decode step through torch.compile"})
+    variants: list[str] = field(default_factory=lambda: ["trl", "align"], metadata={
+        "help": f"any of {VARIANTS}: -nogc without activation checkpointing, -liger with the fused kernels (CUDA)"})
     json: str | None = None
 
     def __post_init__(self):
         if self.size not in SIZES:
             raise ValueError(f"size must be one of {sorted(SIZES)}, got {self.size!r}")
+        if isinstance(self.variants, str):  # one variant given as one word
+            self.variants = [self.variants]
+        if bad := sorted(set(self.variants) - set(VARIANTS)):
+            raise ValueError(f"variants: unknown {bad}; choose from {VARIANTS}")
         if not 1 <= self.warmup < self.steps:
             raise ValueError(f"need 1 <= warmup < steps, got {self.warmup}, {self.steps}")
 
@@ -143,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     (a,) = run_command(parse, [BenchArgs], argv, prog="python -m align.bench grpo")
     run(size=a.size, device=a.device, n_prompts=a.prompts, num_generations=a.num_generations,
         max_completion_length=a.max_completion_length, steps=a.steps, warmup=a.warmup, json_path=a.json,
-        compile=a.compile)
+        compile=a.compile, variants=a.variants)
     return 0
 
 
