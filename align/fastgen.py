@@ -47,8 +47,8 @@ def _compiled(model):
     """The model's forward through torch.compile (inductor fuses norms, RoPE and activations into fewer kernels),
     built once per model; our own CUDA graph still wraps it, so compile's cudagraphs stay off."""
     if "_align_compiled" not in model.__dict__:  # in __dict__, not as a submodule: state_dict stays the model's
-        # the class's forward, not ``model.forward``: trainers patch the latter (TRL's fused log-prob head), and
-        # their wrapper's hooks change between steps, which would recompile at every rollout
+        # the class's forward, not ``model.forward``: trainers patch the latter (TRL's fused log-prob head). Dynamo
+        # guards on the modules' hooks: a model from align.models.load keeps their number fixed (input_grads_once)
         forward = type(model).forward
         model.__dict__["_align_compiled"] = torch.compile(lambda *a, **kw: forward(model, *a, **kw), dynamic=False)
     return model.__dict__["_align_compiled"]

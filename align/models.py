@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import types
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +124,23 @@ def load(
                 raise MissingInput(f"{key}: hub model '{path}' is not in the local cache and HF_HUB_OFFLINE=1; "
                                    "download it once with network access (or unset HF_HUB_OFFLINE)") from e
             raise
+    input_grads_once(model)
     if device is not None:
         model.to(device).eval()
+    return model
+
+
+def input_grads_once(model: PreTrainedModel) -> PreTrainedModel:
+    """Make ``model.enable_input_require_grads`` replace its embedding hook instead of adding one more.
+
+    transformers 5.24 adds the hook anew at every ``activation_checkpointing_enable`` and removes it on disable only
+    for PEFT models. TRL's GRPO turns checkpointing off and on around every rollout, so the embedding gathers two
+    hooks a step, each run at every forward, and a compiled decode step (guarded on their number) recompiles."""
+    def enable_once(self) -> None:
+        self.disable_input_require_grads()
+        type(self).enable_input_require_grads(self)
+
+    model.enable_input_require_grads = types.MethodType(enable_once, model)  # a copy of the model rebinds it
     return model
 
 

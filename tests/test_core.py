@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from align import dpo, reward
 from align.config import configure
@@ -155,3 +156,20 @@ def test_lora_targets_that_match_nothing_list_the_linear_layers(tiny_lm_dir):
     with pytest.raises(ValueError, match=r"\['qq'\] match no module"):
         peft_config(ModelConfig(use_peft=True, lora_target_modules=["qq"]), model)
     assert peft_config(ModelConfig(use_peft=False), model) is None
+
+
+def test_checkpointing_toggled_each_rollout_keeps_one_embedding_hook(tiny_lm_dir):
+    # TRL's GRPO turns activation checkpointing off and on around every rollout; plain transformers 5.24 adds one
+    # more requires-grad hook to the embedding each time (a recompile of a compiled decode step, each step)
+    import copy
+
+    model = load(tiny_lm_dir)
+    for _ in range(3):
+        model.activation_checkpointing_enable()
+        model.activation_checkpointing_disable()
+    model.activation_checkpointing_enable()
+    emb = model.get_input_embeddings()
+    assert len(emb._forward_hooks) == 1 and emb(torch.tensor([[1, 2]])).requires_grad
+    twin = copy.deepcopy(model)
+    twin.activation_checkpointing_enable()
+    assert len(twin.get_input_embeddings()._forward_hooks) == 1 and len(emb._forward_hooks) == 1

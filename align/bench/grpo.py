@@ -26,6 +26,7 @@ from align.bench.model import SIZES, device_name, versions
 from align.bench.train import word_tokenizer
 from align.convert import to_llama
 from align.model import DecoderConfig, DecoderForCausalLM
+from align.models import input_grads_once
 
 VARIANTS = ("trl", "align", "align-nogc", "align-liger", "align-liger-nogc")
 
@@ -46,6 +47,7 @@ def run_one(variant: str, base, tok, prompts, device, n_prompts, num_generations
     model = DecoderForCausalLM(base.config) if ours else to_llama(base)
     if ours:
         model.load_state_dict(base.state_dict())
+        input_grads_once(model)  # as align.models.load does
         model.set_use_liger_kernel("liger" in variant)
         assert use_fast_generate(model, compile=compile)
     model.to(device)
