@@ -124,7 +124,8 @@ def load(
                 raise MissingInput(f"{key}: hub model '{path}' is not in the local cache and HF_HUB_OFFLINE=1; "
                                    "download it once with network access (or unset HF_HUB_OFFLINE)") from e
             raise
-    input_grads_once(model)
+    if isinstance(model, PreTrainedModel):  # not a PeftModel (merge_lora=False): its base is done already
+        input_grads_once(model)
     if device is not None:
         model.to(device).eval()
     return model
