@@ -277,14 +277,14 @@ class Backend:
 
         Checks come on a schedule, not by coin flip: each pair served adds the rate to a credit and a
         check is due at 1, so every annotator gets their share (at 25% a coin leaves one annotator in
-        thirty without a re-ask in twelve pairs). A check that cannot be served (no gold pair left, no
-        label old enough) stays due; the cap keeps the catch-up short."""
-        session.gold_due = min(session.gold_due + self.gold_rate, 2.0)
+        thirty without a re-ask in twelve pairs). A gold check with no gold pair left is spent (that
+        lasts); a re-ask with no label old enough yet stays due, and the cap keeps the catch-up short."""
+        session.gold_due += self.gold_rate
         session.reask_due = min(session.reask_due + self.reask_rate, 2.0)
         if session.gold_due >= 1:
+            session.gold_due -= 1
             gold = _store_call("Could not fetch the next pair", self.store.next_gold, session.user, self.rng)
             if gold is not None:
-                session.gold_due -= 1
                 return gold, None, None
         if session.reask_due >= 1:
             lab = _store_call("Could not fetch the next pair", self.store.next_reask, session.user,
