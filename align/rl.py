@@ -173,8 +173,9 @@ def prepare(args: RLArguments, model_args: Any, training_args: Any) -> RLSetup:
                              args.test_fraction)
     torch.manual_seed(training_args.seed)
     model = load(start, dtype=model_args.dtype)
-    # rollouts: static cache + CUDA-graph decode; not under ZeRO-3, which gathers the weights anew for each generate
-    if torch.cuda.is_available() and not model_args.use_peft and not is_deepspeed_zero3_enabled():
+    # rollouts: static cache + CUDA-graph decode, LoRA too (the trainer's PeftModel reaches this model's generate);
+    # not under ZeRO-3, which gathers the weights anew for each generate
+    if torch.cuda.is_available() and not is_deepspeed_zero3_enabled():
         from align.fastgen import use_fast_generate
 
         if use_fast_generate(model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -80,6 +81,34 @@ def test_fast_generate_greedy_equals_hf_generate(name, request):
     _fast_vs_hf(model)
 
 
+def _with_lora(model):
+    """``model`` with LoRA injected in place (random B, so the adapters change the tokens), as a trainer's
+    ``peft_config`` leaves the model inside its PeftModel; returns (inner model, PeftModel)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear",
+                                                  init_lora_weights=False, task_type="CAUSAL_LM"))
+    return peft_model.get_base_model(), peft_model
+
+
+@pytest.mark.parametrize("name", ["tiny_lm_dir", "tiny_llama_dir"])
+def test_fast_generate_drives_a_model_with_lora_inside(name, request):
+    # LoRA GRPO/PPO: TRL wraps the policy in a PeftModel after align routed its generate; the rollout reaches the
+    # model inside, whose Linear layers now carry adapters
+    from transformers import AutoModelForCausalLM
+
+    from align.fastgen import fast_generate, supports_fast_generate
+
+    inner, peft_model = _with_lora(AutoModelForCausalLM.from_pretrained(request.getfixturevalue(name)).eval())
+    assert supports_fast_generate(inner) and not supports_fast_generate(peft_model)
+    _fast_vs_hf(inner)
+    ids, mask = _left_padded(inner.config.vocab_size, 0, "cpu")
+    with peft_model.disable_adapter():
+        base = fast_generate(inner, ids, mask, max_new_tokens=12)
+    assert not torch.equal(fast_generate(inner, ids, mask, max_new_tokens=12), base)  # the adapters take part
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_fast_generate_cuda_graph_equals_hf_generate(tiny_lm_dir, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
@@ -89,6 +118,7 @@ def test_fast_generate_cuda_graph_equals_hf_generate(tiny_lm_dir, tiny_llama_dir
     for d in (tiny_lm_dir, tiny_llama_dir):
         model = AutoModelForCausalLM.from_pretrained(d).cuda().eval()  # fp32: no argmax flips from rounding
         _fast_vs_hf(model, "cuda", cuda_graph=True)
+        _fast_vs_hf(_with_lora(copy.deepcopy(model))[0], "cuda", cuda_graph=True)
         # bf16: HF's kernels may round differently (another SDPA backend for its masks), so the replayed graph
         # is checked against the same loop run eagerly, which launches the very same kernels
         model = model.to(torch.bfloat16)

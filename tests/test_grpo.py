@@ -65,7 +65,7 @@ def world_dataset(n=16):
     return prompt_dataset("world", n, 0)
 
 
-def grpo_trainer(tmp_path, reward_funcs, **kw):
+def grpo_trainer(tmp_path, reward_funcs, model=None, peft_config=None, **kw):
     from transformers import AutoModelForCausalLM
     from trl import GRPOTrainer
 
@@ -73,9 +73,10 @@ def grpo_trainer(tmp_path, reward_funcs, **kw):
     from align.reward_funcs import build_reward_funcs
 
     d = tiny_dirs()
-    return GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(d["policy"]),
+    return GRPOTrainer(model=model or AutoModelForCausalLM.from_pretrained(d["policy"]),
                        reward_funcs=build_reward_funcs(reward_funcs), args=grpo_config(tmp_path, **kw),
-                       train_dataset=world_dataset(64), processing_class=load_tokenizer(d["policy"]))
+                       train_dataset=world_dataset(64), processing_class=load_tokenizer(d["policy"]),
+                       peft_config=peft_config)
 
 
 # ----------------------------------------------------------------------------------------------- tests
@@ -119,6 +120,27 @@ def test_grpo_raises_mean_reward(tmp_path):
     assert "rewards/low_half/mean" in trainer.state.log_history[0]
     assert "frac_reward_zero_std" in trainer.state.log_history[0]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.05, rewards
+
+
+@pytest.mark.parametrize("gc", [False, True])
+def test_lora_rollouts_go_through_the_fast_loop(tmp_path, monkeypatch, gc):
+    # as align.rl.prepare routes them on CUDA: generate is routed before TRL wraps the policy in a PeftModel
+    from peft import LoraConfig
+
+    import align.fastgen as F
+    from align.models import load
+
+    calls = []
+    real = F.fast_generate
+    monkeypatch.setattr(F, "fast_generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    model = load(tiny_dirs()["policy"])
+    assert F.use_fast_generate(model)
+    trainer = grpo_trainer(tmp_path, [low_half], model=model, activation_checkpointing=gc,
+                           peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    trainer.train()
+    assert len(calls) == 2 and all(kw["do_sample"] and kw["max_new_tokens"] == 8 for kw in calls)  # one per step
+    lora = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert lora and any(p.abs().sum() > 0 for p in lora)  # the adapters trained
 
 
 def test_grpo_command_with_lora_rm_and_eval(tmp_path):
