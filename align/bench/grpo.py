@@ -2,7 +2,7 @@
 generation routed through align.fastgen (static KV cache + CUDA-graph decode), same model shape and prompts.
 
     python -m align.bench grpo --device cuda --size smollm2-135m --prompts 8 --num_generations 8 \
-        --max_completion_length 128 --steps 4 --warmup 1
+        --max_completion_length 128 --steps 4 --warmup 1 [--variants ...] [--lora true]
 
 Rows (``--variants``): ``trl`` = LlamaForCausalLM, GRPOConfig defaults but the batch shape above (sampling at
 T=1, bf16, gradient checkpointing); ``align`` = our decoder, the same config, ``model.generate`` through
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from align.bench.model import SIZES, device_name, versions
-from align.bench.train import word_tokenizer
+from align.bench.train import lora_config, word_tokenizer
 from align.convert import to_llama
 from align.model import DecoderConfig, DecoderForCausalLM
 from align.models import input_grads_once
@@ -36,7 +36,7 @@ def _reward(completions, **kw):  # cheap and deterministic: generation and the u
 
 
 def run_one(variant: str, base, tok, prompts, device, n_prompts, num_generations, max_completion_length, steps,
-            warmup, compile=False):
+            warmup, compile=False, lora=False):
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -85,7 +85,7 @@ def run_one(variant: str, base, tok, prompts, device, n_prompts, num_generations
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     trainer = GRPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=Dataset.from_list(prompts),
-                          processing_class=tok, callbacks=[Clock()])
+                          processing_class=tok, callbacks=[Clock()], peft_config=lora_config() if lora else None)
     trainer.train()
     step_s = (times[-1] - times[warmup - 1]) / (steps - warmup) if warmup else None
     out = {"completions_per_s": n_prompts * num_generations / step_s, "step_s": step_s,
@@ -96,7 +96,7 @@ def run_one(variant: str, base, tok, prompts, device, n_prompts, num_generations
 
 
 def run(size="small", device="cpu", n_prompts=2, num_generations=4, max_completion_length=16, prompt_len=32,
-        steps=3, warmup=1, seed=0, json_path=None, compile=False, variants=("trl", "align")) -> list[dict]:
+        steps=3, warmup=1, seed=0, json_path=None, compile=False, variants=("trl", "align"), lora=False) -> list[dict]:
     import random
 
     device = torch.device(device)
@@ -111,11 +111,11 @@ def run(size="small", device="cpu", n_prompts=2, num_generations=4, max_completi
     rows = []
     for v in variants:
         r = run_one(v, base, tok, prompts, device, n_prompts, num_generations, max_completion_length, steps, warmup,
-                    compile=compile and v != "trl")
+                    compile=compile and v != "trl", lora=lora)
         r.update(bench="grpo", variant=v, size=size, params=sum(p.numel() for p in base.parameters()),
                  device=device_name(device), prompts=n_prompts, num_generations=num_generations,
                  max_completion_length=max_completion_length, steps=steps, warmup=warmup, versions=versions(),
-                 compile=compile and v != "trl")
+                 compile=compile and v != "trl", lora=lora)
         rows.append(r)
         print(f"grpo {v}: {r['completions_per_s']:.1f} completions/s", flush=True)
     ref = next((r for r in rows if r["variant"] == "trl"), rows[0])["completions_per_s"]
@@ -130,7 +130,8 @@ def run(size="small", device="cpu", n_prompts=2, num_generations=4, max_completi
 
 def format_table(rows: list[dict]) -> str:
     r = rows[0]
-    out = [f"grpo: {r['size']} ({r['params'] / 1e6:.1f}M params), {r['device']}, {r['prompts']} prompts x "
+    lora = " (LoRA r16, all linear)" if r["lora"] else ""
+    out = [f"grpo{lora}: {r['size']} ({r['params'] / 1e6:.1f}M params), {r['device']}, {r['prompts']} prompts x "
            f"{r['num_generations']} generations x {r['max_completion_length']} tokens per step, "
            f"{r['steps'] - r['warmup']} timed steps after {r['warmup']}; {r['versions']}", "",
            "| variant | completions/s | vs TRL defaults | s/step | gen s/step | peak GiB |",
@@ -156,6 +157,7 @@ class BenchArgs:
     compile: bool = field(default=False, metadata={"help": "align's decode step through torch.compile"})
     variants: list[str] = field(default_factory=lambda: ["trl", "align"], metadata={
         "help": f"any of {VARIANTS}: -nogc without activation checkpointing, -liger with the fused kernels (CUDA)"})
+    lora: bool = field(default=False, metadata={"help": "LoRA r16 on all linear layers, for every variant"})
     json: str | None = None
 
     def __post_init__(self):
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     (a,) = run_command(parse, [BenchArgs], argv, prog="python -m align.bench grpo")
     run(size=a.size, device=a.device, n_prompts=a.prompts, num_generations=a.num_generations,
         max_completion_length=a.max_completion_length, steps=a.steps, warmup=a.warmup, json_path=a.json,
-        compile=a.compile, variants=a.variants)
+        compile=a.compile, variants=a.variants, lora=a.lora)
     return 0
 
 

@@ -101,7 +101,7 @@ class _Timer:
         return CB()
 
 
-def _lora():
+def lora_config():
     from peft import LoraConfig
 
     return LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -139,7 +139,7 @@ def run_one(kind: str, variant: str, base: DecoderForCausalLM, tok, rows, device
 
         args = SFTConfig(**common, packing=ours)
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                             peft_config=_lora() if lora else None)
+                             peft_config=lora_config() if lora else None)
         if ours:  # as align.sft does under SDPA: packed rows that cannot see each other
             trainer.data_collator = PackedRowsCollator(pad_token_id=tok.pad_token_id)
     else:
@@ -164,7 +164,7 @@ def run_one(kind: str, variant: str, base: DecoderForCausalLM, tok, rows, device
         DPOTrainer._precompute_ref_logps = timed
         try:
             trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tok,
-                                 peft_config=_lora() if lora else None)
+                                 peft_config=lora_config() if lora else None)
         finally:
             DPOTrainer._precompute_ref_logps = orig
     timer = _Timer(trainer.data_collator, tok.pad_token_id, warmup, device)
