@@ -68,30 +68,23 @@ def label_distribution(labels: Sequence[Any]):
     return fig
 
 
-def position_bias(labels: Sequence[Any]):
-    """Share of decisive labels that picked the response shown on the left, per annotator."""
+def position_bias(quality: Sequence[dict]):
+    """Per annotator, the share of decisive judgements (labels and re-asks) that picked the response shown on the
+    left: the quality table's ``left share`` (``Store.annotator_quality``), drawn."""
     plt = _plt()
-    rows = position_bias_rows(labels)
+    rows = [q for q in quality if q["left_share"] is not None]
     if not rows:
         return _empty(plt, "Position bias")
     fig, ax = plt.subplots(figsize=(5, 3))
-    names = [r["annotator"] for r in rows]
-    vals = [r["left_share"] for r in rows]
-    bars = ax.barh(names, vals, color=[COLORS[0] if abs(v - 0.5) < 0.15 else COLORS[3] for v in vals])
-    ax.bar_label(bars, labels=[f"{v:.0%} of {r['n']}" for v, r in zip(vals, rows)], fontsize=8)
+    vals = [q["left_share"] for q in rows]
+    bars = ax.barh([q["name"] for q in rows], vals,
+                   color=[COLORS[0] if abs(v - 0.5) < 0.15 else COLORS[3] for v in vals])
+    ax.bar_label(bars, labels=[f"{v:.0%} of {q['sided_n']}" for v, q in zip(vals, rows)], fontsize=8)
     ax.axvline(0.5, color="#999", ls="--", lw=1)
     ax.set_xlim(0, 1.15)
     ax.set_title("Position bias: picked the LEFT response")
     fig.tight_layout()
     return fig
-
-
-def position_bias_rows(labels: Sequence[Any]) -> list[dict]:
-    by: dict[str, list[int]] = defaultdict(list)
-    for lab in labels:
-        if lab.choice in ("a", "b") and lab.left in ("a", "b"):
-            by[lab.annotator].append(int(lab.choice == lab.left))
-    return [{"annotator": k, "n": len(v), "left_share": sum(v) / len(v)} for k, v in sorted(by.items())]
 
 
 def seconds_per_label(labels: Sequence[Any]):

@@ -234,7 +234,7 @@ def dashboard(backend: Backend, session: Session) -> Dashboard:
     d = backend.dashboard(session)
     labels, stats = d["labels"], d["stats"]
     figs = {"time": D.labels_over_time(labels), "dist": D.label_distribution(labels),
-            "bias": D.position_bias(labels), "secs": D.seconds_per_label(labels)}
+            "bias": D.position_bias(d["quality"]), "secs": D.seconds_per_label(labels)}
     return Dashboard(D.summary_markdown(stats, labels), figs, D.agreement_table(stats, labels) or None,
                      people_rows(d["people"]), quality_rows(d["quality"]),
                      [[b["kind"], b["key"], b["failures"], b["wait_s"]] for b in d["blocked"]] or None)

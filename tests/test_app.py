@@ -289,9 +289,16 @@ def test_dashboard_plots(db):
         for choice in ("A", "B", "tie", "A"):
             v, _ = b.submit(s, choice, v.request_id)
     labels = store.labels()
-    for fig in (D.labels_over_time(labels), D.label_distribution(labels), D.position_bias(labels),
+    first = store.labels(annotator="alice")[0]  # decisive ("A"), its side known: re-asked with the sides swapped
+    store.submit_reask(first.id, "a", left="b" if first.left == "a" else "a")
+    quality = store.annotator_quality()
+    for fig in (D.labels_over_time(labels), D.label_distribution(labels), D.position_bias(quality),
                 D.seconds_per_label(labels), D.labels_over_time([])):
         assert fig.axes
+    ax = D.position_bias(quality).axes[0]
+    bars = {t.get_text(): p.get_width() for t, p in zip(ax.get_yticklabels(), ax.patches)}
+    assert bars == {q["name"]: q["left_share"] for q in quality if q["left_share"] is not None}  # the table's
+    assert [t.get_text().split(" of ")[1] for t in ax.texts] == ["4", "3"]  # alice's re-ask counts, as in the table
     rows = D.agreement_table(store.stats(), labels)
     assert rows and rows[0][:3] == ["alice", "bob", 4]
     assert D.agreement_rows(labels)[0][:3] == ["alice", "bob", 4]

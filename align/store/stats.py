@@ -184,7 +184,7 @@ def annotator_quality(store, *, idle_gap: float = 300.0) -> list[dict]:
             "gold_n": len(g), "gold_accuracy": _num(sum(g) / len(g)) if g else None,
             "reasks_n": len(rs), "self_consistency": _num(sum(rs) / len(rs)) if rs else None,
             "agreement_n": len(agree), "agreement": _num(sum(agree) / len(agree)) if agree else None,
-            "left_share": _num(sum(c == s for c, s in sided) / len(sided)) if sided else None,
+            "left_share": _num(sum(c == s for c, s in sided) / len(sided)) if sided else None, "sided_n": len(sided),
             "estimated_accuracy": _num(ds.accuracy[p.name]) if p.name in ds.accuracy else None,
         })
     return out
