@@ -75,15 +75,15 @@ def test_grpo_bench_routes_align_generation_through_the_fast_loop(monkeypatch):
     calls = []
     real = F.fast_generate
     monkeypatch.setattr(F, "fast_generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-    rows = __import__("align.bench.grpo", fromlist=["run"]).run(size="small", n_prompts=2, num_generations=2,
-                                                               max_completion_length=6, steps=2, warmup=1,
-                                                               variants=("trl", "align", "align-nogc"))
+    from align.bench import grpo
+
+    rows = grpo.run(size="small", n_prompts=2, num_generations=2, max_completion_length=6, steps=2, warmup=1,
+                    variants=("trl", "align", "align-nogc"))
     assert [r["variant"] for r in rows] == ["trl", "align", "align-nogc"]
     assert all(0 < r["gen_s"] < r["step_s"] and r["completions_per_s"] > 0 for r in rows)
     assert len(calls) == 4 and all(kw["do_sample"] and kw["max_new_tokens"] == 6 for kw in calls)  # one per step
-    rows = __import__("align.bench.grpo", fromlist=["run"]).run(size="small", n_prompts=2, num_generations=2,
-                                                               max_completion_length=6, steps=2, warmup=1,
-                                                               variants=("align",), lora=True)
+    rows = grpo.run(size="small", n_prompts=2, num_generations=2, max_completion_length=6, steps=2, warmup=1,
+                    variants=("align",), lora=True)
     assert rows[0]["lora"] and len(calls) == 6  # LoRA's rollouts take the fast loop too
 
 

@@ -110,12 +110,13 @@ def run(size="small", device="cpu", n_prompts=2, num_generations=4, max_completi
     prompts = [{"prompt": words(rng.randint(8, prompt_len))} for _ in range(n_prompts * steps)]
     rows = []
     for v in variants:
+        compiled = compile and v != "trl"
         r = run_one(v, base, tok, prompts, device, n_prompts, num_generations, max_completion_length, steps, warmup,
-                    compile=compile and v != "trl", lora=lora)
+                    compile=compiled, lora=lora)
         r.update(bench="grpo", variant=v, size=size, params=sum(p.numel() for p in base.parameters()),
                  device=device_name(device), prompts=n_prompts, num_generations=num_generations,
                  max_completion_length=max_completion_length, steps=steps, warmup=warmup, versions=versions(),
-                 compile=compile and v != "trl", lora=lora)
+                 compile=compiled, lora=lora)
         rows.append(r)
         print(f"grpo {v}: {r['completions_per_s']:.1f} completions/s", flush=True)
     ref = next((r for r in rows if r["variant"] == "trl"), rows[0])["completions_per_s"]
