@@ -130,11 +130,18 @@ def fast_generate(
     step_mask = keys[:, None, None, :].clone()  # (B, 1, 1, L)
     step_logits = None
 
-    forward = _compiled(model) if compile else model
+    forward, amp = model, None
+    if compile:
+        forward = _compiled(model)
+        # a trainer's autocast lives in model.forward (accelerate wraps it), which the compiled class forward
+        # skips: run the step in the dtype the prefill wrote the cache in
+        kv_dtype = cache.layers[0].values.dtype
+        amp = kv_dtype if kv_dtype != model.dtype else None
 
     def step():
-        return forward(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos, cache=cache,
-                     use_cache=True, logits_to_keep=1).logits[:, -1]
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None, cache_enabled=False):
+            return forward(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos, cache=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1]
 
     out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)

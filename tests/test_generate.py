@@ -109,6 +109,22 @@ def test_fast_generate_drives_a_model_with_lora_inside(name, request):
     assert not torch.equal(fast_generate(inner, ids, mask, max_new_tokens=12), base)  # the adapters take part
 
 
+def test_compiled_step_runs_under_the_trainers_autocast(tiny_llama_dir):
+    # a trainer's fp32 model under bf16 autocast: accelerate wraps model.forward in autocast, the compiled step
+    # calls the class forward; without the same autocast it met a bf16 cache with fp32 queries and failed
+    import types
+
+    from transformers import AutoModelForCausalLM
+
+    from align.fastgen import fast_generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    model.forward = types.MethodType(torch.autocast("cpu", dtype=torch.bfloat16)(type(model).forward), model)
+    ids, mask = _left_padded(model.config.vocab_size, 0, "cpu")
+    eager = fast_generate(model, ids, mask, max_new_tokens=8)
+    assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=8, compile=True), eager)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_fast_generate_cuda_graph_equals_hf_generate(tiny_lm_dir, tiny_llama_dir):
     from transformers import AutoModelForCausalLM

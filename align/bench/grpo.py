@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from align.bench.model import SIZES, device_name, versions
+from align.bench.model import SIZES, device_name, reset_peak, versions
 from align.bench.train import lora_config, word_tokenizer
 from align.convert import to_llama
 from align.model import DecoderConfig, DecoderForCausalLM
@@ -81,9 +81,7 @@ def run_one(variant: str, base, tok, prompts, device, n_prompts, num_generations
 
     model.generate = timed_generate
 
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak(device)
     trainer = GRPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=Dataset.from_list(prompts),
                           processing_class=tok, callbacks=[Clock()], peft_config=lora_config() if lora else None)
     trainer.train()

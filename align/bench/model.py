@@ -14,6 +14,7 @@ Both models are warmed up untimed, then runs alternate (ours, HF, HF, ours, ...)
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import platform
 import time
@@ -68,6 +69,15 @@ def device_name(device: torch.device | str) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine()
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a peak-memory count from what is live now. A trainer holds reference cycles, so the model of the run
+    before outlives its ``del`` until the collector runs: collect first, or that model counts in this run's peak."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def versions() -> str:

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from align.bench.model import SIZES, device_name, peak_flops, train_flops_per_token, versions
+from align.bench.model import SIZES, device_name, peak_flops, reset_peak, train_flops_per_token, versions
 from align.convert import to_llama
 from align.model import DecoderConfig, DecoderForCausalLM
 
@@ -127,11 +127,9 @@ def run_one(kind: str, variant: str, base: DecoderForCausalLM, tok, rows, device
         common["use_liger_kernel"] = True
     if variant == "align-nogc":
         common["gradient_checkpointing"] = False
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak(device)
     data = Dataset.from_list(rows)
-    pre_s = 0.0
+    pre_s, pre_peak = 0.0, None
     if kind == "sft":
         from trl import SFTConfig, SFTTrainer
 
@@ -153,11 +151,12 @@ def run_one(kind: str, variant: str, base: DecoderForCausalLM, tok, rows, device
         orig = DPOTrainer._precompute_ref_logps
 
         def timed(self, *a, **kw):  # the reference pre-pass runs inside __init__: time it for the pro-rata charge
-            nonlocal pre_s
+            nonlocal pre_s, pre_peak
             t = time.perf_counter()
             out = orig(self, *a, **kw)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+                pre_peak = torch.cuda.max_memory_allocated(device) / 2**30  # the pre-pass's share of the peak
             pre_s += time.perf_counter() - t
             return out
 
@@ -176,7 +175,7 @@ def run_one(kind: str, variant: str, base: DecoderForCausalLM, tok, rows, device
     if pre_s:  # the pre-pass covered the whole dataset; charge the timed steps' share
         seconds += pre_s * (steps - warmup) / max(len(trainer.train_dataset) / batch, 1)
     out = {"tokens_per_s": tokens / seconds, "step_s": seconds / (steps - warmup), "loss": result.training_loss,
-           "tokens_per_step": tokens / (steps - warmup), "pre_pass_s": pre_s,
+           "tokens_per_step": tokens / (steps - warmup), "pre_pass_s": pre_s, "pre_pass_peak_gib": pre_peak,
            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     del trainer, model
     return out
