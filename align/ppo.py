@@ -23,7 +23,7 @@ from align import reward_funcs as R
 from align.config import parse, run_command
 from align.models import load, load_tokenizer, peft_config
 from align.ppo_trainer import PPOConfig, PPOTrainer
-from align.rl import RLArguments, evaluator, log_run, prepare
+from align.rl import RLArguments, cudnn_attention_guard, evaluator, log_run, prepare
 from align.runs import MetricsCallback, setup_logging
 from align.stage import StageResult, run_stage
 
@@ -61,6 +61,7 @@ def load_value_model(path: str | None, tokenizer: PreTrainedTokenizerBase, dtype
 def train(args: PPOArguments, model_args: ModelConfig, training_args: PPOConfig) -> StageResult:
     run = prepare(args, model_args, training_args)
     value_model = load_value_model(args.value_model_path, run.tokenizer, model_args.dtype)
+    cudnn_attention_guard(value_model)  # trained too
 
     def make_trainer() -> PPOTrainer:
         out = Path(training_args.output_dir)

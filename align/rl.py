@@ -26,7 +26,8 @@ from align.data.prompts import as_messages, prompt_hash, split_of
 from align.distributed import zero3_init_disabled
 from align.evaluate import evaluate_policy, reply_figures
 from align.generate import read_prompts
-from align.models import check_exists, load, load_tokenizer
+from align.model import DecoderPreTrainedModel
+from align.models import check_exists, load, load_tokenizer, use_liger_kernel
 from align.runs import plot_metrics
 from align.stage import StageResult, log_figures
 
@@ -152,18 +153,22 @@ class RLSetup:
     dataset: Dataset
 
 
+def cudnn_attention_guard(model: torch.nn.Module | None) -> None:
+    """Left-padded prompts give query rows that see no key; cuDNN's SDPA backward returns NaN for them (bf16,
+    T % 128 == 64: https://github.com/pytorch/pytorch/issues/196678, seen with HF Llama on an H200). The align
+    decoder avoids such rows itself; a run that trains any other model gets the other SDPA kernels."""
+    if (model is not None and not isinstance(model, DecoderPreTrainedModel) and torch.cuda.is_available()
+            and torch.backends.cuda.cudnn_sdp_enabled()):
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        logger.info("cuDNN attention off (pytorch#196678): flash/memory-efficient SDPA instead")
+
+
 def prepare(args: RLArguments, model_args: Any, training_args: Any) -> RLSetup:
     """Check the inputs (in the order a user makes them), then load the start policy, rewards and prompts."""
     start = check_exists(model_args.model_name_or_path)
     if "rm" in args.reward_funcs or args.reward_model_path:
         R.reward_model_dirs(args.reward_model_path)
     R.validate_weights(args.reward_funcs, training_args.reward_weights)
-    if torch.cuda.is_available() and torch.backends.cuda.cudnn_sdp_enabled():
-        # Left-padded prompts give query rows that see no key; cuDNN's SDPA backward returns NaN for them
-        # (bf16, T % 128 == 64: https://github.com/pytorch/pytorch/issues/196678, seen with HF Llama on an H200).
-        # The align decoder avoids such rows itself; other models need the other SDPA kernels.
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        logger.info("cuDNN attention off (pytorch#196678): flash/memory-efficient SDPA instead")
     tokenizer = load_tokenizer(args.tokenizer_name_or_path or start)
     with zero3_init_disabled():  # a reward model is a plain callable: whole on every process, even under ZeRO-3
         reward_funcs = R.build_reward_funcs(args.reward_funcs, args.reward_model_path,
@@ -173,6 +178,8 @@ def prepare(args: RLArguments, model_args: Any, training_args: Any) -> RLSetup:
                              args.test_fraction)
     torch.manual_seed(training_args.seed)
     model = load(start, dtype=model_args.dtype)
+    use_liger_kernel(model, training_args.use_liger_kernel)  # align's decoder; TRL/transformers patch HF models
+    cudnn_attention_guard(model)
     # rollouts: static cache + CUDA-graph decode, LoRA too (the trainer's PeftModel reaches this model's generate);
     # not under ZeRO-3, which gathers the weights anew for each generate
     if torch.cuda.is_available() and not is_deepspeed_zero3_enabled():

@@ -193,6 +193,21 @@ def test_grpo_command_without_rm_on_fresh_words(tmp_path):
     assert words & set(fresh_words(100))
 
 
+def test_use_liger_kernel_reaches_the_decoder_of_an_rl_run():
+    # --use_liger_kernel true (a GPU with liger-kernel) gives GRPO/PPO the decoder's fused path, as align.sft does
+    from types import SimpleNamespace
+
+    from align.rl import RLArguments, prepare
+
+    d = tiny_dirs()
+    for on in (False, True):
+        args = SimpleNamespace(use_liger_kernel=on, reward_weights=None, seed=0)  # the GRPOConfig fields it reads
+        setup = prepare(RLArguments(num_prompts=4), SimpleNamespace(model_name_or_path=d["policy"], dtype="float32"),
+                        args)
+        norms = [m.liger for m in setup.model.modules() if hasattr(m, "liger")]
+        assert setup.model.config.use_liger_kernel is on and norms and all(x is on for x in norms)
+
+
 def test_grpo_on_a_preference_file_holds_out_prompts_and_scores_them_by_the_rm(tmp_path):
     from align.data.prompts import prompt_hash, split_of
     from align.grpo import main
