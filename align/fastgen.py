@@ -18,6 +18,7 @@ Measured (docs/benchmarks.md, 100M, bf16, H200): 4.8x HF generate at batch 1 and
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -138,8 +139,8 @@ def fast_generate(
         kv_dtype = cache.layers[0].values.dtype
         amp = kv_dtype if kv_dtype != model.dtype else None
 
-    def step():
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None, cache_enabled=False):
+    def step():  # no autocast context of our own otherwise: one with enabled=False would end the caller's
+        with torch.autocast(device.type, dtype=amp, cache_enabled=False) if amp else contextlib.nullcontext():
             return forward(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos, cache=cache,
                            use_cache=True, logits_to_keep=1).logits[:, -1]
 

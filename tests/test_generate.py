@@ -123,6 +123,10 @@ def test_compiled_step_runs_under_the_trainers_autocast(tiny_llama_dir):
     ids, mask = _left_padded(model.config.vocab_size, 0, "cpu")
     eager = fast_generate(model, ids, mask, max_new_tokens=8)
     assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=8, compile=True), eager)
+    # the caller's own autocast (align.ppo generates under it) holds through every decode step
+    model.forward = types.MethodType(type(model).forward, model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=8), eager)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
