@@ -91,6 +91,11 @@ class RLArguments:
     )
     eval_max_new_tokens: int = field(default=32, metadata={"help": "Generation length in the evaluation."})
     eval_before: bool = field(default=True, metadata={"help": "Also evaluate the start model (eval.json 'before')."})
+    compile_rollouts: bool = field(
+        default=False,
+        metadata={"help": "On CUDA, also run the rollouts' decode step through torch.compile: tens of seconds per new "
+                          "batch shape, then 20-40% less time generating (docs/benchmarks.md, GRPO)."},
+    )
 
     def __post_init__(self):
         for name in ("num_prompts", "world_fresh_words", "eval_num_prompts", "eval_kl_prompts", "length_target",
@@ -185,8 +190,9 @@ def prepare(args: RLArguments, model_args: Any, training_args: Any) -> RLSetup:
     if torch.cuda.is_available() and not is_deepspeed_zero3_enabled():
         from align.fastgen import use_fast_generate
 
-        if use_fast_generate(model):
-            logger.info("rollouts through align.fastgen (static KV cache, CUDA-graph decode)")
+        if use_fast_generate(model, compile=args.compile_rollouts):
+            logger.info("rollouts through align.fastgen (static KV cache, CUDA-graph decode%s)",
+                        ", compiled" if args.compile_rollouts else "")
     return RLSetup(start, tokenizer, model, reward_funcs, dataset)
 
 

@@ -208,6 +208,24 @@ def test_use_liger_kernel_reaches_the_decoder_of_an_rl_run():
         assert setup.model.config.use_liger_kernel is on and norms and all(x is on for x in norms)
 
 
+def test_rollouts_route_through_fastgen_on_cuda(monkeypatch):
+    # prepare routes the policy's generate on CUDA, compiled where asked (--compile_rollouts true)
+    from types import SimpleNamespace
+
+    import align.fastgen as F
+    from align.rl import RLArguments, prepare
+
+    routed = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(F, "use_fast_generate", lambda model, compile=False: routed.append(compile) or True)
+    d = tiny_dirs()
+    for on in (False, True):
+        prepare(RLArguments(num_prompts=4, compile_rollouts=on),
+                SimpleNamespace(model_name_or_path=d["policy"], dtype="float32"),
+                SimpleNamespace(use_liger_kernel=False, reward_weights=None, seed=0))
+    assert routed == [False, True]
+
+
 def test_grpo_on_a_preference_file_holds_out_prompts_and_scores_them_by_the_rm(tmp_path):
     from align.data.prompts import prompt_hash, split_of
     from align.grpo import main
