@@ -233,8 +233,9 @@ def train(
         logger.warning("rows over max_length=%s: 'cut' lose their reply's end (TRL keeps the start), 'no_reply' "
                        "(the prompt fills max_length) are dropped: %s", targs.max_length, data["over_max_length"])
     torch.manual_seed(seed)
-    model = load(start, dtype=model_args.dtype)
-    ref_model = load(args.ref_model_name_or_path, dtype=model_args.dtype) if args.ref_model_name_or_path else None
+    model = load(start, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation)
+    ref_model = load(args.ref_model_name_or_path, dtype=model_args.dtype,
+                     attn_implementation=model_args.attn_implementation) if args.ref_model_name_or_path else None
     if ref_model is not None and model_args.use_peft:
         logger.warning("ref_model_name_or_path with use_peft: the explicit reference is used, not the base weights")
 

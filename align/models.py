@@ -34,6 +34,7 @@ from transformers import (
 )
 
 import align.model  # noqa: F401  (registers the Auto classes for our decoder)
+from align.model import flash
 
 logger = logging.getLogger("align.models")
 
@@ -96,11 +97,13 @@ def load(
     device: str | torch.device | None = None,
     merge_lora: bool = True,
     key: str = "model_name_or_path",
+    attn_implementation: str | None = None,
     **config_kwargs: Any,
 ) -> PreTrainedModel:
     """A model from a hub id, a local HF dir, a PEFT adapter dir (its base from adapter_config.json) or a
     ``.gguf`` file. ``config_kwargs`` go to the config (e.g. ``pad_token_id``); a reward/value head has one
-    output. With ``device`` the model is moved there and put in eval mode."""
+    output. With ``device`` the model is moved there and put in eval mode. ``attn_implementation``: see
+    ``use_attention``."""
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     path = check_exists(path_or_id, key)
@@ -126,6 +129,7 @@ def load(
             raise
     if isinstance(model, PreTrainedModel):  # not a PeftModel (merge_lora=False): its base is done already
         input_grads_once(model)
+        use_attention(model, attn_implementation)
     if device is not None:
         model.to(device).eval()
     return model
@@ -143,6 +147,15 @@ def input_grads_once(model: PreTrainedModel) -> PreTrainedModel:
 
     model.enable_input_require_grads = types.MethodType(enable_once, model)  # a copy of the model rebinds it
     return model
+
+
+def use_attention(model: PreTrainedModel, attn_implementation: str | None) -> None:
+    """TRL's ``--attn_implementation`` (``sdpa``, ``eager``, ``flash_attention_2``, ``align_fa4``, ...). None:
+    ``align_fa4`` where flash-attn-4 is installed (FlashAttention-4 where its kernels apply, SDPA elsewhere;
+    align/model/flash.py), else the model's own default. The choice is not saved: a final/ loads anywhere."""
+    name = attn_implementation or flash.DEFAULT
+    if name and model.config._attn_implementation != name:
+        model.set_attn_implementation(name)
 
 
 def use_liger_kernel(model: torch.nn.Module, on: bool) -> None:

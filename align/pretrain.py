@@ -22,7 +22,7 @@ from align.config import parse, run_command
 from align.data.world import World
 from align.distributed import save_final
 from align.model import DecoderConfig, DecoderForCausalLM
-from align.models import load, load_tokenizer, use_liger_kernel
+from align.models import load, load_tokenizer, use_attention, use_liger_kernel
 from align.runs import MetricsCallback, resume_checkpoint, setup_logging, write_config, write_json
 
 logger = logging.getLogger("align.pretrain")
@@ -87,7 +87,8 @@ def load_corpus(args: PretrainArguments) -> list[str]:
 
 def build_model(args: PretrainArguments, model_args: ModelConfig, tokenizer) -> torch.nn.Module:
     if model_args.model_name_or_path:
-        return load(model_args.model_name_or_path, dtype=model_args.dtype)
+        return load(model_args.model_name_or_path, dtype=model_args.dtype,
+                    attn_implementation=model_args.attn_implementation)
     cfg = dict(args.model_config or {})
     cfg.setdefault("max_position_embeddings", args.block_size)
     config = DecoderConfig(
@@ -97,7 +98,9 @@ def build_model(args: PretrainArguments, model_args: ModelConfig, tokenizer) -> 
         pad_token_id=tokenizer.pad_token_id,
         **cfg,
     )
-    return DecoderForCausalLM(config)
+    model = DecoderForCausalLM(config)
+    use_attention(model, model_args.attn_implementation)
+    return model
 
 
 class _Blocks(torch.utils.data.Dataset):

@@ -223,7 +223,8 @@ def train(args: RewardArguments, model_args: ModelConfig, training_args: RewardC
 
     torch.manual_seed(training_args.seed)
     head = head_kwargs(start, tokenizer, args.score_loglik)
-    model = load(start, "reward", dtype=model_args.dtype or "float32", **head)
+    model = load(start, "reward", dtype=model_args.dtype or "float32",
+                 attn_implementation=model_args.attn_implementation, **head)
     peft_config = lora_config(model_args, model) if model_args.use_peft else None
     columns = ["chosen_ids", "rejected_ids"] + (["margin"] if args.margin != "none" else [])  # pre-tokenized
     columns += [c for c in SOFT_COLUMNS if all(c in p for p in train_pairs + test_pairs)]  # soft labels

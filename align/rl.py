@@ -182,7 +182,7 @@ def prepare(args: RLArguments, model_args: Any, training_args: Any) -> RLSetup:
     dataset = prompt_dataset(args.dataset_name, args.num_prompts, args.world_seed, args.world_fresh_words,
                              args.test_fraction)
     torch.manual_seed(training_args.seed)
-    model = load(start, dtype=model_args.dtype)
+    model = load(start, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation)
     use_liger_kernel(model, training_args.use_liger_kernel)  # align's decoder; TRL/transformers patch HF models
     cudnn_attention_guard(model)
     # rollouts: static cache + CUDA-graph decode, LoRA too (the trainer's PeftModel reaches this model's generate);

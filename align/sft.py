@@ -101,7 +101,7 @@ def train(args: SFTArguments, model_args: ModelConfig, training_args: SFTConfig)
     tokenizer = load_tokenizer(args.tokenizer_name_or_path or start)
     dataset = load_dataset(args)
     torch.manual_seed(training_args.seed)
-    model = load(start, dtype=model_args.dtype)
+    model = load(start, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation)
     use_liger_kernel(model, training_args.use_liger_kernel)
     truncated = count_truncated(dataset, tokenizer, training_args.max_length)
     if truncated:

@@ -197,13 +197,14 @@ def test_use_liger_kernel_reaches_the_decoder_of_an_rl_run():
     # --use_liger_kernel true (a GPU with liger-kernel) gives GRPO/PPO the decoder's fused path, as align.sft does
     from types import SimpleNamespace
 
+    from trl import ModelConfig
+
     from align.rl import RLArguments, prepare
 
     d = tiny_dirs()
     for on in (False, True):
         args = SimpleNamespace(use_liger_kernel=on, reward_weights=None, seed=0)  # the GRPOConfig fields it reads
-        setup = prepare(RLArguments(num_prompts=4), SimpleNamespace(model_name_or_path=d["policy"], dtype="float32"),
-                        args)
+        setup = prepare(RLArguments(num_prompts=4), ModelConfig(model_name_or_path=d["policy"], dtype="float32"), args)
         norms = [m.liger for m in setup.model.modules() if hasattr(m, "liger")]
         assert setup.model.config.use_liger_kernel is on and norms and all(x is on for x in norms)
 
@@ -211,6 +212,8 @@ def test_use_liger_kernel_reaches_the_decoder_of_an_rl_run():
 def test_rollouts_route_through_fastgen_on_cuda(monkeypatch):
     # prepare routes the policy's generate on CUDA, compiled where asked (--compile_rollouts true)
     from types import SimpleNamespace
+
+    from trl import ModelConfig
 
     import align.fastgen as F
     from align.rl import RLArguments, prepare
@@ -221,7 +224,7 @@ def test_rollouts_route_through_fastgen_on_cuda(monkeypatch):
     d = tiny_dirs()
     for on in (False, True):
         prepare(RLArguments(num_prompts=4, compile_rollouts=on),
-                SimpleNamespace(model_name_or_path=d["policy"], dtype="float32"),
+                ModelConfig(model_name_or_path=d["policy"], dtype="float32"),
                 SimpleNamespace(use_liger_kernel=False, reward_weights=None, seed=0))
     assert routed == [False, True]
 

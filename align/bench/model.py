@@ -8,7 +8,8 @@ Generation: new tokens/s of greedy `generate` with the KV cache, a batch of prom
 Both models are warmed up untimed, then runs alternate (ours, HF, HF, ours, ...) and the best of
 `--repeats` is reported, so start-up costs and background load hit both alike. The ratio column is ours / HF
 (> 1 = ours faster). On CUDA, train MFU = tokens/s x fwd+bwd FLOPs per token / the device's bf16 peak (by name);
-``--compile`` runs both models' training steps through torch.compile.
+``--compile`` runs both models' training steps through torch.compile. Ours takes align's default attention (align_fa4
+where flash-attn-4 is installed, else SDPA), the reference transformers' default (SDPA) unless told otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from align.convert import to_llama
 from align.model import DecoderConfig, DecoderForCausalLM
+from align.models import use_attention
 
 SIZES = {  # few-M parameter configs that run in about a minute on 2 CPU cores
     "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -151,12 +153,15 @@ def generate_tokens_per_s(model, prompts: torch.Tensor, new_tokens: int) -> tupl
 
 
 def run(size="small", device="cpu", dtype="fp32", steps=4, batch=8, seq=128, gen_batch=8, prompt_len=32,
-        new_tokens=64, repeats=3, seed=0, compile=False, liger=False) -> dict:
+        new_tokens=64, repeats=3, seed=0, compile=False, liger=False, attn_implementation=None,
+        hf_attn_implementation="sdpa") -> dict:
     device = torch.device(device)
     torch.manual_seed(seed)
     config = DecoderConfig(**SIZES[size], max_position_embeddings=max(seq, prompt_len + new_tokens), eos_token_id=None)
     ours = DecoderForCausalLM(config)
     hf = to_llama(ours)
+    use_attention(ours, attn_implementation)
+    use_attention(hf, hf_attn_implementation)
     models = {"ours": ours, "hf": hf}
     if liger:  # the same weights with Liger's fused kernels and q/k/v, gate/up in one matmul (CUDA only)
         models["liger"] = copy.deepcopy(ours)
@@ -186,6 +191,7 @@ def run(size="small", device="cpu", dtype="fp32", steps=4, batch=8, seq=128, gen
         "threads": torch.get_num_threads(),
         "train_shape": (batch, seq), "steps": steps, "repeats": repeats,
         "gen_shape": (gen_batch, prompt_len, new_tokens), "compile": compile,
+        "attention": {name: m.config._attn_implementation for name, m in models.items()},
         "peak_flops": peak_flops(device), "flops_per_token": train_flops_per_token(config, seq),
         "results": results,
     }
@@ -214,7 +220,8 @@ def format_table(r: dict) -> str:
         f"model: {r['size']} ({r['params'] / 1e6:.1f}M params), device {r['device']}, dtype {r['dtype']}, "
         f"torch threads {r['threads']}, torch {torch.__version__}, {platform.processor() or platform.machine()}\n"
         f"train: batch {b} x seq {t}, {r['steps']} timed steps; generate: {gb} prompts x {pl} tokens + {nt} new; "
-        f"best of {r['repeats']} alternating repeats; 1-min load average at the end {r['load']:.1f}"
+        f"best of {r['repeats']} alternating repeats; 1-min load average at the end {r['load']:.1f}; attention: "
+        + ", ".join(f"{n} {a}" for n, a in r["attention"].items())
     )
     if r["peak_flops"]:
         mfu = {n: 100 * v["train"][0] * r["flops_per_token"] / r["peak_flops"] for n, v in r["results"].items()}
@@ -238,6 +245,10 @@ class BenchArgs:
     compile: bool = field(default=False, metadata={"help": "torch.compile both models for training"})
     liger: bool = field(default=False, metadata={
         "help": "also ours with use_liger_kernel (Liger's fused RMSNorm/SwiGLU/RoPE/LM-head loss; needs CUDA)"})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "ours: None = align's default (align_fa4 where flash-attn-4 is installed, else sdpa)"})
+    hf_attn_implementation: str = field(default="sdpa", metadata={
+        "help": "the reference's: transformers' default sdpa, or e.g. flash_attention_4 (transformers' own FA4 path)"})
 
     def __post_init__(self):
         for name, allowed in (("dtype", DTYPES), ("size", SIZES)):
@@ -251,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     (args,) = run_command(parse, [BenchArgs], argv, prog="python -m align.bench model")
     r = run(size=args.size, device=args.device, dtype=args.dtype, steps=args.steps, batch=args.batch, seq=args.seq,
             gen_batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats, compile=args.compile,
-            liger=args.liger)
+            liger=args.liger, attn_implementation=args.attn_implementation,
+            hf_attn_implementation=args.hf_attn_implementation)
     print(format_table(r))
     return 0
 

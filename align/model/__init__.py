@@ -12,6 +12,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
+from . import flash  # noqa: F401  registers attn_implementation="align_fa4"
 from .config import DecoderConfig
 from .modeling import (
     DecoderCausalLMOutput,

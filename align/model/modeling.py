@@ -245,7 +245,7 @@ class Attention(nn.Module):
             queries = (q_intra, q_succ, apply_rotary_pos_emb(q, q, *pos.inter)[0])
             if pos.query_scale is not None:
                 queries = tuple(qq * pos.query_scale[:, None, :, None].to(qq.dtype) for qq in queries)
-            if self.config._attn_implementation not in ("sdpa", "eager"):
+            if self.config._attn_implementation not in ("sdpa", "eager", "align_fa4"):  # align_fa4: SDPA here
                 raise ValueError("dual chunk attention runs on attn_implementation 'sdpa' or 'eager', got "
                                  f"{self.config._attn_implementation!r}")
             if cache is not None:
@@ -411,7 +411,8 @@ class DecoderModel(DecoderPreTrainedModel):
             cache = None
         past = cache.get_seq_length() if cache is not None else 0
 
-        if position_ids is None:
+        made_positions = position_ids is None
+        if made_positions:
             if attention_mask is not None and attention_mask.dim() == 2:
                 # left padding: positions count real tokens only, so a padded row equals the unpadded one
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
@@ -424,7 +425,9 @@ class DecoderModel(DecoderPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             cache=cache,
-            position_ids=position_ids,
+            # positions made here are one sequence a row: no check for packed rows, which under torch.compile
+            # cannot look at the values and builds a packed-rows mask for every batch
+            position_ids=None if made_positions else position_ids,
         )
         if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
             # A left-pad query sees no key at all; cuDNN's SDPA backward (bf16 on GPU) returns NaN for such rows,
