@@ -5,7 +5,8 @@ the registry (Llama, Qwen, SmolLM, ...).
 transformers' own ``"flash_attention_4"`` calls the kernels through a Python autograd.Function that torch.compile
 cannot trace, so a compiled model breaks its graph at every layer (0.59x compiled SDPA on the H200). Here the forward
 and backward are torch custom ops with fake (shape-only) versions, so a compiled model stays one graph
-(1.20x compiled SDPA; docs/benchmarks.md).
+(1.2x compiled SDPA; docs/benchmarks.md). They call the package's `_flash_attn_fwd` and `_flash_attn_bwd`, which its
+autograd.Function wraps (hence the pinned version in the `flash` extra).
 
 The kernels run where they apply: CUDA tensors of compute capability 9 or 10, bf16/fp16, head_dim a multiple of 8
 up to 128, plain causal attention over the whole sequence (no mask, i.e. no padding and no packed rows; no dropout,
@@ -26,8 +27,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 NAME = "align_fa4"
-INSTALLED = all(importlib.util.find_spec(m) is not None for m in ("flash_attn", "flash_attn.cute"))  # once: Dynamo
-# will not trace find_spec
+# looked up once, at import: Dynamo will not trace find_spec
+INSTALLED = all(importlib.util.find_spec(m) is not None for m in ("flash_attn", "flash_attn.cute"))
 DEFAULT = NAME if INSTALLED else None  # align's loader uses it unless asked for another (None: transformers' default)
 HALF = (torch.bfloat16, torch.float16)
 
