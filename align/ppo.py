@@ -45,7 +45,8 @@ class PPOArguments(RLArguments):
 CONFIG_TYPES = (PPOArguments, ModelConfig, PPOConfig)
 
 
-def load_value_model(path: str | None, tokenizer: PreTrainedTokenizerBase, dtype: Any = None) -> nn.Module | None:
+def load_value_model(path: str | None, tokenizer: PreTrainedTokenizerBase, dtype: Any = None,
+                     attn_implementation: str | None = None) -> nn.Module | None:
     """The separate value model at ``path`` (None: the policy gets a value head), checked against the policy's
     tokenizer."""
     if not path:
@@ -55,12 +56,13 @@ def load_value_model(path: str | None, tokenizer: PreTrainedTokenizerBase, dtype
     if value_tok.get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"value model '{p}' has another tokenizer than the policy ({len(value_tok)} vs "
                          f"{len(tokenizer)} tokens): its values are read at the policy's tokens, so it must share it")
-    return load(p, "value", dtype=dtype, key="value_model_path")
+    return load(p, "value", dtype=dtype, key="value_model_path", attn_implementation=attn_implementation)
 
 
 def train(args: PPOArguments, model_args: ModelConfig, training_args: PPOConfig) -> StageResult:
     run = prepare(args, model_args, training_args)
-    value_model = load_value_model(args.value_model_path, run.tokenizer, model_args.dtype)
+    value_model = load_value_model(args.value_model_path, run.tokenizer, model_args.dtype,
+                                   model_args.attn_implementation)
     cudnn_attention_guard(value_model)  # trained too
 
     def make_trainer() -> PPOTrainer:
