@@ -129,6 +129,21 @@ def test_compiled_step_runs_under_the_trainers_autocast(tiny_llama_dir):
         assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=8), eager)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA graphs need a GPU"))])
+def test_compiled_decode_of_the_decoder_gives_the_eager_tokens(tiny_lm_dir, device):
+    """align's decoder with compile=True (its RoPE angles one opaque op in the graph; on CUDA inside the captured
+    graph too) greedy-decodes the tokens of the plain loop, in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from align.fastgen import fast_generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).to(device).eval()
+    ids, mask = _left_padded(model.config.vocab_size, 0, device)
+    eager = fast_generate(model, ids, mask, max_new_tokens=12, cuda_graph=False)
+    assert torch.equal(fast_generate(model, ids, mask, max_new_tokens=12, compile=True), eager)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_fast_generate_cuda_graph_equals_hf_generate(tiny_lm_dir, tiny_llama_dir):
     from transformers import AutoModelForCausalLM

@@ -153,6 +153,51 @@ def test_rope_preserves_norms_and_depends_only_on_offset():
     assert not torch.allclose((qa * kb).sum(), dot)  # a different offset gives a different score
 
 
+def test_rope_angles_are_one_op_under_compile():
+    """Compiled, cos/sin come from one opaque op, computed once for all layers (Inductor would recompute the trig
+    in every layer's rotation), and the model computes what it does eagerly: loss, logits and every gradient."""
+    m, x = lm().train(), ids(T=12)
+    eager = m(input_ids=x, labels=x)
+    eager.loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    out = torch.compile(m, backend=backend, fullgraph=True)(input_ids=x, labels=x)
+    out.loss.backward()
+    ops = [n for g in graphs for n in g.graph.nodes if "rope_cos_sin" in str(n.target)]
+    assert len(ops) == 1
+    torch.testing.assert_close(out.logits, eager.logits)
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], msg=name)
+
+
+def test_training_with_labels_returns_detached_logits_and_compiles_without_a_logits_gradient():
+    """With labels in training the loss is what trains: the logits come back detached, so a compiled step's backward
+    takes no (B, T, V) zero gradient for them. Without labels, or in eval, the logits are the differentiable output."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    m, x = lm().train(), ids(T=12)
+    out = m(input_ids=x, labels=x)
+    assert out.loss.requires_grad and not out.logits.requires_grad
+    assert m(input_ids=x).logits.requires_grad
+    tangents = []
+
+    def backward(gm, example_inputs):
+        tangents.extend(n.meta["val"].shape for n in gm.graph.nodes if n.op == "placeholder" and "tangent" in n.name)
+        return make_boxed_func(gm.forward)
+
+    forward = lambda gm, _: make_boxed_func(gm.forward)  # noqa: E731
+    compiled = torch.compile(m, backend=aot_autograd(fw_compiler=forward, bw_compiler=backward))
+    compiled(input_ids=x, labels=x).loss.backward()
+    assert tangents and (2, 12, V) not in [tuple(t) for t in tangents]
+
+
 @pytest.mark.parametrize(
     "rope, T",
     [

@@ -115,9 +115,10 @@ def _rates(n: int, t0: tuple[float, float]) -> tuple[float, float]:
 
 def train_tokens_per_s(model, batch: torch.Tensor, steps: int, warmup: int = 2,
                        compile: bool = False) -> tuple[float, float]:
-    """(tokens per wall second, tokens per CPU second) of forward+backward+AdamW."""
+    """(tokens per wall second, tokens per CPU second) of forward+backward+AdamW. The optimizer is torch's fused
+    AdamW, the Trainer's default (``adamw_torch_fused``): the foreach one took 4.3 of 31.5 ms a step on an H200."""
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     device = batch.device
     forward = torch.compile(model) if compile else model
 
