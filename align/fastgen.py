@@ -19,9 +19,11 @@ Measured (docs/benchmarks.md, 100M, bf16, H200): 4.8x HF generate at batch 1 and
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Sequence
 
 import torch
+from torch import nn
 from transformers.cache_utils import StaticCache
 
 # decoders whose forward takes a 4D mask, position ids and a StaticCache as this loop passes them (greedy
@@ -211,6 +213,49 @@ def generate_like_hf(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return torch.cat([input_ids, new], dim=1)
 
 
+def _mergeable(layer) -> bool:
+    """A LoRA Linear whose one active adapter can be folded into its weight: plain nn.Linear base, no DoRA, not
+    merged or disabled already (those keep the adapters apart, as generated before)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    return (type(layer) is LoraLinear and type(layer.get_base_layer()) is nn.Linear and not layer.merged
+            and not layer.disable_adapters and len(layer.active_adapters) == 1
+            and not layer.use_dora.get(layer.active_adapters[0], False))
+
+
+@torch.no_grad()
+def merged_lora(model) -> nn.Module | None:
+    """``model`` with its LoRA adapters folded into the weights, for the rollouts of LoRA GRPO/PPO; None when it
+    carries no adapters (or ones that cannot be folded: DoRA, quantised bases, several active adapters).
+
+    Unmerged, each adapted projection is three matmuls a decode step (W x + B A x, plus the adapter's scaling), all
+    launch-bound at rollout batch sizes. The merged model runs one, as vLLM's synced weights do. It is a shadow built
+    once (the adapted Linear layers as plain ones, every other tensor shared with ``model``) and refreshed from the
+    live adapters at each call (W + scale B A), so the trainer's updates reach the next rollout; ``model``'s own
+    weights are never touched (merging and unmerging in place drifts them by rounding)."""
+    layers = {name: m for name, m in model.named_modules() if hasattr(m, "lora_A")}  # peft's LoRA layers
+    if not layers or not all(_mergeable(m) for m in layers.values()):
+        return None
+    shadow = model.__dict__.get("_align_merged")
+    if shadow is None:
+        adapters = {id(t) for m in layers.values() for t in (*m.lora_A.parameters(), *m.lora_B.parameters())}
+        shared = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in adapters}
+        shadow = copy.deepcopy(model, shared)  # the module tree anew; its tensors are model's own
+        for key in ("_align_merged", "_align_compiled", "generate"):  # model's caches and routed generate
+            shadow.__dict__.pop(key, None)
+        for name, m in layers.items():
+            base = m.get_base_layer()
+            plain = nn.Linear(base.in_features, base.out_features, bias=False, device=base.weight.device,
+                              dtype=base.weight.dtype)
+            plain.bias = base.bias  # shared; None for bias-free projections
+            shadow.set_submodule(name, plain.requires_grad_(False))
+        model.__dict__["_align_merged"] = shadow  # in __dict__, not a submodule: state_dict stays the model's
+    for name, m in layers.items():
+        base = m.get_base_layer().weight
+        shadow.get_submodule(name).weight.copy_(base + m.get_delta_weight(m.active_adapters[0]).to(base.dtype))
+    return shadow.train(model.training)
+
+
 def use_fast_generate(model, compile: bool = False) -> bool:
     """Route ``model.generate`` through the fast loop (falling back to HF's for what it does not implement).
     True if the model is supported and now routed; idempotent."""
@@ -220,7 +265,9 @@ def use_fast_generate(model, compile: bool = False) -> bool:
         hf_generate = model.generate
 
         def generate(input_ids=None, attention_mask=None, generation_config=None, **kwargs):
-            return generate_like_hf(model, input_ids, attention_mask, generation_config=generation_config,
+            # LoRA (a trainer's PeftModel reaches this model): the adapters folded into a shadow's weights
+            target = merged_lora(model) or model
+            return generate_like_hf(target, input_ids, attention_mask, generation_config=generation_config,
                                     fallback=hf_generate, compile=compile, **kwargs)
 
         generate._align_fast = True

@@ -109,6 +109,42 @@ def test_fast_generate_drives_a_model_with_lora_inside(name, request):
     assert not torch.equal(fast_generate(inner, ids, mask, max_new_tokens=12), base)  # the adapters take part
 
 
+@pytest.mark.parametrize("name", ["tiny_lm_dir", "tiny_llama_dir"])
+def test_routed_generate_folds_lora_into_a_shadow_that_follows_the_adapters(name, request):
+    # LoRA GRPO/PPO rollouts: the routed generate decodes with the adapters folded into a shadow's weights (one
+    # matmul a projection), refreshed at every call, and gives the greedy tokens of HF generate on the live adapters
+    from peft.tuners.lora import Linear as LoraLinear
+    from transformers import AutoModelForCausalLM
+
+    from align.fastgen import merged_lora, use_fast_generate
+
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(name)).eval()
+    assert merged_lora(model) is None  # no adapters: nothing to fold
+    assert use_fast_generate(model)
+    inner, peft_model = _with_lora(model)
+    ids, mask = _left_padded(inner.config.vocab_size, 0, "cpu")
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    weights = {n: p.clone() for n, p in inner.named_parameters()}
+
+    for _ in range(2):  # before and after a trainer step on the adapters
+        with torch.no_grad():  # what HF generate does on the unmerged adapters, without the routing
+            want = type(inner).generate(inner, ids, **kw)
+        assert torch.equal(peft_model.generate(input_ids=ids, **kw), want)
+        shadow = inner.__dict__["_align_merged"]
+        assert not any(isinstance(m, LoraLinear) for m in shadow.modules())
+        assert shadow.get_input_embeddings().weight is inner.get_input_embeddings().weight  # shared, not copied
+        for n, p in inner.named_parameters():  # the model's own weights untouched
+            assert torch.equal(p, weights[n]), n
+        with torch.no_grad():  # a trainer's step on the adapters
+            for m in inner.modules():
+                if isinstance(m, LoraLinear):
+                    m.lora_B["default"].weight.add_(0.5 * torch.randn_like(m.lora_B["default"].weight))
+        weights = {n: p.clone() for n, p in inner.named_parameters()}
+    assert merged_lora(inner) is shadow  # built once, refreshed in place
+    with peft_model.disable_adapter():  # adapters off: no folding, the base model decodes
+        assert merged_lora(inner) is None
+
+
 def test_compiled_step_runs_under_the_trainers_autocast(tiny_llama_dir):
     # a trainer's fp32 model under bf16 autocast: accelerate wraps model.forward in autocast, the compiled step
     # calls the class forward; without the same autocast it met a bf16 cache with fp32 queries and failed
