@@ -224,7 +224,7 @@ def _mergeable(layer) -> bool:
 
 
 @torch.no_grad()
-def merged_lora(model) -> nn.Module | None:
+def merged_lora(model, dtype: torch.dtype | None = None) -> nn.Module | None:
     """``model`` with its LoRA adapters folded into the weights, for the rollouts of LoRA GRPO/PPO; None when it
     carries no adapters (or ones that cannot be folded: DoRA, quantised bases, several active adapters).
 
@@ -232,7 +232,8 @@ def merged_lora(model) -> nn.Module | None:
     launch-bound at rollout batch sizes. The merged model runs one, as vLLM's synced weights do. It is a shadow built
     once (the adapted Linear layers as plain ones, every other tensor shared with ``model``) and refreshed from the
     live adapters at each call (W + scale B A), so the trainer's updates reach the next rollout; ``model``'s own
-    weights are never touched (merging and unmerging in place drifts them by rounding)."""
+    weights are never touched (merging and unmerging in place drifts them by rounding). ``dtype``: the merged
+    weights' (the rollouts' autocast dtype; None: the base weights')."""
     layers = {name: m for name, m in model.named_modules() if hasattr(m, "lora_A")}  # peft's LoRA layers
     if not layers or not all(_mergeable(m) for m in layers.values()):
         return None
@@ -246,7 +247,7 @@ def merged_lora(model) -> nn.Module | None:
         for name, m in layers.items():
             base = m.get_base_layer()
             plain = nn.Linear(base.in_features, base.out_features, bias=False, device=base.weight.device,
-                              dtype=base.weight.dtype)
+                              dtype=dtype or base.weight.dtype)
             plain.bias = base.bias  # shared; None for bias-free projections
             shadow.set_submodule(name, plain.requires_grad_(False))
         model.__dict__["_align_merged"] = shadow  # in __dict__, not a submodule: state_dict stays the model's
@@ -256,9 +257,11 @@ def merged_lora(model) -> nn.Module | None:
     return shadow.train(model.training)
 
 
-def use_fast_generate(model, compile: bool = False) -> bool:
+def use_fast_generate(model, compile: bool = False, dtype: torch.dtype | None = None) -> bool:
     """Route ``model.generate`` through the fast loop (falling back to HF's for what it does not implement).
-    True if the model is supported and now routed; idempotent."""
+    True if the model is supported and now routed; idempotent. ``dtype``: the trainer's mixed precision
+    (bf16/fp16), which the rollouts then run under. A trainer's autocast wraps the forward of the model it was
+    given: under LoRA that is the PeftModel, not this model, whose generate would otherwise decode in fp32."""
     if not supports_fast_generate(model):
         return False
     if not getattr(model.generate, "_align_fast", False):
@@ -266,9 +269,11 @@ def use_fast_generate(model, compile: bool = False) -> bool:
 
         def generate(input_ids=None, attention_mask=None, generation_config=None, **kwargs):
             # LoRA (a trainer's PeftModel reaches this model): the adapters folded into a shadow's weights
-            target = merged_lora(model) or model
-            return generate_like_hf(target, input_ids, attention_mask, generation_config=generation_config,
-                                    fallback=hf_generate, compile=compile, **kwargs)
+            target = merged_lora(model, dtype) or model
+            amp = torch.autocast(model.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+            with amp:
+                return generate_like_hf(target, input_ids, attention_mask, generation_config=generation_config,
+                                        fallback=hf_generate, compile=compile, **kwargs)
 
         generate._align_fast = True
         model.generate = generate

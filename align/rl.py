@@ -190,7 +190,8 @@ def prepare(args: RLArguments, model_args: Any, training_args: Any) -> RLSetup:
     if torch.cuda.is_available() and not is_deepspeed_zero3_enabled():
         from align.fastgen import use_fast_generate
 
-        if use_fast_generate(model, compile=args.compile_rollouts):
+        amp = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
+        if use_fast_generate(model, compile=args.compile_rollouts, dtype=amp):
             logger.info("rollouts through align.fastgen (static KV cache, CUDA-graph decode%s)",
                         ", compiled" if args.compile_rollouts else "")
     return RLSetup(start, tokenizer, model, reward_funcs, dataset)

@@ -145,6 +145,32 @@ def test_routed_generate_folds_lora_into_a_shadow_that_follows_the_adapters(name
         assert merged_lora(inner) is None
 
 
+def test_routed_generate_runs_in_the_trainers_mixed_precision(tiny_lm_dir):
+    # under LoRA the trainer's autocast wraps the PeftModel, not the model whose generate is routed: the rollouts
+    # take the trainer's dtype themselves, and the shadow holds the merged weights in it
+    from transformers import AutoModelForCausalLM
+
+    from align.fastgen import use_fast_generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    assert use_fast_generate(model, dtype=torch.bfloat16)
+    inner, peft_model = _with_lora(model)
+    seen = []
+    ids, mask = _left_padded(inner.config.vocab_size, 0, "cpu")
+    peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    shadow = inner.__dict__["_align_merged"]
+    shadow.register_forward_pre_hook(lambda m, a: seen.append(torch.get_autocast_dtype("cpu")
+                                                              if torch.is_autocast_enabled("cpu") else None))
+    peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert seen and set(seen) == {torch.bfloat16}
+    q = shadow.model.layers[0].self_attn.q_proj
+    lora_q = inner.model.layers[0].self_attn.q_proj
+    assert q.weight.dtype == torch.bfloat16 and inner.dtype == torch.float32
+    with torch.no_grad():
+        want = lora_q.get_base_layer().weight + lora_q.get_delta_weight("default")
+    torch.testing.assert_close(q.weight.float(), want, atol=0, rtol=2**-8)  # bf16 rounding of W + scale B A
+
+
 def test_compiled_step_runs_under_the_trainers_autocast(tiny_llama_dir):
     # a trainer's fp32 model under bf16 autocast: accelerate wraps model.forward in autocast, the compiled step
     # calls the class forward; without the same autocast it met a bf16 cache with fp32 queries and failed

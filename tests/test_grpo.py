@@ -220,13 +220,14 @@ def test_rollouts_route_through_fastgen_on_cuda(monkeypatch):
 
     routed = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(F, "use_fast_generate", lambda model, compile=False: routed.append(compile) or True)
+    monkeypatch.setattr(F, "use_fast_generate",
+                        lambda model, compile=False, dtype=None: routed.append((compile, dtype)) or True)
     d = tiny_dirs()
-    for on in (False, True):
+    for on in (False, True):  # the rollouts run in the trainer's mixed precision (the LoRA policy's too)
         prepare(RLArguments(num_prompts=4, compile_rollouts=on),
                 ModelConfig(model_name_or_path=d["policy"], dtype="float32"),
-                SimpleNamespace(use_liger_kernel=False, reward_weights=None, seed=0))
-    assert routed == [False, True]
+                SimpleNamespace(use_liger_kernel=False, reward_weights=None, seed=0, bf16=on, fp16=False))
+    assert routed == [(False, None), (True, torch.bfloat16)]
 
 
 def test_grpo_on_a_preference_file_holds_out_prompts_and_scores_them_by_the_rm(tmp_path):

@@ -49,7 +49,7 @@ def run_one(variant: str, base, tok, prompts, device, n_prompts, num_generations
         model.load_state_dict(base.state_dict())
         input_grads_once(model)  # as align.models.load does
         model.set_use_liger_kernel("liger" in variant)
-        assert use_fast_generate(model, compile=compile)
+        assert use_fast_generate(model, compile=compile, dtype=torch.bfloat16 if device.type == "cuda" else None)
     model.to(device)
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-grpo-"), max_steps=steps, report_to="none", save_strategy="no",
