@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from align.data.chat import ROLE_TOKENS, render_chat
 from align.data.formats import DataError
 from align.sft import SFTArguments, load_dataset, train
 
-SHARED_SFT = "../shared/data/sft/instruction-data.json"
+SHARED_SFT = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "sft" / "instruction-data.json")
 
 CHAT = [
     {"role": "system", "content": "You are helpful."},
@@ -69,6 +70,7 @@ def test_assistant_only_labels_on_multi_turn_chat(tiny_lm_dir, tmp_path):
     )
 
 
+@pytest.mark.skipif(not Path(SHARED_SFT).exists(), reason="../shared/data not present")
 def test_shared_alpaca_file_loads_as_it_is():
     ds = load_dataset(SFTArguments(dataset_name=SHARED_SFT))
     assert len(ds) == 1100
