@@ -75,7 +75,6 @@ def reference_kernels(monkeypatch):
     monkeypatch.setattr(kernels, "enabled", lambda flag, x: flag)
     monkeypatch.setattr(kernels, "rms_norm", lambda x, w, eps: w * (x.float() * torch.rsqrt(
         x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype))
-    monkeypatch.setattr(kernels, "swiglu", lambda gate, up: F.silu(gate) * up)
     monkeypatch.setattr(kernels, "rope", apply_rotary_pos_emb)
     monkeypatch.setattr(kernels, "causal_lm_loss", reference_loss)
 
@@ -96,6 +95,37 @@ def test_fast_path_wiring(reference_kernels):
     n = int((labels[:, 1:] != -100).sum())
     torch.testing.assert_close(fused(input_ids=x, labels=labels, num_items_in_batch=n).loss, a.loss)
     torch.testing.assert_close(fused.eval()(x).logits, plain.eval()(x).logits)  # no labels: logits as usual
+
+
+def reference_ce_grad_(logits, labels, loss, ignore_index):
+    """Liger's cross-entropy kernel's contract in plain torch (kernels.cross_entropy_grad_)."""
+    x, keep = logits.float(), labels != ignore_index
+    t = labels.clamp(min=0)
+    loss.copy_((x.logsumexp(-1) - x.gather(1, t[:, None])[:, 0]) * keep)
+    g = x.softmax(-1)
+    g[torch.arange(len(t)), t] -= 1
+    logits.copy_(g * keep[:, None])
+
+
+@pytest.mark.parametrize("num_items", [None, 13])
+def test_chunked_loss_matches_the_logits_loss(monkeypatch, num_items):
+    # several chunks, the last one short; ignored labels; an upstream gradient that is not 1 (a scaled loss)
+    monkeypatch.setattr(kernels, "cross_entropy_grad_", reference_ce_grad_)
+    monkeypatch.setattr(kernels.LinearCrossEntropy, "CHUNK", 3 * 11)  # 3 rows of 11 logits a chunk
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, 2] = labels[1, 4] = -100
+    ref = reference_loss(h, w, labels, num_items)
+    (3 * ref).backward()
+    ref_grads = h.grad, w.grad
+    h.grad = w.grad = None
+    out = kernels.causal_lm_loss(h, w, labels, num_items)
+    (3 * out).backward()
+    torch.testing.assert_close(out, ref.float())
+    torch.testing.assert_close(h.grad, ref_grads[0])
+    torch.testing.assert_close(w.grad, ref_grads[1])
 
 
 def test_fast_path_leaves_peft_wrapped_projections_unfused(reference_kernels):

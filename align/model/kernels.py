@@ -1,4 +1,5 @@
-"""Liger's fused Triton kernels (https://github.com/linkedin/Liger-Kernel) for the decoder's hot spots.
+"""The decoder's fused fast path: Liger's Triton kernels (https://github.com/linkedin/Liger-Kernel) for RoPE and the
+cross-entropy, torch's fused RMSNorm, and the LM head + loss chunked without logits or host syncs.
 
 Opt-in through `DecoderConfig.use_liger_kernel`; used only on CUDA tensors where liger-kernel is installed, so
 elsewhere the model runs its plain ops and its numerics do not change. liger_kernel is imported on first use,
@@ -12,6 +13,7 @@ import functools
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -42,14 +44,9 @@ def plain_linear(*modules: nn.Module) -> bool:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in one kernel; "llama" casting is align's: rstd in fp32, the normalised x cast back, times weight.
-    Not in place: the input is the residual stream, which the block still adds to."""
-    return _liger("transformers.functional").liger_rms_norm(x, weight, eps, casting_mode="llama", in_place=False)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up in one kernel; its backward recomputes silu instead of keeping it."""
-    return _liger("transformers.functional").liger_swiglu(gate, up)
+    """RMSNorm as torch's own fused CUDA kernel (forward and backward one kernel each). Liger's Triton RMSNorm did the
+    same GPU work at ~0.2 ms more host time a call, 11 ms of an eager 100M step on an H200 (docs/benchmarks.md)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,11 +64,59 @@ def causal_lm_loss(
 ) -> torch.Tensor:
     """LM head + cross-entropy fused and chunked over the tokens: the (B*T, V) logits are never materialised.
     Shifts the labels itself; sums / num_items_in_batch when given (gradient accumulation), else the mean."""
-    return _liger("transformers.model.loss_utils").LigerForCausalLMLoss(
-        hidden_states=hidden,
-        lm_head_weight=lm_head_weight,
-        labels=labels,
-        hidden_size=hidden.shape[-1],
-        num_items_in_batch=num_items_in_batch,
-        ignore_index=ignore_index,
-    )
+    labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].reshape(-1).to(hidden.device)  # t predicts t+1
+    h = hidden.reshape(-1, hidden.shape[-1])  # (N, C)
+    n = (labels != ignore_index).sum() if num_items_in_batch is None else num_items_in_batch
+    n = n.to(h.device, torch.float32) if torch.is_tensor(n) else h.new_full((), float(n), dtype=torch.float32)
+    return LinearCrossEntropy.apply(h, lm_head_weight, labels, n, ignore_index)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum(CE(h W^T, labels)) / n with the gradients made in the forward, chunk by chunk (Liger's fused loss, reshaped).
+
+    Each chunk's logits go through Liger's Triton cross-entropy kernel, which overwrites them with their gradient in
+    one pass; two matmuls take that to h and W. Unlike Liger's own fused loss, nothing here reads a value back to the
+    host (it calls .item() for the token count and compares the incoming gradient with 1.0, two syncs a step), and
+    chunks are ~256 MB of logits, not the size of h: 4 for the 100M decoder's 16k-token batch instead of 32. An eager
+    step is host-bound, and every sync and launch shows in its wall time (docs/benchmarks.md)."""
+
+    CHUNK = 2**27  # logits per chunk
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, n: torch.Tensor,
+                ignore_index: int) -> torch.Tensor:
+        N, V = h.shape[0], weight.shape[0]
+        rows = max(1, min(N, LinearCrossEntropy.CHUNK // V))
+        loss = torch.zeros(N, dtype=torch.float32, device=h.device)  # ignored rows stay 0
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for s in range(0, N, rows):
+            hs = h[s:s + rows]
+            logits = hs @ weight.t()  # (r, V), turned into d(sum CE)/d logits in place
+            cross_entropy_grad_(logits, labels[s:s + rows], loss[s:s + rows], ignore_index)
+            if grad_h is not None:
+                torch.mm(logits, weight, out=grad_h[s:s + rows])
+            if grad_w is not None:
+                grad_w.addmm_(logits.t(), hs)
+        ctx.save_for_backward(*(g / n if g is not None else None for g in (grad_h, grad_w)))
+        return loss.sum() / n
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad if grad_h is not None else None, grad_w * grad if grad_w is not None else None,
+                None, None, None)
+
+
+def cross_entropy_grad_(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, ignore_index: int) -> None:
+    """In place, in one pass of Liger's Triton kernel: logits (r, V) become d(sum CE)/d(logits) (zero rows where the
+    label is ignore_index) and loss (r,) fp32 gets each row's cross-entropy."""
+    V = logits.shape[1]
+    _liger("ops.cross_entropy").liger_cross_entropy_kernel[(logits.shape[0],)](
+        X_ptr=logits, X_stride=logits.stride(-2), Y_ptr=labels, Y_stride=labels.stride(-1), weight_ptr=None,
+        loss_ptr=loss, z_loss_ptr=None, loss_stride=loss.stride(-1), token_accuracy_ptr=None, token_accuracy_stride=0,
+        predicted_tokens_ptr=None, predicted_tokens_stride=0, n_cols=V, n_non_ignore=1, sum_non_ignore_weight=1,
+        weight_sum=0.0, ignore_index=ignore_index, lse_square_scale=0.0, label_smoothing=0.0, reduction="sum",
+        softcap=None, RETURN_Z_LOSS=False, RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=False,
+        HAS_WEIGHT=False, HAS_SOFTCAPPING=False, HAS_GRADIENTS=True, BLOCK_SIZE=min(32768, 1 << (V - 1).bit_length()),
+        num_warps=32)

@@ -42,7 +42,9 @@ class SwiGLU(nn.Module):
             gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(kernels.swiglu(gate, up) if liger else F.silu(gate) * up)
+        # silu * up stays two torch ops: Liger's fused SwiGLU saved GPU time but cost more host time, and measured
+        # slower in the eager (host-bound) step (docs/benchmarks.md)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoEFeedForward(nn.Module):
