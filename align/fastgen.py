@@ -243,7 +243,9 @@ def merged_lora(model, dtype: torch.dtype | None = None) -> nn.Module | None:
         adapters = {id(t) for m in layers.values() for t in (*m.lora_A.parameters(), *m.lora_B.parameters())}
         shared = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in adapters}
         shadow = copy.deepcopy(model, shared)  # the module tree anew; its tensors are model's own
-        for key in ("_align_merged", "_align_compiled", "generate"):  # model's caches and routed generate
+        # model's caches, its routed generate, and a forward a trainer patched onto it: TRL's GRPO wraps the bound
+        # forward in a closure (its fused log-prob head), which would run model, unmerged adapters and all
+        for key in ("_align_merged", "_align_compiled", "generate", "forward"):
             shadow.__dict__.pop(key, None)
         for name, m in layers.items():
             base = m.get_base_layer()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import types
 
 import pytest
 import torch
@@ -122,6 +123,12 @@ def test_routed_generate_folds_lora_into_a_shadow_that_follows_the_adapters(name
     assert merged_lora(model) is None  # no adapters: nothing to fold
     assert use_fast_generate(model)
     inner, peft_model = _with_lora(model)
+    original_forward = inner.forward  # patched as TRL's GRPO patches it: a closure over the model's bound forward
+    inner.forward = types.MethodType(lambda self, *a, **kw: original_forward(*a, **kw), inner)
+    lora_calls = []
+    for m in inner.modules():
+        if isinstance(m, LoraLinear):
+            m.register_forward_hook(lambda *a: lora_calls.append(1))
     ids, mask = _left_padded(inner.config.vocab_size, 0, "cpu")
     kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
     weights = {n: p.clone() for n, p in inner.named_parameters()}
@@ -129,7 +136,9 @@ def test_routed_generate_folds_lora_into_a_shadow_that_follows_the_adapters(name
     for _ in range(2):  # before and after a trainer step on the adapters
         with torch.no_grad():  # what HF generate does on the unmerged adapters, without the routing
             want = type(inner).generate(inner, ids, **kw)
+        lora_calls.clear()
         assert torch.equal(peft_model.generate(input_ids=ids, **kw), want)
+        assert not lora_calls  # the shadow decoded, not the unmerged adapters behind the patched forward
         shadow = inner.__dict__["_align_merged"]
         assert not any(isinstance(m, LoraLinear) for m in shadow.modules())
         assert shadow.get_input_embeddings().weight is inner.get_input_embeddings().weight  # shared, not copied
