@@ -245,7 +245,7 @@ class BenchArgs:
     repeats: int = field(default=3, metadata={"help": "interleaved repeats; the best is reported"})
     compile: bool = field(default=False, metadata={"help": "torch.compile both models for training"})
     liger: bool = field(default=False, metadata={
-        "help": "also ours with use_liger_kernel (Liger's fused RMSNorm/SwiGLU/RoPE/LM-head loss; needs CUDA)"})
+        "help": "also ours with use_liger_kernel (fused RMSNorm, RoPE and LM-head loss; needs CUDA and liger-kernel)"})
     attn_implementation: str | None = field(default=None, metadata={
         "help": "ours: None = align's default (align_fa4 where flash-attn-4 is installed, else sdpa)"})
     hf_attn_implementation: str = field(default="sdpa", metadata={

@@ -51,8 +51,8 @@ class DecoderConfig(PretrainedConfig):
     initializer_range: float = 0.02  # std of normal init (GPT-2); o_proj/down_proj get /sqrt(2*layers)
     tie_word_embeddings: bool = True  # share lm_head with embed_tokens (saves vocab*hidden params)
     use_cache: bool = True  # return a KV cache from forward (generation)
-    # Liger's fused Triton kernels (align/model/kernels.py) for RMSNorm, SwiGLU, RoPE and the LM head +
-    # cross-entropy, plus one matmul for q/k/v and one for gate/up, on CUDA where liger-kernel is installed;
+    # the fused fast path (align/model/kernels.py): torch's fused RMSNorm, Liger's RoPE, the LM head + cross-entropy
+    # chunked without logits, one matmul for q/k/v and one for gate/up, on CUDA where liger-kernel is installed;
     # elsewhere the plain ops. TRL/transformers' TrainingArguments field has the same name.
     use_liger_kernel: bool = False
     # --- attention and long context ------------------------------------------------------------------
