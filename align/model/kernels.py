@@ -44,8 +44,8 @@ def plain_linear(*modules: nn.Module) -> bool:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as torch's own fused CUDA kernel (forward and backward one kernel each). Liger's Triton RMSNorm did the
-    same GPU work at ~0.2 ms more host time a call, 11 ms of an eager 100M step on an H200 (docs/benchmarks.md)."""
+    """RMSNorm as torch's own fused CUDA kernel (forward and backward one kernel each). Liger's Triton RMSNorm does the
+    same GPU work behind Python wrappers that cost up to ~0.2 ms of host time a call (docs/benchmarks.md)."""
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
