@@ -128,6 +128,25 @@ def test_chunked_loss_matches_the_logits_loss(monkeypatch, num_items):
     torch.testing.assert_close(w.grad, ref_grads[1])
 
 
+def test_chunked_loss_runs_under_a_trainers_autocast(monkeypatch):
+    # mixed precision: fp32 weights and hidden states, matmuls in bf16 under autocast (a Trainer's --bf16)
+    monkeypatch.setattr(kernels, "cross_entropy_grad_", reference_ce_grad_)
+    monkeypatch.setattr(kernels.LinearCrossEntropy, "CHUNK", 3 * 11)
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 4, requires_grad=True)
+    w = torch.randn(11, 4, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = reference_loss(h, w, labels)
+        out = kernels.causal_lm_loss(h, w, labels)
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    grads = torch.autograd.grad(out, (h, w))
+    torch.testing.assert_close(out, ref.float(), rtol=2e-2, atol=0)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r, rtol=0, atol=3e-2 * r.abs().max().item())
+
+
 def test_fast_path_leaves_peft_wrapped_projections_unfused(reference_kernels):
     from peft import LoraConfig, get_peft_model
 
@@ -166,6 +185,16 @@ def test_liger_kernels_match_plain_model_on_gpu():
     with torch.no_grad():
         la, lb = plain.eval()(x).logits.float(), fused.eval()(x).logits.float()
     assert (lb - la).abs().max() <= 5e-2 * la.abs().max()
+
+    # a trainer's mixed precision: fp32 weights, bf16 matmuls under autocast
+    plain32 = DecoderForCausalLM(DecoderConfig(**cfg)).cuda().train()
+    fused32 = DecoderForCausalLM(DecoderConfig(**cfg, use_liger_kernel=True)).cuda().train()
+    fused32.load_state_dict(plain32.state_dict())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a, b = plain32(input_ids=x, labels=x), fused32(input_ids=x, labels=x)
+    torch.testing.assert_close(b.loss.float(), a.loss.float(), rtol=2e-2, atol=0)
+    b.loss.backward()
+    assert all(p.grad.dtype == torch.float32 and p.grad.isfinite().all() for p in fused32.parameters())
 
     from peft import LoraConfig, get_peft_model
 

@@ -68,7 +68,12 @@ def causal_lm_loss(
     h = hidden.reshape(-1, hidden.shape[-1])  # (N, C)
     n = (labels != ignore_index).sum() if num_items_in_batch is None else num_items_in_batch
     n = n.to(h.device, torch.float32) if torch.is_tensor(n) else h.new_full((), float(n), dtype=torch.float32)
-    return LinearCrossEntropy.apply(h, lm_head_weight, labels, n, ignore_index)
+    # one dtype for the chunks' matmuls: a trainer's autocast (fp32 weights, bf16 matmuls) by casting the inputs here,
+    # where autograd takes the gradients back to fp32; inside, the in-place matmuls need their operands to agree
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else lm_head_weight.dtype
+    with torch.autocast(device, enabled=False):
+        return LinearCrossEntropy.apply(h.to(dtype), lm_head_weight.to(dtype), labels, n, ignore_index)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
