@@ -107,11 +107,16 @@ def reference_ce_grad_(logits, labels, loss, ignore_index):
     logits.copy_(g * keep[:, None])
 
 
-@pytest.mark.parametrize("num_items", [None, 13])
-def test_chunked_loss_matches_the_logits_loss(monkeypatch, num_items):
-    # several chunks, the last one short; ignored labels; an upstream gradient that is not 1 (a scaled loss)
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """The chunked loss on CPU: the kernel swapped for plain torch, 3 rows of 11 logits a chunk."""
     monkeypatch.setattr(kernels, "cross_entropy_grad_", reference_ce_grad_)
-    monkeypatch.setattr(kernels.LinearCrossEntropy, "CHUNK", 3 * 11)  # 3 rows of 11 logits a chunk
+    monkeypatch.setattr(kernels.LinearCrossEntropy, "CHUNK", 3 * 11)
+
+
+@pytest.mark.parametrize("num_items", [None, 13])
+def test_chunked_loss_matches_the_logits_loss(small_chunks, num_items):
+    # several chunks, the last one short; ignored labels; an upstream gradient that is not 1 (a scaled loss)
     torch.manual_seed(0)
     h = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
@@ -128,10 +133,8 @@ def test_chunked_loss_matches_the_logits_loss(monkeypatch, num_items):
     torch.testing.assert_close(w.grad, ref_grads[1])
 
 
-def test_chunked_loss_runs_under_a_trainers_autocast(monkeypatch):
+def test_chunked_loss_runs_under_a_trainers_autocast(small_chunks):
     # mixed precision: fp32 weights and hidden states, matmuls in bf16 under autocast (a Trainer's --bf16)
-    monkeypatch.setattr(kernels, "cross_entropy_grad_", reference_ce_grad_)
-    monkeypatch.setattr(kernels.LinearCrossEntropy, "CHUNK", 3 * 11)
     torch.manual_seed(0)
     h = torch.randn(2, 5, 4, requires_grad=True)
     w = torch.randn(11, 4, requires_grad=True)
