@@ -55,6 +55,9 @@ def test_the_fast_path_steps_aside_under_compile(monkeypatch):
     out = dynamo.explain(f)(x)
     assert out.graph_break_count == 0
     assert torch.compile(f, backend="eager")(x).tolist() == [0.0, 0.0]
+    g = lambda x: x + 1 if kernels.loss_enabled(True, x) else x - 1  # noqa: E731  (the loss is an op: it stays)
+    assert dynamo.explain(g)(x).graph_break_count == 0
+    assert torch.compile(g, backend="eager")(x).tolist() == [2.0, 2.0]
 
 
 def test_config_round_trips_the_flag(tmp_path):
@@ -73,6 +76,7 @@ def reference_loss(hidden, weight, labels, num_items_in_batch=None, ignore_index
 def reference_kernels(monkeypatch):
     """The fast path on CPU, Liger's kernels swapped for plain torch."""
     monkeypatch.setattr(kernels, "enabled", lambda flag, x: flag)
+    monkeypatch.setattr(kernels, "loss_enabled", lambda flag, x: flag)
     monkeypatch.setattr(kernels, "rms_norm", lambda x, w, eps: w * (x.float() * torch.rsqrt(
         x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype))
     monkeypatch.setattr(kernels, "rope", apply_rotary_pos_emb)
@@ -111,7 +115,7 @@ def reference_ce_grad_(logits, labels, loss, ignore_index):
 def small_chunks(monkeypatch):
     """The chunked loss on CPU: the kernel swapped for plain torch, 3 rows of 11 logits a chunk."""
     monkeypatch.setattr(kernels, "cross_entropy_grad_", reference_ce_grad_)
-    monkeypatch.setattr(kernels.LinearCrossEntropy, "CHUNK", 3 * 11)
+    monkeypatch.setattr(kernels, "CHUNK", 3 * 11)
 
 
 @pytest.mark.parametrize("num_items", [None, 13])
@@ -131,6 +135,41 @@ def test_chunked_loss_matches_the_logits_loss(small_chunks, num_items):
     torch.testing.assert_close(out, ref.float())
     torch.testing.assert_close(h.grad, ref_grads[0])
     torch.testing.assert_close(w.grad, ref_grads[1])
+
+
+def test_chunked_loss_compiles_as_one_op(small_chunks):
+    # under torch.compile the loss is one custom op in one graph, with its gradients through AOTAutograd
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[1, 3] = -100
+    assert dynamo.explain(kernels.causal_lm_loss)(h, w, labels).graph_break_count == 0
+    ref = reference_loss(h, w, labels)
+    ref_grads = torch.autograd.grad(2 * ref, (h, w))
+    out = torch.compile(kernels.causal_lm_loss, backend="aot_eager", fullgraph=True)(h, w, labels)
+    torch.testing.assert_close(out, ref.float())
+    for g, r in zip(torch.autograd.grad(2 * out, (h, w)), ref_grads):
+        torch.testing.assert_close(g, r)
+    with torch.no_grad():  # no gradients asked for: none made, the same loss
+        torch.testing.assert_close(kernels.causal_lm_loss(h, w, labels), out.detach())
+
+
+def test_compiled_model_keeps_the_fused_loss(small_chunks, monkeypatch):
+    # the decoder compiled in one graph: its layers plain, its loss the fused op, the plain model's loss and gradients
+    monkeypatch.setattr(kernels, "loss_enabled", lambda flag, x: flag)
+    plain, fused = pair()
+    x = ids()
+    a = plain(input_ids=x, labels=x)
+    b = torch.compile(fused, backend="aot_eager", fullgraph=True)(input_ids=x, labels=x)
+    assert b.logits is None
+    torch.testing.assert_close(b.loss, a.loss)
+    a.loss.backward()
+    b.loss.backward()
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
 
 
 def test_chunked_loss_runs_under_a_trainers_autocast(small_chunks):
@@ -206,6 +245,26 @@ def test_liger_kernels_match_plain_model_on_gpu():
     out = peft_model(input_ids=x, labels=x)
     out.loss.backward()
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.skipif(not liger_gpu(), reason="needs CUDA and liger-kernel")
+def test_compiled_fast_path_keeps_the_fused_loss_on_gpu():
+    # under torch.compile the layers are Inductor's and the loss is the fused op: no logits, the plain model's loss
+    cfg = dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    plain = DecoderForCausalLM(DecoderConfig(**cfg)).to("cuda", torch.bfloat16).train()
+    fused = DecoderForCausalLM(DecoderConfig(**cfg, use_liger_kernel=True)).to("cuda", torch.bfloat16).train()
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randint(3, 512, (2, 128), device="cuda")
+    a, b = plain(input_ids=x, labels=x), torch.compile(fused, fullgraph=True)(input_ids=x, labels=x)
+    assert b.logits is None
+    torch.testing.assert_close(b.loss.float(), a.loss.float(), rtol=2e-2, atol=0)
+    a.loss.backward()
+    b.loss.backward()
+    for name in ("lm_head.weight", "model.norm.weight", "model.layers.1.mlp.down_proj.weight"):
+        ga, gb = plain.get_parameter(name).grad.float(), fused.get_parameter(name).grad.float()
+        assert F.cosine_similarity(ga.flatten(), gb.flatten(), dim=0) > 0.99, name
 
 
 def test_use_liger_kernel_switches_a_loaded_decoder():

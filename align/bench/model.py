@@ -8,8 +8,9 @@ Generation: new tokens/s of greedy `generate` with the KV cache, a batch of prom
 Both models are warmed up untimed, then runs alternate (ours, HF, HF, ours, ...) and the best of
 `--repeats` is reported, so start-up costs and background load hit both alike. The ratio column is ours / HF
 (> 1 = ours faster). On CUDA, train MFU = tokens/s x fwd+bwd FLOPs per token / the device's bf16 peak (by name);
-``--compile`` runs both models' training steps through torch.compile. Ours takes align's default attention (align_fa4
-where flash-attn-4 is installed, else SDPA), the reference transformers' default (SDPA) unless told otherwise.
+``--compile`` runs both models' training steps through torch.compile (``--compile_mode``: its mode, for both, e.g.
+reduce-overhead for CUDA graphs). Ours takes align's default attention (align_fa4 where flash-attn-4 is installed, else
+SDPA), the reference transformers' default (SDPA) unless told otherwise.
 """
 
 from __future__ import annotations
@@ -113,14 +114,14 @@ def _rates(n: int, t0: tuple[float, float]) -> tuple[float, float]:
     return n / (wall - t0[0]), n / max(cpu - t0[1], 1e-9)
 
 
-def train_tokens_per_s(model, batch: torch.Tensor, steps: int, warmup: int = 2,
-                       compile: bool = False) -> tuple[float, float]:
+def train_tokens_per_s(model, batch: torch.Tensor, steps: int, warmup: int = 2, compile: bool = False,
+                       compile_mode: str | None = None) -> tuple[float, float]:
     """(tokens per wall second, tokens per CPU second) of forward+backward+AdamW. The optimizer is torch's fused
     AdamW, the Trainer's default (``adamw_torch_fused``): the foreach one took 4.3 of 31.5 ms a step on an H200."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     device = batch.device
-    forward = torch.compile(model) if compile else model
+    forward = torch.compile(model, mode=compile_mode) if compile else model
 
     def step():
         loss = forward(input_ids=batch, labels=batch, use_cache=False).loss
@@ -154,7 +155,7 @@ def generate_tokens_per_s(model, prompts: torch.Tensor, new_tokens: int) -> tupl
 
 
 def run(size="small", device="cpu", dtype="fp32", steps=4, batch=8, seq=128, gen_batch=8, prompt_len=32,
-        new_tokens=64, repeats=3, seed=0, compile=False, liger=False, attn_implementation=None,
+        new_tokens=64, repeats=3, seed=0, compile=False, compile_mode=None, liger=False, attn_implementation=None,
         hf_attn_implementation="sdpa") -> dict:
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -174,7 +175,7 @@ def run(size="small", device="cpu", dtype="fp32", steps=4, batch=8, seq=128, gen
     # untimed warm-up of both (thread pools, allocator, kernel selection): the first model run pays it otherwise
     for model in models.values():
         m = copy.deepcopy(model)
-        train_tokens_per_s(m, train_batch, steps=1, warmup=1, compile=compile)
+        train_tokens_per_s(m, train_batch, steps=1, warmup=1, compile=compile, compile_mode=compile_mode)
         generate_tokens_per_s(m, prompts, 4)
     results = {name: {"train": (0.0, 0.0), "generate": (0.0, 0.0)} for name in models}
     best = lambda a, b: (max(a[0], b[0]), max(a[1], b[1]))  # noqa: E731 best wall, best CPU
@@ -184,14 +185,15 @@ def run(size="small", device="cpu", dtype="fp32", steps=4, batch=8, seq=128, gen
             # a fresh copy per repeat: both start from the same weights and optimizer state
             m = copy.deepcopy(model)
             results[name]["train"] = best(results[name]["train"],
-                                          train_tokens_per_s(m, train_batch, steps, compile=compile))
+                                          train_tokens_per_s(m, train_batch, steps, compile=compile,
+                                                             compile_mode=compile_mode))
             results[name]["generate"] = best(results[name]["generate"], generate_tokens_per_s(m, prompts, new_tokens))
     return {
         "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
         "size": size, "params": sum(p.numel() for p in ours.parameters()), "device": str(device), "dtype": dtype,
         "threads": torch.get_num_threads(),
         "train_shape": (batch, seq), "steps": steps, "repeats": repeats,
-        "gen_shape": (gen_batch, prompt_len, new_tokens), "compile": compile,
+        "gen_shape": (gen_batch, prompt_len, new_tokens), "compile": compile and (compile_mode or "default"),
         "attention": {name: m.config._attn_implementation for name, m in models.items()},
         "peak_flops": peak_flops(device), "flops_per_token": train_flops_per_token(config, seq),
         "results": results,
@@ -226,7 +228,8 @@ def format_table(r: dict) -> str:
     )
     if r["peak_flops"]:
         mfu = {n: 100 * v["train"][0] * r["flops_per_token"] / r["peak_flops"] for n, v in r["results"].items()}
-        rows.append(f"\ntrain MFU{' (compiled)' if r['compile'] else ''}: "
+        compiled = f" (compiled, mode {r['compile']})" if r["compile"] else ""
+        rows.append(f"\ntrain MFU{compiled}: "
                     + ", ".join(f"{n} {v:.1f}%" for n, v in mfu.items()) + f" of {r['peak_flops'] / 1e12:.0f} TFLOP/s")
     return head + "\n\n" + "\n".join(rows)
 
@@ -244,6 +247,9 @@ class BenchArgs:
     new_tokens: int = 64
     repeats: int = field(default=3, metadata={"help": "interleaved repeats; the best is reported"})
     compile: bool = field(default=False, metadata={"help": "torch.compile both models for training"})
+    compile_mode: str | None = field(default=None, metadata={
+        "help": "torch.compile's mode for both, e.g. reduce-overhead (CUDA graphs), as TrainingArguments' "
+                "torch_compile_mode; implies --compile"})
     liger: bool = field(default=False, metadata={
         "help": "also ours with use_liger_kernel (fused RMSNorm, RoPE and LM-head loss; needs CUDA and liger-kernel)"})
     attn_implementation: str | None = field(default=None, metadata={
@@ -255,6 +261,7 @@ class BenchArgs:
         for name, allowed in (("dtype", DTYPES), ("size", SIZES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
+        self.compile = self.compile or self.compile_mode is not None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     (args,) = run_command(parse, [BenchArgs], argv, prog="python -m align.bench model")
     r = run(size=args.size, device=args.device, dtype=args.dtype, steps=args.steps, batch=args.batch, seq=args.seq,
             gen_batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats, compile=args.compile,
-            liger=args.liger, attn_implementation=args.attn_implementation,
+            compile_mode=args.compile_mode, liger=args.liger, attn_implementation=args.attn_implementation,
             hf_attn_implementation=args.hf_attn_implementation)
     print(format_table(r))
     return 0

@@ -9,27 +9,31 @@ final/ carries this file) would otherwise require it of every user.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+INSTALLED = importlib.util.find_spec("liger_kernel") is not None  # looked up once: Dynamo will not trace importlib
 
-@functools.cache
+
 def available() -> bool:
     """liger-kernel is installed and there is a GPU for its Triton kernels."""
-    return importlib.util.find_spec("liger_kernel") is not None and torch.cuda.is_available()
+    return INSTALLED and torch.cuda.is_available()
 
 
 def enabled(flag: bool, x: torch.Tensor) -> bool:
-    """The one test of the fast path: asked for (the config flag), x on CUDA, the kernels installed, and not under
-    torch.compile. There the whole fast path steps aside: traced into the graph, Liger's kernels fault, and Inductor's
-    own fusion of the plain model measured faster than the concatenated matmuls or the fused loss (docs/benchmarks.md).
-    is_compiling comes before available(): Dynamo will not trace importlib, and the graph break it made there ran this
-    test eagerly, where it says "not compiling", which put Liger's kernels into the graph."""
+    """The test of the fast path's layers: asked for (the config flag), x on CUDA, the kernels installed, and not under
+    torch.compile. There they step aside: traced into the graph, Liger's kernels fault, and Inductor's own fusion of
+    the plain norms, RoPE and MLP measured faster than the concatenated matmuls (docs/benchmarks.md)."""
     return flag and x.is_cuda and not torch.compiler.is_compiling() and available()
+
+
+def loss_enabled(flag: bool, x: torch.Tensor) -> bool:
+    """The fused loss's test: as enabled(), but under torch.compile too, where the loss is one opaque custom op and
+    beats Inductor's cross-entropy (docs/benchmarks.md)."""
+    return flag and x.is_cuda and available()
 
 
 def _liger(module: str):
@@ -72,45 +76,64 @@ def causal_lm_loss(
     # where autograd takes the gradients back to fp32; inside, the in-place matmuls need their operands to agree
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else lm_head_weight.dtype
+    grads = torch.is_grad_enabled()
     with torch.autocast(device, enabled=False):
-        return LinearCrossEntropy.apply(h.to(dtype), lm_head_weight.to(dtype), labels, n, ignore_index)
+        h, w = h.to(dtype), lm_head_weight.to(dtype)
+        return linear_cross_entropy(h, w, labels, n, ignore_index, grads and h.requires_grad,
+                                    grads and w.requires_grad)[0]
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """sum(CE(h W^T, labels)) / n with the gradients made in the forward, chunk by chunk (Liger's fused loss, reshaped).
+CHUNK = 2**27  # logits per chunk of the fused loss: ~256 MB in bf16
+
+
+@torch.library.custom_op("align::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, n: torch.Tensor, ignore_index: int, grad_h: bool,
+    grad_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sum(CE(h W^T, labels)) / n and the gradients of the sum for h (N, C) and W (V, C), made here in the forward,
+    chunk by chunk (Liger's fused loss, reshaped); an empty tensor for a gradient not asked for.
 
     Each chunk's logits go through Liger's Triton cross-entropy kernel, which overwrites them with their gradient in
     one pass; two matmuls take that to h and W. Unlike Liger's own fused loss, nothing here reads a value back to the
     host (it calls .item() for the token count and compares the incoming gradient with 1.0, two syncs a step), and
-    chunks are ~256 MB of logits, not the size of h: 4 for the 100M decoder's 16k-token batch instead of 32. An eager
-    step is host-bound, and every sync and launch shows in its wall time (docs/benchmarks.md)."""
+    chunks are CHUNK logits, not the size of h: 4 for the 100M decoder's 16k-token batch instead of 32. An eager step
+    is host-bound, and every sync and launch shows in its wall time (docs/benchmarks.md). A custom op, so that
+    torch.compile keeps it whole: Inductor's own cross-entropy reads the logits at a third of the memory bandwidth."""
+    N, V = h.shape[0], weight.shape[0]
+    rows = max(1, min(N, CHUNK // V))
+    loss = torch.zeros(N, dtype=torch.float32, device=h.device)  # ignored rows stay 0
+    gh = torch.empty_like(h) if grad_h else None
+    gw = torch.zeros_like(weight) if grad_w else None
+    for s in range(0, N, rows):
+        hs = h[s:s + rows]
+        logits = hs @ weight.t()  # (r, V), turned into d(sum CE)/d logits in place
+        cross_entropy_grad_(logits, labels[s:s + rows], loss[s:s + rows], ignore_index)
+        if gh is not None:
+            torch.mm(logits, weight, out=gh[s:s + rows])
+        if gw is not None:
+            gw.addmm_(logits.t(), hs)
+    return loss.sum() / n, *(g if g is not None else h.new_empty(0) for g in (gh, gw))  # 1/n: in the backward
 
-    CHUNK = 2**27  # logits per chunk
 
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, n: torch.Tensor,
-                ignore_index: int) -> torch.Tensor:
-        N, V = h.shape[0], weight.shape[0]
-        rows = max(1, min(N, LinearCrossEntropy.CHUNK // V))
-        loss = torch.zeros(N, dtype=torch.float32, device=h.device)  # ignored rows stay 0
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for s in range(0, N, rows):
-            hs = h[s:s + rows]
-            logits = hs @ weight.t()  # (r, V), turned into d(sum CE)/d logits in place
-            cross_entropy_grad_(logits, labels[s:s + rows], loss[s:s + rows], ignore_index)
-            if grad_h is not None:
-                torch.mm(logits, weight, out=grad_h[s:s + rows])
-            if grad_w is not None:
-                grad_w.addmm_(logits.t(), hs)
-        ctx.save_for_backward(*(g / n if g is not None else None for g in (grad_h, grad_w)))
-        return loss.sum() / n
+@linear_cross_entropy.register_fake
+def _(h, weight, labels, n, ignore_index, grad_h, grad_w):
+    return (h.new_empty((), dtype=torch.float32), torch.empty_like(h) if grad_h else h.new_empty(0),
+            torch.empty_like(weight) if grad_w else h.new_empty(0))
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad if grad_h is not None else None, grad_w * grad if grad_w is not None else None,
-                None, None, None)
+
+def _save_grads(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*output[1:], inputs[3])
+    ctx.wanted = inputs[5:]
+
+
+def _backward(ctx, grad: torch.Tensor, *_):  # the gradients' own outputs are not differentiated
+    *sums, n = ctx.saved_tensors
+    grads = [g * (grad / n) if wanted else None for g, wanted in zip(sums, ctx.wanted)]
+    return (*grads, None, None, None, None, None)
+
+
+linear_cross_entropy.register_autograd(_backward, setup_context=_save_grads)
 
 
 def cross_entropy_grad_(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, ignore_index: int) -> None:

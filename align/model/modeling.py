@@ -534,7 +534,7 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         h, logits, loss = out.last_hidden_state, None, None  # h (B, T, C)
         if (
             labels is not None and self.training and isinstance(logits_to_keep, int) and logits_to_keep == 0
-            and kernels.plain_linear(self.lm_head) and kernels.enabled(self.config.use_liger_kernel, h)
+            and kernels.plain_linear(self.lm_head) and kernels.loss_enabled(self.config.use_liger_kernel, h)
         ):
             # LM head + cross-entropy fused: the (B*T, V) logits are never made, so none are returned (as Liger's Llama)
             loss = kernels.causal_lm_loss(h, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
