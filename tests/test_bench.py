@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -119,6 +120,22 @@ def test_plot_writes_a_png_and_rejects_files_without_generate_rows(tmp_path):
     empty = tmp_path / "e.jsonl"
     empty.write_text('{"bench": "sft"}\n')
     assert plot.main(["--files", str(empty), "--out", str(out)]) == 2
+
+
+def test_model_bench_json_draws_throughput_against_batch_and_sequence_length(tmp_path, capsys):
+    from align.bench import plot
+
+    data = tmp_path / "train.jsonl"
+    for batch, seq in ((2, 16), (4, 16), (2, 32)):
+        argv = ["--steps", "1", "--repeats", "1", "--batch", str(batch), "--seq", str(seq), "--new_tokens", "2"]
+        assert model_bench.main([*argv, "--json", str(data)]) == 0
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    assert [(r["model"], r["batch"], r["seq"]) for r in rows[:2]] == [("ours", 2, 16), ("hf", 2, 16)]
+    assert len(rows) == 6 and all(r["train_tokens_per_s"] > 0 and r["compile"] is False for r in rows)
+    out = tmp_path / "train.png"
+    assert plot.main(["--bench", "model", "--files", str(data), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot.main(["--files", str(data), "--out", str(out)]) == 2  # no generate rows there
 
 
 def test_annotator_aware_labels_beat_majority_vote_with_careless_annotators(capsys):

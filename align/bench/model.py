@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import os
 import platform
 import time
@@ -256,6 +257,8 @@ class BenchArgs:
         "help": "ours: None = align's default (align_fa4 where flash-attn-4 is installed, else sdpa)"})
     hf_attn_implementation: str = field(default="sdpa", metadata={
         "help": "the reference's: transformers' default sdpa, or e.g. flash_attention_4 (transformers' own FA4 path)"})
+    json: str | None = field(default=None, metadata={
+        "help": "append one JSON line per model to this file (python -m align.bench plot --bench model draws them)"})
 
     def __post_init__(self):
         for name, allowed in (("dtype", DTYPES), ("size", SIZES)):
@@ -273,7 +276,22 @@ def main(argv: list[str] | None = None) -> int:
             compile_mode=args.compile_mode, liger=args.liger, attn_implementation=args.attn_implementation,
             hf_attn_implementation=args.hf_attn_implementation)
     print(format_table(r))
+    if args.json:
+        with open(args.json, "a") as f:
+            for line in json_rows(r):
+                f.write(json.dumps(line) + "\n")
     return 0
+
+
+def json_rows(r: dict) -> list[dict]:
+    """One flat row per model of a run's result: what `align.bench plot --bench model` reads."""
+    device = torch.cuda.get_device_name(r["device"]) if r["device"].startswith("cuda") else "cpu"
+    b, t = r["train_shape"]
+    return [{"bench": "model", "model": name, "size": r["size"], "dtype": r["dtype"], "device": device, "batch": b,
+             "seq": t, "compile": r["compile"], "attention": r["attention"][name],
+             "train_tokens_per_s": v["train"][0], "generate_tokens_per_s": v["generate"][0],
+             "mfu": v["train"][0] * r["flops_per_token"] / r["peak_flops"] if r["peak_flops"] else None}
+            for name, v in r["results"].items()]
 
 
 if __name__ == "__main__":

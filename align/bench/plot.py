@@ -1,9 +1,12 @@
-"""PNG of generation throughput from ``python -m align.bench generate --json FILE`` lines.
+"""PNG of throughput from ``python -m align.bench generate|model --json FILE`` lines.
 
     python -m align.bench plot --files gen.jsonl [more.jsonl ...] --out docs/img/generate.png
+    python -m align.bench plot --bench model --files train.jsonl --out docs/img/train.png
 
-Left: tokens/s against batch size, one line per method (at the most common prompt length); right: tokens/s
+generate: left, new tokens/s against batch size, one line per method (at the most common prompt length); right,
 against prompt length at each batch size that was run at several prompt lengths (ours and HF).
+model: training tokens/s (forward + backward + AdamW) against batch size at the most common sequence length, and
+against sequence length at the most common batch size, one line per model (ours, HF, the fast path) and compile mode.
 """
 
 from __future__ import annotations
@@ -13,17 +16,22 @@ import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+BENCHES = ("generate", "model")
+
 
 @dataclass
 class BenchArgs:
-    """PNG of generation throughput from `bench generate --json` files"""
+    """PNG of generation or training throughput from `bench generate|model --json` files"""
 
-    files: list[str] = field(default_factory=list, metadata={"help": "JSON-lines files of `bench generate --json`"})
+    files: list[str] = field(default_factory=list, metadata={"help": "JSON-lines files of `bench ... --json`"})
     out: str = field(default="generate.png", metadata={"help": "the PNG to write"})
+    bench: str = field(default="generate", metadata={"help": f"whose rows to draw: one of {BENCHES}"})
 
     def __post_init__(self):
         if isinstance(self.files, str):  # one file given as one word
             self.files = [self.files]
+        if self.bench not in BENCHES:
+            raise ValueError(f"bench must be one of {BENCHES}, got {self.bench!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,10 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for f in a.files for line in open(f) if line.strip()]
-    rows = [r for r in rows if r.get("bench") == "generate"]
+    rows = [r for r in rows if r.get("bench") == a.bench]
     if not rows:
-        print(f"error: no generate rows in {a.files}", file=sys.stderr)
+        print(f"error: no {a.bench} rows in {a.files}", file=sys.stderr)
         return 2
+    fig = (generate_figure if a.bench == "generate" else train_figure)(rows, plt)
+    fig.tight_layout()
+    fig.savefig(a.out, dpi=110)
+    print(f"wrote {a.out}")
+    return 0
+
+
+def generate_figure(rows: list[dict], plt):
     plen = Counter(r["prompt_len"] for r in rows).most_common(1)[0][0]
     by_batch = defaultdict(list)
     for r in rows:
@@ -69,10 +85,36 @@ def main(argv: list[str] | None = None) -> int:
                 title=r0["device"])
         ax2.grid(True, which="both", alpha=0.3)
         ax2.legend()
-    fig.tight_layout()
-    fig.savefig(a.out, dpi=110)
-    print(f"wrote {a.out}")
-    return 0
+    return fig
+
+
+def train_figure(rows: list[dict], plt):
+    seq = Counter(r["seq"] for r in rows).most_common(1)[0][0]
+    batch = Counter(r["batch"] for r in rows).most_common(1)[0][0]
+    lines = defaultdict(lambda: ([], []))  # (model, compile mode) -> ((batch, tok/s) at seq, (seq, tok/s) at batch)
+    for r in rows:
+        key = f"{r['model']}" + (f", compiled ({r['compile']})" if r["compile"] else ", eager")
+        if r["seq"] == seq:
+            lines[key][0].append((r["batch"], r["train_tokens_per_s"]))
+        if r["batch"] == batch:
+            lines[key][1].append((r["seq"], r["train_tokens_per_s"]))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    r0 = rows[0]
+    for ax, i, xlabel, title in ((ax1, 0, "batch size", f"seq {seq}"), (ax2, 1, "sequence length", f"batch {batch}")):
+        for key, pts in sorted(lines.items()):
+            best = defaultdict(float)  # several runs of one shape: the best, as the bench reports
+            for x, y in pts[i]:
+                best[x] = max(best[x], y)
+            if pts := sorted(best.items()):
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=key,
+                        linestyle="--" if key.startswith("hf") else "-")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+        ax.set(xlabel=xlabel, ylabel="train tokens / s (fwd + bwd + AdamW)",
+               title=f"{r0['size']} {r0['dtype']}, {title}, {r0['device']}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
 
 
 if __name__ == "__main__":
