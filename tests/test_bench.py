@@ -138,6 +138,15 @@ def test_model_bench_json_draws_throughput_against_batch_and_sequence_length(tmp
     assert plot.main(["--files", str(data), "--out", str(out)]) == 2  # no generate rows there
 
 
+def test_score_bench_scores_as_the_per_example_loop(capsys):
+    from align.bench import score
+
+    assert score.main(["--n", "16", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "RewardScorer (batch 64)" in out
+    assert float(out.rsplit("max |reward difference| ", 1)[1].split()[0]) < 1e-4
+
+
 def test_annotator_aware_labels_beat_majority_vote_with_careless_annotators(capsys):
     """bench annotators: 5 careful, 3 random and 2 length-biased simulated annotators on world pairs."""
     import re

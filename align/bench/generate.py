@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from align.bench.model import DTYPES, SIZES, device_name, versions
+from align.bench.model import DTYPES, SIZES, device_name, peak_gib, reset_peak, versions
 from align.convert import to_llama
 from align.fastgen import fast_generate
 from align.model import DecoderConfig, DecoderForCausalLM
@@ -90,16 +90,14 @@ def run(size="small", device="cpu", dtype="fp32", batches=(1, 8), prompt_len=32,
         order = list(methods)
         for i in range(repeats):
             for name in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
+                reset_peak(device)
                 _sync(device)
                 t0 = time.perf_counter()
                 out = methods[name](prompts, new_tokens)
                 _sync(device)
                 best[name] = max(best[name], B * new_tokens / (time.perf_counter() - t0))
                 assert out.shape == (B, new_tokens), out.shape
-                if device.type == "cuda":
-                    peak[name] = torch.cuda.max_memory_allocated(device) / 2**30
+                peak[name] = peak_gib(device)
         for name in methods:
             row = {
                 "bench": "generate", "size": size, "params": params, "device": device_name(device), "dtype": dtype,

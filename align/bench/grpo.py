@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from align.bench.model import SIZES, device_name, reset_peak, versions
+from align.bench.model import SIZES, device_name, peak_gib, reset_peak, versions
 from align.bench.train import lora_config, word_tokenizer
 from align.convert import to_llama
 from align.model import DecoderConfig, DecoderForCausalLM
@@ -88,7 +88,7 @@ def run_one(variant: str, base, tok, prompts, device, n_prompts, num_generations
     step_s = (times[-1] - times[warmup - 1]) / (steps - warmup) if warmup else None
     out = {"completions_per_s": n_prompts * num_generations / step_s, "step_s": step_s,
            "gen_s": sum(gen[warmup:steps]) / (steps - warmup),
-           "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+           "peak_gib": peak_gib(device)}
     del trainer, model
     return out
 

@@ -84,6 +84,16 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def peak_gib(device: torch.device, since: int = 0) -> float | None:
+    """GiB at the peak since reset_peak, less `since` bytes (what was live before the run); None off CUDA."""
+    return (torch.cuda.max_memory_allocated(device) - since) / 2**30 if device.type == "cuda" else None
+
+
+def allocated(device: torch.device) -> int:
+    """Bytes live on the device now (0 off CUDA)."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
 def versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -178,17 +188,21 @@ def run(size="small", device="cpu", dtype="fp32", steps=4, batch=8, seq=128, gen
         m = copy.deepcopy(model)
         train_tokens_per_s(m, train_batch, steps=1, warmup=1, compile=compile, compile_mode=compile_mode)
         generate_tokens_per_s(m, prompts, 4)
-    results = {name: {"train": (0.0, 0.0), "generate": (0.0, 0.0)} for name in models}
+    results = {name: {"train": (0.0, 0.0), "generate": (0.0, 0.0), "train_peak_gib": None} for name in models}
     best = lambda a, b: (max(a[0], b[0]), max(a[1], b[1]))  # noqa: E731 best wall, best CPU
     order = list(models.items())
     for i in range(repeats):
         for name, model in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
             # a fresh copy per repeat: both start from the same weights and optimizer state
+            reset_peak(device)
+            since = allocated(device)  # the resident models: not this run's
             m = copy.deepcopy(model)
             results[name]["train"] = best(results[name]["train"],
                                           train_tokens_per_s(m, train_batch, steps, compile=compile,
                                                              compile_mode=compile_mode))
+            results[name]["train_peak_gib"] = peak_gib(device, since)  # the copy, its grads, AdamW, activations
             results[name]["generate"] = best(results[name]["generate"], generate_tokens_per_s(m, prompts, new_tokens))
+            del m
     return {
         "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
         "size": size, "params": sum(p.numel() for p in ours.parameters()), "device": str(device), "dtype": dtype,
@@ -217,6 +231,13 @@ def format_table(r: dict) -> str:
             row += f" {r['results']['liger'][key][0]:,.0f} | {r['results']['liger'][key][0] / hf:.2f} |"
         if cpu:
             row += f" {ours_cpu:,.0f} | {hf_cpu:,.0f} | {ours_cpu / hf_cpu:.2f} |"
+        rows.append(row)
+    if r["results"]["ours"]["train_peak_gib"] is not None:
+        peak = {n: v["train_peak_gib"] for n, v in r["results"].items()}
+        row = f"| train peak GiB (copy, grads, AdamW, activations) | {peak['ours']:.2f} | {peak['hf']:.2f} |"
+        row += f" {peak['ours'] / peak['hf']:.2f} |"
+        if liger:
+            row += f" {peak['liger']:.2f} | {peak['liger'] / peak['hf']:.2f} |"
         rows.append(row)
     b, t = r["train_shape"]
     gb, pl, nt = r["gen_shape"]
@@ -285,11 +306,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def json_rows(r: dict) -> list[dict]:
     """One flat row per model of a run's result: what `align.bench plot --bench model` reads."""
-    device = torch.cuda.get_device_name(r["device"]) if r["device"].startswith("cuda") else "cpu"
     b, t = r["train_shape"]
-    return [{"bench": "model", "model": name, "size": r["size"], "dtype": r["dtype"], "device": device, "batch": b,
-             "seq": t, "compile": r["compile"], "attention": r["attention"][name],
-             "train_tokens_per_s": v["train"][0], "generate_tokens_per_s": v["generate"][0],
+    return [{"bench": "model", "model": name, "size": r["size"], "dtype": r["dtype"],
+             "device": device_name(r["device"]), "batch": b, "seq": t, "compile": r["compile"],
+             "attention": r["attention"][name], "train_tokens_per_s": v["train"][0],
+             "generate_tokens_per_s": v["generate"][0], "train_peak_gib": v["train_peak_gib"],
              "mfu": v["train"][0] * r["flops_per_token"] / r["peak_flops"] if r["peak_flops"] else None}
             for name, v in r["results"].items()]
 

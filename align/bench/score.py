@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from align.bench.model import SIZES
+from align.bench.model import SIZES, peak_gib, reset_peak
 from align.score import RewardScorer, encode
 
 
@@ -53,7 +53,7 @@ def build_default(size: str, device: str) -> RewardScorer:
 
 
 def pairs(n: int) -> tuple[list, list]:
-    from align.reward import world_heldout_pairs
+    from align.reward_eval import world_heldout_pairs
 
     ps = world_heldout_pairs(0, min((n + 3) // 4, 300))  # the world has ~300 distinct held-out prompts
     prompts, responses = [], []
@@ -125,21 +125,22 @@ def main(argv: list[str] | None = None) -> int:
     naive(scorer.model, scorer.tokenizer, prompts[:warm], responses[:warm])
     scorer.score(prompts[:warm], responses[:warm])
     best = {"loop": (0.0, 0.0), "scorer": (0.0, 0.0)}
-    results = {}
+    results, peak = {}, {}
     for i in range(a.repeats):
         order = ("loop", "scorer") if i % 2 == 0 else ("scorer", "loop")
         for name in order:
             fn = (lambda: naive(scorer.model, scorer.tokenizer, prompts, responses)) if name == "loop" \
                 else (lambda: scorer.score(prompts, responses))
+            reset_peak(device)
             wall, cpu, res = timed(fn, len(prompts), device)
-            results[name] = res
+            results[name], peak[name] = res, peak_gib(device)  # the model's weights included, for both
             best[name] = max(best[name], (wall, cpu))
     diff = max(abs(x - y) for x, y in zip(results["loop"], results["scorer"]))
     cpu_col = device.type == "cpu"
-    print(f"{'method':<34} {'pairs/s (wall)':>15}" + (f" {'pairs/CPU-s':>12}" if cpu_col else ""))
+    print(f"{'method':<34} {'pairs/s (wall)':>15}" + (f" {'pairs/CPU-s':>12}" if cpu_col else f" {'peak GiB':>9}"))
     for name, label in (("loop", "per-example HF loop"), ("scorer", f"RewardScorer (batch {a.batch_size})")):
         w, c = best[name]
-        print(f"{label:<34} {w:>15.1f}" + (f" {c:>12.1f}" if cpu_col else ""))
+        print(f"{label:<34} {w:>15.1f}" + (f" {c:>12.1f}" if cpu_col else f" {peak[name]:>9.2f}"))
     print(f"speed-up: {best['scorer'][0] / best['loop'][0]:.1f}x wall"
           + (f", {best['scorer'][1] / best['loop'][1]:.1f}x CPU" if cpu_col else "")
           + f"; max |reward difference| {diff:.2e}")

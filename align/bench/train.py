@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from align.bench.model import SIZES, device_name, peak_flops, reset_peak, train_flops_per_token, versions
+from align.bench.model import SIZES, device_name, peak_flops, peak_gib, reset_peak, train_flops_per_token, versions
 from align.convert import to_llama
 from align.model import DecoderConfig, DecoderForCausalLM
 
@@ -156,7 +156,7 @@ def run_one(kind: str, variant: str, base: DecoderForCausalLM, tok, rows, device
             out = orig(self, *a, **kw)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-                pre_peak = torch.cuda.max_memory_allocated(device) / 2**30  # the pre-pass's share of the peak
+                pre_peak = peak_gib(device)  # the pre-pass's share of the peak
             pre_s += time.perf_counter() - t
             return out
 
@@ -176,7 +176,7 @@ def run_one(kind: str, variant: str, base: DecoderForCausalLM, tok, rows, device
         seconds += pre_s * (steps - warmup) / max(len(trainer.train_dataset) / batch, 1)
     out = {"tokens_per_s": tokens / seconds, "step_s": seconds / (steps - warmup), "loss": result.training_loss,
            "tokens_per_step": tokens / (steps - warmup), "pre_pass_s": pre_s, "pre_pass_peak_gib": pre_peak,
-           "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+           "peak_gib": peak_gib(device)}
     del trainer, model
     return out
 
