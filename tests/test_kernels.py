@@ -206,14 +206,20 @@ def liger_gpu() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
 
 
-@pytest.mark.skipif(not liger_gpu(), reason="needs CUDA and liger-kernel")
-def test_liger_kernels_match_plain_model_on_gpu():
+def gpu_pair(dtype: torch.dtype = torch.bfloat16) -> tuple[DecoderForCausalLM, DecoderForCausalLM]:
+    """pair() at a shape for the GPU's kernels, on CUDA in dtype."""
     cfg = dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=256)
     torch.manual_seed(0)
-    plain = DecoderForCausalLM(DecoderConfig(**cfg)).to("cuda", torch.bfloat16).train()
-    fused = DecoderForCausalLM(DecoderConfig(**cfg, use_liger_kernel=True)).to("cuda", torch.bfloat16).train()
+    plain = DecoderForCausalLM(DecoderConfig(**cfg)).to("cuda", dtype).train()
+    fused = DecoderForCausalLM(DecoderConfig(**cfg, use_liger_kernel=True)).to("cuda", dtype).train()
     fused.load_state_dict(plain.state_dict())
+    return plain, fused
+
+
+@pytest.mark.skipif(not liger_gpu(), reason="needs CUDA and liger-kernel")
+def test_liger_kernels_match_plain_model_on_gpu():
+    plain, fused = gpu_pair()
     x = torch.randint(3, 512, (2, 128), device="cuda")
     a, b = plain(input_ids=x, labels=x), fused(input_ids=x, labels=x)
     assert b.logits is None
@@ -229,9 +235,7 @@ def test_liger_kernels_match_plain_model_on_gpu():
     assert (lb - la).abs().max() <= 5e-2 * la.abs().max()
 
     # a trainer's mixed precision: fp32 weights, bf16 matmuls under autocast
-    plain32 = DecoderForCausalLM(DecoderConfig(**cfg)).cuda().train()
-    fused32 = DecoderForCausalLM(DecoderConfig(**cfg, use_liger_kernel=True)).cuda().train()
-    fused32.load_state_dict(plain32.state_dict())
+    plain32, fused32 = gpu_pair(torch.float32)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         a, b = plain32(input_ids=x, labels=x), fused32(input_ids=x, labels=x)
     torch.testing.assert_close(b.loss.float(), a.loss.float(), rtol=2e-2, atol=0)
@@ -250,12 +254,7 @@ def test_liger_kernels_match_plain_model_on_gpu():
 @pytest.mark.skipif(not liger_gpu(), reason="needs CUDA and liger-kernel")
 def test_compiled_fast_path_keeps_the_fused_loss_on_gpu():
     # under torch.compile the layers are Inductor's and the loss is the fused op: no logits, the plain model's loss
-    cfg = dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    plain = DecoderForCausalLM(DecoderConfig(**cfg)).to("cuda", torch.bfloat16).train()
-    fused = DecoderForCausalLM(DecoderConfig(**cfg, use_liger_kernel=True)).to("cuda", torch.bfloat16).train()
-    fused.load_state_dict(plain.state_dict())
+    plain, fused = gpu_pair()
     x = torch.randint(3, 512, (2, 128), device="cuda")
     a, b = plain(input_ids=x, labels=x), torch.compile(fused, fullgraph=True)(input_ids=x, labels=x)
     assert b.logits is None
