@@ -80,6 +80,7 @@ def stand_in(monkeypatch):
     """The kernels "apply" on CPU and run reference_fwd/bwd; returns the list of calls."""
     calls = []
     monkeypatch.setattr(flash, "_device_ok", lambda q: True)
+    monkeypatch.setattr(flash, "MIN_TOKENS", 0)  # tiny inputs: the host-bound guard would send them to SDPA
     monkeypatch.setattr(flash, "_kernel_fwd", lambda *a: (calls.append("fwd"), reference_fwd(*a))[1])
     monkeypatch.setattr(flash, "_kernel_bwd", lambda *a: (calls.append("bwd"), reference_bwd(*a))[1])
     return calls
@@ -123,14 +124,17 @@ def test_eager_calls_skip_the_custom_op(stand_in, monkeypatch):
     assert_same_gradients(sdpa, fa4)
 
 
-def test_what_the_kernels_do_not_take_goes_to_sdpa(stand_in):
+def test_what_the_kernels_do_not_take_goes_to_sdpa(stand_in, monkeypatch):
     sdpa, fa4 = pair(torch.bfloat16)
     x = ids()
     mask = torch.ones_like(x)
     mask[1, :2] = 0
     fa4(input_ids=x, attention_mask=mask, labels=x)  # padding
     fa4.float()(input_ids=x, labels=x)  # fp32
+    monkeypatch.setattr(flash, "MIN_TOKENS", x.numel() + 1)
+    fa4.bfloat16()(input_ids=x, labels=x)  # too few tokens: host-bound, SDPA is faster
     assert stand_in == []
+    monkeypatch.setattr(flash, "MIN_TOKENS", x.numel())
     fa4.bfloat16().eval()(input_ids=x, labels=x)
     assert stand_in == ["fwd", "fwd"]
 
@@ -153,7 +157,8 @@ def _fa4_gpu() -> bool:
 
 
 @pytest.mark.skipif(not _fa4_gpu(), reason="needs flash-attn-4 and a Hopper or Blackwell GPU")
-def test_kernels_match_sdpa_on_the_gpu():
+def test_kernels_match_sdpa_on_the_gpu(monkeypatch):
+    monkeypatch.setattr(flash, "MIN_TOKENS", 0)
     cfg = dict(vocab_size=V, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2)
     torch.manual_seed(0)

@@ -10,9 +10,10 @@ autograd.Function wraps (hence the pinned version in the `flash` extra).
 
 The kernels run where they apply: CUDA tensors of compute capability 9 or 10, bf16/fp16, head_dim a multiple of 8
 up to 128, plain causal attention over the whole sequence (no mask, i.e. no padding and no packed rows; no dropout,
-softcap or sliding window). Everything else, CPU included, runs transformers' SDPA function, so the same model and
-config work everywhere. The mask function is SDPA's, except that plain causal attention gets no mask under
-torch.compile too (transformers builds one there with torch < 2.14, which would send every compiled call to SDPA).
+softcap or sliding window), on at least ``MIN_TOKENS`` query tokens a call. Everything else, CPU included, runs
+transformers' SDPA function, so the same model and config work everywhere. The mask function is SDPA's, except that
+plain causal attention gets no mask under torch.compile too (transformers builds one there with torch < 2.14, which
+would send every compiled call to SDPA).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ NAME = "align_fa4"
 INSTALLED = all(importlib.util.find_spec(m) is not None for m in ("flash_attn", "flash_attn.cute"))
 DEFAULT = NAME if INSTALLED else None  # align's loader uses it unless asked for another (None: transformers' default)
 HALF = (torch.bfloat16, torch.float16)
+# Each call spends ~0.4 ms of host time in the package's Python interface. On fewer tokens (batch x length) the
+# GPU finishes first and the step is host-bound: SDPA, launched from C++, ran the 100M decoder's compiled step
+# 1.5x faster at 4 x 1024 tokens on an H200 (docs/benchmarks.md).
+MIN_TOKENS = 16384
 
 
 @torch.compiler.assume_constant_result
@@ -49,7 +54,8 @@ def applies(module, q: Tensor, k: Tensor, attention_mask: Tensor | None, dropout
     plain = (attention_mask is None and dropout == 0.0 and getattr(module, "is_causal", True)
              and kwargs.get("is_causal", True) is not False
              and all(kwargs.get(key) is None for key in ("sliding_window", "softcap", "s_aux")))
-    shapes = q.shape[2] == k.shape[2] and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+    shapes = (q.shape[2] == k.shape[2] and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+              and q.shape[0] * q.shape[2] >= MIN_TOKENS)
     return plain and shapes and q.dtype in HALF and k.dtype == q.dtype and _device_ok(q)
 
 
