@@ -78,9 +78,10 @@ def generate_figure(rows: list[dict], plt):
     ax1.legend()
     if by_batch:  # right panel only where several prompt lengths were run
         ax2 = axes[0, 1]
+        colors = {b: f"C{i}" for i, b in enumerate(sorted({b for b, _ in by_batch}))}  # one colour a batch size
         for (b, method), pts in sorted(by_batch.items()):
             ax2.plot([pl for pl, _ in pts], [t for _, t in pts], marker="o", label=f"{method}, batch {b}",
-                     linestyle="-" if method == "ours" else "--")
+                     color=colors[b], linestyle="-" if method == "ours" else "--")
         ax2.set(xscale="log", yscale="log", xlabel="prompt length (tokens)", ylabel="new tokens / s",
                 title=r0["device"])
         ax2.grid(True, which="both", alpha=0.3)
