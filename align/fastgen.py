@@ -121,10 +121,13 @@ def fast_generate(
     q, k = torch.arange(W, device=device)[:, None], torch.arange(L, device=device)[None, :]
     keys = torch.zeros(B, L, dtype=torch.bool, device=device)
     keys[:, :W] = real
-    mask = (k <= q)[None] & keys[:, None, :]  # (B, W, L)
-    mask |= (k == q)[None]
+    if bool(real.all()):  # no padding: the model's own causal mask, which SDPA runs as its flash kernel with
+        prefill_mask = attention_mask  # native GQA; a 4D mask takes the masked kernel over repeated K/V
+    else:
+        mask = (k <= q)[None] & keys[:, None, :]  # (B, W, L)
+        prefill_mask = (mask | (k == q)[None])[:, None]  # (B, 1, W, L)
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, W) positions count real tokens only
-    logits = model(input_ids=input_ids, attention_mask=mask[:, None], position_ids=pos, cache=cache,
+    logits = model(input_ids=input_ids, attention_mask=prefill_mask, position_ids=pos, cache=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V)
 
     # decode buffers the graph reads: token, position, key mask over the whole cache

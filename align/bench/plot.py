@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def generate_figure(rows: list[dict], plt):
-    plen = Counter(r["prompt_len"] for r in rows).most_common(1)[0][0]
+    counts = Counter(r["prompt_len"] for r in rows)
+    plen = min(counts, key=lambda p: (-counts[p], p))  # the most common prompt length; the shortest of a tie
     by_batch = defaultdict(list)
     for r in rows:
         if r["method"] in ("hf", "ours"):
