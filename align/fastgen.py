@@ -34,11 +34,13 @@ FAST_MODEL_TYPES = ("align_decoder", "llama", "qwen2", "qwen3", "mistral")
 def supports_fast_generate(model) -> bool:
     """True for causal LMs whose forward this loop drives: our dense decoder and Llama-like HF decoders with
     full attention in every layer, adapters (LoRA) injected or not. MoE routing needs the 2D padding mask and
-    sliding-window layers a mask of their own, so those models keep HF generate; so does a ``PeftModel`` wrapper
-    itself, whose ``generate`` reaches the model inside (prompt-learning methods with inputs this loop does not
-    take, which then fall back)."""
+    sliding-window layers a mask of their own, and dual chunk attention chunk ids over the keys written so far (not
+    a static cache's slots), so those models keep HF generate; so does a ``PeftModel`` wrapper itself, whose
+    ``generate`` reaches the model inside (prompt-learning methods with inputs this loop does not take, which then
+    fall back)."""
     config = model.config
-    if getattr(config, "num_experts", 0) or hasattr(model, "get_base_model"):  # get_base_model: a PeftModel
+    if (getattr(config, "num_experts", 0) or getattr(config, "dca_chunk_size", None)
+            or hasattr(model, "get_base_model")):  # get_base_model: a PeftModel
         return False
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     if any(t != "full_attention" for t in layer_types) or (

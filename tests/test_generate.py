@@ -267,6 +267,10 @@ def test_generate_fast_path_gives_the_plain_replies(tiny_lm_dir, tiny_llama_dir)
     moe = DecoderForCausalLM(DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                            num_attention_heads=2, num_key_value_heads=1, num_experts=2))
     assert not supports_fast_generate(moe)  # routing needs the 2D padding mask: HF generate
+    dca = DecoderForCausalLM(DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, dca_chunk_size=4,
+                                           dca_local_window=2))
+    assert not supports_fast_generate(dca)  # chunk ids over the keys so far, not a static cache's slots
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     kw = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
