@@ -118,16 +118,15 @@ def fast_generate(
     cache = StaticCache(config=model.config, max_cache_len=L)
     real = attention_mask.bool()  # (B, W)
 
-    # prefill: causal over real keys; a left-pad query sees itself only (a row of no keys gives NaN in SDPA,
-    # which the cache would carry into every later step as 0 * NaN)
-    q, k = torch.arange(W, device=device)[:, None], torch.arange(L, device=device)[None, :]
     keys = torch.zeros(B, L, dtype=torch.bool, device=device)
     keys[:, :W] = real
-    if bool(real.all()):  # no padding: the model's own causal mask, which SDPA runs as its flash kernel with
-        prefill_mask = attention_mask  # native GQA; a 4D mask takes the masked kernel over repeated K/V
-    else:
-        mask = (k <= q)[None] & keys[:, None, :]  # (B, W, L)
-        prefill_mask = (mask | (k == q)[None])[:, None]  # (B, 1, W, L)
+    # prefill. No padding: the model's own causal mask, which SDPA runs as its flash kernel with native GQA (a 4D
+    # mask takes its masked kernel over repeated K/V). Padding: causal over real keys; a left-pad query sees itself
+    # only (a row of no keys gives NaN in SDPA, which the cache would carry into every later step as 0 * NaN)
+    prefill_mask = attention_mask
+    if not bool(real.all()):
+        q, k = torch.arange(W, device=device)[:, None], torch.arange(L, device=device)[None, :]
+        prefill_mask = (((k <= q)[None] & keys[:, None, :]) | (k == q)[None])[:, None]  # (B, 1, W, L)
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, W) positions count real tokens only
     logits = model(input_ids=input_ids, attention_mask=prefill_mask, position_ids=pos, cache=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V)
