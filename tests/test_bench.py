@@ -136,6 +136,12 @@ def test_model_bench_json_draws_throughput_against_batch_and_sequence_length(tmp
     assert plot.main(["--bench", "model", "--files", str(data), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot.main(["--files", str(data), "--out", str(out)]) == 2  # no generate rows there
+    # the rows name the attention the step reached: align_fa4 sends steps under MIN_TOKENS tokens to SDPA
+    from align.model import flash
+
+    assert model_bench.training_attention("align_fa4", flash.MIN_TOKENS) == "align_fa4"
+    assert "sdpa" in model_bench.training_attention("align_fa4", flash.MIN_TOKENS - 1)
+    assert model_bench.training_attention("sdpa", 1) == "sdpa"
 
 
 def test_score_bench_scores_as_the_per_example_loop(capsys):

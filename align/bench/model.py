@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from align.convert import to_llama
-from align.model import DecoderConfig, DecoderForCausalLM
+from align.model import DecoderConfig, DecoderForCausalLM, flash
 from align.models import use_attention
 
 SIZES = {  # few-M parameter configs that run in about a minute on 2 CPU cores
@@ -165,6 +165,12 @@ def generate_tokens_per_s(model, prompts: torch.Tensor, new_tokens: int) -> tupl
     return _rates(prompts.shape[0] * new_tokens, t0)
 
 
+def training_attention(name: str, tokens: int) -> str:
+    """The attention function a training step of ``tokens`` reaches: align_fa4 sends short steps to SDPA."""
+    short = name == flash.NAME and tokens < flash.MIN_TOKENS
+    return f"{name} (sdpa below {flash.MIN_TOKENS} tokens)" if short else name
+
+
 def run(size="small", device="cpu", dtype="fp32", steps=4, batch=8, seq=128, gen_batch=8, prompt_len=32,
         new_tokens=64, repeats=3, seed=0, compile=False, compile_mode=None, liger=False, attn_implementation=None,
         hf_attn_implementation="sdpa") -> dict:
@@ -209,7 +215,7 @@ def run(size="small", device="cpu", dtype="fp32", steps=4, batch=8, seq=128, gen
         "threads": torch.get_num_threads(),
         "train_shape": (batch, seq), "steps": steps, "repeats": repeats,
         "gen_shape": (gen_batch, prompt_len, new_tokens), "compile": compile and (compile_mode or "default"),
-        "attention": {name: m.config._attn_implementation for name, m in models.items()},
+        "attention": {n: training_attention(m.config._attn_implementation, batch * seq) for n, m in models.items()},
         "peak_flops": peak_flops(device), "flops_per_token": train_flops_per_token(config, seq),
         "results": results,
     }
