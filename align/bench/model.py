@@ -167,7 +167,7 @@ def generate_tokens_per_s(model, prompts: torch.Tensor, new_tokens: int) -> tupl
 
 def training_attention(name: str, tokens: int) -> str:
     """The attention function a training step of ``tokens`` reaches: align_fa4 sends short steps to SDPA."""
-    short = name == flash.NAME and tokens < flash.MIN_TOKENS
+    short = name == flash.NAME and not flash.enough_tokens(tokens)
     return f"{name} (sdpa below {flash.MIN_TOKENS} tokens)" if short else name
 
 

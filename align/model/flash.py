@@ -38,6 +38,11 @@ HALF = (torch.bfloat16, torch.float16)
 MIN_TOKENS = 16384
 
 
+def enough_tokens(tokens: int) -> bool:
+    """Whether a call of ``tokens`` query tokens (batch x length) pays the kernels' host cost."""
+    return tokens >= MIN_TOKENS
+
+
 @torch.compiler.assume_constant_result
 @functools.cache
 def _capable() -> bool:
@@ -55,7 +60,7 @@ def applies(module, q: Tensor, k: Tensor, attention_mask: Tensor | None, dropout
              and kwargs.get("is_causal", True) is not False
              and all(kwargs.get(key) is None for key in ("sliding_window", "softcap", "s_aux")))
     shapes = (q.shape[2] == k.shape[2] and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
-              and q.shape[0] * q.shape[2] >= MIN_TOKENS)
+              and enough_tokens(q.shape[0] * q.shape[2]))
     return plain and shapes and q.dtype in HALF and k.dtype == q.dtype and _device_ok(q)
 
 
